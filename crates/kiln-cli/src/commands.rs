@@ -1,0 +1,287 @@
+//! The verbs of the `kiln` binary.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use kiln_data::{
+    prepare_dataset, train_bpe, BpeTrainOptions, Dataset, KilnTokenizer, PrepareOptions,
+};
+use kiln_infer::{generate as generate_text, GenerateOptions, Sampler, SamplingParams};
+use kiln_model::{Llama, ModelConfig, Params};
+use kiln_train::resolve::{resolve_model, ResolvedModel};
+use kiln_train::{evaluate_loss, RunConfig, Trainer};
+use tracing::info;
+
+use crate::progress::Console;
+use crate::{
+    DataCommand, EvalArgs, GenerateArgs, InfoArgs, PlotArgs, PretrainArgs, TokenizerCommand,
+};
+
+pub fn device() -> Device {
+    Device::Cpu
+}
+
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    let mut overrides = a.overrides.clone();
+    if let Some(p) = &a.init_from {
+        overrides.push(format!("train.init_from=\"{}\"", p.display()));
+    }
+    let cfg = RunConfig::load(&a.config, &overrides)?;
+    let run_dir = cfg.run_dir(Some(&a.config));
+    let mut console = Console::new();
+    let mut trainer = Trainer::new(cfg, &run_dir, a.resume, &device(), &mut console)?;
+
+    // Ctrl-C: finish the current step, save a checkpoint, exit; a second Ctrl-C aborts.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let summary = trainer.run(&mut console, &stop)?;
+    console.finish();
+    info!(
+        steps = summary.steps,
+        tokens = summary.tokens,
+        final_loss = summary
+            .final_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_default(),
+        final_val_loss = summary
+            .final_val_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_default(),
+        wall_s = format!("{:.1}", summary.wall_s),
+        "done"
+    );
+    if summary.stopped_early {
+        info!(
+            "stopped early; continue with: kiln pretrain --config {} --resume",
+            a.config.display()
+        );
+    }
+    info!("loss curve: {}", run_dir.join("loss.png").display());
+    Ok(())
+}
+
+/// Loads a model and its tokenizer from a run, checkpoint or weights file.
+pub fn load_model(path: &Path) -> Result<(ResolvedModel, Llama, KilnTokenizer)> {
+    let resolved = resolve_model(path)?;
+    let params = Params::load(&resolved.weights, &resolved.config, &device())?;
+    let model = Llama::new(&resolved.config, &params)?;
+    let tok_path = resolved
+        .tokenizer
+        .clone()
+        .with_context(|| format!("no tokenizer.json found for {}", path.display()))?;
+    let tokenizer = KilnTokenizer::load(&tok_path)?;
+    if tokenizer.vocab_size() > resolved.config.vocab_size {
+        bail!(
+            "tokenizer/model vocab mismatch: {} has {} tokens but the model's vocab_size is {}",
+            tok_path.display(),
+            tokenizer.vocab_size(),
+            resolved.config.vocab_size
+        );
+    }
+    Ok((resolved, model, tokenizer))
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let (resolved, model, _) = load_model(&a.model)?;
+    let data_dir = match (&a.data, &resolved.run_config) {
+        (Some(d), _) => d.clone(),
+        (None, Some(run)) => run.data.dataset.clone(),
+        (None, None) => bail!("--data is required: {} names no dataset", a.model.display()),
+    };
+    let data = Dataset::open(&data_dir)?;
+    if data.meta.vocab_size > resolved.config.vocab_size {
+        bail!(
+            "tokenizer/model vocab mismatch: dataset {} has {} tokens, the model {}",
+            data_dir.display(),
+            data.meta.vocab_size,
+            resolved.config.vocab_size
+        );
+    }
+    let shard = match a.split.as_str() {
+        "val" => &data.val,
+        "train" => &data.train,
+        other => bail!("--split must be val or train, got {other:?}"),
+    };
+    let seq_len = a.seq_len.unwrap_or(resolved.config.max_seq_len);
+    let n = kiln_data::eval_batch_count(shard.len(), a.batch_size, seq_len, a.batches);
+    if n == 0 {
+        bail!(
+            "the {} split ({} tokens) is shorter than one batch of {} x {}",
+            a.split,
+            shard.len(),
+            a.batch_size,
+            seq_len + 1
+        );
+    }
+    let loss = evaluate_loss(
+        &model,
+        kiln_data::eval_batches(shard, a.batch_size, seq_len, a.batches),
+    )?;
+    let tokens = n * a.batch_size * seq_len;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens, "split": a.split})
+        );
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.2}  ({tokens} tokens of the {} split)",
+            loss.exp(),
+            a.split
+        );
+    }
+    Ok(())
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let (_, model, tokenizer) = load_model(&a.model)?;
+    let s = &a.sampling;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+    })?;
+    let opts = GenerateOptions {
+        max_new_tokens: s.max_new_tokens,
+        stop_strings: s.stop.clone(),
+        stop_tokens: tokenizer.eos_id().into_iter().collect(),
+        truncate_prompt: s.truncate_prompt,
+    };
+    let prompt = tokenizer.encode(&a.prompt)?;
+    let mut stdout = std::io::stdout().lock();
+    let out = generate_text(&model, &tokenizer, &prompt, &mut sampler, &opts, |piece| {
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    let n = out.token_ids.len();
+    info!(
+        prompt_tokens = out.prompt_tokens,
+        new_tokens = n,
+        finish = ?out.finish_reason,
+        prefill_tok_per_s = format!("{:.0}", out.prompt_tokens as f64 / out.prefill_s.max(1e-9)),
+        decode_tok_per_s = format!("{:.0}", n as f64 / out.decode_s.max(1e-9)),
+        "generated"
+    );
+    Ok(())
+}
+
+pub fn tokenizer(c: TokenizerCommand) -> Result<()> {
+    match c {
+        TokenizerCommand::Train {
+            inputs,
+            vocab_size,
+            special,
+            min_frequency,
+            out,
+        } => {
+            let files = kiln_data::expand_sources(&inputs)?;
+            let mut opts = BpeTrainOptions {
+                vocab_size,
+                min_frequency,
+                ..Default::default()
+            };
+            if !special.is_empty() {
+                opts.special_tokens = special;
+            }
+            let t0 = std::time::Instant::now();
+            let tok = train_bpe(&files, &opts)?;
+            tok.save(&out)?;
+            info!(
+                files = files.len(),
+                vocab_size = tok.vocab_size(),
+                secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
+                out = %out.display(),
+                "tokenizer trained"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn data(c: DataCommand) -> Result<()> {
+    match c {
+        DataCommand::Prepare {
+            inputs,
+            tokenizer,
+            out,
+            val_fraction,
+            seed,
+        } => {
+            let tok = KilnTokenizer::load(&tokenizer)?;
+            let opts = PrepareOptions {
+                val_fraction,
+                seed,
+                ..Default::default()
+            };
+            let meta = prepare_dataset(&inputs, &tok, &out, &opts)?;
+            info!(
+                train_tokens = meta.n_train_tokens,
+                val_tokens = meta.n_val_tokens,
+                documents = meta.n_documents,
+                dtype = meta.dtype.name(),
+                out = %out.display(),
+                "dataset prepared"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn plot(a: PlotArgs) -> Result<()> {
+    let runs: Vec<(String, &Path)> = a
+        .runs
+        .iter()
+        .map(|p| {
+            (
+                p.file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                p.as_path(),
+            )
+        })
+        .collect();
+    kiln_train::plot::plot_runs(&runs, &a.out)?;
+    info!(out = %a.out.display(), "plot written");
+    Ok(())
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let (cfg, seq_len): (ModelConfig, usize) = match (&a.config, &a.preset) {
+        (Some(path), _) => {
+            let run = RunConfig::load(path, &[])?;
+            let t = run.train.seq_len;
+            (run.model, t)
+        }
+        (None, Some(name)) => (ModelConfig::preset(name)?, a.seq_len),
+        (None, None) => bail!("give --config or --preset"),
+    };
+    let (total, non_emb) = cfg.param_counts();
+    println!(
+        "{}",
+        serde_json::json!({
+            "params": total,
+            "non_embedding_params": non_emb,
+            "matmul_params": cfg.matmul_params(),
+            "seq_len": seq_len,
+            "train_flops_per_token": cfg.train_flops_per_token(seq_len),
+            "convention": "PaLM: 6*N_matmul + 12*L*d*T",
+            "model": cfg.resolved(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! `kiln`: pretrain, evaluate, sample from and benchmark LLaMA-style models.
+//!
+//! Only this binary parses argv, installs the tracing subscriber and draws progress bars;
+//! the libraries report through `kiln_train::Observer`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod commands;
+mod progress;
+
+// A non-churning allocator: candle allocates a fresh buffer per op, and glibc maps/unmaps
+// large ones, which cost ~45% of a naive step in page faults (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Pretrain, evaluate and sample from LLaMA-style models"
+)]
+struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pretrain a causal LM from a run config (TOML).
+    Pretrain(PretrainArgs),
+    /// Loss and perplexity of a model on a prepared dataset.
+    Eval(EvalArgs),
+    /// Sample a continuation of a prompt (streams to stdout).
+    Generate(GenerateArgs),
+    /// Train or inspect tokenizers.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Prepare token shards.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Overlay the loss curves of runs in one PNG.
+    Plot(PlotArgs),
+    /// Benchmarks (tokens/s, MFU, memory).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Parameter counts and training FLOPs per token of a config or preset.
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// Run config (TOML), e.g. configs/tiny.toml.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key: --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from existing weights (same as train.init_from).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A run directory, checkpoint directory or model.safetensors.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A prepared dataset directory (default: the run's own dataset).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which split to evaluate.
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    #[arg(long, default_value_t = 50)]
+    pub batches: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Window length (default: the model's context).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set reaching this probability.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this string appears (repeatable); it is not printed.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Keep the last tokens of a prompt longer than the context instead of failing.
+    #[arg(long)]
+    pub truncate_prompt: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A run directory, checkpoint directory or model.safetensors.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer on text/JSONL files or folders.
+    Train {
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// Special tokens (default: <|endoftext|>).
+        #[arg(long = "special")]
+        special: Vec<String>,
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Tokenize text/JSONL into train.bin / val.bin shards.
+    Prepare {
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.05)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+    },
+}
+
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Run directories (each with metrics.jsonl).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    #[arg(long, default_value = "loss.png")]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        anyhow::ensure!(n > 0, "--threads must be positive");
+        // candle reads RAYON_NUM_THREADS for its GEMM; rayon's global pool serves our kernels.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let result = set_threads(cli.threads).and_then(|_| match cli.command {
+        Command::Pretrain(a) => commands::pretrain(a),
+        Command::Eval(a) => commands::eval(a),
+        Command::Generate(a) => commands::generate(a),
+        Command::Tokenizer(c) => commands::tokenizer(c),
+        Command::Data(c) => commands::data(c),
+        Command::Plot(a) => commands::plot(a),
+        Command::Bench(c) => bench::run(c),
+        Command::Info(a) => commands::info(a),
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,300 @@
+//! Model configuration and named presets.
+//!
+//! Dimension letters used across the model code: `b` batch, `t` time (sequence), `d` model
+//! width (`dim`), `h` query heads, `hkv` key/value heads, `hd` head dim, `f` FFN hidden size,
+//! `v` vocabulary.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Which positions a token may attend to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMode {
+    /// Decoder: position i sees positions <= i.
+    #[default]
+    Causal,
+    /// Encoder: every position sees every position.
+    Bidirectional,
+}
+
+/// The blueprint of a LLaMA-style decoder. Derived sizes (`head_dim`, `ffn_dim` when not set) are
+/// methods, never stored twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Grouped-query attention: heads that share one K/V projection. Default `n_heads / 4`
+    /// (at least 1), the classic LLaMA-2-70B ratio.
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    /// SwiGLU hidden size. When unset: `dim * mlp_ratio * 2/3` rounded up to `multiple_of`.
+    #[serde(default)]
+    pub ffn_dim: Option<usize>,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "default_multiple_of")]
+    pub multiple_of: usize,
+    /// Longest context the RoPE tables are built for.
+    pub max_seq_len: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Share the token embedding with the LM head (`logits = h E^T`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
+    /// Dropout on the residual branches during training (0 = off).
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub attention: AttentionMode,
+    /// Std of the normal init of embeddings and linears; the residual output projections
+    /// (`wo`, `w2`) use `init_std / sqrt(2 * n_layers)` (GPT-2).
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_multiple_of() -> usize {
+    64
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_init_std() -> f64 {
+    0.02
+}
+
+impl ModelConfig {
+    fn base(vocab_size: usize, dim: usize, n_layers: usize, n_heads: usize) -> Self {
+        Self {
+            vocab_size,
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads: None,
+            ffn_dim: None,
+            mlp_ratio: default_mlp_ratio(),
+            multiple_of: default_multiple_of(),
+            max_seq_len: 256,
+            rope_theta: default_rope_theta(),
+            norm_eps: default_norm_eps(),
+            tie_embeddings: false,
+            dropout: 0.0,
+            attention: AttentionMode::Causal,
+            init_std: default_init_std(),
+        }
+    }
+
+    /// For tests and the README demo: well under 1M parameters.
+    pub fn tiny() -> Self {
+        Self {
+            max_seq_len: 128,
+            multiple_of: 32,
+            ..Self::base(1024, 64, 2, 4)
+        }
+    }
+
+    /// About 10M parameters: the CPU pretraining exercise (docs/pretrain-10m.md).
+    pub fn m10() -> Self {
+        Self {
+            n_kv_heads: Some(2),
+            ..Self::base(8192, 256, 8, 8)
+        }
+    }
+
+    /// The benchmark reference config (docs/benchmarks.md).
+    pub fn reference() -> Self {
+        Self {
+            n_kv_heads: Some(2),
+            ffn_dim: Some(1024),
+            ..Self::base(8192, 384, 6, 6)
+        }
+    }
+
+    /// The shape of SmolLM2-135M.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            n_kv_heads: Some(3),
+            ffn_dim: Some(1536),
+            max_seq_len: 8192,
+            rope_theta: 100_000.0,
+            tie_embeddings: true,
+            ..Self::base(49152, 576, 30, 9)
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "10m" => Ok(Self::m10()),
+            "reference" => Ok(Self::reference()),
+            "smollm2-135m" => Ok(Self::smollm2_135m()),
+            other => Err(ModelError::Config(format!(
+                "unknown model preset {other:?}; known presets: {}",
+                Self::PRESETS.join(", ")
+            ))),
+        }
+    }
+
+    pub const PRESETS: &'static [&'static str] = &["tiny", "10m", "reference", "smollm2-135m"];
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or((self.n_heads / 4).max(1))
+    }
+
+    pub fn ffn_dim(&self) -> usize {
+        self.ffn_dim.unwrap_or_else(|| {
+            let raw = (self.dim as f64 * self.mlp_ratio * 2.0 / 3.0).ceil() as usize;
+            raw.div_ceil(self.multiple_of) * self.multiple_of
+        })
+    }
+
+    /// The same config with every derived size written out (what a run directory records).
+    pub fn resolved(&self) -> Self {
+        Self {
+            n_kv_heads: Some(self.n_kv_heads()),
+            ffn_dim: Some(self.ffn_dim()),
+            ..self.clone()
+        }
+    }
+
+    /// Cross-field checks: each failure names the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |msg: String| Err(ModelError::Config(msg));
+        for (name, value) in [
+            ("model.vocab_size", self.vocab_size),
+            ("model.dim", self.dim),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.max_seq_len", self.max_seq_len),
+            ("model.multiple_of", self.multiple_of),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.dim % self.n_heads != 0 {
+            return bad(format!(
+                "model.dim ({}) must be divisible by model.n_heads ({})",
+                self.dim, self.n_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head dim dim/n_heads = {} must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return bad(format!(
+                "model.n_heads ({}) must be divisible by model.n_kv_heads ({kv})",
+                self.n_heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!(
+                "model.dropout must be in [0, 1), got {}",
+                self.dropout
+            ));
+        }
+        if self.rope_theta <= 0.0 || self.norm_eps <= 0.0 || self.init_std <= 0.0 {
+            return bad(
+                "model.rope_theta, model.norm_eps and model.init_std must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Parameter counts: `(total, non_embedding)`. Non-embedding excludes the token embedding
+    /// table and, when untied, the output head (Kaplan et al. convention).
+    pub fn param_counts(&self) -> (usize, usize) {
+        let per_layer = self.layer_matmul_params() + 2 * self.dim;
+        let non_embedding = self.n_layers * per_layer + self.dim;
+        let embedding = self.vocab_size * self.dim * if self.tie_embeddings { 1 } else { 2 };
+        (non_embedding + embedding, non_embedding)
+    }
+
+    fn layer_matmul_params(&self) -> usize {
+        let (d, hd) = (self.dim, self.head_dim());
+        let attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads() * hd * 2;
+        let ffn = 3 * d * self.ffn_dim();
+        attention + ffn
+    }
+
+    /// Weights used in a matmul: every layer matrix plus the output head (tied or not); the
+    /// input embedding lookup is not a matmul.
+    pub fn matmul_params(&self) -> usize {
+        self.n_layers * self.layer_matmul_params() + self.vocab_size * self.dim
+    }
+
+    /// Training FLOPs per token, PaLM convention (Chowdhery et al. 2022, App. B):
+    /// `6 N + 12 L d T` with N the matmul weights and T the context length.
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        6.0 * self.matmul_params() as f64 + 12.0 * (self.n_layers * self.dim * seq_len) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_flops_per_token_match_the_issue() {
+        let cfg = ModelConfig::reference();
+        let flops = cfg.train_flops_per_token(256);
+        // 6 * (6 * (2*384*384 + 2*384*128 + 3*384*1024) + 8192*384) + 12*6*384*256
+        let hand = 6.0 * (6.0 * (294_912.0 + 98_304.0 + 1_179_648.0) + 3_145_728.0) + 7_077_888.0;
+        assert_eq!(flops, hand);
+        assert!((flops / 1e6 - 82.6).abs() < 0.1, "{flops}");
+    }
+
+    #[test]
+    fn presets_are_valid_and_sized_as_documented() {
+        for name in ModelConfig::PRESETS {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+        let (tiny, _) = ModelConfig::tiny().param_counts();
+        assert!(tiny < 1_000_000, "tiny has {tiny} params");
+        let (m10, _) = ModelConfig::m10().param_counts();
+        assert!(
+            (9_000_000..11_000_000).contains(&m10),
+            "10m has {m10} params"
+        );
+        let (smol, _) = ModelConfig::smollm2_135m().param_counts();
+        assert!(
+            (134_000_000..136_000_000).contains(&smol),
+            "smollm2 has {smol}"
+        );
+    }
+
+    #[test]
+    fn ffn_dim_rounds_up_to_multiple() {
+        let cfg = ModelConfig::tiny(); // 64 * 4 * 2/3 = 170.7 -> 192
+        assert_eq!(cfg.ffn_dim(), 192);
+        assert_eq!(ModelConfig::m10().ffn_dim(), 704);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut cfg = ModelConfig::tiny();
+        cfg.n_kv_heads = Some(3);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("n_kv_heads"), "{err}");
+    }
+}

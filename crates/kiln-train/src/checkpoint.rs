@@ -1,0 +1,203 @@
+//! Checkpoints: `RUN/checkpoints/step-XXXXXXXX/{model,optimizer}.safetensors + state.json +
+//! config.toml`. A checkpoint is written into a hidden temp directory, every file is fsynced,
+//! and the directory is renamed into place, so a crash mid-save never leaves a half checkpoint
+//! and never touches the previous one. `state.json` records each file's size and CRC32, so a
+//! truncated or corrupted file is reported by name on resume instead of loading garbage.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kiln_data::WindowSampler;
+use kiln_model::SplitMix64;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub sampler: WindowSampler,
+    pub dropout_rng: SplitMix64,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn digest(path: &Path) -> Result<FileDigest, TrainError> {
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_err(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileDigest {
+        bytes,
+        crc32: hasher.finalize(),
+    })
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+fn fsync(path: &Path) -> Result<(), TrainError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
+/// Writes a checkpoint atomically. `write_files` fills the temp directory with the model and
+/// optimizer files; this function adds `state.json` and `config.toml`, fsyncs and renames.
+pub fn save(
+    run_dir: &Path,
+    mut state: CheckpointState,
+    config_toml: &str,
+    write_files: impl FnOnce(&Path) -> Result<(), TrainError>,
+    keep_last: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = checkpoints_dir(run_dir);
+    fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+    let final_dir = root.join(step_dir_name(state.step));
+    if final_dir.join(STATE_FILE).exists() {
+        return Ok(final_dir); // this step is already saved (e.g. Ctrl-C right after a save)
+    }
+    let tmp = root.join(format!(".tmp-{}", step_dir_name(state.step)));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?; // debris of an earlier crash
+    }
+    fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    write_files(&tmp)?;
+    fs::write(tmp.join(CONFIG_FILE), config_toml).map_err(|e| io_err(&tmp, e))?;
+    for name in [MODEL_FILE, OPTIMIZER_FILE] {
+        let p = tmp.join(name);
+        fsync(&p)?;
+        state.files.insert(name.to_string(), digest(&p)?);
+    }
+    let state_path = tmp.join(STATE_FILE);
+    let mut f = File::create(&state_path).map_err(|e| io_err(&state_path, e))?;
+    f.write_all(
+        serde_json::to_string_pretty(&state)
+            .expect("invariant: state serialises")
+            .as_bytes(),
+    )
+    .and_then(|_| f.sync_all())
+    .map_err(|e| io_err(&state_path, e))?;
+    fsync(&tmp.join(CONFIG_FILE))?;
+    if final_dir.exists() {
+        fs::remove_dir_all(&final_dir).map_err(|e| io_err(&final_dir, e))?; // incomplete leftover
+    }
+    fs::rename(&tmp, &final_dir).map_err(|e| io_err(&final_dir, e))?;
+    fsync(&root)?;
+    prune(&root, keep_last)?;
+    Ok(final_dir)
+}
+
+/// Completed checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+    let root = checkpoints_dir(run_dir);
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(&root) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if entry.path().join(STATE_FILE).exists() {
+                out.push((step, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
+    let run_dir = root.parent().unwrap_or(root);
+    let all = list(run_dir)?;
+    let n_remove = all.len().saturating_sub(keep_last.max(1));
+    for (_, dir) in all.into_iter().take(n_remove) {
+        fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    }
+    Ok(())
+}
+
+/// Reads and verifies a checkpoint's state: every file must exist with the recorded size and
+/// CRC32. Errors name the file and what is wrong.
+pub fn load_state(dir: &Path) -> Result<CheckpointState, TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&state_path).map_err(|e| {
+        TrainError::Checkpoint(format!("{}: cannot read ({e})", state_path.display()))
+    })?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Checkpoint(format!(
+            "{}: corrupt checkpoint state ({e})",
+            state_path.display()
+        ))
+    })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: format version {} is not supported (this kiln reads {FORMAT_VERSION})",
+            state_path.display(),
+            state.format_version
+        )));
+    }
+    for (name, want) in &state.files {
+        let p = dir.join(name);
+        if !p.exists() {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: file is missing",
+                p.display()
+            )));
+        }
+        let got = digest(&p)?;
+        if got.bytes != want.bytes {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: truncated or resized: {} bytes, checkpoint recorded {}",
+                p.display(),
+                got.bytes,
+                want.bytes
+            )));
+        }
+        if got.crc32 != want.crc32 {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: corrupt: CRC32 {:08x} does not match the recorded {:08x}",
+                p.display(),
+                got.crc32,
+                want.crc32
+            )));
+        }
+    }
+    Ok(state)
+}

@@ -1,0 +1,37 @@
+//! kiln-train: run configs, AdamW, the LR schedule, the training step and loop, atomic
+//! checkpoints with exact resume, metrics.jsonl and loss plots.
+
+pub mod checkpoint;
+mod config;
+mod dataset;
+pub mod metrics;
+pub mod optim;
+pub mod perf;
+pub mod plot;
+pub mod resolve;
+mod trainer;
+
+pub use config::{apply_override, DataConfig, OptimConfig, RunConfig, TrainConfig};
+pub use dataset::ensure_dataset;
+pub use trainer::{
+    evaluate_loss, optimizer_step, write_atomic, Observer, RunInfo, RunSummary, Silent, StepResult,
+    Trainer,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("config error: {0}")]
+    Config(String),
+    #[error("checkpoint error: {0}")]
+    Checkpoint(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("training diverged at step {step}: {what}")]
+    Diverged { step: u64, what: String },
+    #[error(transparent)]
+    Model(#[from] kiln_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

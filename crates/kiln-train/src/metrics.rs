@@ -1,0 +1,89 @@
+//! `metrics.jsonl`: one JSON object per logged step (`step, tokens, loss, lr, grad_norm,
+//! tokens_per_s, mfu`) and one per evaluation (`step, tokens, val_loss`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRow {
+    pub step: u64,
+    pub tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsWriter {
+    /// Opens `metrics.jsonl` for appending, first dropping rows after `keep_through_step`
+    /// (rows logged after the checkpoint a run resumes from), so a resumed run's file reads
+    /// exactly like an uninterrupted one.
+    pub fn open(path: &Path, keep_through_step: u64) -> Result<Self, TrainError> {
+        if path.exists() {
+            let rows = read_rows(path)?;
+            let kept: String = rows
+                .iter()
+                .filter(|r| r.step <= keep_through_step)
+                .map(|r| serde_json::to_string(r).expect("invariant: row serialises") + "\n")
+                .collect();
+            let tmp = path.with_extension("jsonl.tmp");
+            fs::write(&tmp, kept).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
+            fs::rename(&tmp, path)
+                .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn write(&mut self, row: &MetricsRow) -> Result<(), TrainError> {
+        let line = serde_json::to_string(row).expect("invariant: row serialises");
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::Io(format!("{}: {e}", self.path.display())))
+    }
+}
+
+pub fn read_rows(path: &Path) -> Result<Vec<MetricsRow>, TrainError> {
+    let f = File::open(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut rows = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str(&line).map_err(|e| {
+            TrainError::Io(format!(
+                "{}:{}: not a metrics row: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,500 @@
+//! The training loop: sample → forward → per-token loss → backward (accumulated over
+//! micro-batches) → clip → AdamW, with evaluation, metrics, checkpoints and exact resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_data::{eval_batch_count, eval_batches, Batch, Dataset, WindowSampler};
+use kiln_kernels::{count_valid_targets, cross_entropy_sum, sum_of_squares};
+use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
+
+use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::optim::{lr_at, AdamW};
+use crate::{RunConfig, TrainError};
+
+/// What the loop knows at start, for the console.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub run_dir: PathBuf,
+    pub total_params: usize,
+    pub non_embedding_params: usize,
+    pub flops_per_token: f64,
+    pub peak_flops: f64,
+    pub tokens_per_step: usize,
+    pub start_step: u64,
+    pub total_steps: u64,
+    pub n_train_tokens: u64,
+    pub n_val_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub final_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub wall_s: f64,
+    pub stopped_early: bool,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Progress callbacks; the binary draws bars and logs, tests collect rows.
+pub trait Observer {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    /// Every step; `row` is what was (or would be) written to metrics.jsonl.
+    fn on_step(&mut self, _row: &MetricsRow, _logged: bool) {}
+    fn on_eval(&mut self, _row: &MetricsRow) {}
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+    /// Free-form status lines (dataset preparation, resume).
+    fn on_message(&mut self, _msg: &str) {}
+}
+
+/// An observer that does nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+pub struct Trainer {
+    pub cfg: RunConfig,
+    pub run_dir: PathBuf,
+    pub params: Params,
+    pub model: Llama,
+    pub optimizer: AdamW,
+    pub sampler: WindowSampler,
+    pub data: Dataset,
+    pub tokens_seen: u64,
+    dropout_rng: SplitMix64,
+    flops_per_token: f64,
+    peak_flops: f64,
+    config_toml: String,
+}
+
+/// Result of one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepResult {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub n_tokens: usize,
+}
+
+impl Trainer {
+    /// Sets up a run in `run_dir`: opens (or prepares) the dataset, initialises or loads the
+    /// weights, and with `resume` continues from the run's latest checkpoint.
+    pub fn new(
+        cfg: RunConfig,
+        run_dir: &Path,
+        resume: bool,
+        device: &Device,
+        obs: &mut dyn Observer,
+    ) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(run_dir)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
+        let data = crate::dataset::ensure_dataset(&cfg, obs)?;
+        check_vocab(&cfg.model, data.meta.vocab_size, &data.dir)?;
+        let n_needed = cfg.train.seq_len + 1;
+        if (data.train.len()) < n_needed {
+            return Err(TrainError::Config(format!(
+                "{}: train split has {} tokens, fewer than one window of seq_len + 1 = {n_needed}",
+                data.dir.display(),
+                data.train.len()
+            )));
+        }
+        // The run directory is self-contained: config, tokenizer, metrics, checkpoints.
+        let config_toml = cfg.to_toml();
+        write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        let tok_src = data.dir.join("tokenizer.json");
+        if tok_src.exists() {
+            std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
+                .map_err(|e| TrainError::Io(format!("{}: {e}", tok_src.display())))?;
+        }
+
+        let params = match &cfg.train.init_from {
+            Some(src) => {
+                let weights = crate::resolve::resolve_model(src)?;
+                if weights.config.resolved() != cfg.model.resolved() {
+                    return Err(TrainError::Config(format!(
+                        "train.init_from {}: its model config differs from [model] of this run",
+                        src.display()
+                    )));
+                }
+                obs.on_message(&format!("initialising from {}", weights.weights.display()));
+                Params::load(&weights.weights, &cfg.model, device)?
+            }
+            None => Params::init(&cfg.model, cfg.train.seed, device, DType::F32)?,
+        };
+        let model = Llama::new(&cfg.model, &params)?;
+        let optimizer = AdamW::new(&params, &cfg.optim)?;
+        let sampler = WindowSampler::new(cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len);
+        let peak_flops = match cfg.train.peak_flops {
+            Some(p) => p,
+            None => crate::perf::measure_gemm_peak(device)?,
+        };
+        let mut trainer = Self {
+            flops_per_token: cfg.model.train_flops_per_token(cfg.train.seq_len),
+            dropout_rng: SplitMix64::new(cfg.train.seed ^ 0xD50F),
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            params,
+            model,
+            optimizer,
+            sampler,
+            data,
+            tokens_seen: 0,
+            peak_flops,
+            config_toml,
+        };
+        if resume {
+            match checkpoint::list(run_dir)?.last() {
+                Some((_, dir)) => {
+                    let dir = dir.clone();
+                    trainer.load_checkpoint(&dir)?;
+                    obs.on_message(&format!(
+                        "resumed from {} (step {})",
+                        dir.display(),
+                        trainer.step()
+                    ));
+                }
+                None => obs.on_message("no checkpoint to resume from; starting fresh"),
+            }
+        }
+        Ok(trainer)
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.optimizer.step
+    }
+
+    pub fn peak_flops(&self) -> f64 {
+        self.peak_flops
+    }
+
+    fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor, Tensor), TrainError> {
+        let device = self.model.device();
+        let inputs = Tensor::from_slice(&batch.inputs, (batch.batch_size, batch.ctx), device)?;
+        let targets = Tensor::from_slice(&batch.targets, batch.batch_size * batch.ctx, device)?;
+        Ok((inputs, targets))
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches drawn from the sampler.
+    pub fn train_step(&mut self) -> Result<StepResult, TrainError> {
+        let batches: Vec<Batch> = (0..self.cfg.train.grad_accum)
+            .map(|_| self.sampler.next_batch(&self.data.train))
+            .collect::<Result<_, _>>()?;
+        let tensors: Vec<(Tensor, Tensor)> = batches
+            .iter()
+            .map(|b| self.batch_tensors(b))
+            .collect::<Result<_, _>>()?;
+        let lr = lr_at(self.optimizer.step, self.cfg.train.steps, &self.cfg.optim);
+        let r = optimizer_step(
+            &self.model,
+            &self.params,
+            &mut self.optimizer,
+            &tensors,
+            lr,
+            self.cfg.optim.grad_clip,
+            Some(&mut self.dropout_rng),
+        )?;
+        self.tokens_seen += r.n_tokens as u64;
+        Ok(r)
+    }
+
+    /// Mean loss per token over the deterministic validation batches.
+    pub fn evaluate(&self) -> Result<f64, TrainError> {
+        let t = &self.cfg.train;
+        let shard = &self.data.val;
+        if eval_batch_count(shard.len(), t.batch_size, t.seq_len, t.eval_batches) == 0 {
+            return Err(TrainError::Config(format!(
+                "{}: validation split ({} tokens) is shorter than one batch of {} x {}; raise data.val_fraction or lower train.batch_size",
+                self.data.dir.display(),
+                shard.len(),
+                t.batch_size,
+                t.seq_len + 1
+            )));
+        }
+        evaluate_loss(
+            &self.model,
+            eval_batches(shard, t.batch_size, t.seq_len, t.eval_batches),
+        )
+    }
+
+    pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let state = CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step(),
+            tokens_seen: self.tokens_seen,
+            sampler: self.sampler.clone(),
+            dropout_rng: self.dropout_rng.clone(),
+            files: Default::default(),
+        };
+        checkpoint::save(
+            &self.run_dir,
+            state,
+            &self.config_toml,
+            |dir| {
+                self.params.save(&dir.join(MODEL_FILE))?;
+                self.optimizer.save(&dir.join(OPTIMIZER_FILE))
+            },
+            self.cfg.train.keep_checkpoints,
+        )
+    }
+
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let state = checkpoint::load_state(dir)?;
+        let loaded = Params::load(&dir.join(MODEL_FILE), &self.cfg.model, self.model.device())
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        for (name, var) in self.params.vars() {
+            var.set(&loaded.tensor(name)?)?;
+        }
+        self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        if state.sampler.batch_size != self.cfg.train.batch_size
+            || state.sampler.ctx != self.cfg.train.seq_len
+        {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: saved with batch_size {} / seq_len {}, but the config now says {} / {}",
+                dir.display(),
+                state.sampler.batch_size,
+                state.sampler.ctx,
+                self.cfg.train.batch_size,
+                self.cfg.train.seq_len
+            )));
+        }
+        self.sampler = state.sampler;
+        self.dropout_rng = state.dropout_rng;
+        self.tokens_seen = state.tokens_seen;
+        Ok(())
+    }
+
+    pub fn info(&self) -> RunInfo {
+        let (total, non_emb) = self.cfg.model.param_counts();
+        RunInfo {
+            run_dir: self.run_dir.clone(),
+            total_params: total,
+            non_embedding_params: non_emb,
+            flops_per_token: self.flops_per_token,
+            peak_flops: self.peak_flops,
+            tokens_per_step: self.cfg.tokens_per_step(),
+            start_step: self.step(),
+            total_steps: self.cfg.train.steps,
+            n_train_tokens: self.data.meta.n_train_tokens,
+            n_val_tokens: self.data.meta.n_val_tokens,
+        }
+    }
+
+    /// Runs to `train.steps` (or until `stop` is set, e.g. by Ctrl-C: then a checkpoint is
+    /// saved so the run resumes), evaluating, logging and checkpointing on schedule, and
+    /// draws the loss curve at the end.
+    pub fn run(
+        &mut self,
+        obs: &mut dyn Observer,
+        stop: &AtomicBool,
+    ) -> Result<RunSummary, TrainError> {
+        let t0 = Instant::now();
+        let start_step = self.step();
+        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start_step)?;
+        obs.on_start(&self.info());
+        let total = self.cfg.train.steps;
+        let (log_every, eval_every, ckpt_every) = (
+            self.cfg.train.log_every,
+            self.cfg.train.eval_every,
+            self.cfg.train.checkpoint_every,
+        );
+        let mut summary = RunSummary {
+            steps: start_step,
+            tokens: self.tokens_seen,
+            final_loss: None,
+            final_val_loss: None,
+            wall_s: 0.0,
+            stopped_early: false,
+            last_checkpoint: None,
+        };
+        while self.step() < total {
+            if stop.load(Ordering::SeqCst) {
+                summary.stopped_early = true;
+                break;
+            }
+            let t_step = Instant::now();
+            let r = self.train_step()?;
+            let secs = t_step.elapsed().as_secs_f64();
+            let step = self.step();
+            let tokens_per_s = r.n_tokens as f64 / secs;
+            let row = MetricsRow {
+                step,
+                tokens: self.tokens_seen,
+                loss: Some(r.loss),
+                lr: Some(r.lr),
+                grad_norm: Some(r.grad_norm),
+                tokens_per_s: Some(tokens_per_s),
+                mfu: Some(self.flops_per_token * tokens_per_s / self.peak_flops),
+                val_loss: None,
+            };
+            if !r.loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    step,
+                    what: format!("loss is {}", r.loss),
+                });
+            }
+            let logged = step % log_every == 0 || step == total;
+            if logged {
+                metrics.write(&row)?;
+            }
+            summary.final_loss = Some(r.loss);
+            obs.on_step(&row, logged);
+            if (eval_every > 0 && step % eval_every == 0) || step == total {
+                let val_loss = self.evaluate()?;
+                let row = MetricsRow {
+                    step,
+                    tokens: self.tokens_seen,
+                    val_loss: Some(val_loss),
+                    ..Default::default()
+                };
+                metrics.write(&row)?;
+                summary.final_val_loss = Some(val_loss);
+                obs.on_eval(&row);
+            }
+            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total {
+                let dir = self.save_checkpoint()?;
+                obs.on_checkpoint(&dir);
+                summary.last_checkpoint = Some(dir);
+            }
+        }
+        if summary.stopped_early && self.step() > start_step {
+            let dir = self.save_checkpoint()?;
+            obs.on_checkpoint(&dir);
+            summary.last_checkpoint = Some(dir);
+        }
+        summary.steps = self.step();
+        summary.tokens = self.tokens_seen;
+        summary.wall_s = t0.elapsed().as_secs_f64();
+        let label = self
+            .run_dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        crate::plot::plot_runs(&[(label, &self.run_dir)], &self.run_dir.join("loss.png"))?;
+        Ok(summary)
+    }
+}
+
+/// One optimizer step over micro-batches `(inputs (b, t) u32, targets (b*t) i64)`. The loss of
+/// every micro-batch is a token SUM divided by the valid tokens of the whole step, counted
+/// before any forward, so accumulating 4 x 2 equals one batch of 8 (STYLE.md §3.1). Gradients
+/// are clipped by global norm (`clip` 0 = off) inside the fused AdamW update.
+pub fn optimizer_step(
+    model: &Llama,
+    params: &Params,
+    optimizer: &mut AdamW,
+    micro_batches: &[(Tensor, Tensor)],
+    lr: f64,
+    clip: f64,
+    mut dropout_rng: Option<&mut SplitMix64>,
+) -> Result<StepResult, TrainError> {
+    let mut n_valid = 0;
+    for (_, targets) in micro_batches {
+        n_valid += count_valid_targets(targets)?;
+    }
+    if n_valid == 0 {
+        return Err(TrainError::Config(
+            "a training step has no valid target tokens".into(),
+        ));
+    }
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_sum = 0.0;
+    for (inputs, targets) in micro_batches {
+        let logits = model.forward_train(inputs, dropout_rng.as_deref_mut())?;
+        let sum = cross_entropy_sum(&logits, targets)?;
+        loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scaled = (sum / n_valid as f64)?;
+        let g = scaled.backward()?;
+        for (name, var) in params.vars() {
+            if let Some(gi) = g.get(var) {
+                let acc = match grads.remove(name) {
+                    Some(prev) => (prev + gi)?,
+                    None => gi.clone(),
+                };
+                grads.insert(name.clone(), acc);
+            }
+        }
+    }
+    let mut norm_sq = 0.0;
+    for g in grads.values() {
+        norm_sq += sum_of_squares(g)?;
+    }
+    let grad_norm = norm_sq.sqrt();
+    let step = optimizer.step + 1;
+    if !grad_norm.is_finite() {
+        return Err(TrainError::Diverged {
+            step,
+            what: format!("gradient norm is {grad_norm}"),
+        });
+    }
+    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above max_norm.
+    let grad_scale = if clip > 0.0 {
+        (clip / (grad_norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
+    optimizer.step(params, &grads, lr, grad_scale)?;
+    let n_tokens = micro_batches
+        .iter()
+        .map(|(i, _)| i.elem_count())
+        .sum::<usize>();
+    Ok(StepResult {
+        loss: loss_sum / n_valid as f64,
+        grad_norm,
+        lr,
+        n_tokens,
+    })
+}
+
+/// Mean per-token loss of `model` over `batches` (no optimizer involved).
+pub fn evaluate_loss(
+    model: &Llama,
+    batches: impl Iterator<Item = Batch>,
+) -> Result<f64, TrainError> {
+    let device = model.device().clone();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in batches {
+        let inputs = Tensor::from_slice(&b.inputs, (b.batch_size, b.ctx), &device)?;
+        let targets = Tensor::from_slice(&b.targets, b.batch_size * b.ctx, &device)?;
+        let logits = model.forward_train(&inputs, None)?;
+        sum += cross_entropy_sum(&logits, &targets)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        n += count_valid_targets(&targets)?;
+    }
+    if n == 0 {
+        return Err(TrainError::Config(
+            "evaluation data holds no complete batch".into(),
+        ));
+    }
+    Ok(sum / n as f64)
+}
+
+fn check_vocab(model: &ModelConfig, tokenizer_vocab: usize, dir: &Path) -> Result<(), TrainError> {
+    if tokenizer_vocab > model.vocab_size {
+        return Err(TrainError::Config(format!(
+            "tokenizer/model vocab mismatch: the dataset {} was tokenized with {tokenizer_vocab} tokens but model.vocab_size is {}",
+            dir.display(),
+            model.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a small file atomically (temp + fsync + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+}
