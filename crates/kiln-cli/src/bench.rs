@@ -87,8 +87,31 @@ fn bench_train(
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    // Where the step goes: forward alone (with the loss), and the optimizer update alone.
+    let mut fwd_times = Vec::new();
+    let mut opt_times = Vec::new();
+    for _ in 0..steps.min(3) {
+        let (inputs, targets) = batch()?;
+        let t0 = Instant::now();
+        let logits = model.forward_train(&inputs, None)?;
+        let loss = kiln_kernels::cross_entropy_sum(&logits, &targets)?;
+        let _ = loss.to_scalar::<f32>()?;
+        fwd_times.push(t0.elapsed().as_secs_f64());
+        let grads: std::collections::BTreeMap<String, Tensor> = params
+            .vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().zeros_like().unwrap()))
+            .collect();
+        let t0 = Instant::now();
+        opt.step(&params, &grads, 1e-4, 1.0)?;
+        opt_times.push(t0.elapsed().as_secs_f64());
+    }
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (fwd, optim) = (median_of(fwd_times), median_of(opt_times));
+    let median = median_of(times.clone());
     let tokens_per_s = (batch_size * seq_len) as f64 / median;
     let flops_per_token = cfg.train_flops_per_token(seq_len);
     let mfu = flops_per_token * tokens_per_s / peak;
@@ -102,6 +125,7 @@ fn bench_train(
                 "step_ms_median": median * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "gemm_peak_gflops": peak / 1e9, "flops_per_token": flops_per_token, "peak_rss_mb": rss,
                 "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+                "forward_ms": fwd * 1e3, "optimizer_ms": optim * 1e3,
             })
         );
     } else {
@@ -111,6 +135,12 @@ fn bench_train(
             mfu * 100.0,
             peak / 1e9,
             rss.unwrap_or(0.0)
+        );
+        println!(
+            "  forward+loss {:.1} ms, backward+clip {:.1} ms, AdamW {:.1} ms",
+            fwd * 1e3,
+            (median - fwd - optim) * 1e3,
+            optim * 1e3
         );
     }
     Ok(())

@@ -8,14 +8,16 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+mod alloc;
 mod bench;
 mod commands;
 mod progress;
+mod scaling;
 
-// A non-churning allocator: candle allocates a fresh buffer per op, and glibc maps/unmaps
-// large ones, which cost ~45% of a naive step in page faults (docs/benchmarks.md).
+// A non-churning allocator: candle allocates a fresh buffer per op, and freeing large ones to
+// the OS makes every step page-fault its working set back in (see alloc.rs, docs/benchmarks.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::CachingAlloc = alloc::CachingAlloc::new();
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Parameter counts and training FLOPs per token of a config or preset.
     Info(InfoArgs),
+    /// Scaling laws: FLOP conventions, compute-optimal plans, IsoFLOP sweeps, fits, plots.
+    #[command(subcommand)]
+    Scaling(scaling::ScalingCommand),
 }
 
 #[derive(Args)]
@@ -195,6 +200,13 @@ fn set_threads(n: Option<usize>) -> Result<()> {
 }
 
 fn main() {
+    // candle's element-wise ops run on a spin-waiting thread pool of their own, next to rayon's
+    // (which our kernels and candle's GEMM use). On 2 cores the spinning costs more than the
+    // parallelism gains (docs/benchmarks.md), so keep those ops on the calling thread unless
+    // the user asks otherwise. Set before any candle op creates the pool.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -203,6 +215,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = set_threads(cli.threads).and_then(|_| match cli.command {
         Command::Pretrain(a) => commands::pretrain(a),
@@ -213,6 +226,7 @@ fn main() {
         Command::Plot(a) => commands::plot(a),
         Command::Bench(c) => bench::run(c),
         Command::Info(a) => commands::info(a),
+        Command::Scaling(c) => scaling::run(c),
     });
     if let Err(e) = result {
         eprintln!("error: {e:#}");

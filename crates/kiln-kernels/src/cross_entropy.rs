@@ -12,7 +12,7 @@
 //! pass that writes the (n, v) gradient, so no (n, v) probabilities are kept from the forward.
 //! Row sums are accumulated in f64 and the final sum is taken in row order (deterministic).
 
-use crate::util::{contiguous, fused_ok, max, Float};
+use crate::util::{autograd_vjp, contiguous, fused_ok, max, Float};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -28,6 +28,26 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .apply_op2(&targets.contiguous()?, CrossEntropySum)
     } else {
         reference_cross_entropy_sum(logits, targets)
+    }
+}
+
+/// Explicit backward of [`cross_entropy_sum`] scaled by `grad` (the upstream scalar, e.g.
+/// `1 / n_valid_tokens`): `grad * (softmax(logits) - onehot(target))`, zero rows for ignored
+/// targets.
+pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, grad: f64) -> Result<Tensor> {
+    check_shapes(logits, targets)?;
+    if fused_ok(&[logits]) && targets.device().is_cpu() {
+        logits
+            .contiguous()?
+            .apply_op2_no_bwd(&targets.contiguous()?, &CrossEntropyBwd { grad })
+    } else {
+        let dy = Tensor::new(grad, logits.device())?.to_dtype(logits.dtype())?;
+        let g = autograd_vjp(
+            |v| reference_cross_entropy_sum(&v[0], targets),
+            &[logits],
+            &dy,
+        )?;
+        Ok(g[0].clone())
     }
 }
 

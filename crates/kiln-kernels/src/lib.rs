@@ -13,6 +13,10 @@
 //! | [`swiglu`] | gate, up (any, equal) -> same |
 //! | [`cross_entropy_sum`] | logits (n, v), targets (n) i64 -> () |
 //! | [`adamw_step`] | in place on param / m / v |
+//!
+//! Each differentiable op also has an explicit `*_backward` function, for the model's
+//! hand-written backward pass (`kiln_model::Llama::forward_backward`), which avoids candle's
+//! per-node gradient bookkeeping on the training hot path.
 
 mod adamw;
 mod cross_entropy;
@@ -26,9 +30,10 @@ pub use adamw::{
     adamw_step, reference_adamw_step, reference_sum_of_squares, sum_of_squares, AdamWParams,
 };
 pub use cross_entropy::{
-    count_valid_targets, cross_entropy_sum, reference_cross_entropy_sum, IGNORE_INDEX,
+    count_valid_targets, cross_entropy_backward, cross_entropy_sum, reference_cross_entropy_sum,
+    IGNORE_INDEX,
 };
-pub use rms_norm::{reference_rms_norm, rms_norm};
-pub use rope::{reference_rope, rope, rope_tables};
-pub use softmax::{masked_softmax, reference_masked_softmax};
-pub use swiglu::{reference_swiglu, swiglu};
+pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
+pub use rope::{reference_rope, rope, rope_backward, rope_tables};
+pub use softmax::{masked_softmax, masked_softmax_backward, reference_masked_softmax};
+pub use swiglu::{reference_swiglu, swiglu, swiglu_backward};

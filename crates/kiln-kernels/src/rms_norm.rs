@@ -17,7 +17,7 @@
 //! The fused backward computes dx and dw in one pass over the rows; dw is reduced from per-block
 //! partial sums (one block per rayon task), never with atomics.
 
-use crate::util::{contiguous, dot, dot3, fused_ok, Float};
+use crate::util::{autograd_vjp, contiguous, dot, dot3, fused_ok, Float};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -47,6 +47,26 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     } else {
         reference_rms_norm(x, weight, eps)
     }
+}
+
+/// Explicit backward of [`rms_norm`]: `(dx, dweight)` for upstream gradient `dy`, for callers
+/// that run their own backward pass instead of candle's autograd.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if fused_ok(&[x, weight, dy]) {
+        let x = x.contiguous()?;
+        let (dx, dw) = RmsNorm { eps }.bwd(&x, weight, &x, dy)?;
+        return Ok((
+            dx.expect("rms_norm bwd gives dx"),
+            dw.expect("rms_norm bwd gives dw"),
+        ));
+    }
+    let g = autograd_vjp(|v| reference_rms_norm(&v[0], &v[1], eps), &[x, weight], dy)?;
+    Ok((g[0].clone(), g[1].clone()))
 }
 
 /// RMSNorm as a composition of plain candle ops (device-generic fallback and test oracle).

@@ -31,6 +31,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Explicit backward of [`rope`]: the rotation by the opposite angle.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    check_shapes(dy, cos, sin)?;
+    if fused_ok(&[dy, cos, sin]) {
+        dy.contiguous()?.apply_op3_no_bwd(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            &Rope { inverse: true },
+        )
+    } else {
+        reference_rope(dy, cos, &sin.neg()?)
+    }
+}
+
 fn check_shapes(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
     let (_b, _h, t, hd) = x.dims4()?;
     if !hd.is_multiple_of(2) || hd == 0 {

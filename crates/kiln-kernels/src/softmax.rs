@@ -27,6 +27,18 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, causal: bool) -> Result<Tenso
     }
 }
 
+/// Explicit backward of [`masked_softmax`] from its output `y`:
+/// `dx = scale * y * (dy - sum(dy * y))` (masked entries have y = 0, so they get 0).
+pub fn masked_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_ok(&[y, dy]) {
+        y.contiguous()?
+            .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale })
+    } else {
+        let inner = (dy * y)?.sum_keepdim(D::Minus1)?;
+        (y * dy.broadcast_sub(&inner)?)? * scale
+    }
+}
+
 fn check(scores: &Tensor, scale: f64, causal: bool) -> Result<()> {
     let (_b, _h, tq, tk) = scores.dims4()?;
     if causal && tq > tk {

@@ -9,7 +9,7 @@
 //!
 //! `d up` reuses the forward kernel (silu(gate) * dy); `d gate` has its own fused kernel.
 
-use crate::util::{contiguous, fused_ok, Float, ELEMWISE_CHUNK};
+use crate::util::{autograd_vjp, contiguous, fused_ok, Float, ELEMWISE_CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -21,6 +21,21 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     } else {
         reference_swiglu(gate, up)
     }
+}
+
+/// Explicit backward of [`swiglu`]: `(dgate, dup)`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    check(gate, up)?;
+    if fused_ok(&[gate, up, dy]) {
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+        let (dg, du) = Swiglu.bwd(&gate, &up, &gate, dy)?;
+        return Ok((
+            dg.expect("swiglu bwd gives dgate"),
+            du.expect("swiglu bwd gives dup"),
+        ));
+    }
+    let g = autograd_vjp(|v| reference_swiglu(&v[0], &v[1]), &[gate, up], dy)?;
+    Ok((g[0].clone(), g[1].clone()))
 }
 
 fn check(gate: &Tensor, up: &Tensor) -> Result<()> {

@@ -100,6 +100,28 @@ pub(crate) fn fused_ok(ts: &[&Tensor]) -> bool {
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
+/// Vector-Jacobian product by candle autograd over a reference composition: the backward of
+/// the non-fused (GPU, other dtype) path of the explicit `*_backward` functions.
+pub(crate) fn autograd_vjp(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[&Tensor],
+    dy: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let vars: Vec<candle_core::Var> = inputs
+        .iter()
+        .map(|t| candle_core::Var::from_tensor(&t.detach()))
+        .collect::<Result<_>>()?;
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&xs)?;
+    let grads = (out * dy.detach())?.sum_all()?.backward()?;
+    vars.iter()
+        .map(|v| match grads.get(v) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect()
+}
+
 const LANES: usize = 8;
 
 #[inline(always)]

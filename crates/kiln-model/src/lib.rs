@@ -1,6 +1,7 @@
 //! kiln-model: the LLaMA-style model (config, parameters, forward, KV cache) and its
 //! parameter/FLOP accounting. It knows nothing of optimizers, data or parallelism.
 
+mod backward;
 mod cache;
 mod config;
 mod model;

@@ -14,43 +14,43 @@ use kiln_kernels as k;
 
 use crate::{AttentionMode, KvCache, ModelConfig, ModelError, Params, SplitMix64};
 
-struct Attention {
-    wq: Tensor, // (h*hd, d)
-    wk: Tensor, // (hkv*hd, d)
-    wv: Tensor, // (hkv*hd, d)
-    wo: Tensor, // (d, h*hd)
+pub(crate) struct Attention {
+    pub(crate) wq: Tensor, // (h*hd, d)
+    pub(crate) wk: Tensor, // (hkv*hd, d)
+    pub(crate) wv: Tensor, // (hkv*hd, d)
+    pub(crate) wo: Tensor, // (d, h*hd)
 }
 
-struct FeedForward {
-    w1: Tensor, // (f, d) gate
-    w3: Tensor, // (f, d) up
-    w2: Tensor, // (d, f) down
+pub(crate) struct FeedForward {
+    pub(crate) w1: Tensor, // (f, d) gate
+    pub(crate) w3: Tensor, // (f, d) up
+    pub(crate) w2: Tensor, // (d, f) down
 }
 
-struct Block {
-    attention_norm: Tensor, // (d)
-    attention: Attention,
-    ffn_norm: Tensor, // (d)
-    feed_forward: FeedForward,
+pub(crate) struct Block {
+    pub(crate) attention_norm: Tensor, // (d)
+    pub(crate) attention: Attention,
+    pub(crate) ffn_norm: Tensor, // (d)
+    pub(crate) feed_forward: FeedForward,
 }
 
 /// Everything one forward needs that is not a weight.
-struct Pass<'a> {
-    b: usize,
-    t: usize,
+pub(crate) struct Pass<'a> {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
     /// Position of the first token in this pass (non-zero when decoding with a cache).
-    pos: usize,
-    dropout: Option<&'a mut SplitMix64>,
+    pub(crate) pos: usize,
+    pub(crate) dropout: Option<&'a mut SplitMix64>,
 }
 
 pub struct Llama {
-    cfg: ModelConfig,
+    pub(crate) cfg: ModelConfig,
     tok_embeddings: Tensor, // (v, d)
-    layers: Vec<Block>,
-    norm: Tensor,     // (d)
-    output: Tensor,   // (v, d): the embedding itself when tied
-    rope_cos: Tensor, // (max_seq_len, hd/2)
-    rope_sin: Tensor, // (max_seq_len, hd/2)
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: Tensor,     // (d)
+    pub(crate) output: Tensor,   // (v, d): the embedding itself when tied
+    pub(crate) rope_cos: Tensor, // (max_seq_len, hd/2)
+    pub(crate) rope_sin: Tensor, // (max_seq_len, hd/2)
 }
 
 /// `x W^T` for a 2-D activation and a PyTorch-layout `(out, in)` weight.
@@ -169,7 +169,7 @@ impl Llama {
         Ok(linear(&last, &self.output)?) // (b, v)
     }
 
-    fn check_len(&self, pos: usize, t: usize) -> Result<(), ModelError> {
+    pub(crate) fn check_len(&self, pos: usize, t: usize) -> Result<(), ModelError> {
         if t == 0 {
             return Err(ModelError::Input("empty token sequence".into()));
         }
@@ -182,7 +182,7 @@ impl Llama {
         Ok(())
     }
 
-    fn embed(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
+    pub(crate) fn embed(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
         let ids = tokens.flatten_all()?; // (b*t)
         let max = ids.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
         if max >= self.cfg.vocab_size {
@@ -214,22 +214,30 @@ impl Llama {
     }
 
     fn dropout(&self, x: Tensor, pass: &mut Pass) -> Result<Tensor, ModelError> {
+        match self.dropout_mask(&x, pass)? {
+            Some(mask) => Ok((x * mask)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Inverted dropout: a mask of 0 (probability p) and 1/(1-p), drawn from the pass's
+    /// seeded RNG so a resumed run draws the same masks. `None` when dropout is off.
+    pub(crate) fn dropout_mask(
+        &self,
+        x: &Tensor,
+        pass: &mut Pass,
+    ) -> Result<Option<Tensor>, ModelError> {
         let Some(rng) = pass.dropout.as_deref_mut() else {
-            return Ok(x);
+            return Ok(None);
         };
         let p = self.cfg.dropout;
-        let keep_scale = 1.0 / (1.0 - p);
+        let keep_scale = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.next_f64() < p {
-                    0.0
-                } else {
-                    keep_scale as f32
-                }
-            })
+            .map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(Some(
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 
     /// Grouped-query attention on `x (b*t, d)`. Query heads of one group are adjacent, so a

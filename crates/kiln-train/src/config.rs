@@ -126,6 +126,10 @@ pub struct TrainConfig {
     /// Start from these weights (a kiln run directory, checkpoint or model.safetensors).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Write the initial weights to `RUN/init.safetensors` (so a reference implementation can
+    /// start from the same point).
+    #[serde(default)]
+    pub save_init: bool,
     /// Peak FLOP/s for MFU; when unset, the fp32 GEMM peak is measured at start.
     #[serde(default)]
     pub peak_flops: Option<f64>,

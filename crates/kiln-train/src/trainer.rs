@@ -148,6 +148,9 @@ impl Trainer {
             peak_flops,
             config_toml,
         };
+        if trainer.cfg.train.save_init && !resume {
+            trainer.params.save(&run_dir.join("init.safetensors"))?;
+        }
         if resume {
             match checkpoint::list(run_dir)?.last() {
                 Some((_, dir)) => {
@@ -406,20 +409,14 @@ pub fn optimizer_step(
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut loss_sum = 0.0;
     for (inputs, targets) in micro_batches {
-        let logits = model.forward_train(inputs, dropout_rng.as_deref_mut())?;
-        let sum = cross_entropy_sum(&logits, targets)?;
-        loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let scaled = (sum / n_valid as f64)?;
-        let g = scaled.backward()?;
-        for (name, var) in params.vars() {
-            if let Some(gi) = g.get(var) {
-                let acc = match grads.remove(name) {
-                    Some(prev) => (prev + gi)?,
-                    None => gi.clone(),
-                };
-                grads.insert(name.clone(), acc);
-            }
-        }
+        let scale = 1.0 / n_valid as f64;
+        loss_sum += model.forward_backward(
+            inputs,
+            targets,
+            scale,
+            &mut grads,
+            dropout_rng.as_deref_mut(),
+        )?;
     }
     let mut norm_sq = 0.0;
     for g in grads.values() {

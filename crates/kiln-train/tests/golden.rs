@@ -132,3 +132,65 @@ fn five_adamw_steps_with_clipping_match_pytorch() {
         );
     }
 }
+
+#[test]
+fn hand_written_backward_matches_pytorch_and_autograd() {
+    for name in ["tiny_llama", "tiny_llama_tied"] {
+        let (cfg, all) = fixture(name);
+        let params = Params::from_tensors(&cfg, split(&all), name).unwrap();
+        let model = Llama::new(&cfg, &params).unwrap();
+        let ids = all["fixture.input_ids"]
+            .to_dtype(candle_core::DType::U32)
+            .unwrap();
+        let targets = all["fixture.targets"].flatten_all().unwrap();
+        let n = kiln_kernels::count_valid_targets(&targets).unwrap();
+        let mut grads = std::collections::BTreeMap::new();
+        let sum = model
+            .forward_backward(&ids, &targets, 1.0 / n as f64, &mut grads, None)
+            .unwrap();
+        let want = all["fixture.loss"].to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (sum / n as f64 - want).abs() < 1e-5,
+            "{name}: loss {} vs {want}",
+            sum / n as f64
+        );
+        assert_eq!(grads.len(), params.vars().len());
+        for pname in params.vars().keys() {
+            assert_close(
+                &format!("{name} grad.{pname}"),
+                &grads[pname],
+                &all[&format!("grad.{pname}")],
+                Tol::GRAD_F32,
+            );
+        }
+    }
+}
+
+#[test]
+fn hand_written_backward_with_dropout_equals_autograd() {
+    let (mut cfg, all) = fixture("tiny_llama");
+    cfg.dropout = 0.2;
+    let params = Params::from_tensors(&cfg, split(&all), "fixture").unwrap();
+    let model = Llama::new(&cfg, &params).unwrap();
+    let ids = all["fixture.input_ids"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let targets = all["fixture.targets"].flatten_all().unwrap();
+    let mut rng = kiln_model::SplitMix64::new(3);
+    let logits = model.forward_train(&ids, Some(&mut rng)).unwrap();
+    let (sum, _) = loss_sum(&logits, &targets).unwrap();
+    let auto = sum.backward().unwrap();
+    let mut rng = kiln_model::SplitMix64::new(3);
+    let mut grads = std::collections::BTreeMap::new();
+    model
+        .forward_backward(&ids, &targets, 1.0, &mut grads, Some(&mut rng))
+        .unwrap();
+    for (pname, var) in params.vars() {
+        assert_close(
+            &format!("grad.{pname}"),
+            &grads[pname],
+            auto.get(var).unwrap(),
+            Tol::GRAD_F32,
+        );
+    }
+}
