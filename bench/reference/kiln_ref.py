@@ -4,6 +4,9 @@ Module attribute names mirror kiln's tensor names, so ``model.state_dict()``
 keys are exactly the kiln names (``tok_embeddings.weight``,
 ``layers.0.attention.wq.weight``, ..., ``norm.weight``, ``output.weight``).
 Linear weights are stored (out, in), as in PyTorch. No biases, no dropout.
+``Llama(cfg, causal=False)`` is the bidirectional encoder of kiln's
+``model.attention = "bidirectional"`` (masked language modelling): the same
+blocks without the causal mask. The default is the causal decoder.
 
 Shapes: b = batch, t = sequence length, d = dim, h = n_heads,
 kv = n_kv_heads, hd = head_dim = d / h, f = ffn_dim, V = vocab_size.
@@ -85,12 +88,13 @@ def repeat_kv(x, n_rep: int):  # (b, kv, t, hd) -> (b, kv*n_rep, t, hd); head j 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math"):
+    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math", causal: bool = True):
         super().__init__()
         hd = cfg.head_dim
         self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
         assert cfg.n_heads % cfg.n_kv_heads == 0
         self.attn_impl = attn_impl
+        self.causal = causal
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
@@ -105,11 +109,12 @@ class Attention(nn.Module):
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (b, h, t, hd)
         if self.attn_impl == "sdpa":  # same math, fused kernel (used for benchmarking)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)  # (b, h, t, t)
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
+            if self.causal:  # position i sees positions <= i
+                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(mask, float("-inf"))
             p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             o = p @ v  # (b, h, t, hd)
         o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)  # (b, t, h*hd)
@@ -128,10 +133,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math"):
+    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math", causal: bool = True):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, attn_impl)
+        self.attention = Attention(cfg, attn_impl, causal)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
@@ -141,11 +146,12 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math"):
+    def __init__(self, cfg: LlamaConfig, attn_impl: str = "math", causal: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.causal = causal
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, attn_impl, causal) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 

@@ -34,11 +34,22 @@ pub enum BenchCommand {
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
+        /// Also run the PyTorch twin (bench/reference/bench_train.py, same preset, steps and
+        /// threads) right after, and report both side by side with the ratio.
+        #[arg(long)]
+        pytorch: bool,
+        /// Compute gradients with candle's autograd instead of the hand-written backward
+        /// (to measure what the hand-written one saves).
+        #[arg(long)]
+        autograd: bool,
     },
+    /// Prefill and decode tokens/s of a model (GGUF quantised or dequantised, HF, kiln run).
+    Generate(crate::bench_generate::BenchGenerateArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
     match c {
+        BenchCommand::Generate(a) => crate::bench_generate::run(a),
         BenchCommand::Train {
             preset,
             batch_size,
@@ -46,8 +57,25 @@ pub fn run(c: BenchCommand) -> Result<()> {
             warmup,
             steps,
             json,
-        } => bench_train(&preset, batch_size, seq_len, warmup, steps, json),
+            pytorch,
+            autograd,
+        } => {
+            let kiln = bench_train(&preset, batch_size, seq_len, warmup, steps, json, autograd)?;
+            if pytorch {
+                compare_with_pytorch(&preset, warmup, steps, json, &kiln)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// What the PyTorch comparison needs from kiln's measurement.
+struct TrainBench {
+    tokens_per_s: f64,
+    peak_flops: f64,
+    flops_per_token: f64,
+    batch_size: usize,
+    seq_len: usize,
 }
 
 fn bench_train(
@@ -57,7 +85,8 @@ fn bench_train(
     warmup: usize,
     steps: usize,
     json: bool,
-) -> Result<()> {
+    autograd: bool,
+) -> Result<TrainBench> {
     anyhow::ensure!(steps > 0, "--steps must be positive");
     let dev = device();
     let mut cfg = ModelConfig::preset(preset)?;
@@ -82,7 +111,11 @@ fn bench_train(
     for i in 0..warmup + steps {
         let mb = [batch()?];
         let t0 = Instant::now();
-        optimizer_step(&model, &params, &mut opt, &mb, 1e-4, 1.0, None)?;
+        if autograd {
+            autograd_step(&model, &params, &mut opt, &mb[0])?;
+        } else {
+            optimizer_step(&model, &params, &mut opt, &mb, 1e-4, 1.0, None)?;
+        }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -121,7 +154,7 @@ fn bench_train(
         println!(
             "{}",
             serde_json::json!({
-                "impl": "kiln", "preset": preset, "threads": threads, "batch_size": batch_size, "seq_len": seq_len,
+                "impl": if autograd { "kiln-autograd" } else { "kiln" }, "preset": preset, "threads": threads, "batch_size": batch_size, "seq_len": seq_len,
                 "step_ms_median": median * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "gemm_peak_gflops": peak / 1e9, "flops_per_token": flops_per_token, "peak_rss_mb": rss,
                 "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
@@ -141,6 +174,100 @@ fn bench_train(
             fwd * 1e3,
             (median - fwd - optim) * 1e3,
             optim * 1e3
+        );
+    }
+    Ok(TrainBench {
+        tokens_per_s,
+        peak_flops: peak,
+        flops_per_token,
+        batch_size,
+        seq_len,
+    })
+}
+
+/// The same step with candle's autograd computing the gradients (benchmark comparison only).
+fn autograd_step(
+    model: &Llama,
+    params: &Params,
+    opt: &mut AdamW,
+    batch: &(Tensor, Tensor),
+) -> Result<()> {
+    let (inputs, targets) = batch;
+    let logits = model.forward_train(inputs, None)?;
+    let n = kiln_kernels::count_valid_targets(targets)?;
+    let loss = (kiln_kernels::cross_entropy_sum(&logits, targets)? / n as f64)?;
+    let g = loss.backward()?;
+    let mut grads = std::collections::BTreeMap::new();
+    let mut norm_sq = 0.0;
+    for (name, var) in params.vars() {
+        if let Some(gi) = g.get(var) {
+            norm_sq += kiln_kernels::sum_of_squares(gi)?;
+            grads.insert(name.clone(), gi.clone());
+        }
+    }
+    let scale = (1.0 / (norm_sq.sqrt() + 1e-6)).min(1.0);
+    opt.step(params, &grads, 1e-4, scale)?;
+    Ok(())
+}
+
+/// Runs the PyTorch twin on the same preset and prints both results and the ratio.
+fn compare_with_pytorch(
+    preset: &str,
+    warmup: usize,
+    steps: usize,
+    json: bool,
+    kiln: &TrainBench,
+) -> Result<()> {
+    anyhow::ensure!(
+        kiln.batch_size == 8 && kiln.seq_len == 256 || preset == "tiny",
+        "--pytorch compares the presets' own batch/context; drop --batch-size/--seq-len"
+    );
+    let script = std::path::Path::new("bench/reference/bench_train.py");
+    anyhow::ensure!(
+        script.exists(),
+        "{} not found: run from the repository root",
+        script.display()
+    );
+    let threads = candle_core::utils::get_num_threads().to_string();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--preset", preset, "--threads", &threads, "--json"])
+        .args([
+            "--warmup",
+            &warmup.to_string(),
+            "--steps",
+            &steps.to_string(),
+        ])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running python3 {}: {e}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the PyTorch benchmark failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_default();
+    let torch: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+        anyhow::anyhow!("unexpected output of the PyTorch benchmark ({e}): {stdout}")
+    })?;
+    let torch_tps = torch["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let torch_mfu = kiln.flops_per_token * torch_tps / kiln.peak_flops;
+    let ratio = kiln.tokens_per_s / torch_tps;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"impl": "pytorch", "preset": preset, "tokens_per_s": torch_tps, "mfu": torch_mfu,
+                "step_ms_median": torch["step_ms_median"], "torch": torch["torch"], "peak_rss_mb": torch["peak_rss_mb"],
+                "kiln_over_pytorch": ratio})
+        );
+    } else {
+        println!(
+            "pytorch {} eager, same preset and threads: {torch_tps:.0} tokens/s, MFU {:.1}%\n  kiln / pytorch = {ratio:.2}x",
+            torch["torch"].as_str().unwrap_or("?"),
+            torch_mfu * 100.0
         );
     }
     Ok(())

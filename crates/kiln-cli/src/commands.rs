@@ -11,8 +11,8 @@ use kiln_data::{
     prepare_dataset, train_bpe, BpeTrainOptions, Dataset, KilnTokenizer, PrepareOptions,
 };
 use kiln_infer::{generate as generate_text, GenerateOptions, Sampler, SamplingParams};
-use kiln_model::{Llama, ModelConfig, Params};
-use kiln_train::resolve::{resolve_model, ResolvedModel};
+use kiln_model::{Llama, ModelConfig};
+use kiln_train::resolve::ResolvedModel;
 use kiln_train::{evaluate_loss, RunConfig, Trainer};
 use tracing::info;
 
@@ -73,25 +73,20 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a model and its tokenizer from a run, checkpoint or weights file.
+/// Loads a model and its tokenizer from a run, checkpoint, weights file, HF directory or GGUF
+/// file (dequantised: this is the model training and evaluation use).
 pub fn load_model(path: &Path) -> Result<(ResolvedModel, Llama, KilnTokenizer)> {
-    let resolved = resolve_model(path)?;
-    let params = Params::load(&resolved.weights, &resolved.config, &device())?;
-    let model = Llama::new(&resolved.config, &params)?;
-    let tok_path = resolved
-        .tokenizer
-        .clone()
-        .with_context(|| format!("no tokenizer.json found for {}", path.display()))?;
-    let tokenizer = KilnTokenizer::load(&tok_path)?;
-    if tokenizer.vocab_size() > resolved.config.vocab_size {
-        bail!(
-            "tokenizer/model vocab mismatch: {} has {} tokens but the model's vocab_size is {}",
-            tok_path.display(),
-            tokenizer.vocab_size(),
-            resolved.config.vocab_size
-        );
-    }
-    Ok((resolved, model, tokenizer))
+    let w = kiln_train::resolve::load_weights(path, &device())?;
+    let model = Llama::new(&w.config, &w.params)?;
+    let tok = kiln_train::resolve::load_tokenizer(path)?;
+    crate::pretrained::check_vocab(&tok, &w.config)?;
+    let resolved = ResolvedModel {
+        config: w.config,
+        weights: w.weights,
+        tokenizer: Some(tok.source.clone()),
+        run_config: w.run_config,
+    };
+    Ok((resolved, model, tok.tokenizer))
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -126,10 +121,32 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             seq_len + 1
         );
     }
-    let loss = evaluate_loss(
-        &model,
-        kiln_data::eval_batches(shard, a.batch_size, seq_len, a.batches),
-    )?;
+    let batches = kiln_data::eval_batches(shard, a.batch_size, seq_len, a.batches);
+    if model.config().attention == kiln_model::AttentionMode::Bidirectional {
+        // An MLM encoder: loss and accuracy over the masked tokens (fixed validation masking).
+        let opts = resolved
+            .run_config
+            .as_ref()
+            .map(|r| r.mlm_options())
+            .unwrap_or_default();
+        let tok = KilnTokenizer::load(data_dir.join("tokenizer.json"))?;
+        let masker = kiln_data::MlmMasker::new(&tok, opts)?;
+        let r = kiln_train::evaluate_mlm(&model, &masker, batches)?;
+        let acc = r.accuracy.unwrap_or(f64::NAN);
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"objective": "mlm", "loss": r.loss, "accuracy": acc, "split": a.split})
+            );
+        } else {
+            println!(
+                "masked-token loss {:.4}  accuracy {acc:.4}  (the {} split)",
+                r.loss, a.split
+            );
+        }
+        return Ok(());
+    }
+    let loss = evaluate_loss(&model, batches)?;
     let tokens = n * a.batch_size * seq_len;
     if a.json {
         println!(
@@ -147,7 +164,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let (_, model, tokenizer) = load_model(&a.model)?;
+    let m = crate::pretrained::load_for_inference(&a.model, a.dequantize)?;
+    let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
     let mut sampler = Sampler::new(SamplingParams {
         temperature: s.temperature,
@@ -158,12 +176,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         stop_strings: s.stop.clone(),
-        stop_tokens: tokenizer.eos_id().into_iter().collect(),
+        stop_tokens: m.tokenizer.stop_ids.clone(),
         truncate_prompt: s.truncate_prompt,
     };
-    let prompt = tokenizer.encode(&a.prompt)?;
+    let prompt = m.tokenizer.encode_prompt(&a.prompt)?;
     let mut stdout = std::io::stdout().lock();
-    let out = generate_text(&model, &tokenizer, &prompt, &mut sampler, &opts, |piece| {
+    let out = generate_text(model, tokenizer, &prompt, &mut sampler, &opts, |piece| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;
@@ -186,6 +204,7 @@ pub fn tokenizer(c: TokenizerCommand) -> Result<()> {
             inputs,
             vocab_size,
             special,
+            mlm,
             min_frequency,
             out,
         } => {
@@ -197,6 +216,9 @@ pub fn tokenizer(c: TokenizerCommand) -> Result<()> {
             };
             if !special.is_empty() {
                 opts.special_tokens = special;
+            }
+            if mlm {
+                kiln_data::add_mlm_special_tokens(&mut opts.special_tokens);
             }
             let t0 = std::time::Instant::now();
             let tok = train_bpe(&files, &opts)?;
@@ -222,7 +244,8 @@ pub fn data(c: DataCommand) -> Result<()> {
             val_fraction,
             seed,
         } => {
-            let tok = KilnTokenizer::load(&tokenizer)?;
+            // A tokenizer.json, or the tokenizer of a model (HF directory, GGUF file, run).
+            let tok = kiln_train::resolve::load_tokenizer(&tokenizer)?.tokenizer;
             let opts = PrepareOptions {
                 val_fraction,
                 seed,

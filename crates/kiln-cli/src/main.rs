@@ -10,9 +10,15 @@ use clap::{Args, Parser, Subcommand};
 
 mod alloc;
 mod bench;
+mod bench_generate;
+mod chat;
 mod commands;
+mod export;
+mod fill_mask;
+mod pretrained;
 mod progress;
 mod scaling;
+mod tokenize;
 
 // A non-churning allocator: candle allocates a fresh buffer per op, and freeing large ones to
 // the OS makes every step page-fault its working set back in (see alloc.rs, docs/benchmarks.md).
@@ -41,6 +47,14 @@ enum Command {
     Eval(EvalArgs),
     /// Sample a continuation of a prompt (streams to stdout).
     Generate(GenerateArgs),
+    /// Interactive chat with a model's own chat template (or one user turn per stdin line).
+    Chat(chat::ChatArgs),
+    /// Token ids of a text as a JSON array (or --decode ids), from a model's tokenizer only.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Write a model as an HF directory (transformers) or a GGUF file (llama.cpp).
+    Export(export::ExportArgs),
+    /// Top-k candidates with probabilities for each [MASK] in a text (MLM encoders).
+    FillMask(fill_mask::FillMaskArgs),
     /// Train or inspect tokenizers.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -70,14 +84,15 @@ pub struct PretrainArgs {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Start from existing weights (same as train.init_from).
+    /// Start from existing weights: a kiln run/checkpoint, an HF directory or a GGUF file
+    /// (same as train.init_from).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A run directory, checkpoint directory or model.safetensors.
+    /// A run directory, checkpoint directory, model.safetensors, HF model directory or GGUF file.
     #[arg(long)]
     pub model: PathBuf,
     /// A prepared dataset directory (default: the run's own dataset).
@@ -124,9 +139,12 @@ pub struct SamplingArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A run directory, checkpoint directory or model.safetensors.
+    /// A run directory, checkpoint directory, model.safetensors, HF model directory or GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
+    #[arg(long)]
+    pub dequantize: bool,
     #[arg(long, default_value = "")]
     pub prompt: String,
     #[command(flatten)]
@@ -144,6 +162,9 @@ pub enum TokenizerCommand {
         /// Special tokens (default: <|endoftext|>).
         #[arg(long = "special")]
         special: Vec<String>,
+        /// For masked language modelling: also add [MASK], [CLS], [SEP] and [PAD].
+        #[arg(long)]
+        mlm: bool,
         #[arg(long, default_value_t = 2)]
         min_frequency: u64,
         #[arg(long)]
@@ -221,6 +242,10 @@ fn main() {
         Command::Pretrain(a) => commands::pretrain(a),
         Command::Eval(a) => commands::eval(a),
         Command::Generate(a) => commands::generate(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Export(a) => export::run(a),
+        Command::FillMask(a) => fill_mask::run(a),
         Command::Tokenizer(c) => commands::tokenizer(c),
         Command::Data(c) => commands::data(c),
         Command::Plot(a) => commands::plot(a),

@@ -82,13 +82,20 @@ impl Observer for Console {
 
     fn on_eval(&mut self, r: &MetricsRow) {
         let v = r.val_loss.unwrap_or(f64::NAN);
-        self.bar.suspend(|| {
-            info!(
+        self.bar.suspend(|| match r.val_accuracy {
+            // MLM: perplexity over masked tokens means little; report accuracy instead.
+            Some(acc) => info!(
+                step = r.step,
+                val_loss = format!("{v:.4}"),
+                val_accuracy = format!("{acc:.4}"),
+                "eval"
+            ),
+            None => info!(
                 step = r.step,
                 val_loss = format!("{v:.4}"),
                 val_ppl = format!("{:.2}", v.exp()),
                 "eval"
-            )
+            ),
         });
     }
 

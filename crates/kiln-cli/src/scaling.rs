@@ -38,7 +38,7 @@ pub enum ScalingCommand {
 
 #[derive(Args)]
 pub struct FlopsArgs {
-    /// A run config (TOML).
+    /// A run config or sweep config (TOML; a sweep's base model).
     #[arg(long, conflicts_with = "preset")]
     pub config: Option<PathBuf>,
     /// A model preset: tiny, 10m, reference, smollm2-135m.
@@ -136,6 +136,32 @@ pub struct PlotArgs {
     pub out_dir: Option<PathBuf>,
 }
 
+/// Up to 5 significant digits, without exponent for moderate values.
+fn num(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e6) {
+        format!("{x:.4e}")
+    } else {
+        let s = format!("{x:.5}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        s.to_string()
+    }
+}
+
+/// A run config, or the base run config of a sweep file (one with a `[sweep]` section).
+fn load_run_config(path: &std::path::Path) -> Result<RunConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let is_sweep = text
+        .parse::<toml::Table>()
+        .map(|t| t.contains_key("sweep"))
+        .unwrap_or(false);
+    if is_sweep {
+        Ok(Sweep::load(path, &[])?.base)
+    } else {
+        Ok(RunConfig::load(path, &[])?)
+    }
+}
+
 pub fn run(c: ScalingCommand) -> Result<()> {
     match c {
         ScalingCommand::Flops(a) => flops(a),
@@ -149,7 +175,7 @@ pub fn run(c: ScalingCommand) -> Result<()> {
 fn flops(a: FlopsArgs) -> Result<()> {
     let (cfg, seq_len) = match (&a.config, &a.preset) {
         (Some(path), _) => {
-            let run = RunConfig::load(path, &[])?;
+            let run = load_run_config(path)?;
             let t = a.seq_len.unwrap_or(run.train.seq_len);
             (run.model, t)
         }
@@ -168,10 +194,17 @@ fn flops(a: FlopsArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let (law_name, law) = load_law(&a.law)?;
+    let named = load_law(&a.law)?;
+    let (law_name, law) = (named.name.clone(), named.law);
     law.validate()?;
+    // Shapes are matched on the count the law's N means.
+    let size_by = if named.params_column == "non_embedding_params" {
+        SizeBy::NonEmbedding
+    } else {
+        SizeBy::Total
+    };
     let mut base = match &a.config {
-        Some(p) => RunConfig::load(p, &[])?.model,
+        Some(p) => load_run_config(p)?.model,
         None => ModelConfig {
             vocab_size: a.vocab_size,
             max_seq_len: a.seq_len,
@@ -186,8 +219,8 @@ fn plan(a: PlanArgs) -> Result<()> {
             bail!("--compute must be a positive FLOP count, got {c}");
         }
         let o = law.optimal(c);
-        let shape = shape_for_params(&base, o.params, SizeBy::Total);
-        let (shape_params, _) = shape.param_counts();
+        let shape = shape_for_params(&base, o.params, size_by);
+        let shape_params = size_by.count(&shape);
         budgets.push((o, shape, shape_params));
     }
     let known = compare_known_runs(&law);
@@ -195,7 +228,7 @@ fn plan(a: PlanArgs) -> Result<()> {
         let out = serde_json::json!({
             "law": {"name": law_name, "E": law.e, "A": law.a, "B": law.b, "alpha": law.alpha, "beta": law.beta,
                     "a": law.exponent_a(), "b": law.exponent_b(), "G": law.g()},
-            "convention": "C = 6 N D, N all parameters",
+            "convention": format!("C = 6 N D, N = {}", named.params_column),
             "budgets": budgets.iter().map(|(o, shape, p)| serde_json::json!({
                 "flops": o.flops, "params": o.params, "tokens": o.tokens,
                 "tokens_per_param": o.tokens_per_param, "loss": o.loss,
@@ -211,7 +244,11 @@ fn plan(a: PlanArgs) -> Result<()> {
     println!("law: {law_name}");
     println!(
         "  L(N, D) = {} + {} / N^{} + {} / D^{}",
-        law.e, law.a, law.alpha, law.b, law.beta
+        num(law.e),
+        num(law.a),
+        num(law.alpha),
+        num(law.b),
+        num(law.beta)
     );
     println!(
         "  N_opt = G (C/6)^a, a = beta/(alpha+beta) = {:.4}, b = {:.4}, G = {:.4}",
@@ -219,7 +256,14 @@ fn plan(a: PlanArgs) -> Result<()> {
         law.exponent_b(),
         law.g()
     );
-    println!("  convention: C = 6 N D, N all parameters");
+    println!(
+        "  convention: C = 6 N D, N = {}",
+        if named.params_column == "params" {
+            "all parameters".to_string()
+        } else {
+            format!("the {} column", named.params_column)
+        }
+    );
     for (o, shape, p) in &budgets {
         println!();
         println!("C = {:.3e} FLOPs:", o.flops);

@@ -72,6 +72,10 @@ pub enum DataError {
     #[error("tokenizer has no `{token}` token; documents need an EOS separator (train the tokenizer with it as a special token)")]
     NoEos { token: &'static str },
 
+    /// Masked language modelling needs a mask token the tokenizer does not have.
+    #[error("the tokenizer has no `{token}` token, which masked language modelling needs: retrain it with `kiln tokenizer train --mlm ...` (adds [MASK], [CLS], [SEP] and [PAD] as special tokens) and prepare the data again, or point data.dataset at a new directory so that kiln trains an MLM tokenizer itself")]
+    NoMaskToken { token: &'static str },
+
     /// The validation split came out empty.
     #[error("validation split is empty ({n_blocks} blocks of {block_tokens} tokens, val_fraction {val_fraction}); use a larger val_fraction, smaller split_block_tokens or more data")]
     EmptyValSplit {

@@ -13,12 +13,20 @@
 //! (the sampler is serialisable) and a Python reference can reproduce the same batches.
 
 mod error;
+pub mod gguf_tokenizer;
+mod mlm;
+mod model_tokenizer;
 mod prepare;
 mod sampler;
 mod shard;
 mod tokenizer;
 
 pub use error::{DataError, Result};
+pub use mlm::{
+    add_mlm_special_tokens, mlm_seed, MaskAction, MlmMasker, MlmOptions, CLS_TOKEN, IGNORE_INDEX,
+    MASK_TOKEN, MLM_SPECIAL_TOKENS, PAD_TOKEN, SEP_TOKEN, VAL_MASK_SEED,
+};
+pub use model_tokenizer::{is_gguf, ModelTokenizer};
 pub use prepare::{expand_sources, prepare_dataset, DatasetMeta, PrepareOptions};
 pub use sampler::{eval_batch_count, eval_batches, splitmix64, window_start, Batch, WindowSampler};
 pub use shard::{Dataset, Dtype, TokenShard};

@@ -178,7 +178,9 @@ pub fn train_bpe(files: &[PathBuf], opts: &BpeTrainOptions) -> Result<KilnTokeni
     let special: Vec<AddedToken> = opts
         .special_tokens
         .iter()
-        .map(|t| AddedToken::from(t.clone(), true))
+        // `[MASK]` absorbs the space before it (as RoBERTa's `<mask>`), so "the [MASK] of"
+        // leaves the mask to stand for a space-prefixed word token like the ones it replaced.
+        .map(|t| AddedToken::from(t.clone(), true).lstrip(t == crate::mlm::MASK_TOKEN))
         .collect();
     let trainer = BpeTrainerBuilder::new()
         .vocab_size(opts.vocab_size)

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use kiln_data::{IncrementalDecoder, KilnTokenizer};
-use kiln_model::{KvCache, Llama};
+use kiln_model::{CausalLm, KvCache};
 
 use crate::{InferError, Sampler};
 
@@ -38,8 +38,8 @@ pub struct Generation {
 
 /// Generates a continuation of `prompt_ids`. `on_text` receives each newly printable piece of
 /// the continuation (never the prompt, never a stop string).
-pub fn generate(
-    model: &Llama,
+pub fn generate<M: CausalLm + ?Sized>(
+    model: &M,
     tokenizer: &KilnTokenizer,
     prompt_ids: &[u32],
     sampler: &mut Sampler,

@@ -1,9 +1,11 @@
 //! kiln-infer: token sampling (temperature, top-k, top-p) and the generate loop over the
 //! model's KV cache, with streaming output and stop strings.
 
+pub mod chat;
 mod generate;
 mod sampling;
 
+pub use chat::{ChatTemplate, Conversation, Message};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use sampling::{Sampler, SamplingParams};
 
@@ -13,6 +15,8 @@ pub enum InferError {
     PromptTooLong { prompt: usize, max_seq_len: usize },
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    #[error("chat template: {0}")]
+    Template(String),
     #[error(transparent)]
     Model(#[from] kiln_model::ModelError),
     #[error(transparent)]

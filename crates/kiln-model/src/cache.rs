@@ -7,6 +7,15 @@ use candle_core::{Result, Tensor};
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// The quantised model's single-sequence cache (`QLlama`), grown in place.
+    pub(crate) raw: Vec<RawKv>,
+}
+
+/// Keys and values of one layer as plain vectors, one per KV head, `t_cached * hd` long.
+#[derive(Default, Clone)]
+pub(crate) struct RawKv {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
 }
 
 impl KvCache {
@@ -25,7 +34,21 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.layers.clear();
+        self.raw.clear();
         self.len = 0;
+    }
+
+    /// Layer `layer`'s plain-vector cache with `n_kv_heads` heads.
+    pub(crate) fn raw_layer(&mut self, n_layers: usize, layer: usize, n_kv_heads: usize) -> &mut RawKv {
+        if self.raw.len() != n_layers {
+            self.raw = vec![RawKv::default(); n_layers];
+        }
+        let r = &mut self.raw[layer];
+        if r.k.len() != n_kv_heads {
+            r.k = vec![Vec::new(); n_kv_heads];
+            r.v = vec![Vec::new(); n_kv_heads];
+        }
+        r
     }
 
     pub(crate) fn ensure_layers(&mut self, n_layers: usize) {

@@ -57,6 +57,76 @@ pub struct ModelConfig {
     /// (`wo`, `w2`) use `init_std / sqrt(2 * n_layers)` (GPT-2).
     #[serde(default = "default_init_std")]
     pub init_std: f64,
+    /// Per-head size when it is not `dim / n_heads` (some pretrained checkpoints set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RoPE frequency scaling of a pretrained checkpoint (`rope_scaling` in HF configs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// RoPE frequency scaling, as transformers' `rope_scaling` (only the types that keep the
+/// attention math unchanged, i.e. rescale the inverse frequencies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Position interpolation: every inverse frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, smooth in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Inverse frequency `i` divided by `factors[i]` (llama.cpp's `rope_freqs.weight`, how
+    /// GGUF files store Llama 3.1's scaling).
+    Factors { factors: Vec<f64> },
+}
+
+impl RopeScaling {
+    /// The scaled inverse frequencies (transformers' `_compute_*_parameters`).
+    pub fn apply(&self, inv_freq: &mut [f64]) {
+        match *self {
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_freq_wavelen = old / low_freq_factor;
+                let high_freq_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            RopeScaling::Factors { ref factors } => {
+                for (f, s) in inv_freq.iter_mut().zip(factors) {
+                    *f /= s;
+                }
+            }
+        }
+    }
+
+    /// The per-frequency divisors this scaling amounts to for `head_dim` and `theta` (what
+    /// llama.cpp's `rope_freqs.weight` holds).
+    pub fn factors(&self, head_dim: usize, theta: f64) -> Vec<f64> {
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+            .collect();
+        let mut scaled = base.clone();
+        self.apply(&mut scaled);
+        base.iter().zip(&scaled).map(|(b, s)| b / s).collect()
+    }
 }
 
 fn default_mlp_ratio() -> f64 {
@@ -76,7 +146,7 @@ fn default_init_std() -> f64 {
 }
 
 impl ModelConfig {
-    fn base(vocab_size: usize, dim: usize, n_layers: usize, n_heads: usize) -> Self {
+    pub(crate) fn base(vocab_size: usize, dim: usize, n_layers: usize, n_heads: usize) -> Self {
         Self {
             vocab_size,
             dim,
@@ -93,6 +163,8 @@ impl ModelConfig {
             dropout: 0.0,
             attention: AttentionMode::Causal,
             init_std: default_init_std(),
+            head_dim: None,
+            rope_scaling: None,
         }
     }
 
@@ -150,7 +222,7 @@ impl ModelConfig {
     pub const PRESETS: &'static [&'static str] = &["tiny", "10m", "reference", "smollm2-135m"];
 
     pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
+        self.head_dim.unwrap_or(self.dim / self.n_heads)
     }
 
     pub fn n_kv_heads(&self) -> usize {
@@ -188,7 +260,10 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.dim % self.n_heads != 0 {
+        if self.head_dim == Some(0) {
+            return bad("model.head_dim must be positive".into());
+        }
+        if self.head_dim.is_none() && self.dim % self.n_heads != 0 {
             return bad(format!(
                 "model.dim ({}) must be divisible by model.n_heads ({})",
                 self.dim, self.n_heads
@@ -196,7 +271,7 @@ impl ModelConfig {
         }
         if self.head_dim() % 2 != 0 {
             return bad(format!(
-                "head dim dim/n_heads = {} must be even for RoPE",
+                "head dim (model.head_dim or dim/n_heads) = {} must be even for RoPE",
                 self.head_dim()
             ));
         }
@@ -217,6 +292,37 @@ impl ModelConfig {
             return bad(
                 "model.rope_theta, model.norm_eps and model.init_std must be positive".into(),
             );
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if *factor <= 0.0 => {
+                return bad("model.rope_scaling.factor must be positive".into())
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            }) if *factor <= 0.0
+                || *low_freq_factor <= 0.0
+                || high_freq_factor <= low_freq_factor =>
+            {
+                return bad(
+                    "model.rope_scaling: llama3 needs factor > 0 and high_freq_factor > low_freq_factor > 0"
+                        .into(),
+                )
+            }
+            Some(RopeScaling::Factors { factors })
+                if factors.len() != self.head_dim() / 2
+                    || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) =>
+            {
+                return bad(format!(
+                    "model.rope_scaling: {} frequency factors for head dim {} (needs {} positive ones)",
+                    factors.len(),
+                    self.head_dim(),
+                    self.head_dim() / 2
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -4,14 +4,20 @@
 mod backward;
 mod cache;
 mod config;
+pub mod gguf;
+pub mod hf;
 mod model;
 mod params;
+pub mod qkernels;
+mod qmodel;
 mod rng;
+mod rope;
 
 pub use cache::KvCache;
-pub use config::{AttentionMode, ModelConfig};
+pub use config::{AttentionMode, ModelConfig, RopeScaling};
 pub use model::{loss_sum, Llama};
 pub use params::Params;
+pub use qmodel::{CausalLm, QLinear, QLlama};
 pub use rng::SplitMix64;
 
 #[derive(Debug, thiserror::Error)]

@@ -90,13 +90,8 @@ impl Llama {
         } else {
             p("output.weight")?
         };
-        let (rope_cos, rope_sin) = k::rope_tables(
-            cfg.head_dim(),
-            cfg.max_seq_len,
-            cfg.rope_theta,
-            tok_embeddings.device(),
-            tok_embeddings.dtype(),
-        )?;
+        let (rope_cos, rope_sin) =
+            crate::rope::tables(cfg, tok_embeddings.device(), tok_embeddings.dtype())?;
         Ok(Self {
             cfg: cfg.clone(),
             tok_embeddings,

@@ -14,13 +14,13 @@ pub struct Params {
 
 /// How a parameter is initialised.
 #[derive(Clone, Copy)]
-enum Init {
+pub(crate) enum Init {
     Ones,
     Normal(f64),
 }
 
 /// Every parameter of `cfg` with its shape and init, in kiln's names (Meta LLaMA names).
-fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+pub(crate) fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     let (d, hd, f) = (cfg.dim, cfg.head_dim(), cfg.ffn_dim());
     let std = cfg.init_std;
     // GPT-2: scale the init of projections that write into the residual stream.

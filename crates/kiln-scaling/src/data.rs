@@ -314,4 +314,27 @@ mod tests {
         let t = parse_runs(&text, Path::new("t.csv"), "non_embedding_params").unwrap();
         assert_eq!(t.points[0].n, 500.0);
     }
+
+    #[test]
+    fn sweep_csv_keeps_other_sweeps_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.csv");
+        let row = |d: &str, loss: f64| RunRow {
+            params: 10,
+            non_embedding_params: 5,
+            tokens: 100,
+            flops: 6e3,
+            loss,
+            run_dir: d.into(),
+            budget: 6e3,
+        };
+        write_sweep_csv(&path, &[row("a", 3.0), row("b", 3.0)]).unwrap();
+        write_sweep_csv(&path, &[row("b", 2.5), row("c", 2.0)]).unwrap();
+        let t = read_runs(&path, "params").unwrap();
+        let losses: Vec<f64> = t.points.iter().map(|p| p.loss).collect();
+        assert_eq!(losses, vec![3.0, 2.5, 2.0]);
+        std::fs::write(&path, "params,tokens,loss\n1,2,3\n").unwrap();
+        let err = write_sweep_csv(&path, &[row("a", 1.0)]).unwrap_err();
+        assert!(err.to_string().contains("different header"), "{err}");
+    }
 }

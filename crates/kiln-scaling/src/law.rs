@@ -108,16 +108,31 @@ pub struct Allocation {
     pub tokens_per_param: f64,
 }
 
+/// A law and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedLaw {
+    pub name: String,
+    pub law: ParametricLaw,
+    /// What N counts: `params` (all parameters) for the built-in laws; for a fit, the CSV
+    /// column it was fitted on (e.g. `non_embedding_params`).
+    pub params_column: String,
+}
+
 /// A named law: `chinchilla`, `epoch`, or a JSON file, either `kiln scaling fit --json` output
 /// (its Approach 3 constants) or a plain `{"E":..,"A":..,"B":..,"alpha":..,"beta":..}`.
-pub fn load_law(spec: &str) -> Result<(String, ParametricLaw)> {
+pub fn load_law(spec: &str) -> Result<NamedLaw> {
+    let builtin = |name: &str, law| NamedLaw {
+        name: name.into(),
+        law,
+        params_column: "params".into(),
+    };
     match spec {
-        "chinchilla" => Ok((
-            "Chinchilla (Hoffmann et al. 2022, Approach 3)".into(),
+        "chinchilla" => Ok(builtin(
+            "Chinchilla (Hoffmann et al. 2022, Approach 3)",
             ParametricLaw::CHINCHILLA,
         )),
-        "epoch" => Ok((
-            "Epoch AI refit (Besiroglu et al. 2024)".into(),
+        "epoch" => Ok(builtin(
+            "Epoch AI refit (Besiroglu et al. 2024)",
             ParametricLaw::EPOCH,
         )),
         path => {
@@ -133,7 +148,16 @@ pub fn load_law(spec: &str) -> Result<(String, ParametricLaw)> {
             let law =
                 law_from_json(&json).map_err(|m| ScalingError::Config(format!("{path}: {m}")))?;
             law.validate()?;
-            Ok((format!("fitted ({path})"), law))
+            let params_column = json
+                .get("params_column")
+                .and_then(|v| v.as_str())
+                .unwrap_or("params")
+                .to_string();
+            Ok(NamedLaw {
+                name: format!("fitted ({path}, N = {params_column})"),
+                law,
+                params_column,
+            })
         }
     }
 }

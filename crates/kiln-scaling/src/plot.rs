@@ -70,6 +70,7 @@ pub fn chart(
     y_label: &str,
     log_x: bool,
     log_y: bool,
+    legend: SeriesLabelPosition,
     layers: &[Layer],
 ) -> Result<()> {
     register_font();
@@ -166,7 +167,7 @@ pub fn chart(
     if any_label {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 13))
@@ -233,6 +234,7 @@ pub fn plot_all(
         "final validation loss (nats/token)",
         true,
         false,
+        SeriesLabelPosition::UpperRight,
         &layers,
     )?;
     written.push(p);
@@ -287,6 +289,7 @@ pub fn plot_all(
         "final validation loss (nats/token)",
         true,
         false,
+        SeriesLabelPosition::UpperRight,
         &layers,
     )?;
     written.push(p);
@@ -320,7 +323,7 @@ pub fn plot_all(
                 color: 0,
             },
             Layer {
-                label: Some("C^0.5 reference".into()),
+                label: Some("dashed: C^0.5 reference".into()),
                 points: reference(&n_opt),
                 mark: Mark::Dashed,
                 color: 0,
@@ -338,7 +341,7 @@ pub fn plot_all(
                 color: 1,
             },
             Layer {
-                label: Some("C^0.5 reference".into()),
+                label: None,
                 points: reference(&d_opt),
                 mark: Mark::Dashed,
                 color: 1,
@@ -352,6 +355,7 @@ pub fn plot_all(
             "parameters / tokens",
             true,
             true,
+            SeriesLabelPosition::LowerRight,
             &layers,
         )?;
         written.push(p);

@@ -1,8 +1,8 @@
 //! Concrete model shapes near a parameter count, with fixed aspect rules so a family of sizes
 //! is reproducible:
 //!
-//! - width `dim` is a multiple of the head size, which is 32 below `dim` 512, 64 up to 2048 and
-//!   128 above; `n_heads = dim / head_dim`;
+//! - the head size is 32 below `dim` 512, 64 up to 2048 and 128 above; `n_heads = dim /
+//!   head_dim`; `dim` is a multiple of 32 below 512 and of four heads above (256, then 512);
 //! - `n_kv_heads` is the largest divisor of `n_heads` not above `max(1, n_heads / 4)` (the
 //!   LLaMA-2-70B grouping ratio, like `ModelConfig`'s default);
 //! - the FFN width follows the base config's `mlp_ratio` and `multiple_of` (any explicit
@@ -56,6 +56,16 @@ pub fn head_dim_for(dim: usize) -> usize {
     }
 }
 
+/// Widths are multiples of this: 32 below 512 (fine steps for small models), else 4 heads'
+/// worth (256 up to 2048, 512 above) so the head count divides by the K/V grouping of 4.
+pub fn dim_step(dim: usize) -> usize {
+    if dim < 512 {
+        32
+    } else {
+        4 * head_dim_for(dim)
+    }
+}
+
 /// Target `dim / n_layers` for a width.
 pub fn target_aspect(dim: usize) -> f64 {
     32.0 * (dim as f64 / 512.0).max(1.0).sqrt()
@@ -92,8 +102,7 @@ pub fn shape_for_params(base: &ModelConfig, target: f64, by: SizeBy) -> ModelCon
     let mut best: Option<(f64, ModelConfig)> = None;
     let mut dim = 32;
     while dim <= 65_536 {
-        let hd = head_dim_for(dim);
-        if dim % hd == 0 {
+        if dim % dim_step(dim) == 0 {
             let aspect = target_aspect(dim);
             let l_star = dim as f64 / aspect;
             let lo = ((l_star / 2.0).floor() as usize).max(1);

@@ -113,8 +113,10 @@ impl Sweep {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ScalingError::Config(format!("cannot read sweep config {}: {e}", path.display()))
         })?;
-        Self::from_toml_str(&text, overrides)
-            .map_err(|e| ScalingError::Config(format!("{}: {e}", path.display())))
+        Self::from_toml_str(&text, overrides).map_err(|e| match e {
+            ScalingError::Config(m) => ScalingError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Self> {
@@ -123,7 +125,7 @@ impl Sweep {
             .parse()
             .map_err(|e: toml::de::Error| cfg_err(format!("invalid TOML: {}", e.message())))?;
         for o in overrides {
-            apply_override(&mut root, o).map_err(|e| cfg_err(e.to_string()))?;
+            apply_override(&mut root, o).map_err(train_err)?;
         }
         let sweep = root
             .remove("sweep")
@@ -135,7 +137,7 @@ impl Sweep {
         if let Some(train) = root.get_mut("train").and_then(|t| t.as_table_mut()) {
             train.entry("steps").or_insert(toml::Value::Integer(1));
         }
-        let base = RunConfig::from_table(root).map_err(|e| cfg_err(e.to_string()))?;
+        let base = RunConfig::from_table(root).map_err(train_err)?;
         let s = Self { base, sweep };
         s.validate()?;
         Ok(s)
@@ -303,6 +305,14 @@ impl Sweep {
     }
 }
 
+/// A base-config error as a sweep config error, without a second "config error:" prefix.
+fn train_err(e: kiln_train::TrainError) -> ScalingError {
+    match e {
+        kiln_train::TrainError::Config(m) => ScalingError::Config(m),
+        other => ScalingError::Train(other),
+    }
+}
+
 /// A run's status on disk.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunStatus {
@@ -385,6 +395,7 @@ pub fn run_sweep(
         stopped: false,
     };
     let mut peak: Option<f64> = None;
+    let (mut done_flops, mut done_secs) = (0.0f64, 0.0f64);
     let total = plan.runs.len();
     for (i, run) in plan.runs.iter().enumerate() {
         let status = run_status(run)?;
@@ -431,7 +442,10 @@ pub fn run_sweep(
             cfg.train.peak_flops = Some(p);
         }
         let mut trainer = Trainer::new(cfg, &run.run_dir, resume, &device, obs)?;
+        let tokens_before = trainer.tokens_seen;
         let summary = trainer.run(obs, stop)?;
+        done_flops += (trainer.tokens_seen - tokens_before) as f64 * run.flops_per_token;
+        done_secs += summary.wall_s;
         if summary.stopped_early || trainer.step() < run.steps {
             out.stopped = true;
             break;
@@ -455,6 +469,15 @@ pub fn run_sweep(
             "{tag}: final val loss {loss:.4} in {:.0} s",
             summary.wall_s
         ));
+        let left: f64 = plan.runs[i + 1..].iter().map(|r| r.flops).sum();
+        if done_secs > 0.0 && left > 0.0 {
+            let rate = done_flops / done_secs;
+            obs.on_message(&format!(
+                "sweep: {:.1} GFLOP/s measured so far; at most {:.0} min of planned runs left",
+                rate / 1e9,
+                left / rate / 60.0
+            ));
+        }
         out.rows.push(row);
         out.trained += 1;
         write_sweep_csv(csv, &out.rows)?;
@@ -469,7 +492,7 @@ impl SweepPlan {
         self.runs.iter().map(|r| r.flops).sum()
     }
 
-    /// The plan as a table; with `flops_per_s`, estimated hours per run and per budget.
+    /// The plan as a table; with `flops_per_s`, estimated minutes per run and per budget.
     pub fn table(&self, flops_per_s: Option<f64>) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -485,7 +508,7 @@ impl SweepPlan {
             "steps",
             "tokens",
             "flops",
-            "hours"
+            "minutes"
         );
         let mut budgets: Vec<f64> = Vec::new();
         for r in &self.runs {
@@ -493,8 +516,8 @@ impl SweepPlan {
                 budgets.push(r.budget);
             }
             let m = &r.config.model;
-            let hours = flops_per_s
-                .map(|f| format!("{:.2}", r.flops / f / 3600.0))
+            let minutes = flops_per_s
+                .map(|f| format!("{:.1}", r.flops / f / 60.0))
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
@@ -508,7 +531,7 @@ impl SweepPlan {
                 r.steps,
                 human(r.tokens as f64),
                 r.flops,
-                hours
+                minutes
             );
         }
         for b in budgets {
@@ -516,7 +539,7 @@ impl SweepPlan {
             let f: f64 = runs.iter().map(|r| r.flops).sum();
             let _ = write!(s, "budget {b:e}: {} runs, {f:.3e} FLOPs", runs.len());
             if let Some(fps) = flops_per_s {
-                let _ = write!(s, ", about {:.2} h", f / fps / 3600.0);
+                let _ = write!(s, ", about {:.0} min", f / fps / 60.0);
             }
             let _ = writeln!(s);
         }

@@ -150,6 +150,30 @@ fn both_approaches_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("fit.json");
     std::fs::write(&p, json.to_string()).unwrap();
-    let (_, law) = kiln_scaling::law::load_law(p.to_str().unwrap()).unwrap();
-    assert!((law.alpha - TRUTH.alpha).abs() < 0.05);
+    let named = kiln_scaling::law::load_law(p.to_str().unwrap()).unwrap();
+    assert!((named.law.alpha - TRUTH.alpha).abs() < 0.05);
+    assert_eq!(named.params_column, "params");
+}
+
+#[test]
+fn plots_are_written() {
+    let table = parse_runs(&synthetic_csv(0.003, 5, true), Path::new("s.csv"), "params").unwrap();
+    let opts = FitOptions {
+        bootstrap: 0,
+        ..Default::default()
+    };
+    let a2 = kiln_scaling::fit::approach2(&table, &opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let written = kiln_scaling::plot::plot_all(&table, Some(&a2), dir.path()).unwrap();
+    assert_eq!(written.len(), 3);
+    for p in &written {
+        assert!(
+            std::fs::metadata(p).unwrap().len() > 10_000,
+            "{}",
+            p.display()
+        );
+    }
+    // Without an IsoFLOP fit only the run scatter plots are drawn.
+    let written = kiln_scaling::plot::plot_all(&table, None, dir.path()).unwrap();
+    assert_eq!(written.len(), 2);
 }

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_model::ModelConfig;
+use kiln_data::MlmOptions;
+use kiln_model::{AttentionMode, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -96,9 +97,23 @@ impl Default for OptimConfig {
     }
 }
 
+/// What the model learns to predict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Causal language modelling: the next token (a decoder).
+    #[default]
+    Clm,
+    /// Masked language modelling (BERT): the tokens hidden by `[mlm]` masking (an encoder).
+    Mlm,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// `"clm"` (default) or `"mlm"`; mlm needs `model.attention = "bidirectional"`.
+    #[serde(default, skip_serializing_if = "is_clm")]
+    pub objective: Objective,
     pub steps: u64,
     /// Sequences per micro-batch.
     pub batch_size: usize,
@@ -135,6 +150,9 @@ pub struct TrainConfig {
     pub peak_flops: Option<f64>,
 }
 
+fn is_clm(o: &Objective) -> bool {
+    *o == Objective::Clm
+}
 fn one() -> usize {
     1
 }
@@ -165,6 +183,9 @@ pub struct RunConfig {
     #[serde(default)]
     pub optim: OptimConfig,
     pub train: TrainConfig,
+    /// Masking options of `objective = "mlm"` (defaults when the section is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm: Option<MlmOptions>,
 }
 
 /// Parses a `--set` value as TOML (numbers, booleans, arrays), falling back to a plain string.
@@ -221,9 +242,9 @@ impl RunConfig {
     /// Typed deserialisation section by section, so errors say which section.
     pub fn from_table(mut root: toml::Table) -> Result<Self, TrainError> {
         for key in root.keys() {
-            if !["model", "data", "optim", "train"].contains(&key.as_str()) {
+            if !["model", "data", "optim", "train", "mlm"].contains(&key.as_str()) {
                 return Err(TrainError::Config(format!(
-                    "unknown section [{key}] (expected model, data, optim, train)"
+                    "unknown section [{key}] (expected model, data, optim, train, mlm)"
                 )));
             }
         }
@@ -239,6 +260,7 @@ impl RunConfig {
         let data = section("data", true)?;
         let optim = section("optim", false)?;
         let train = section("train", true)?;
+        let mlm = root.remove("mlm");
         fn typed<T: serde::de::DeserializeOwned>(
             name: &str,
             v: toml::Value,
@@ -252,6 +274,7 @@ impl RunConfig {
             data: typed("data", data)?,
             optim: typed("optim", optim)?,
             train: typed("train", train)?,
+            mlm: mlm.map(|v| typed("mlm", v)).transpose()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -286,7 +309,38 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return bad("data.val_fraction must be in [0, 1)".into());
         }
+        let attention = self.model.attention;
+        match self.train.objective {
+            Objective::Mlm => {
+                if attention != AttentionMode::Bidirectional {
+                    return bad(
+                        "train.objective = \"mlm\" trains an encoder: set model.attention = \"bidirectional\" (every position must see the whole window)".into(),
+                    );
+                }
+                if let Some(m) = &self.mlm {
+                    m.validate()
+                        .map_err(|e| TrainError::Config(e.to_string()))?;
+                }
+            }
+            Objective::Clm => {
+                if attention == AttentionMode::Bidirectional {
+                    return bad(
+                        "model.attention = \"bidirectional\" with train.objective = \"clm\" would let every position see the token it predicts; use train.objective = \"mlm\" for an encoder".into(),
+                    );
+                }
+                if self.mlm.is_some() {
+                    return bad(
+                        "[mlm] is set but train.objective is \"clm\"; add train.objective = \"mlm\" or drop [mlm]".into(),
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The masking options of an MLM run (`[mlm]`, or the BERT defaults).
+    pub fn mlm_options(&self) -> MlmOptions {
+        self.mlm.clone().unwrap_or_default()
     }
 
     /// The run directory: `train.run_dir`, else `runs/<config file stem>`.
@@ -304,6 +358,9 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         let mut resolved = self.clone();
         resolved.model = self.model.resolved();
+        if self.train.objective == Objective::Mlm {
+            resolved.mlm = Some(self.mlm_options());
+        }
         toml::to_string_pretty(&resolved).expect("invariant: RunConfig serialises to TOML")
     }
 
@@ -374,6 +431,95 @@ seq_len = 32
             .unwrap_err()
             .to_string();
         assert!(err.contains("huge"), "{err}");
+    }
+
+    #[test]
+    fn mlm_objective_and_section() {
+        let bidi = "model.attention=\"bidirectional\"";
+        // objective = mlm needs an encoder, and says which key to set.
+        let err = RunConfig::from_toml_str(BASE, &["train.objective=\"mlm\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.attention") && err.contains("bidirectional"),
+            "{err}"
+        );
+        let cfg = RunConfig::from_toml_str(BASE, &["train.objective=\"mlm\"".into(), bidi.into()])
+            .unwrap();
+        assert_eq!(cfg.train.objective, Objective::Mlm);
+        assert_eq!(cfg.mlm_options(), MlmOptions::default());
+        // The resolved config writes the [mlm] defaults out and round-trips.
+        let toml = cfg.to_toml();
+        assert!(
+            toml.contains("[mlm]") && toml.contains("mask_prob = 0.15"),
+            "{toml}"
+        );
+        let again = RunConfig::from_toml_str(&toml, &[]).unwrap();
+        assert_eq!(again.train.objective, Objective::Mlm);
+        assert_eq!(again.mlm, Some(MlmOptions::default()));
+
+        let cfg = RunConfig::from_toml_str(
+            BASE,
+            &[
+                "train.objective=\"mlm\"".into(),
+                bidi.into(),
+                "mlm.mask_prob=0.3".into(),
+                "mlm.whole_word=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.mlm_options().mask_prob, 0.3);
+        assert!(cfg.mlm_options().whole_word);
+        assert_eq!(cfg.mlm_options().mask_replace, 0.8);
+
+        // Unknown and invalid [mlm] keys are named.
+        let err = RunConfig::from_toml_str(
+            BASE,
+            &[
+                "train.objective=\"mlm\"".into(),
+                bidi.into(),
+                "mlm.mask_probability=0.2".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[mlm]") && err.contains("mask_probability"),
+            "{err}"
+        );
+        let err = RunConfig::from_toml_str(
+            BASE,
+            &[
+                "train.objective=\"mlm\"".into(),
+                bidi.into(),
+                "mlm.random_replace=0.5".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mlm.random_replace"), "{err}");
+
+        // [mlm] without the objective, and an encoder with the causal objective, are refused.
+        let err = RunConfig::from_toml_str(BASE, &["mlm.mask_prob=0.2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[mlm]") && err.contains("train.objective"),
+            "{err}"
+        );
+        let err = RunConfig::from_toml_str(BASE, &[bidi.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.objective") && err.contains("mlm"),
+            "{err}"
+        );
+        // A causal config's resolved TOML does not change.
+        let clm = RunConfig::from_toml_str(BASE, &[]).unwrap().to_toml();
+        assert!(
+            !clm.contains("objective") && !clm.contains("[mlm]"),
+            "{clm}"
+        );
     }
 
     #[test]

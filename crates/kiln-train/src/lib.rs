@@ -11,11 +11,11 @@ pub mod plot;
 pub mod resolve;
 mod trainer;
 
-pub use config::{apply_override, DataConfig, OptimConfig, RunConfig, TrainConfig};
+pub use config::{apply_override, DataConfig, Objective, OptimConfig, RunConfig, TrainConfig};
 pub use dataset::ensure_dataset;
 pub use trainer::{
-    evaluate_loss, optimizer_step, write_atomic, Observer, RunInfo, RunSummary, Silent, StepResult,
-    Trainer,
+    evaluate_loss, evaluate_mlm, optimizer_step, write_atomic, EvalResult, Observer, RunInfo,
+    RunSummary, Silent, StepResult, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! `metrics.jsonl`: one JSON object per logged step (`step, tokens, loss, lr, grad_norm,
-//! tokens_per_s, mfu`) and one per evaluation (`step, tokens, val_loss`).
+//! tokens_per_s, mfu`) and one per evaluation (`step, tokens, val_loss`, plus `val_accuracy`,
+//! the masked-token accuracy, for MLM runs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -25,6 +26,9 @@ pub struct MetricsRow {
     pub mfu: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Masked-token accuracy on the validation split (MLM runs' eval rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
 }
 
 pub struct MetricsWriter {
@@ -38,11 +42,15 @@ impl MetricsWriter {
     /// exactly like an uninterrupted one.
     pub fn open(path: &Path, keep_through_step: u64) -> Result<Self, TrainError> {
         if path.exists() {
+            // Keep the original lines byte for byte (re-serialising would change float digits).
+            let text = fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
             let rows = read_rows(path)?;
-            let kept: String = rows
-                .iter()
-                .filter(|r| r.step <= keep_through_step)
-                .map(|r| serde_json::to_string(r).expect("invariant: row serialises") + "\n")
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .zip(&rows)
+                .filter(|(_, r)| r.step <= keep_through_step)
+                .map(|(line, _)| format!("{line}\n"))
                 .collect();
             let tmp = path.with_extension("jsonl.tmp");
             fs::write(&tmp, kept).map_err(|e| TrainError::Io(format!("{}: {e}", tmp.display())))?;

@@ -136,3 +136,29 @@ pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainEr
     }
     plot_series(out, "loss", "tokens", "cross-entropy (nats)", &series)
 }
+
+/// Validation masked-token accuracy of one or more MLM runs against tokens seen, in one PNG.
+pub fn plot_accuracy(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainError> {
+    let mut series = Vec::new();
+    for (label, dir) in run_dirs {
+        let rows = read_rows(&dir.join("metrics.jsonl"))?;
+        let points: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.val_accuracy.map(|a| (r.tokens as f64, a)))
+            .collect();
+        if !points.is_empty() {
+            series.push(Series {
+                label: format!("{label} val"),
+                points,
+                dashed: false,
+            });
+        }
+    }
+    plot_series(
+        out,
+        "masked-token accuracy",
+        "tokens",
+        "accuracy (validation)",
+        &series,
+    )
+}

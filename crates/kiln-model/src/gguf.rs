@@ -1,0 +1,903 @@
+//! GGUF checkpoints (llama.cpp's format): metadata → [`ModelConfig`], tensors → kiln's names,
+//! dequantised [`Params`] for training and evaluation, raw [`QTensor`]s for quantised inference,
+//! and a writer for export.
+//!
+//! llama.cpp's converter permutes the rows of the Q and K projections so that its RoPE can
+//! rotate adjacent pairs `(x[2i], x[2i+1])`; kiln (like transformers) rotates the half-split
+//! pairs `(x[i], x[i + hd/2])`. Loading undoes that permutation (row blocks are moved whole,
+//! so it works on quantised data too) and export applies it, so the same math runs for every
+//! source.
+//!
+//! Every error names the file, and the tensor where there is one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::params::layout;
+use crate::{ModelConfig, ModelError, Params, RopeScaling};
+
+pub use candle_core::quantized::gguf_file::Value as GgufValue;
+
+/// The GGML tensor types kiln reads (every type candle can dequantise).
+pub const SUPPORTED_TYPES: &[&str] = &[
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
+    "Q5_K", "Q6_K", "Q8_K",
+];
+
+/// GGML's name for a tensor type id (also for the ones kiln cannot read, for error messages).
+pub fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        4 => "Q4_2 (removed from ggml)",
+        5 => "Q4_3 (removed from ggml)",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+fn dtype_from_id(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// GGML's name of a candle quantisation type.
+pub fn dtype_name(d: GgmlDType) -> &'static str {
+    match d {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+/// Parses a type name as written on the command line (`q8_0`, `F16`, `q4_k`...).
+pub fn parse_dtype(name: &str) -> Option<GgmlDType> {
+    let n = name
+        .to_ascii_uppercase()
+        .replace('K', "_K")
+        .replace("__", "_");
+    [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ]
+    .into_iter()
+    .find(|d| dtype_name(*d) == n || dtype_name(*d) == name.to_ascii_uppercase())
+}
+
+/// kiln's name → llama.cpp's GGUF name.
+pub fn gguf_name(kiln: &str) -> Option<String> {
+    let fixed = match kiln {
+        "tok_embeddings.weight" => Some("token_embd.weight"),
+        "norm.weight" => Some("output_norm.weight"),
+        "output.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = kiln.strip_prefix("layers.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let g = match tail {
+        "attention_norm.weight" => "attn_norm.weight",
+        "attention.wq.weight" => "attn_q.weight",
+        "attention.wk.weight" => "attn_k.weight",
+        "attention.wv.weight" => "attn_v.weight",
+        "attention.wo.weight" => "attn_output.weight",
+        "ffn_norm.weight" => "ffn_norm.weight",
+        "feed_forward.w1.weight" => "ffn_gate.weight",
+        "feed_forward.w3.weight" => "ffn_up.weight",
+        "feed_forward.w2.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{i}.{g}"))
+}
+
+/// llama.cpp's GGUF name → kiln's name.
+pub fn kiln_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("tok_embeddings.weight"),
+        "output_norm.weight" => Some("norm.weight"),
+        "output.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let k = match tail {
+        "attn_norm.weight" => "attention_norm.weight",
+        "attn_q.weight" => "attention.wq.weight",
+        "attn_k.weight" => "attention.wk.weight",
+        "attn_v.weight" => "attention.wv.weight",
+        "attn_output.weight" => "attention.wo.weight",
+        "ffn_norm.weight" => "ffn_norm.weight",
+        "ffn_gate.weight" => "feed_forward.w1.weight",
+        "ffn_up.weight" => "feed_forward.w3.weight",
+        "ffn_down.weight" => "feed_forward.w2.weight",
+        _ => return None,
+    };
+    Some(format!("layers.{i}.{k}"))
+}
+
+/// The number of heads whose rows llama.cpp permutes in this (kiln-named) tensor, if any.
+fn rope_heads(cfg: &ModelConfig, kiln: &str) -> Option<usize> {
+    if kiln.ends_with("attention.wq.weight") {
+        Some(cfg.n_heads)
+    } else if kiln.ends_with("attention.wk.weight") {
+        Some(cfg.n_kv_heads())
+    } else {
+        None
+    }
+}
+
+/// Reorders the rows (each `row_bytes` long) of a Q/K projection between llama.cpp's
+/// interleaved RoPE layout and the half-split layout.
+///
+/// Within each head of `hd` rows, half-split row `s * hd/2 + i` (s in {0, 1}) is interleaved
+/// row `2 i + s`. `to_half_split` undoes llama.cpp's `permute` (loading); `false` applies it
+/// (export).
+pub fn permute_rope_rows(
+    data: &[u8],
+    n_heads: usize,
+    row_bytes: usize,
+    to_half_split: bool,
+) -> Vec<u8> {
+    let rows = data.len() / row_bytes;
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_heads {
+        for s in 0..2 {
+            for i in 0..half {
+                let split = h * hd + s * half + i;
+                let inter = h * hd + 2 * i + s;
+                let (dst, src) = if to_half_split {
+                    (split, inter)
+                } else {
+                    (inter, split)
+                };
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+/// One tensor's entry in the GGUF header.
+#[derive(Debug, Clone)]
+pub struct GgufTensorInfo {
+    /// PyTorch order: `(out, in)` for a matrix (GGUF stores the dims reversed).
+    pub shape: Vec<usize>,
+    pub dtype: GgmlDType,
+    /// Absolute byte offset of the data in the file.
+    pub start: usize,
+    pub n_bytes: usize,
+}
+
+/// An opened (memory-mapped, header-checked) GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    content: gguf_file::Content,
+    tensors: BTreeMap<String, GgufTensorInfo>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// True when `path` is a file that starts with the GGUF magic.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// A bounds-checked little-endian reader over the header bytes.
+struct Scan<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    v1: bool,
+}
+
+impl<'a> Scan<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(format!(
+                "the header is truncated (needs {n} bytes at offset {}, the file has {})",
+                self.pos,
+                self.buf.len()
+            )),
+        }
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len(&mut self) -> Result<usize, String> {
+        let n = if self.v1 {
+            self.u32()? as u64
+        } else {
+            self.u64()?
+        };
+        usize::try_from(n).map_err(|_| format!("length {n} is too large"))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.len()?;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn skip_value(&mut self, ty: u32, depth: usize) -> Result<(), String> {
+        let size = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => {
+                let n = self.len()?;
+                self.take(n)?;
+                return Ok(());
+            }
+            9 => {
+                if depth > 2 {
+                    return Err("metadata arrays nested too deeply".into());
+                }
+                let elem = self.u32()?;
+                let n = self.len()?;
+                for _ in 0..n {
+                    self.skip_value(elem, depth + 1)?;
+                }
+                return Ok(());
+            }
+            other => return Err(format!("unknown metadata value type {other}")),
+        };
+        self.take(size)?;
+        Ok(())
+    }
+}
+
+/// Reads the tensor table of a GGUF header, checking every type and extent.
+fn scan_tensors(buf: &[u8]) -> Result<BTreeMap<String, GgufTensorInfo>, String> {
+    let mut s = Scan {
+        buf,
+        pos: 0,
+        v1: false,
+    };
+    if s.take(4)? != b"GGUF" {
+        return Err("not a GGUF file (bad magic)".into());
+    }
+    let version = s.u32()?;
+    match version {
+        1 => s.v1 = true,
+        2 | 3 => {}
+        v => return Err(format!("unsupported GGUF version {v}")),
+    }
+    let n_tensors = s.len()?;
+    let n_kv = s.len()?;
+    let mut alignment = 32usize;
+    for _ in 0..n_kv {
+        let key = s.string()?;
+        let ty = s.u32()?;
+        if key == "general.alignment" && ty == 4 {
+            alignment = s.u32()? as usize;
+            if alignment == 0 || !alignment.is_power_of_two() {
+                return Err(format!(
+                    "general.alignment {alignment} is not a power of two"
+                ));
+            }
+        } else {
+            s.skip_value(ty, 0)
+                .map_err(|e| format!("metadata key {key:?}: {e}"))?;
+        }
+    }
+    let mut raw = Vec::with_capacity(n_tensors.min(1 << 16));
+    for _ in 0..n_tensors {
+        let name = s.string()?;
+        let n_dims = s.u32()? as usize;
+        if n_dims > 4 {
+            return Err(format!("tensor {name:?} has {n_dims} dimensions"));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            dims.push(if s.v1 {
+                s.u32()? as usize
+            } else {
+                s.u64()? as usize
+            });
+        }
+        dims.reverse();
+        let ty = s.u32()?;
+        let offset = s.u64()? as usize;
+        raw.push((name, dims, ty, offset));
+    }
+    let data_start = s.pos.div_ceil(alignment) * alignment;
+    let mut out = BTreeMap::new();
+    for (name, shape, ty, offset) in raw {
+        let Some(dtype) = dtype_from_id(ty) else {
+            return Err(format!(
+                "tensor {name:?} has GGML type {ty} ({}), which kiln cannot read; supported types: {}",
+                ggml_type_name(ty),
+                SUPPORTED_TYPES.join(", ")
+            ));
+        };
+        let elems: usize = shape.iter().product();
+        let bs = dtype.block_size();
+        if shape.last().is_some_and(|&d| d % bs != 0) {
+            return Err(format!(
+                "tensor {name:?} ({shape:?}, {}) has rows that are not a whole number of {bs}-element blocks",
+                dtype_name(dtype)
+            ));
+        }
+        let n_bytes = elems / bs * dtype.type_size();
+        let start = data_start + offset;
+        if start + n_bytes > buf.len() {
+            return Err(format!(
+                "truncated file: tensor {name:?} ({}, {shape:?}) needs bytes {start}..{} but the file has {} bytes",
+                dtype_name(dtype),
+                start + n_bytes,
+                buf.len()
+            ));
+        }
+        out.insert(
+            name,
+            GgufTensorInfo {
+                shape,
+                dtype,
+                start,
+                n_bytes,
+            },
+        );
+    }
+    Ok(out)
+}
+
+impl GgufFile {
+    /// Memory-maps `path` and checks the header: magic, version, every tensor's type and extent.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let err = |msg: String| ModelError::Weights {
+            path: path.display().to_string(),
+            msg,
+        };
+        let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        // SAFETY: the map is read-only; like every mmap reader we assume the file is not
+        // truncated underneath us while it is open.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
+        let tensors = scan_tensors(&mmap).map_err(err)?;
+        let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| err(format!("cannot read the GGUF header: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, msg: impl Into<String>) -> ModelError {
+        ModelError::Weights {
+            path: self.path.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, GgufValue> {
+        &self.content.metadata
+    }
+
+    /// The tensor table, by GGUF name.
+    pub fn tensors(&self) -> &BTreeMap<String, GgufTensorInfo> {
+        &self.tensors
+    }
+
+    /// How many tensors of each GGML type the file holds, e.g. `{"F32": 61, "Q4_1": 210}`.
+    pub fn type_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        for t in self.tensors.values() {
+            *m.entry(dtype_name(t.dtype)).or_insert(0) += 1;
+        }
+        m
+    }
+
+    pub fn architecture(&self) -> Result<String, ModelError> {
+        self.meta_str("general.architecture")?
+            .ok_or_else(|| self.err("metadata has no general.architecture"))
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<Option<String>, ModelError> {
+        match self.metadata().get(key) {
+            None => Ok(None),
+            Some(GgufValue::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.err(format!("metadata {key} should be a string, got {v:?}"))),
+        }
+    }
+
+    pub fn meta_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
+        let v = match self.metadata().get(key) {
+            None => return Ok(None),
+            Some(v) => v,
+        };
+        let n = match v {
+            GgufValue::U8(x) => *x as i128,
+            GgufValue::I8(x) => *x as i128,
+            GgufValue::U16(x) => *x as i128,
+            GgufValue::I16(x) => *x as i128,
+            GgufValue::U32(x) => *x as i128,
+            GgufValue::I32(x) => *x as i128,
+            GgufValue::U64(x) => *x as i128,
+            GgufValue::I64(x) => *x as i128,
+            other => {
+                return Err(self.err(format!(
+                    "metadata {key} should be an integer, got {other:?}"
+                )))
+            }
+        };
+        u64::try_from(n)
+            .map(Some)
+            .map_err(|_| self.err(format!("metadata {key} is negative: {n}")))
+    }
+
+    pub fn meta_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.metadata().get(key) {
+            None => Ok(None),
+            // GGUF stores f32: take the shortest decimal that reads back as it (1e-5, not
+            // 9.999999747378752e-6), so configs round-trip.
+            Some(GgufValue::F32(x)) => Ok(Some(x.to_string().parse().unwrap_or(*x as f64))),
+            Some(GgufValue::F64(x)) => Ok(Some(*x)),
+            Some(_) => Ok(self.meta_u64(key)?.map(|x| x as f64)),
+        }
+    }
+
+    /// The model config the metadata describes (LLaMA family only). Shapes are then checked
+    /// tensor by tensor when the weights load.
+    pub fn config(&self) -> Result<ModelConfig, ModelError> {
+        let arch = self.architecture()?;
+        if arch != "llama" {
+            return Err(self.err(format!(
+                "unsupported architecture {arch:?} (general.architecture); kiln runs the LLaMA \
+                 family, which llama.cpp names \"llama\" (Llama, Mistral, SmolLM2, ...)"
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let need = |k: &str| -> Result<usize, ModelError> {
+            self.meta_u64(&key(k))?
+                .map(|v| v as usize)
+                .ok_or_else(|| self.err(format!("metadata has no {}", key(k))))
+        };
+        if self.meta_u64(&key("expert_count"))?.unwrap_or(0) > 0 {
+            return Err(self.err("mixture-of-experts models are not supported"));
+        }
+        let dim = need("embedding_length")?;
+        let n_layers = need("block_count")?;
+        let n_heads = need("attention.head_count")?;
+        let n_kv_heads = self
+            .meta_u64(&key("attention.head_count_kv"))?
+            .map(|v| v as usize)
+            .unwrap_or(n_heads);
+        let ffn_dim = need("feed_forward_length")?;
+        let max_seq_len = need("context_length")?;
+        let embd = self
+            .tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| self.err("missing tensor \"token_embd.weight\""))?;
+        let vocab_size = match self.meta_u64(&key("vocab_size"))? {
+            Some(v) => v as usize,
+            None => embd.shape[0],
+        };
+        let head_dim = match self.meta_u64(&key("attention.key_length"))? {
+            Some(k) if n_heads > 0 && k as usize != dim / n_heads => Some(k as usize),
+            _ => None,
+        };
+        let hd = head_dim.unwrap_or(dim / n_heads.max(1));
+        if let Some(rope_dim) = self.meta_u64(&key("rope.dimension_count"))? {
+            if rope_dim as usize != hd {
+                return Err(self.err(format!(
+                    "{} = {rope_dim} but the head size is {hd}: partial rotary embeddings are not supported",
+                    key("rope.dimension_count")
+                )));
+            }
+        }
+        let rope_scaling = match self.meta_str(&key("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => None,
+            Some("linear") => {
+                let factor = self.meta_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                (factor != 1.0).then_some(RopeScaling::Linear { factor })
+            }
+            Some(other) => {
+                return Err(self.err(format!(
+                    "unsupported RoPE scaling {other:?} ({}); kiln supports linear",
+                    key("rope.scaling.type")
+                )))
+            }
+        };
+        let rope_scaling = match self.tensors.get("rope_freqs.weight") {
+            // Llama 3.1-style scaling: per-frequency divisors.
+            Some(info) => {
+                if rope_scaling.is_some() || info.shape != [hd / 2] {
+                    return Err(self.err(format!(
+                        "tensor \"rope_freqs.weight\" has shape {:?} (head dim {hd}) or comes with another RoPE scaling",
+                        info.shape
+                    )));
+                }
+                let bytes = &self.mmap[info.start..info.start + info.n_bytes];
+                let t = ggml_file::qtensor_from_ggml(
+                    info.dtype,
+                    bytes,
+                    info.shape.clone(),
+                    &Device::Cpu,
+                )
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| self.err(format!("tensor \"rope_freqs.weight\": {e}")))?;
+                let factors: Vec<f64> = t.into_iter().map(|x| x as f64).collect();
+                (!factors.iter().all(|&f| f == 1.0)).then_some(RopeScaling::Factors { factors })
+            }
+            None => rope_scaling,
+        };
+        let cfg = ModelConfig {
+            n_kv_heads: Some(n_kv_heads),
+            ffn_dim: Some(ffn_dim),
+            max_seq_len,
+            rope_theta: self.meta_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            norm_eps: self
+                .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            tie_embeddings: !self.tensors.contains_key("output.weight"),
+            head_dim,
+            rope_scaling,
+            ..ModelConfig::base(vocab_size, dim, n_layers, n_heads)
+        };
+        cfg.validate().map_err(|e| self.err(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Checks that the file's tensors are exactly the ones `cfg` needs, with its shapes.
+    pub fn check_tensors(&self, cfg: &ModelConfig) -> Result<(), ModelError> {
+        let expected = layout(cfg);
+        for (name, shape, _) in &expected {
+            let g = gguf_name(name).expect("every kiln tensor has a GGUF name");
+            match self.tensors.get(&g) {
+                None => return Err(self.err(format!("missing tensor {g:?} (kiln {name:?})"))),
+                Some(t) if &t.shape != shape => {
+                    return Err(self.err(format!(
+                        "tensor {g:?} has shape {:?} but the config needs {shape:?}",
+                        t.shape
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.tensors.len() != expected.len() {
+            let known: std::collections::BTreeSet<String> = expected
+                .iter()
+                .filter_map(|(n, _, _)| gguf_name(n))
+                .collect();
+            let extra: Vec<&String> = self
+                .tensors
+                .keys()
+                .filter(|k| !known.contains(*k) && k.as_str() != "rope_freqs.weight")
+                .collect();
+            if !extra.is_empty() {
+                return Err(self.err(format!("unexpected tensors for this config: {extra:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// One tensor, still quantised, under its kiln name and in kiln's layout (Q/K rows
+    /// un-permuted). Call [`check_tensors`](Self::check_tensors) first.
+    pub fn qtensor(&self, cfg: &ModelConfig, kiln: &str) -> Result<QTensor, ModelError> {
+        let g = gguf_name(kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
+        let info = self
+            .tensors
+            .get(&g)
+            .ok_or_else(|| self.err(format!("missing tensor {g:?}")))?;
+        let bytes = &self.mmap[info.start..info.start + info.n_bytes];
+        let data = match rope_heads(cfg, kiln) {
+            Some(heads) => {
+                let rows = info.shape[0];
+                std::borrow::Cow::Owned(permute_rope_rows(bytes, heads, info.n_bytes / rows, true))
+            }
+            None => std::borrow::Cow::Borrowed(bytes),
+        };
+        ggml_file::qtensor_from_ggml(info.dtype, &data, info.shape.clone(), &Device::Cpu)
+            .map_err(|e| self.err(format!("tensor {g:?}: {e}")))
+    }
+
+    /// Every weight, dequantised to f32 (the training/eval path and the reference for the
+    /// quantised one).
+    pub fn load_params(&self, cfg: &ModelConfig, device: &Device) -> Result<Params, ModelError> {
+        self.check_tensors(cfg)?;
+        let mut tensors = HashMap::new();
+        for (name, _, _) in layout(cfg) {
+            let q = self.qtensor(cfg, &name)?;
+            let t = q
+                .dequantize(device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| self.err(format!("dequantising {name:?}: {e}")))?;
+            tensors.insert(name, t);
+        }
+        Params::from_tensors(cfg, tensors, &self.path.display().to_string())
+    }
+}
+
+/// How to store each tensor when writing a GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgufExportTypes {
+    /// Matrices (projections, embedding, head).
+    pub matrices: GgmlDType,
+    /// Norm weights (GGUF keeps them F32 by convention).
+    pub vectors: GgmlDType,
+}
+
+/// The `llama.*` metadata for `cfg`, as llama.cpp's converter writes it.
+pub fn llama_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, GgufValue)> {
+    let u32v = |x: usize| GgufValue::U32(x as u32);
+    let mut m = vec![
+        (
+            "general.architecture".to_string(),
+            GgufValue::String("llama".into()),
+        ),
+        ("general.name".to_string(), GgufValue::String(name.into())),
+        ("general.alignment".to_string(), GgufValue::U32(32)),
+        ("llama.vocab_size".to_string(), u32v(cfg.vocab_size)),
+        ("llama.context_length".to_string(), u32v(cfg.max_seq_len)),
+        ("llama.embedding_length".to_string(), u32v(cfg.dim)),
+        ("llama.block_count".to_string(), u32v(cfg.n_layers)),
+        ("llama.feed_forward_length".to_string(), u32v(cfg.ffn_dim())),
+        ("llama.attention.head_count".to_string(), u32v(cfg.n_heads)),
+        (
+            "llama.attention.head_count_kv".to_string(),
+            u32v(cfg.n_kv_heads()),
+        ),
+        (
+            "llama.rope.freq_base".to_string(),
+            GgufValue::F32(cfg.rope_theta as f32),
+        ),
+        (
+            "llama.rope.dimension_count".to_string(),
+            u32v(cfg.head_dim()),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".to_string(),
+            GgufValue::F32(cfg.norm_eps as f32),
+        ),
+    ];
+    if cfg.head_dim.is_some() {
+        m.push(("llama.attention.key_length".into(), u32v(cfg.head_dim())));
+        m.push(("llama.attention.value_length".into(), u32v(cfg.head_dim())));
+    }
+    if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        m.push((
+            "llama.rope.scaling.type".into(),
+            GgufValue::String("linear".into()),
+        ));
+        m.push((
+            "llama.rope.scaling.factor".into(),
+            GgufValue::F32(factor as f32),
+        ));
+    }
+    m
+}
+
+/// Quantises (or casts) one kiln tensor for a GGUF, applying llama.cpp's Q/K row permutation.
+/// Matrices whose rows are not a whole number of quantisation blocks fall back to F16.
+pub fn export_tensor(
+    cfg: &ModelConfig,
+    kiln: &str,
+    t: &Tensor,
+    types: GgufExportTypes,
+) -> Result<(String, QTensor), ModelError> {
+    let g = gguf_name(kiln).ok_or_else(|| ModelError::Weights {
+        path: kiln.into(),
+        msg: "no GGUF name for this tensor".into(),
+    })?;
+    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let mut dtype = if t.rank() == 1 {
+        types.vectors
+    } else {
+        types.matrices
+    };
+    if t.dims()
+        .last()
+        .is_some_and(|&d| d % dtype.block_size() != 0)
+    {
+        dtype = GgmlDType::F16;
+    }
+    let q = QTensor::quantize(&t, dtype)?;
+    let q = match rope_heads(cfg, kiln) {
+        Some(heads) => {
+            let data = q.data()?;
+            let rows = t.dim(0)?;
+            let permuted = permute_rope_rows(&data, heads, data.len() / rows, false);
+            ggml_file::qtensor_from_ggml(dtype, &permuted, t.dims().to_vec(), &Device::Cpu)?
+        }
+        None => q,
+    };
+    Ok((g, q))
+}
+
+/// Writes a GGUF: `metadata` (architecture, tokenizer, chat template...) and kiln's weights
+/// under llama.cpp's names and layout.
+pub fn write_gguf(
+    path: &Path,
+    cfg: &ModelConfig,
+    params: &Params,
+    metadata: &[(String, GgufValue)],
+    types: GgufExportTypes,
+) -> Result<(), ModelError> {
+    let err = |msg: String| ModelError::Weights {
+        path: path.display().to_string(),
+        msg,
+    };
+    let mut tensors = Vec::new();
+    for (name, _, _) in layout(cfg) {
+        let t = params.tensor(&name)?;
+        tensors.push(export_tensor(cfg, &name, &t, types)?);
+    }
+    // Llama 3.1-style scaling (and factors read from a GGUF) go in llama.cpp's tensor.
+    if let Some(rs @ (RopeScaling::Llama3 { .. } | RopeScaling::Factors { .. })) = &cfg.rope_scaling
+    {
+        let f: Vec<f32> = rs
+            .factors(cfg.head_dim(), cfg.rope_theta)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
+        let n = f.len();
+        let t = Tensor::from_vec(f, n, &Device::Cpu)?;
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
+    }
+    let md: Vec<(&str, &GgufValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = path.with_extension("gguf.part");
+    let file = std::fs::File::create(&tmp).map_err(|e| err(format!("cannot create: {e}")))?;
+    let mut w = std::io::BufWriter::new(file);
+    gguf_file::write(&mut w, &md, &ts).map_err(|e| err(format!("writing: {e}")))?;
+    use std::io::Write;
+    w.flush().map_err(|e| err(format!("writing: {e}")))?;
+    drop(w);
+    std::fs::rename(&tmp, path).map_err(|e| err(format!("rename: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let cfg = ModelConfig::tiny();
+        for (name, _, _) in layout(&ModelConfig {
+            tie_embeddings: false,
+            ..cfg
+        }) {
+            let g = gguf_name(&name).unwrap();
+            assert_eq!(kiln_name(&g).as_deref(), Some(name.as_str()), "{g}");
+        }
+    }
+
+    #[test]
+    fn rope_permutation_matches_llama_cpp_and_inverts() {
+        // llama.cpp: w.reshape(n_head, 2, hd/2, ...).swapaxes(1, 2).reshape(w.shape)
+        let (heads, hd) = (2, 8);
+        let rows: Vec<u8> = (0..(heads * hd) as u8).collect();
+        let inter = permute_rope_rows(&rows, heads, 1, false);
+        let mut want = Vec::new();
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                for s in 0..2 {
+                    want.push((h * hd + s * hd / 2 + i) as u8);
+                }
+            }
+        }
+        assert_eq!(inter, want);
+        assert_eq!(permute_rope_rows(&inter, heads, 1, true), rows);
+    }
+
+    #[test]
+    fn dtype_names_parse() {
+        assert_eq!(parse_dtype("q8_0"), Some(GgmlDType::Q8_0));
+        assert_eq!(parse_dtype("F16"), Some(GgmlDType::F16));
+        assert_eq!(parse_dtype("q4_k"), Some(GgmlDType::Q4K));
+        assert_eq!(parse_dtype("Q6K"), Some(GgmlDType::Q6K));
+        assert_eq!(parse_dtype("iq2"), None);
+    }
+}
