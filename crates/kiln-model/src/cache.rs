@@ -39,7 +39,12 @@ impl KvCache {
     }
 
     /// Layer `layer`'s plain-vector cache with `n_kv_heads` heads.
-    pub(crate) fn raw_layer(&mut self, n_layers: usize, layer: usize, n_kv_heads: usize) -> &mut RawKv {
+    pub(crate) fn raw_layer(
+        &mut self,
+        n_layers: usize,
+        layer: usize,
+        n_kv_heads: usize,
+    ) -> &mut RawKv {
         if self.raw.len() != n_layers {
             self.raw = vec![RawKv::default(); n_layers];
         }

@@ -137,7 +137,8 @@ impl RawQ {
                 let row = &self.data[r * rb..(r + 1) * rb];
                 let mut i = 0;
                 while i < m {
-                    let take = (m - i).min(8);
+                    // The pair kernel keeps 2 x 6 accumulators in registers.
+                    let take = (m - i).min(if pair { 6 } else { 8 });
                     let xs = &x[i * self.k..(i + take) * self.k];
                     if pair {
                         let row2 = &self.data[(r + 1) * rb..(r + 2) * rb];

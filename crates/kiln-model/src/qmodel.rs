@@ -319,9 +319,8 @@ impl QLlama {
             QLinear::new(get("output.weight")?)?
         };
         let (rope_cos, rope_sin) = crate::rope::tables(cfg, &device, DType::F32)?;
-        let vec = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
-            Ok(t.flatten_all()?.to_vec1::<f32>()?)
-        };
+        let vec =
+            |t: &Tensor| -> Result<Vec<f32>, ModelError> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let fast = (|| -> Result<Option<FastWeights>, ModelError> {
             let mut fl = Vec::new();
             for b in &layers {
@@ -593,7 +592,10 @@ impl CausalLm for QLlama {
             return Err(ModelError::Input("empty token sequence".into()));
         }
         if let (Some(fast), 1, 1, true) = (&self.fast, bsz, t, pos < self.cfg.max_seq_len) {
-            let id = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0];
+            let id = tokens
+                .flatten_all()?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?[0];
             return self.decode_one(fast, id, cache);
         }
         if pos + t > self.cfg.max_seq_len {

@@ -16,62 +16,144 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 
 #[test]
 fn cached_decode_equals_the_full_forward_at_every_position() {
-    let cfg = ModelConfig { max_seq_len: 24, ..ModelConfig::tiny() };
+    let cfg = ModelConfig {
+        max_seq_len: 24,
+        ..ModelConfig::tiny()
+    };
     let m = model(&cfg);
     let ids = tokens(20, cfg.vocab_size);
-    let full = m.logits(&Tensor::from_slice(&ids, (1, 20), &Device::Cpu).unwrap()).unwrap(); // (1, t, v)
+    let full = m
+        .logits(&Tensor::from_slice(&ids, (1, 20), &Device::Cpu).unwrap())
+        .unwrap(); // (1, t, v)
     let mut cache = KvCache::new();
     // A prefill of 5 tokens, then one token at a time.
-    let first = m.forward_decode(&Tensor::from_slice(&ids[..5], (1, 5), &Device::Cpu).unwrap(), &mut cache).unwrap();
-    assert_close("prefill last row", &first, &full.narrow(1, 4, 1).unwrap().squeeze(1).unwrap(), Tol::MODEL_F32);
+    let first = m
+        .forward_decode(
+            &Tensor::from_slice(&ids[..5], (1, 5), &Device::Cpu).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    assert_close(
+        "prefill last row",
+        &first,
+        &full.narrow(1, 4, 1).unwrap().squeeze(1).unwrap(),
+        Tol::MODEL_F32,
+    );
     for pos in 5..20 {
-        let step = m.forward_decode(&Tensor::from_slice(&ids[pos..pos + 1], (1, 1), &Device::Cpu).unwrap(), &mut cache).unwrap();
+        let step = m
+            .forward_decode(
+                &Tensor::from_slice(&ids[pos..pos + 1], (1, 1), &Device::Cpu).unwrap(),
+                &mut cache,
+            )
+            .unwrap();
         let want = full.narrow(1, pos, 1).unwrap().squeeze(1).unwrap();
-        assert_close(&format!("decode position {pos}"), &step, &want, Tol::MODEL_F32);
+        assert_close(
+            &format!("decode position {pos}"),
+            &step,
+            &want,
+            Tol::MODEL_F32,
+        );
     }
     assert_eq!(cache.len(), 20);
 }
 
 #[test]
 fn batched_rows_are_independent() {
-    let cfg = ModelConfig { max_seq_len: 16, ..ModelConfig::tiny() };
+    let cfg = ModelConfig {
+        max_seq_len: 16,
+        ..ModelConfig::tiny()
+    };
     let m = model(&cfg);
     let a = tokens(16, cfg.vocab_size);
     let b: Vec<u32> = a.iter().rev().copied().collect();
     let both: Vec<u32> = a.iter().chain(&b).copied().collect();
-    let batched = m.logits(&Tensor::from_slice(&both, (2, 16), &Device::Cpu).unwrap()).unwrap();
-    let single = m.logits(&Tensor::from_slice(&b, (1, 16), &Device::Cpu).unwrap()).unwrap();
-    assert_close("row 1 alone vs in a batch", &batched.narrow(0, 1, 1).unwrap(), &single, Tol::MODEL_F32);
+    let batched = m
+        .logits(&Tensor::from_slice(&both, (2, 16), &Device::Cpu).unwrap())
+        .unwrap();
+    let single = m
+        .logits(&Tensor::from_slice(&b, (1, 16), &Device::Cpu).unwrap())
+        .unwrap();
+    assert_close(
+        "row 1 alone vs in a batch",
+        &batched.narrow(0, 1, 1).unwrap(),
+        &single,
+        Tol::MODEL_F32,
+    );
 }
 
 #[test]
 fn the_causal_mask_hides_the_future_and_bidirectional_does_not() {
-    let cfg = ModelConfig { max_seq_len: 16, ..ModelConfig::tiny() };
+    let cfg = ModelConfig {
+        max_seq_len: 16,
+        ..ModelConfig::tiny()
+    };
     let m = model(&cfg);
     let mut ids = tokens(16, cfg.vocab_size);
-    let before = m.logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap()).unwrap();
+    let before = m
+        .logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap())
+        .unwrap();
     ids[15] = (ids[15] + 1) % cfg.vocab_size as u32; // change only the last token
-    let after = m.logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap()).unwrap();
-    assert_close("positions before the change", &after.narrow(1, 0, 15).unwrap(), &before.narrow(1, 0, 15).unwrap(), Tol::OP_F32);
+    let after = m
+        .logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap())
+        .unwrap();
+    assert_close(
+        "positions before the change",
+        &after.narrow(1, 0, 15).unwrap(),
+        &before.narrow(1, 0, 15).unwrap(),
+        Tol::OP_F32,
+    );
 
-    let enc = model(&ModelConfig { attention: kiln_model::AttentionMode::Bidirectional, ..cfg.clone() });
-    let e1 = enc.logits(&Tensor::from_slice(&tokens(16, cfg.vocab_size), (1, 16), &Device::Cpu).unwrap()).unwrap();
-    let e2 = enc.logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap()).unwrap();
-    let diff = (e1.narrow(1, 0, 1).unwrap() - e2.narrow(1, 0, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff > 1e-6, "an encoder's first position must see the last token");
+    let enc = model(&ModelConfig {
+        attention: kiln_model::AttentionMode::Bidirectional,
+        ..cfg.clone()
+    });
+    let e1 = enc
+        .logits(&Tensor::from_slice(&tokens(16, cfg.vocab_size), (1, 16), &Device::Cpu).unwrap())
+        .unwrap();
+    let e2 = enc
+        .logits(&Tensor::from_slice(&ids, (1, 16), &Device::Cpu).unwrap())
+        .unwrap();
+    let diff = (e1.narrow(1, 0, 1).unwrap() - e2.narrow(1, 0, 1).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff > 1e-6,
+        "an encoder's first position must see the last token"
+    );
 }
 
 #[test]
 fn too_long_and_out_of_vocab_inputs_are_errors() {
-    let cfg = ModelConfig { max_seq_len: 8, ..ModelConfig::tiny() };
+    let cfg = ModelConfig {
+        max_seq_len: 8,
+        ..ModelConfig::tiny()
+    };
     let m = model(&cfg);
     let long = Tensor::from_slice(&tokens(9, cfg.vocab_size), (1, 9), &Device::Cpu).unwrap();
-    assert!(matches!(m.forward_train(&long, None), Err(ModelError::ContextOverflow { needed: 9, max_seq_len: 8 })));
+    assert!(matches!(
+        m.forward_train(&long, None),
+        Err(ModelError::ContextOverflow {
+            needed: 9,
+            max_seq_len: 8
+        })
+    ));
     let bad = Tensor::from_slice(&[1u32, cfg.vocab_size as u32], (1, 2), &Device::Cpu).unwrap();
     let err = m.forward_train(&bad, None).err().unwrap().to_string();
     assert!(err.contains("out of range"), "{err}");
     let mut cache = KvCache::new();
-    m.forward_decode(&Tensor::from_slice(&tokens(8, cfg.vocab_size), (1, 8), &Device::Cpu).unwrap(), &mut cache).unwrap();
+    m.forward_decode(
+        &Tensor::from_slice(&tokens(8, cfg.vocab_size), (1, 8), &Device::Cpu).unwrap(),
+        &mut cache,
+    )
+    .unwrap();
     let one = Tensor::from_slice(&[1u32], (1, 1), &Device::Cpu).unwrap();
-    assert!(matches!(m.forward_decode(&one, &mut cache), Err(ModelError::ContextOverflow { .. })));
+    assert!(matches!(
+        m.forward_decode(&one, &mut cache),
+        Err(ModelError::ContextOverflow { .. })
+    ));
 }

@@ -251,8 +251,13 @@ fn quantised_single_token_path_equals_the_full_forward() {
     let (cfg, params) = hf::load_hf_dir(&dir, &Device::Cpu).unwrap();
     let dense = Llama::new(&cfg, &params).unwrap();
     let q = kiln_model::QLlama::from_params(&cfg, &params, GgmlDType::F16).unwrap();
-    assert_eq!(q.weight_types().into_iter().collect::<Vec<_>>(), vec![("F16", 15)]);
-    let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+    assert_eq!(
+        q.weight_types().into_iter().collect::<Vec<_>>(),
+        vec![("F16", 15)]
+    );
+    let ids: Vec<u32> = (0..20)
+        .map(|i| (i * 37 + 11) % cfg.vocab_size as u32)
+        .collect();
     let full = dense
         .logits(&candle_core::Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap())
         .unwrap()
@@ -261,13 +266,32 @@ fn quantised_single_token_path_equals_the_full_forward() {
     use kiln_model::CausalLm;
     for prefill in [1usize, 7] {
         let mut cache = kiln_model::KvCache::new();
-        let x = candle_core::Tensor::from_slice(&ids[..prefill], (1, prefill), &Device::Cpu).unwrap();
-        let first = q.forward_decode(&x, &mut cache).unwrap().squeeze(0).unwrap();
-        assert_close("prefill", &first, &full.get(prefill - 1).unwrap(), Tol::MODEL_F32);
+        let x =
+            candle_core::Tensor::from_slice(&ids[..prefill], (1, prefill), &Device::Cpu).unwrap();
+        let first = q
+            .forward_decode(&x, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert_close(
+            "prefill",
+            &first,
+            &full.get(prefill - 1).unwrap(),
+            Tol::MODEL_F32,
+        );
         for (p, &id) in ids.iter().enumerate().skip(prefill) {
             let x = candle_core::Tensor::from_slice(&[id], (1, 1), &Device::Cpu).unwrap();
-            let step = q.forward_decode(&x, &mut cache).unwrap().squeeze(0).unwrap();
-            assert_close(&format!("position {p}"), &step, &full.get(p).unwrap(), Tol::MODEL_F32);
+            let step = q
+                .forward_decode(&x, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            assert_close(
+                &format!("position {p}"),
+                &step,
+                &full.get(p).unwrap(),
+                Tol::MODEL_F32,
+            );
         }
     }
 }

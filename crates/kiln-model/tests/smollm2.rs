@@ -214,7 +214,11 @@ fn quantised_token_by_token_decoding_matches_transformers() {
     let mut cache = KvCache::new();
     for (p, &id) in ids.iter().enumerate() {
         let x = Tensor::from_slice(&[id], (1, 1), &Device::Cpu).unwrap();
-        let logits = q.forward_decode(&x, &mut cache).unwrap().squeeze(0).unwrap();
+        let logits = q
+            .forward_decode(&x, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         assert_close(
             &format!("position {p}"),
             &logits.index_select(&sampled, 0).unwrap(),

@@ -43,7 +43,8 @@ impl MetricsWriter {
     pub fn open(path: &Path, keep_through_step: u64) -> Result<Self, TrainError> {
         if path.exists() {
             // Keep the original lines byte for byte (re-serialising would change float digits).
-            let text = fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+            let text = fs::read_to_string(path)
+                .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
             let rows = read_rows(path)?;
             let kept: String = text
                 .lines()
