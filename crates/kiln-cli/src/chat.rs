@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_infer::{
     generate as generate_text, ChatTemplate, Conversation, GenerateOptions, Message, Sampler,
-    SamplingParams,
 };
 use tracing::info;
 
@@ -60,12 +59,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         tok.eos.as_ref().map(|e| e.1.as_str()),
     )?;
     let s = &a.sampling;
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        seed: s.seed,
-    })?;
+    let mut sampler = Sampler::new(s.params())?;
     let max_context = a
         .max_context
         .unwrap_or(m.config.max_seq_len)

@@ -10,7 +10,7 @@ use candle_core::Device;
 use kiln_data::{
     prepare_dataset, train_bpe, BpeTrainOptions, Dataset, KilnTokenizer, PrepareOptions,
 };
-use kiln_infer::{generate as generate_text, GenerateOptions, Sampler, SamplingParams};
+use kiln_infer::{generate as generate_text, GenerateOptions, Sampler};
 use kiln_model::{Llama, ModelConfig};
 use kiln_train::resolve::ResolvedModel;
 use kiln_train::{evaluate_loss, RunConfig, Trainer};
@@ -167,12 +167,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let m = crate::pretrained::load_for_inference(&a.model, a.dequantize)?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        seed: s.seed,
-    })?;
+    let mut sampler = Sampler::new(s.params())?;
     let opts = GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         stop_strings: s.stop.clone(),

@@ -137,6 +137,18 @@ pub struct SamplingArgs {
     pub truncate_prompt: bool,
 }
 
+impl SamplingArgs {
+    /// The sampler settings these flags describe.
+    pub fn params(&self) -> kiln_infer::SamplingParams {
+        kiln_infer::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct GenerateArgs {
     /// A run directory, checkpoint directory, model.safetensors, HF model directory or GGUF file.
