@@ -25,6 +25,21 @@ pub fn device() -> Device {
     Device::Cpu
 }
 
+/// Ctrl-C sets the returned flag: the training loop finishes its step, saves a checkpoint and
+/// returns; a second Ctrl-C aborts at once.
+pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let mut overrides = a.overrides.clone();
     if let Some(p) = &a.init_from {
@@ -35,18 +50,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let mut console = Console::new();
     let mut trainer = Trainer::new(cfg, &run_dir, a.resume, &device(), &mut console)?;
 
-    // Ctrl-C: finish the current step, save a checkpoint, exit; a second Ctrl-C aborts.
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let stop = stop_on_ctrl_c()?;
     let summary = trainer.run(&mut console, &stop)?;
     console.finish();
     info!(

@@ -2,8 +2,6 @@
 //! fits and plots (the library is kiln-scaling; docs/scaling.md explains the conventions).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -322,17 +320,7 @@ fn sweep(a: SweepArgs) -> Result<()> {
     if a.dry_run {
         return Ok(());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let stop = crate::commands::stop_on_ctrl_c()?;
     let mut console = Console::new();
     let out = run_sweep(&plan, &csv, &mut console, &stop)?;
     console.finish();
