@@ -114,6 +114,10 @@ pub struct FitArgs {
     /// Confidence level of the intervals.
     #[arg(long, default_value_t = 0.95)]
     pub ci: f64,
+    /// Approach 2: leave out budgets whose IsoFLOP minimum lies outside the sizes run there
+    /// (an extrapolated N_opt) instead of only flagging them.
+    #[arg(long)]
+    pub bracketed_only: bool,
     /// Print all constants and intervals as one JSON object instead of the summary.
     #[arg(long)]
     pub json: bool,
@@ -360,6 +364,7 @@ fn fit_cmd(a: FitArgs) -> Result<()> {
         bootstrap: a.bootstrap,
         seed: a.seed,
         ci_level: a.ci,
+        bracketed_only: a.bracketed_only,
         ..Default::default()
     };
     let report = fit(&table, &opts)?;

@@ -53,6 +53,9 @@ pub struct FitOptions {
     pub n_starts: usize,
     /// Extra grid starts per bootstrap refit (besides the full-data optimum).
     pub bootstrap_starts: usize,
+    /// Approach 2: leave out budgets whose parabola's vertex lies outside the sizes run there
+    /// (their N_opt is an extrapolation) instead of flagging them.
+    pub bracketed_only: bool,
 }
 
 impl Default for FitOptions {
@@ -65,6 +68,7 @@ impl Default for FitOptions {
             huber_delta: 1e-3,
             n_starts: 32,
             bootstrap_starts: 4,
+            bracketed_only: false,
         }
     }
 }
@@ -447,6 +451,10 @@ pub fn approach2(t: &RunsTable, opts: &FitOptions) -> Result<Approach2> {
     let mut valid_groups = Vec::new();
     for g in &groups {
         match fit_budget(t, g.flops, &g.idx) {
+            Ok(f) if opts.bracketed_only && f.extrapolated => excluded.push(format!(
+                "budget {:.3e}: the vertex (N_opt {:.3e}) lies outside the sizes run [{:.3e}, {:.3e}] (--bracketed-only)",
+                g.flops, f.n_opt, f.n_range[0], f.n_range[1]
+            )),
             Ok(f) => {
                 fits.push(f);
                 valid_groups.push(g.clone());

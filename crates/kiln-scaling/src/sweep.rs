@@ -65,6 +65,12 @@ pub struct SweepSection {
     /// budget, so it can follow the optimum (about 0.5) instead of staying put (0).
     #[serde(default)]
     pub range_exponent: f64,
+    /// Cap on one run's training tokens (say 4 epochs of the training split, so no run
+    /// repeats its data more than that). At a budget where the automatic family's smallest
+    /// sizes would need more tokens, the family's lower end is raised until they fit; it keeps
+    /// `n_sizes` sizes. Explicit `sizes` that exceed it are dropped from that budget.
+    #[serde(default)]
+    pub max_tokens: Option<f64>,
     #[serde(default = "d_warmup_fraction")]
     pub warmup_fraction: f64,
     #[serde(default = "d_min_steps")]
@@ -182,6 +188,9 @@ impl Sweep {
         if s.min_steps == 0 {
             return bad("[sweep] min_steps must be positive");
         }
+        if s.max_tokens.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+            return bad("[sweep] max_tokens must be a positive token count");
+        }
         if self.base.train.init_from.is_some() {
             return bad(
                 "[train] init_from cannot be used in a sweep (every run starts from scratch)",
@@ -197,16 +206,17 @@ impl Sweep {
             .unwrap_or_else(|| self.sweep.out_dir.join("runs.csv"))
     }
 
-    /// Model shapes for one budget.
-    fn shapes(&self, budget: f64) -> Vec<ModelConfig> {
+    /// Model shapes for one budget, and a note when `max_tokens` raised the family's lower end.
+    fn shapes(&self, budget: f64) -> (Vec<ModelConfig>, Option<String>) {
         let s = &self.sweep;
         let base = &self.base.model;
         if !s.sizes.is_empty() {
-            return s
+            let shapes = s
                 .sizes
                 .iter()
                 .map(|x| with_shape(base, x.dim, x.n_layers, x.n_heads, x.n_kv_heads))
                 .collect();
+            return (shapes, None);
         }
         let (n, lo, hi) = (
             s.n_sizes.unwrap_or(1),
@@ -215,17 +225,42 @@ impl Sweep {
         );
         let smallest = s.budgets.iter().cloned().fold(f64::INFINITY, f64::min);
         let shift = (budget / smallest).powf(s.range_exponent);
-        (0..n)
+        let (mut low, high) = (lo * shift, hi * shift);
+        let mut note = None;
+        if let Some(cap) = s.max_tokens {
+            let (seq, tps) = (self.base.train.seq_len, self.base.tokens_per_step() as f64);
+            // The run's tokens as `plan` rounds them: whole steps.
+            let tokens_at = |target: f64| {
+                let fpt = shape_for_params(base, target, s.size_by).train_flops_per_token(seq);
+                (budget / fpt / tps).round() * tps
+            };
+            let planned_low = low;
+            // Shapes are discrete, so walk up in 1% steps to the first that fits.
+            while tokens_at(low) > cap && low < high {
+                low = (low * 1.01).min(high);
+            }
+            if low > planned_low {
+                note = Some(format!(
+                    "budget {budget:e}: smallest size raised from {} to {} {} params so that no run trains on more than max_tokens = {}",
+                    human(planned_low),
+                    human(low),
+                    s.size_by.name(),
+                    human(cap)
+                ));
+            }
+        }
+        let shapes = (0..n)
             .map(|i| {
                 let frac = if n == 1 {
                     0.5
                 } else {
                     i as f64 / (n - 1) as f64
                 };
-                let target = (lo.ln() + frac * (hi / lo).ln()).exp() * shift;
+                let target = (low.ln() + frac * (high / low).ln()).exp();
                 shape_for_params(base, target, s.size_by)
             })
-            .collect()
+            .collect();
+        (shapes, note)
     }
 
     /// Every run of the sweep, budgets in the given order, sizes ascending.
@@ -235,7 +270,8 @@ impl Sweep {
         let tps = self.base.tokens_per_step() as f64;
         let seq = self.base.train.seq_len;
         for &budget in &self.sweep.budgets {
-            let mut shapes = self.shapes(budget);
+            let (mut shapes, raised) = self.shapes(budget);
+            notes.extend(raised);
             shapes.sort_by_key(|m| m.param_counts().0);
             let mut seen = std::collections::HashSet::new();
             let mut kept = 0;
@@ -266,6 +302,17 @@ impl Sweep {
                 }
                 let steps = (steps_f.round() as u64).max(1);
                 let tokens = steps * tps as u64;
+                if let Some(cap) = self.sweep.max_tokens {
+                    if tokens as f64 > cap {
+                        notes.push(format!(
+                            "budget {budget:e}: dropped {} params: {} tokens > max_tokens {}",
+                            human(params as f64),
+                            human(tokens as f64),
+                            human(cap)
+                        ));
+                        continue;
+                    }
+                }
                 let name = format!("c{budget:e}-n{params}");
                 let run_dir = self.sweep.out_dir.join(&name);
                 let mut config = self.base.clone();

@@ -132,6 +132,46 @@ fn approach2_recovers_the_exponents_within_its_intervals() {
 }
 
 #[test]
+fn bracketed_only_leaves_out_a_budget_whose_minimum_was_not_sampled() {
+    // The smallest budget keeps only its sizes above the optimum: its vertex is extrapolated.
+    let csv: String = synthetic_csv(0.0, 3, false)
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !(1..=4).contains(i))
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let table = parse_runs(&csv, Path::new("one-sided.csv"), "params").unwrap();
+    let opts = |bracketed_only| FitOptions {
+        approaches: Approaches::Two,
+        bootstrap: 0,
+        bracketed_only,
+        ..Default::default()
+    };
+    let flagged = fit(&table, &opts(false)).unwrap().approach2.unwrap();
+    assert_eq!(flagged.budgets.len(), 5);
+    assert!(flagged.budgets[0].extrapolated, "{:?}", flagged.budgets[0]);
+    assert!(flagged.budgets[1..].iter().all(|b| !b.extrapolated));
+
+    let left_out = fit(&table, &opts(true)).unwrap().approach2.unwrap();
+    assert_eq!(left_out.budgets.len(), 4);
+    assert!(left_out.budgets.iter().all(|b| !b.extrapolated));
+    assert!(
+        left_out
+            .excluded
+            .iter()
+            .any(|e| e.contains("1.000e18") && e.contains("outside")),
+        "{:?}",
+        left_out.excluded
+    );
+    // Exact data: the remaining budgets give the true exponent.
+    assert!(
+        (left_out.a.value - TRUTH.exponent_a()).abs() < 0.01,
+        "{:?}",
+        left_out.a
+    );
+}
+
+#[test]
 fn both_approaches_and_json() {
     let table = parse_runs(&synthetic_csv(0.003, 3, true), Path::new("s.csv"), "params").unwrap();
     let opts = FitOptions {

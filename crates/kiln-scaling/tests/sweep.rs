@@ -107,6 +107,67 @@ fn plan_sets_steps_warmup_and_names() {
 }
 
 #[test]
+fn max_tokens_raises_the_smallest_size_where_data_would_repeat_too_often() {
+    let dir = Path::new("/nonexistent");
+    let family = "budgets = [2e10, 6e10]\nn_sizes = 4\nmin_params = 2e4\nmax_params = 4e5\nrange_exponent = 0.5\nmin_steps = 10";
+    let free = Sweep::from_toml_str(&sweep_toml(dir, family), &[])
+        .unwrap()
+        .plan()
+        .unwrap();
+    let tokens_of = |plan: &kiln_scaling::sweep::SweepPlan, budget: f64| -> Vec<u64> {
+        plan.runs
+            .iter()
+            .filter(|r| r.budget == budget)
+            .map(|r| r.tokens)
+            .collect()
+    };
+    let (small_free, big_free) = (tokens_of(&free, 2e10), tokens_of(&free, 6e10));
+    // A cap between the two budgets' longest runs binds at the large budget only.
+    let cap = (big_free[0] as f64 * 0.6).max(small_free[0] as f64 * 1.01);
+    assert!(cap < big_free[0] as f64);
+    let capped = Sweep::from_toml_str(
+        &sweep_toml(dir, family),
+        &[format!("sweep.max_tokens={cap}")],
+    )
+    .unwrap()
+    .plan()
+    .unwrap();
+    assert_eq!(
+        tokens_of(&capped, 2e10),
+        small_free,
+        "the small budget is untouched"
+    );
+    let big = tokens_of(&capped, 6e10);
+    assert_eq!(big.len(), big_free.len(), "the budget keeps its sizes");
+    assert!(big.iter().all(|&t| t as f64 <= cap), "{big:?} > {cap}");
+    assert!(
+        capped
+            .notes
+            .iter()
+            .any(|n| n.contains("budget 6e10") && n.contains("raised")),
+        "{:?}",
+        capped.notes
+    );
+    // The largest size stays where it was: only the lower end moves.
+    let largest = |plan: &kiln_scaling::sweep::SweepPlan| {
+        plan.runs
+            .iter()
+            .filter(|r| r.budget == 6e10)
+            .map(|r| r.params)
+            .max()
+    };
+    assert_eq!(largest(&capped), largest(&free));
+
+    let err = Sweep::from_toml_str(
+        &sweep_toml(dir, family),
+        &["sweep.max_tokens=-1".to_string()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+}
+
+#[test]
 fn sweep_config_errors_are_clear() {
     let dir = Path::new("/nonexistent");
     let cases = [
