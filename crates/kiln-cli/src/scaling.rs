@@ -114,8 +114,8 @@ pub struct FitArgs {
     /// Confidence level of the intervals.
     #[arg(long, default_value_t = 0.95)]
     pub ci: f64,
-    /// Approach 2: leave out budgets whose IsoFLOP minimum lies outside the sizes run there
-    /// (an extrapolated N_opt) instead of only flagging them.
+    /// Approach 2: leave out budgets whose IsoFLOP minimum was not sampled (lowest loss at the
+    /// smallest or largest size, or the parabola's vertex outside the sizes) instead of flagging.
     #[arg(long)]
     pub bracketed_only: bool,
     /// Print all constants and intervals as one JSON object instead of the summary.
@@ -136,6 +136,10 @@ pub struct PlotArgs {
     /// Where the PNGs go (default: the CSV's directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Fit and draw the optimal-allocation power laws from bracketed budgets only (as
+    /// `fit --bracketed-only`).
+    #[arg(long)]
+    pub bracketed_only: bool,
 }
 
 /// Up to 5 significant digits, without exponent for moderate values.
@@ -391,6 +395,7 @@ fn plot_cmd(a: PlotArgs) -> Result<()> {
     });
     let opts = FitOptions {
         bootstrap: 0,
+        bracketed_only: a.bracketed_only,
         ..Default::default()
     };
     let a2 = match approach2(&table, &opts) {

@@ -53,8 +53,8 @@ pub struct FitOptions {
     pub n_starts: usize,
     /// Extra grid starts per bootstrap refit (besides the full-data optimum).
     pub bootstrap_starts: usize,
-    /// Approach 2: leave out budgets whose parabola's vertex lies outside the sizes run there
-    /// (their N_opt is an extrapolation) instead of flagging them.
+    /// Approach 2: leave out budgets whose minimum was not sampled (the lowest loss at the
+    /// smallest or largest size, or the vertex outside the sizes run) instead of flagging them.
     pub bracketed_only: bool,
 }
 
@@ -138,6 +138,9 @@ pub struct BudgetFit {
     pub loss_opt: f64,
     /// The vertex lies outside the sizes run at this budget.
     pub extrapolated: bool,
+    /// The lowest loss was measured strictly inside the sizes run (a larger loss on both
+    /// sides), so the minimum was sampled rather than inferred from the curve's shape.
+    pub bracketed: bool,
     /// `loss = c0 + c1 ln N + c2 (ln N)^2`.
     pub parabola: [f64; 3],
     pub n_range: [f64; 2],
@@ -411,13 +414,21 @@ fn fit_budget(t: &RunsTable, flops: f64, idx: &[usize]) -> std::result::Result<B
     let (q, p0) = linear_fit(&xs, &lf).unwrap_or((1.0, 6f64.ln()));
     let fpt = (p0 + q * x_opt).exp();
     let n_opt = x_opt.exp();
+    let x_best = pts
+        .iter()
+        .zip(&xs)
+        .min_by(|(p, _), (q, _)| p.loss.total_cmp(&q.loss))
+        .map(|(_, &x)| x)
+        .expect("invariant: at least 3 runs");
+    let extrapolated = x_opt < x_min || x_opt > x_max;
     Ok(BudgetFit {
         flops,
         n_runs: pts.len(),
         n_opt,
         d_opt: flops / fpt,
         loss_opt: c[0] + c[1] * x_opt + c[2] * x_opt * x_opt,
-        extrapolated: x_opt < x_min || x_opt > x_max,
+        extrapolated,
+        bracketed: !extrapolated && x_best > x_min && x_best < x_max,
         parabola: c,
         n_range: [x_min.exp(), x_max.exp()],
     })
@@ -451,9 +462,9 @@ pub fn approach2(t: &RunsTable, opts: &FitOptions) -> Result<Approach2> {
     let mut valid_groups = Vec::new();
     for g in &groups {
         match fit_budget(t, g.flops, &g.idx) {
-            Ok(f) if opts.bracketed_only && f.extrapolated => excluded.push(format!(
-                "budget {:.3e}: the vertex (N_opt {:.3e}) lies outside the sizes run [{:.3e}, {:.3e}] (--bracketed-only)",
-                g.flops, f.n_opt, f.n_range[0], f.n_range[1]
+            Ok(f) if opts.bracketed_only && !f.bracketed => excluded.push(format!(
+                "budget {:.3e}: minimum not sampled inside the sizes run [{:.3e}, {:.3e}] (parabola vertex {:.3e}; --bracketed-only)",
+                g.flops, f.n_range[0], f.n_range[1], f.n_opt
             )),
             Ok(f) => {
                 fits.push(f);
@@ -781,6 +792,8 @@ impl FitReport {
                         b.d_opt / b.n_opt,
                         if b.extrapolated {
                             "  (vertex outside the sizes run: extrapolated)"
+                        } else if !b.bracketed {
+                            "  (lowest loss at the edge of the sizes run: not bracketed)"
                         } else {
                             ""
                         }

@@ -149,17 +149,19 @@ fn bracketed_only_leaves_out_a_budget_whose_minimum_was_not_sampled() {
     };
     let flagged = fit(&table, &opts(false)).unwrap().approach2.unwrap();
     assert_eq!(flagged.budgets.len(), 5);
-    assert!(flagged.budgets[0].extrapolated, "{:?}", flagged.budgets[0]);
-    assert!(flagged.budgets[1..].iter().all(|b| !b.extrapolated));
+    assert!(!flagged.budgets[0].bracketed, "{:?}", flagged.budgets[0]);
+    assert!(flagged.budgets[1..]
+        .iter()
+        .all(|b| b.bracketed && !b.extrapolated));
 
     let left_out = fit(&table, &opts(true)).unwrap().approach2.unwrap();
     assert_eq!(left_out.budgets.len(), 4);
-    assert!(left_out.budgets.iter().all(|b| !b.extrapolated));
+    assert!(left_out.budgets.iter().all(|b| b.bracketed));
     assert!(
         left_out
             .excluded
             .iter()
-            .any(|e| e.contains("1.000e18") && e.contains("outside")),
+            .any(|e| e.contains("1.000e18") && e.contains("not sampled")),
         "{:?}",
         left_out.excluded
     );
