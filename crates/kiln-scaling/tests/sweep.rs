@@ -246,3 +246,57 @@ fn tiny_sweep_end_to_end() {
         "{err}"
     );
 }
+
+/// The committed exercise (configs/scaling-sweep.toml) keeps to the terms, and the
+/// committed CSV is exactly its plan's runs, so `kiln scaling fit` on it reproduces the
+/// documented fit.
+#[test]
+fn committed_exercise_matches_its_config_and_csv() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sweep = Sweep::load(&root.join("configs/scaling-sweep.toml"), &[]).unwrap();
+    let plan = sweep.plan().unwrap();
+    let budgets = &sweep.sweep.budgets;
+    let span = budgets.iter().cloned().fold(0.0, f64::max)
+        / budgets.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(budgets.len() >= 4 && span >= 30.0, "{budgets:?}");
+    for b in budgets {
+        let n = plan.runs.iter().filter(|r| r.budget == *b).count();
+        assert!(n >= 5, "budget {b:e}: {n} sizes");
+    }
+    // At most 4 epochs of the 5,993,396 training tokens of the exercise's corpus.
+    let epoch = 5_993_396.0;
+    let cap = sweep
+        .sweep
+        .max_tokens
+        .expect("the exercise caps repetition");
+    assert!(cap <= 4.01 * epoch, "{cap}");
+    assert!(plan
+        .runs
+        .iter()
+        .all(|r| r.tokens as f64 <= cap.min(4.0 * epoch)));
+
+    let csv = std::fs::read_to_string(root.join("docs/scaling/runs.csv")).unwrap();
+    let mut rows: Vec<(String, u64, u64)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[5].to_string(),
+                f[0].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let mut planned: Vec<(String, u64, u64)> = plan
+        .runs
+        .iter()
+        .map(|r| (r.run_dir.display().to_string(), r.params as u64, r.tokens))
+        .collect();
+    rows.sort();
+    planned.sort();
+    assert_eq!(
+        rows, planned,
+        "docs/scaling/runs.csv vs the plan of configs/scaling-sweep.toml"
+    );
+}
