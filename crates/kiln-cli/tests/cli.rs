@@ -2,27 +2,9 @@
 //! tokenizer/data verbs, and the errors users hit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn kiln(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--threads", "2"])
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("kiln runs")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/tempest_gut.txt")
-}
+mod common;
+use common::{kiln, text};
 
 fn write_config(dir: &Path) -> PathBuf {
     let cfg = format!(
@@ -48,7 +30,7 @@ eval_batches = 2
 checkpoint_every = 15
 run_dir = "run"
 "#,
-        corpus().display()
+        kiln_testutil::tempest_corpus().display()
     );
     let path = dir.join("run.toml");
     std::fs::write(&path, cfg).unwrap();
@@ -181,7 +163,7 @@ fn pretrain_then_generate_eval_and_plot() {
 fn tokenizer_and_data_verbs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src = corpus();
+    let src = kiln_testutil::tempest_corpus();
     let o = kiln(
         &[
             "tokenizer",

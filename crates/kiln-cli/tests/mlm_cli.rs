@@ -2,27 +2,9 @@
 //! `objective = "mlm"`, `kiln fill-mask` (text and JSON), and the errors users hit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn kiln(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--threads", "2"])
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("kiln runs")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/tempest_gut.txt")
-}
+mod common;
+use common::{kiln, text};
 
 fn write_config(dir: &Path, name: &str, objective: &str, attention: &str) -> PathBuf {
     let cfg = format!(
@@ -51,7 +33,7 @@ checkpoint_every = 20
 peak_flops = 1e11
 run_dir = "run-{name}"
 "#,
-        src = corpus().display()
+        src = kiln_testutil::tempest_corpus().display()
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
@@ -61,7 +43,7 @@ run_dir = "run-{name}"
 #[test]
 fn tokenizer_train_mlm_adds_the_special_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let src = corpus();
+    let src = kiln_testutil::tempest_corpus();
     let out = kiln(
         &[
             "tokenizer",

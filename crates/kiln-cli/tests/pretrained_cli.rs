@@ -2,13 +2,12 @@
 //! SmolLM2-135M-Instruct GGUF (fetched by scripts/fetch-test-assets.sh), and `export`, `eval`,
 //! `data prepare` and `pretrain --init-from` on the transformers-saved tiny HF fixture.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Output;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::kiln_in;
+use kiln_testutil::repo_root as root;
 
 fn smollm2() -> PathBuf {
     kiln_testutil::smollm2_gguf()
@@ -16,26 +15,6 @@ fn smollm2() -> PathBuf {
 
 fn hf_tiny() -> PathBuf {
     root().join("tests/fixtures/hf_tiny/model")
-}
-
-fn kiln_in(args: &[&str], cwd: &Path, stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--threads", "2"])
-        .args(args)
-        .current_dir(cwd)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln runs");
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn ok(o: &Output) -> String {

@@ -12,8 +12,8 @@ use std::sync::Once;
 
 use plotters::prelude::*;
 
-use crate::data::RunsTable;
-use crate::fit::{group_budgets, Approach2};
+use crate::data::{Point, RunsTable};
+use crate::fit::{group_budgets, Approach2, Group};
 use crate::{Result, ScalingError};
 
 static FONT: Once = Once::new();
@@ -190,6 +190,20 @@ fn power_line(c_lo: f64, c_hi: f64, coef: f64, k: f64) -> Vec<(f64, f64)> {
 
 /// Writes the three PNGs into `out_dir`; returns their paths. Without an Approach 2 fit only
 /// the run scatter plots are drawn.
+/// One budget's runs as points of (x, final loss), in the budget's colour.
+fn budget_runs(table: &RunsTable, group: &Group, color: usize, x: impl Fn(&Point) -> f64) -> Layer {
+    Layer {
+        label: Some(format!("C = {:.2e}", group.flops)),
+        points: group
+            .idx
+            .iter()
+            .map(|&j| (x(&table.points[j]), table.points[j].loss))
+            .collect(),
+        mark: Mark::Points,
+        color,
+    }
+}
+
 pub fn plot_all(
     table: &RunsTable,
     approach2: Option<&Approach2>,
@@ -204,19 +218,7 @@ pub fn plot_all(
     let mut layers: Vec<Layer> = groups
         .iter()
         .enumerate()
-        .map(|(i, g)| Layer {
-            label: Some(format!("C = {:.2e}", g.flops)),
-            points: g
-                .idx
-                .iter()
-                .map(|&j| {
-                    let p = &table.points[j];
-                    (table.compute(p), p.loss)
-                })
-                .collect(),
-            mark: Mark::Points,
-            color: i,
-        })
+        .map(|(i, g)| budget_runs(table, g, i, |p| table.compute(p)))
         .collect();
     if let Some(a2) = approach2 {
         layers.push(Layer {
@@ -242,16 +244,7 @@ pub fn plot_all(
     // 2. IsoFLOP curves.
     let mut layers = Vec::new();
     for (i, g) in groups.iter().enumerate() {
-        layers.push(Layer {
-            label: Some(format!("C = {:.2e}", g.flops)),
-            points: g
-                .idx
-                .iter()
-                .map(|&j| (table.points[j].n, table.points[j].loss))
-                .collect(),
-            mark: Mark::Points,
-            color: i,
-        });
+        layers.push(budget_runs(table, g, i, |p| p.n));
         let fit = approach2.and_then(|a| a.budgets.iter().find(|b| b.flops == g.flops));
         if let Some(b) = fit {
             let (lo, hi) = (

@@ -2,16 +2,12 @@
 //! tiny end-to-end sweep: runs, CSV, skip when done, re-evaluation from a final checkpoint,
 //! refusal to mix configs in one run directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use kiln_scaling::data::read_runs;
 use kiln_scaling::sweep::{run_status, run_sweep, RunStatus, Sweep, RESULT_FILE};
 use kiln_train::Silent;
-
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/tempest_gut.txt")
-}
 
 fn sweep_toml(dir: &Path, sweep: &str) -> String {
     format!(
@@ -42,7 +38,7 @@ out_dir = "{out}"
 {sweep}
 "#,
         data = dir.join("data").display(),
-        src = corpus().display(),
+        src = kiln_testutil::tempest_corpus().display(),
         out = dir.join("sweep").display(),
     )
 }
@@ -252,7 +248,7 @@ fn tiny_sweep_end_to_end() {
 /// documented fit.
 #[test]
 fn committed_exercise_matches_its_config_and_csv() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = kiln_testutil::repo_root();
     let sweep = Sweep::load(&root.join("configs/scaling-sweep.toml"), &[]).unwrap();
     let plan = sweep.plan().unwrap();
     let budgets = &sweep.sweep.budgets;

@@ -278,6 +278,11 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The Tempest from the bundled Shakespeare: the small real corpus the training tests use.
+pub fn tempest_corpus() -> std::path::PathBuf {
+    repo_root().join("data/shakespeare/tempest_gut.txt")
+}
+
 /// The real SmolLM2-135M-Instruct GGUF the pretrained-model tests run, fetched by
 /// `scripts/fetch-test-assets.sh` into `.cache/assets` (or `$KILN_ASSETS`). Panics with the
 /// command to run when it is missing.

@@ -1,7 +1,7 @@
 //! End-to-end properties of the training loop on tiny configs: overfitting, gradient
 //! accumulation equivalence, exact resume, atomic checkpoints and clear errors on bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
@@ -9,10 +9,6 @@ use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
 use kiln_train::metrics::read_rows;
 use kiln_train::optim::AdamW;
 use kiln_train::{checkpoint, optimizer_step, OptimConfig, RunConfig, Silent, Trainer};
-
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/tempest_gut.txt")
-}
 
 fn tiny_model(vocab: usize) -> ModelConfig {
     ModelConfig {
@@ -58,7 +54,7 @@ peak_flops = 1e11
 run_dir = "{run}"
 "#,
         data = dir.join("data").display(),
-        src = corpus().display(),
+        src = kiln_testutil::tempest_corpus().display(),
         run = dir.join("run").display()
     );
     let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
