@@ -1,11 +1,16 @@
-//! kiln-model: the LLaMA-style model (config, parameters, forward, KV cache) and its
-//! parameter/FLOP accounting. It knows nothing of optimizers, data or parallelism.
+//! kiln-model: the LLaMA-style model (config, parameters, one decoder as a trunk plus heads,
+//! `Linear` projections with LoRA, KV cache, quantised weights) and its parameter/FLOP
+//! accounting. It knows nothing of optimizers, data or parallelism.
 
-mod backward;
+mod attn_shim;
+mod block;
 mod cache;
 mod config;
+mod decode;
 pub mod gguf;
+pub mod heads;
 pub mod hf;
+pub mod linear;
 mod model;
 mod params;
 pub mod qkernels;
@@ -15,9 +20,12 @@ mod rope;
 
 pub use cache::KvCache;
 pub use config::{AttentionMode, ModelConfig, RopeScaling};
-pub use model::{loss_sum, Llama};
+pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead};
+pub use linear::{Grads, Linear, LinearWeight, Lora};
+pub use model::{Llama, LoraSpec, TokenBatch, Trunk};
 pub use params::Params;
-pub use qmodel::{CausalLm, QLinear, QLlama};
+pub use qkernels::{set_simd_choice, SimdChoice};
+pub use qmodel::{set_candle_qmatmul, CausalLm, QLlama};
 pub use rng::SplitMix64;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,60 +2,122 @@
 //!
 //! ```text
 //! h_0     = E[tokens]
-//! h'_l    = h_l  + Wo · Attn(RoPE(Wq · RMSNorm(h_l)), RoPE(Wk · …), Wv · …)
-//! h_{l+1} = h'_l + W2 · (SiLU(W1 · RMSNorm(h'_l)) ⊙ W3 · RMSNorm(h'_l))      (SwiGLU)
-//! logits  = W_out · RMSNorm(h_L)          (W_out = E when embeddings are tied)
+//! h_{l+1} = Block_l(h_l)                                   (see block.rs)
+//! hidden  = RMSNorm(h_L)                                   (the trunk's output)
+//! logits  = hidden · W_out^T      (W_out = E when embeddings are tied; the LM head)
 //! ```
 //! RoPE uses the half-split ("rotate_half") layout of HF checkpoints. Activations stay 2-D,
 //! `(b*t, d)`, between the matmuls so every projection is one GEMM.
+//!
+//! The model is a trunk plus heads: [`Llama::forward_hidden`] returns the final hidden states
+//! and what [`Llama::backward_hidden`] needs; heads (LM + cross-entropy, per-token
+//! log-probabilities, a scalar reward/value head: heads.rs) each have their own backward that
+//! ends in `d_hidden`. The same struct holds dense weights (training) or GGUF blocks
+//! (quantised inference, qmodel.rs); every projection is a [`Linear`].
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use kiln_kernels as k;
 
+use crate::block::{Block, BlockActs, Heads, Pass, RopeAt};
+use crate::linear::{accumulate, Grads, Linear, LinearWeight, Lora};
+use crate::qkernels::RawQ;
 use crate::{AttentionMode, KvCache, ModelConfig, ModelError, Params, SplitMix64};
 
-pub(crate) struct Attention {
-    pub(crate) wq: Tensor, // (h*hd, d)
-    pub(crate) wk: Tensor, // (hkv*hd, d)
-    pub(crate) wv: Tensor, // (hkv*hd, d)
-    pub(crate) wo: Tensor, // (d, h*hd)
-}
-
-pub(crate) struct FeedForward {
-    pub(crate) w1: Tensor, // (f, d) gate
-    pub(crate) w3: Tensor, // (f, d) up
-    pub(crate) w2: Tensor, // (d, f) down
-}
-
-pub(crate) struct Block {
-    pub(crate) attention_norm: Tensor, // (d)
-    pub(crate) attention: Attention,
-    pub(crate) ffn_norm: Tensor, // (d)
-    pub(crate) feed_forward: FeedForward,
-}
-
-/// Everything one forward needs that is not a weight.
-pub(crate) struct Pass<'a> {
-    pub(crate) b: usize,
-    pub(crate) t: usize,
-    /// Position of the first token in this pass (non-zero when decoding with a cache).
-    pub(crate) pos: usize,
-    pub(crate) dropout: Option<&'a mut SplitMix64>,
+/// The embedding table: dense, or GGML rows dequantised on lookup.
+#[derive(Clone)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Raw(Arc<RawQ>),
+    Quant(Arc<QTensor>),
 }
 
 pub struct Llama {
     pub(crate) cfg: ModelConfig,
-    tok_embeddings: Tensor, // (v, d)
+    pub(crate) embedding: Embedding,
     pub(crate) layers: Vec<Block>,
-    pub(crate) norm: Tensor,     // (d)
-    pub(crate) output: Tensor,   // (v, d): the embedding itself when tied
+    pub(crate) norm: Tensor, // (d)
+    pub(crate) norm_v: Vec<f32>,
+    /// The LM head `(v, d)`: the embedding itself when tied.
+    pub(crate) output: Linear,
     pub(crate) rope_cos: Tensor, // (max_seq_len, hd/2)
     pub(crate) rope_sin: Tensor, // (max_seq_len, hd/2)
+    /// The tables as plain values, for the decode fast path.
+    pub(crate) rope_cos_v: Arc<Vec<f32>>,
+    pub(crate) rope_sin_v: Arc<Vec<f32>>,
+    pub(crate) device: Device,
+    /// Whether the base weights (norms, embedding, projections) train; false under LoRA.
+    pub(crate) train_base: bool,
 }
 
-/// `x W^T` for a 2-D activation and a PyTorch-layout `(out, in)` weight.
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+/// Token ids of a batch, with optional per-token positions and segment ids. Packed rows hold
+/// several documents: tokens attend only within their segment, and positions restart at each
+/// segment start ([`TokenBatch::packed`]).
+#[derive(Clone)]
+pub struct TokenBatch {
+    /// `(b, t)` u32.
+    pub tokens: Tensor,
+    /// `(b, t)` u32 RoPE positions; `0..t` for every row when absent.
+    pub positions: Option<Tensor>,
+    /// `(b, t)` u32 segment ids; one segment per row when absent.
+    pub segment_ids: Option<Tensor>,
+}
+
+impl TokenBatch {
+    pub fn new(tokens: Tensor) -> Self {
+        Self {
+            tokens,
+            positions: None,
+            segment_ids: None,
+        }
+    }
+
+    /// Packed rows: `segment_ids (b, t)` u32, one id per document (ids need only differ
+    /// between neighbouring documents); positions restart at 0 at each segment start.
+    pub fn packed(tokens: Tensor, segment_ids: &[Vec<u32>]) -> Result<Self, ModelError> {
+        let (b, t) = tokens.dims2()?;
+        if segment_ids.len() != b || segment_ids.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Input(format!(
+                "segment ids must be {b} rows of {t}, like the tokens"
+            )));
+        }
+        let mut positions = Vec::with_capacity(b * t);
+        for row in segment_ids {
+            let mut p = 0u32;
+            for (i, s) in row.iter().enumerate() {
+                if i > 0 && *s != row[i - 1] {
+                    p = 0;
+                }
+                positions.push(p);
+                p += 1;
+            }
+        }
+        let device = tokens.device().clone();
+        let segs: Vec<u32> = segment_ids.concat();
+        Ok(Self {
+            tokens,
+            positions: Some(Tensor::from_vec(positions, (b, t), &device)?),
+            segment_ids: Some(Tensor::from_vec(segs, (b, t), &device)?),
+        })
+    }
+}
+
+/// What the trunk's forward keeps for [`Llama::backward_hidden`].
+pub struct Trunk {
+    acts: Vec<BlockActs>,
+    ids: Tensor,
+    /// The last block's output, before the final norm.
+    last: Tensor,
+    b: usize,
+    t: usize,
+    rope: RopeAt,
+    segment_ids: Option<Tensor>,
+}
+
+pub(crate) fn vec_of(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Llama {
@@ -65,41 +127,132 @@ impl Llama {
         cfg.validate()?;
         params.check_against(cfg)?;
         let p = |name: &str| params.tensor(name);
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let l = |s: &str| p(&format!("layers.{i}.{s}"));
-            layers.push(Block {
-                attention_norm: l("attention_norm.weight")?,
-                attention: Attention {
-                    wq: l("attention.wq.weight")?,
-                    wk: l("attention.wk.weight")?,
-                    wv: l("attention.wv.weight")?,
-                    wo: l("attention.wo.weight")?,
-                },
-                ffn_norm: l("ffn_norm.weight")?,
-                feed_forward: FeedForward {
-                    w1: l("feed_forward.w1.weight")?,
-                    w3: l("feed_forward.w3.weight")?,
-                    w2: l("feed_forward.w2.weight")?,
-                },
-            });
-        }
         let tok_embeddings = p("tok_embeddings.weight")?;
         let output = if cfg.tie_embeddings {
-            tok_embeddings.clone()
+            Linear::dense("output", tok_embeddings.clone())
+                .with_weight_grad_name("tok_embeddings.weight")
         } else {
-            p("output.weight")?
+            Linear::dense("output", p("output.weight")?)
         };
-        let (rope_cos, rope_sin) =
-            crate::rope::tables(cfg, tok_embeddings.device(), tok_embeddings.dtype())?;
+        let device = tok_embeddings.device().clone();
+        let dtype = tok_embeddings.dtype();
+        Self::assemble(
+            cfg,
+            Embedding::Dense(tok_embeddings),
+            p("norm.weight")?,
+            output,
+            |name| Ok(LinearWeight::Dense(p(&format!("{name}.weight"))?)),
+            |name| p(name),
+            device,
+            dtype,
+        )
+    }
+
+    /// The base model with LoRA adapters on the projections `spec.targets`, read from
+    /// `params` (see [`Params::add_lora`]). Only the adapters train: the base weights get no
+    /// gradients.
+    pub fn new_with_lora(
+        cfg: &ModelConfig,
+        params: &Params,
+        spec: &LoraSpec,
+    ) -> Result<Self, ModelError> {
+        let mut m = Self::new(cfg, params)?;
+        m.train_base = false;
+        m.output.trainable = false;
+        for block in &mut m.layers {
+            for l in block.projections_mut() {
+                l.trainable = false;
+                if spec.applies_to(&l.name) {
+                    l.lora = Some(Lora {
+                        a: params.tensor(&l.lora_a_name())?,
+                        b: params.tensor(&l.lora_b_name())?,
+                        scale: spec.alpha / spec.rank as f64,
+                        dropout: spec.dropout,
+                    });
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The same model with every adapter merged into its weight (`W + s B A`, dense).
+    pub fn merge_lora(&self) -> Result<Self, ModelError> {
+        let mut m = self.detached();
+        for b in &mut m.layers {
+            for l in b.projections_mut() {
+                *l = l.merged()?;
+            }
+            b.fuse();
+        }
+        Ok(m)
+    }
+
+    /// Shared by every constructor: the blocks over projections from `weight(name)` and norm
+    /// vectors from `dense(name)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        cfg: &ModelConfig,
+        embedding: Embedding,
+        norm: Tensor,
+        output: Linear,
+        mut weight: impl FnMut(&str) -> Result<LinearWeight, ModelError>,
+        mut dense: impl FnMut(&str) -> Result<Tensor, ModelError>,
+        device: Device,
+        rope_dtype: DType,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let name = |s: &str| format!("layers.{i}.{s}");
+            let mut lin = |s: &str| -> Result<Linear, ModelError> {
+                let n = name(s);
+                Ok(Linear::new(&n, weight(&n)?, true))
+            };
+            let (wq, wk, wv, wo) = (
+                lin("attention.wq")?,
+                lin("attention.wk")?,
+                lin("attention.wv")?,
+                lin("attention.wo")?,
+            );
+            let (w1, w3, w2) = (
+                lin("feed_forward.w1")?,
+                lin("feed_forward.w3")?,
+                lin("feed_forward.w2")?,
+            );
+            let attention_norm = dense(&name("attention_norm.weight"))?;
+            let ffn_norm = dense(&name("ffn_norm.weight"))?;
+            let mut block = Block {
+                index: i,
+                attention_norm_v: vec_of(&attention_norm)?,
+                ffn_norm_v: vec_of(&ffn_norm)?,
+                attention_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                ffn_norm,
+                w1,
+                w3,
+                w2,
+                fused: None,
+            };
+            block.fuse();
+            layers.push(block);
+        }
+        let (rope_cos, rope_sin) = crate::rope::tables(cfg, &device, rope_dtype)?;
         Ok(Self {
             cfg: cfg.clone(),
-            tok_embeddings,
+            embedding,
             layers,
-            norm: p("norm.weight")?,
+            norm_v: vec_of(&norm)?,
+            norm,
             output,
+            rope_cos_v: Arc::new(vec_of(&rope_cos)?),
+            rope_sin_v: Arc::new(vec_of(&rope_sin)?),
             rope_cos,
             rope_sin,
+            device,
+            train_base: true,
         })
     }
 
@@ -108,60 +261,66 @@ impl Llama {
     }
 
     pub fn device(&self) -> &Device {
-        self.tok_embeddings.device()
+        &self.device
     }
 
-    /// Training/eval forward over whole sequences: `tokens (b, t)` u32 → logits `(b*t, v)`.
-    /// `dropout_rng` enables dropout (when the config has it) with a reproducible mask.
-    pub fn forward_train(
-        &self,
-        tokens: &Tensor,
-        dropout_rng: Option<&mut SplitMix64>,
-    ) -> Result<Tensor, ModelError> {
-        let (b, t) = tokens.dims2()?;
-        self.check_len(0, t)?;
-        let mut pass = Pass {
-            b,
-            t,
-            pos: 0,
-            dropout: dropout_rng.filter(|_| self.cfg.dropout > 0.0),
+    /// The model over detached weight tensors: the hand-written paths must not record
+    /// candle's autograd graph.
+    fn detached(&self) -> Self {
+        let lin = |l: &Linear| {
+            let mut l = l.clone();
+            if let LinearWeight::Dense(w) = &l.weight {
+                l.weight = LinearWeight::Dense(w.detach());
+            }
+            if let Some(a) = &mut l.lora {
+                a.a = a.a.detach();
+                a.b = a.b.detach();
+            }
+            l
         };
-        let mut h = self.embed(tokens)?; // (b*t, d)
-        for block in &self.layers {
-            h = self.block_forward(block, &h, &mut pass, None)?;
+        Self {
+            cfg: self.cfg.clone(),
+            embedding: match &self.embedding {
+                Embedding::Dense(t) => Embedding::Dense(t.detach()),
+                other => other.clone(),
+            },
+            layers: self
+                .layers
+                .iter()
+                .map(|b| Block {
+                    index: b.index,
+                    attention_norm: b.attention_norm.detach(),
+                    wq: lin(&b.wq),
+                    wk: lin(&b.wk),
+                    wv: lin(&b.wv),
+                    wo: lin(&b.wo),
+                    ffn_norm: b.ffn_norm.detach(),
+                    w1: lin(&b.w1),
+                    w3: lin(&b.w3),
+                    w2: lin(&b.w2),
+                    fused: b.fused.clone(),
+                    attention_norm_v: b.attention_norm_v.clone(),
+                    ffn_norm_v: b.ffn_norm_v.clone(),
+                })
+                .collect(),
+            norm: self.norm.detach(),
+            norm_v: self.norm_v.clone(),
+            output: lin(&self.output),
+            rope_cos: self.rope_cos.clone(),
+            rope_sin: self.rope_sin.clone(),
+            rope_cos_v: self.rope_cos_v.clone(),
+            rope_sin_v: self.rope_sin_v.clone(),
+            device: self.device.clone(),
+            train_base: self.train_base,
         }
-        let h = k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?;
-        Ok(linear(&h, &self.output)?) // (b*t, v)
     }
 
-    /// Incremental decoding: feeds `tokens (b, t_new)` after the `cache.len()` tokens already
-    /// in `cache`, appends their keys/values, and returns the logits of the last position `(b, v)`.
-    pub fn forward_decode(
-        &self,
-        tokens: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<Tensor, ModelError> {
-        let (b, t) = tokens.dims2()?;
-        let pos = cache.len();
-        self.check_len(pos, t)?;
-        cache.ensure_layers(self.cfg.n_layers);
-        let mut pass = Pass {
-            b,
-            t,
-            pos,
-            dropout: None,
-        };
-        let mut h = self.embed(tokens)?;
-        for (i, block) in self.layers.iter().enumerate() {
-            h = self.block_forward(block, &h, &mut pass, Some((cache, i)))?;
+    pub(crate) fn heads(&self) -> Heads {
+        Heads {
+            h: self.cfg.n_heads,
+            hkv: self.cfg.n_kv_heads(),
+            hd: self.cfg.head_dim(),
         }
-        cache.advance(t);
-        let last = h
-            .reshape((b, t, self.cfg.dim))?
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?; // (b, d)
-        let last = k::rms_norm(&last, &self.norm, self.cfg.norm_eps)?;
-        Ok(linear(&last, &self.output)?) // (b, v)
     }
 
     pub(crate) fn check_len(&self, pos: usize, t: usize) -> Result<(), ModelError> {
@@ -177,124 +336,334 @@ impl Llama {
         Ok(())
     }
 
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
+        if let Some(&max) = ids.iter().max() {
+            if max as usize >= self.cfg.vocab_size {
+                return Err(ModelError::Input(format!(
+                    "token id {max} is out of range for vocab_size {} (tokenizer/model mismatch?)",
+                    self.cfg.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `tokens (b, t)` → `(b*t, d)`.
     pub(crate) fn embed(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
-        let ids = tokens.flatten_all()?; // (b*t)
-        let max = ids.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
-        if max >= self.cfg.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token id {max} is out of range for vocab_size {} (tokenizer/model mismatch?)",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(self.tok_embeddings.index_select(&ids, 0)?) // (b*t, d)
+        let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
+        let ids_v = ids.to_vec1::<u32>()?;
+        self.check_ids(&ids_v)?;
+        Ok(match &self.embedding {
+            Embedding::Dense(t) => t.index_select(&ids, 0)?,
+            Embedding::Raw(r) => {
+                let mut out = vec![0f32; ids_v.len() * r.k];
+                for (o, &id) in out.chunks_exact_mut(r.k).zip(&ids_v) {
+                    r.dequantize_row(id as usize, o);
+                }
+                Tensor::from_vec(out, (ids_v.len(), r.k), &self.device)?
+            }
+            Embedding::Quant(q) => q.embedding(&ids)?,
+        })
     }
 
-    fn block_forward(
+    /// The pass for `b` rows of `t` tokens starting at position `pos` (or at per-row
+    /// positions).
+    fn pass<'a>(
         &self,
-        block: &Block,
-        x: &Tensor,
-        pass: &mut Pass,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor, ModelError> {
-        let eps = self.cfg.norm_eps;
-        let attn = self.attention(
-            &block.attention,
-            &k::rms_norm(x, &block.attention_norm, eps)?,
-            pass,
-            cache,
-        )?;
-        let h = (x + self.dropout(attn, pass)?)?;
-        let ffn = feed_forward(&block.feed_forward, &k::rms_norm(&h, &block.ffn_norm, eps)?)?;
-        Ok((&h + self.dropout(ffn, pass)?)?)
-    }
-
-    fn dropout(&self, x: Tensor, pass: &mut Pass) -> Result<Tensor, ModelError> {
-        match self.dropout_mask(&x, pass)? {
-            Some(mask) => Ok((x * mask)?),
-            None => Ok(x),
-        }
-    }
-
-    /// Inverted dropout: a mask of 0 (probability p) and 1/(1-p), drawn from the pass's
-    /// seeded RNG so a resumed run draws the same masks. `None` when dropout is off.
-    pub(crate) fn dropout_mask(
-        &self,
-        x: &Tensor,
-        pass: &mut Pass,
-    ) -> Result<Option<Tensor>, ModelError> {
-        let Some(rng) = pass.dropout.as_deref_mut() else {
-            return Ok(None);
+        b: usize,
+        t: usize,
+        pos: usize,
+        batch: Option<&TokenBatch>,
+        dropout_rng: Option<&'a mut SplitMix64>,
+    ) -> Result<Pass<'a>, ModelError> {
+        let rope = match batch.and_then(|x| x.positions.as_ref()) {
+            None => RopeAt::Shared(
+                self.rope_cos.narrow(0, pos, t)?,
+                self.rope_sin.narrow(0, pos, t)?,
+            ),
+            Some(p) => {
+                let p = p.to_dtype(DType::U32)?;
+                let max = p.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+                self.check_len(max, 1)?;
+                let mut tables = Vec::with_capacity(b);
+                for r in 0..b {
+                    let row = p.get(r)?;
+                    tables.push((
+                        self.rope_cos.index_select(&row, 0)?,
+                        self.rope_sin.index_select(&row, 0)?,
+                    ));
+                }
+                RopeAt::PerRow(tables)
+            }
         };
-        let p = self.cfg.dropout;
-        let keep_scale = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale })
-            .collect();
-        Ok(Some(
-            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        let dropout_p = self.cfg.dropout;
+        Ok(Pass {
+            b,
+            t,
+            heads: self.heads(),
+            eps: self.cfg.norm_eps,
+            causal: self.cfg.attention == AttentionMode::Causal,
+            rope,
+            segment_ids: batch.and_then(|x| x.segment_ids.clone()),
+            dropout_p,
+            dropout: dropout_rng,
+            train_base: self.train_base,
+        })
+    }
+
+    /// The trunk: `tokens (b, t)` → final hidden states `RMSNorm(h_L)` `(b*t, d)`, and what
+    /// the backward needs. `dropout_rng` enables dropout (config and LoRA dropout) with a
+    /// reproducible mask.
+    pub fn forward_hidden(
+        &self,
+        batch: &TokenBatch,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<(Tensor, Trunk), ModelError> {
+        let m = self.detached();
+        let (b, t) = batch.tokens.dims2()?;
+        m.check_len(0, t)?;
+        let mut pass = m.pass(b, t, 0, Some(batch), dropout_rng)?;
+        let ids = batch.tokens.flatten_all()?;
+        let mut x = m.embed(&batch.tokens)?.detach(); // (n, d)
+        let mut acts = Vec::with_capacity(m.layers.len());
+        for block in &m.layers {
+            let (out, a) = block.forward(&x, &mut pass, None, true)?;
+            acts.push(a.expect("saved"));
+            x = out;
+        }
+        let hidden = k::rms_norm(&x, &m.norm, m.cfg.norm_eps)?;
+        Ok((
+            hidden,
+            Trunk {
+                acts,
+                ids,
+                last: x,
+                b,
+                t,
+                rope: pass.rope,
+                segment_ids: pass.segment_ids,
+            },
         ))
     }
 
-    /// Grouped-query attention on `x (b*t, d)`. Query heads of one group are adjacent, so a
-    /// group's queries are stacked to `(b, hkv, g*t, hd)` and share one K/V without copying.
-    fn attention(
+    /// Backward of [`Llama::forward_hidden`] from `d_hidden (b*t, d)`: adds every trainable
+    /// parameter's gradient into `grads`.
+    pub fn backward_hidden(
         &self,
-        a: &Attention,
-        x: &Tensor,
-        pass: &Pass,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor, ModelError> {
-        let (b, t) = (pass.b, pass.t);
-        let (h, hkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads(), self.cfg.head_dim());
-        let g = h / hkv;
-        let cos = self.rope_cos.narrow(0, pass.pos, t)?; // (t, hd/2)
-        let sin = self.rope_sin.narrow(0, pass.pos, t)?;
-        let heads = |w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            linear(x, w)?.reshape((b, t, n, hd))?.transpose(1, 2) // (b, n, t, hd)
+        trunk: Trunk,
+        d_hidden: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<(), ModelError> {
+        let m = self.detached();
+        let pass = Pass {
+            b: trunk.b,
+            t: trunk.t,
+            heads: m.heads(),
+            eps: m.cfg.norm_eps,
+            causal: m.cfg.attention == AttentionMode::Causal,
+            rope: trunk.rope,
+            segment_ids: trunk.segment_ids,
+            dropout_p: 0.0,
+            dropout: None,
+            train_base: m.train_base,
         };
-        let q = k::rope(&heads(&a.wq, h)?, &cos, &sin)?; // (b, h, t, hd)
-        let mut key = k::rope(&heads(&a.wk, hkv)?, &cos, &sin)?; // (b, hkv, t, hd)
-        let mut value = heads(&a.wv, hkv)?.contiguous()?; // (b, hkv, t, hd)
-        if let Some((cache, layer)) = cache {
-            (key, value) = cache.append(layer, &key, &value)?; // (b, hkv, t_all, hd)
+        let (mut dx, d_norm) =
+            k::rms_norm_backward(&trunk.last, &m.norm, d_hidden, m.cfg.norm_eps)?;
+        if m.train_base {
+            accumulate(grads, "norm.weight", d_norm)?;
         }
-        let t_all = key.dim(2)?;
-        let q = q.reshape((b, hkv, g * t, hd))?;
-        let scores = q.matmul(&key.t()?)?.reshape((b, h, t, t_all))?; // (b, h, t, t_all)
-        let causal = self.cfg.attention == AttentionMode::Causal;
-        let probs = k::masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), causal)?;
-        let out = probs
-            .reshape((b, hkv, g * t, t_all))?
-            .matmul(&value)? // (b, hkv, g*t, hd)
-            .reshape((b, h, t, hd))?
-            .transpose(1, 2)? // (b, t, h, hd)
-            .contiguous()?
-            .reshape((b * t, h * hd))?;
-        Ok(linear(&out, &a.wo)?) // (b*t, d)
+        for (block, a) in m.layers.iter().zip(trunk.acts).rev() {
+            dx = block.backward(a, dx, &pass, grads)?;
+        }
+        if m.train_base {
+            if let Embedding::Dense(table) = &m.embedding {
+                // Embedding lookup: scatter-add the rows of dx into the table's gradient.
+                let zeros = Tensor::zeros(table.dims(), dx.dtype(), dx.device())?;
+                accumulate(
+                    grads,
+                    "tok_embeddings.weight",
+                    zeros.index_add(&trunk.ids, &dx, 0)?,
+                )?;
+            }
+        }
+        Ok(())
     }
 
-    /// Logits for the whole sequence in one pass, without a cache (what `forward_train`
-    /// returns, reshaped): `(b, t, v)`.
+    /// Forward and hand-written backward of `loss_scale * sum(cross-entropy)` over the
+    /// targets != -100 of one micro-batch: `tokens (b, t)` u32, `targets (b*t)` i64. Adds every
+    /// trainable parameter's gradient into `grads` and returns the loss sum.
+    pub fn forward_backward(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        loss_scale: f64,
+        grads: &mut Grads,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<f64, ModelError> {
+        self.forward_backward_batch(
+            &TokenBatch::new(tokens.clone()),
+            targets,
+            loss_scale,
+            grads,
+            dropout_rng,
+        )
+    }
+
+    /// [`Llama::forward_backward`] for a batch with positions and segment ids (packed rows).
+    pub fn forward_backward_batch(
+        &self,
+        batch: &TokenBatch,
+        targets: &Tensor,
+        loss_scale: f64,
+        grads: &mut Grads,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<f64, ModelError> {
+        let (hidden, trunk) = self.forward_hidden(batch, dropout_rng)?;
+        let (loss_sum, d_hidden) = self.lm_loss_backward(&hidden, targets, loss_scale, grads)?;
+        drop(hidden);
+        self.backward_hidden(trunk, &d_hidden, grads)?;
+        Ok(loss_sum)
+    }
+
+    /// Training/eval forward over whole sequences: `tokens (b, t)` u32 → logits `(b*t, v)`.
+    /// Differentiable with candle's autograd (the reference the hand-written backward is
+    /// tested against). `dropout_rng` enables dropout with a reproducible mask.
+    pub fn forward_train(
+        &self,
+        tokens: &Tensor,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<Tensor, ModelError> {
+        self.forward_batch(&TokenBatch::new(tokens.clone()), dropout_rng)
+    }
+
+    /// [`Llama::forward_train`] for a batch with positions and segment ids.
+    pub fn forward_batch(
+        &self,
+        batch: &TokenBatch,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<Tensor, ModelError> {
+        let (b, t) = batch.tokens.dims2()?;
+        self.check_len(0, t)?;
+        let mut pass = self.pass(b, t, 0, Some(batch), dropout_rng)?;
+        let mut h = self.embed(&batch.tokens)?;
+        for block in &self.layers {
+            h = block.forward(&h, &mut pass, None, false)?.0;
+        }
+        let h = k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?;
+        self.output.forward(&h) // (b*t, v)
+    }
+
+    /// Logits for the whole sequence in one pass, without a cache: `(b, t, v)`.
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
         let (b, t) = tokens.dims2()?;
         Ok(self
             .forward_train(tokens, None)?
             .reshape((b, t, self.cfg.vocab_size))?)
     }
+
+    /// Incremental decoding (see [`crate::CausalLm::forward_decode`]): feeds `tokens (b, t)`
+    /// after the cached ones and returns the last position's logits `(b, v)`.
+    pub fn forward_decode(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        crate::CausalLm::forward_decode(self, tokens, cache)
+    }
+
+    /// Prefill on the tensor path: feeds `tokens (b, t)` after the positions already cached
+    /// in rows `0..b` (all rows must hold the same number), appends their keys/values, and
+    /// returns the logits of the last position `(b, v)`.
+    pub(crate) fn prefill(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let (b, t) = tokens.dims2()?;
+        let pos = cache.row_len(0);
+        if (0..b).any(|r| cache.row_len(r) != pos) {
+            return Err(ModelError::Input(
+                "a multi-token forward needs every row of the cache at the same length; \
+                 prefill ragged rows one at a time"
+                    .into(),
+            ));
+        }
+        self.check_len(pos, t)?;
+        cache.ensure(b, self.cfg.n_layers, self.cfg.n_kv_heads());
+        let mut pass = self.pass(b, t, pos, None, None)?;
+        let mut h = self.embed(tokens)?;
+        for block in &self.layers {
+            h = block.forward(&h, &mut pass, Some(cache), false)?.0;
+        }
+        for r in 0..b {
+            cache.advance(r, t);
+        }
+        let last = h
+            .reshape((b, t, self.cfg.dim))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?; // (b, d)
+        let last = k::rms_norm(&last, &self.norm, self.cfg.norm_eps)?;
+        self.output.forward(&last) // (b, v)
+    }
 }
 
-/// SwiGLU FFN (Shazeer 2020, eq. 6): `W2 (SiLU(x W1) ⊙ x W3)`.
-fn feed_forward(f: &FeedForward, x: &Tensor) -> Result<Tensor, ModelError> {
-    let gate = linear(x, &f.w1)?; // (b*t, f)
-    let up = linear(x, &f.w3)?; // (b*t, f)
-    Ok(linear(&k::swiglu(&gate, &up)?, &f.w2)?) // (b*t, d)
+impl Block {
+    pub(crate) fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.w1,
+            &mut self.w3,
+            &mut self.w2,
+        ]
+    }
+
+    pub(crate) fn projections(&self) -> [&Linear; 7] {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.w1, &self.w3, &self.w2,
+        ]
+    }
+
+    /// Stacks Q|K|V and gate|up when they are all kiln block-kernel weights of one type and
+    /// carry no adapter (inference only; training runs the separate projections).
+    pub(crate) fn fuse(&mut self) {
+        let raw = |ls: &[&Linear]| -> Option<Linear> {
+            let parts: Option<Vec<&RawQ>> = ls
+                .iter()
+                .map(|l| match (&l.weight, &l.lora) {
+                    (LinearWeight::Raw(r), None) => Some(r.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            RawQ::concat_rows(&parts?)
+                .map(|r| Linear::new("fused", LinearWeight::Raw(Arc::new(r)), false))
+        };
+        self.fused = match (
+            raw(&[&self.wq, &self.wk, &self.wv]),
+            raw(&[&self.w1, &self.w3]),
+        ) {
+            (Some(qkv), Some(w13)) => Some((qkv, w13)),
+            _ => None,
+        };
+    }
 }
 
-/// Mean cross-entropy helper for callers that want one number: `(sum, n_valid)` of
-/// `-log p(target)` over targets != -100.
-pub fn loss_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize), ModelError> {
-    let targets = targets.flatten_all()?;
-    let logits = logits.reshape(((), logits.dim(D::Minus1)?))?;
-    let n = k::count_valid_targets(&targets)?;
-    Ok((k::cross_entropy_sum(&logits, &targets)?, n))
+/// Which projections carry LoRA adapters, with what rank, alpha and dropout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Short projection names: `wq`, `wk`, `wv`, `wo`, `w1`, `w3`, `w2` (PEFT's q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub(crate) fn applies_to(&self, linear_name: &str) -> bool {
+        let short = linear_name.rsplit('.').next().unwrap_or("");
+        self.targets.iter().any(|t| t == short)
+    }
 }

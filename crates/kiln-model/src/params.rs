@@ -144,6 +144,8 @@ impl Params {
         Ok(())
     }
 
+    /// Checks names and shapes against `cfg`. Besides the base tensors only LoRA adapters
+    /// (`<projection>.lora_A.weight (r, in)` / `lora_B.weight (out, r)`) may be present.
     pub(crate) fn check_against(&self, cfg: &ModelConfig) -> Result<(), ModelError> {
         let expected = layout(cfg);
         let err = |msg: String| {
@@ -165,11 +167,72 @@ impl Params {
             }
         }
         if self.vars.len() != expected.len() {
-            let known: std::collections::BTreeSet<_> = expected.iter().map(|(n, _, _)| n).collect();
-            let extra: Vec<_> = self.vars.keys().filter(|k| !known.contains(k)).collect();
-            return err(format!("unexpected tensors for this config: {extra:?}"));
+            let known: std::collections::BTreeMap<_, _> =
+                expected.iter().map(|(n, s, _)| (n.as_str(), s)).collect();
+            let extra: Vec<_> = self
+                .vars
+                .iter()
+                .filter(|(k, v)| {
+                    !known.contains_key(k.as_str()) && !is_adapter(k, v.dims(), &known)
+                })
+                .map(|(k, _)| k)
+                .collect();
+            if !extra.is_empty() {
+                return err(format!("unexpected tensors for this config: {extra:?}"));
+            }
         }
         Ok(())
+    }
+
+    /// Adds LoRA adapters for `spec.targets` in every layer: A kaiming-uniform (PEFT's
+    /// init), B zero, each drawn from its own stream seeded by (seed, name).
+    pub fn add_lora(
+        &mut self,
+        cfg: &ModelConfig,
+        spec: &crate::LoraSpec,
+        seed: u64,
+    ) -> Result<(), ModelError> {
+        let shapes: Vec<(String, Vec<usize>)> = layout(cfg)
+            .into_iter()
+            .filter(|(n, s, _)| n.starts_with("layers.") && s.len() == 2)
+            .map(|(n, s, _)| (n, s))
+            .collect();
+        for (name, shape) in shapes {
+            let prefix = name.trim_end_matches(".weight");
+            if !spec.applies_to(prefix) {
+                continue;
+            }
+            let (device, dtype) = (self.vars[&name].device().clone(), self.vars[&name].dtype());
+            let mut rng = SplitMix64::new(seed ^ fnv1a(prefix.as_bytes()));
+            let lora = crate::Lora::init(
+                shape[0],
+                shape[1],
+                spec.rank,
+                spec.alpha,
+                spec.dropout,
+                &mut rng,
+                &device,
+                dtype,
+            )?;
+            self.vars.insert(
+                format!("{prefix}.lora_A.weight"),
+                Var::from_tensor(&lora.a)?,
+            );
+            self.vars.insert(
+                format!("{prefix}.lora_B.weight"),
+                Var::from_tensor(&lora.b)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Names of the LoRA adapter tensors (what trains under LoRA).
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.vars
+            .keys()
+            .filter(|k| k.contains(".lora_A.") || k.contains(".lora_B."))
+            .cloned()
+            .collect()
     }
 
     pub fn tensor(&self, name: &str) -> Result<Tensor, ModelError> {
@@ -189,6 +252,22 @@ impl Params {
     pub fn num_elements(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
+}
+
+/// Whether `name` is a LoRA tensor of a known projection with a consistent shape.
+fn is_adapter(
+    name: &str,
+    dims: &[usize],
+    known: &std::collections::BTreeMap<&str, &Vec<usize>>,
+) -> bool {
+    let check = |suffix: &str, ok: &dyn Fn(&[usize]) -> bool| {
+        name.strip_suffix(suffix)
+            .and_then(|p| known.get(format!("{p}.weight").as_str()))
+            .is_some_and(|s| ok(s))
+    };
+    dims.len() == 2
+        && (check(".lora_A.weight", &|s| s[1] == dims[1])
+            || check(".lora_B.weight", &|s| s[0] == dims[0]))
 }
 
 /// FNV-1a, to derive a per-tensor seed from its name.

@@ -220,22 +220,42 @@ enum Level {
     Avx512,
 }
 
+/// Which SIMD kernels the block matmuls use (a process-wide choice, for comparisons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdChoice {
+    /// The best the CPU supports.
+    Auto,
+    /// AVX2+FMA even where AVX-512 is available.
+    Avx2,
+    /// The portable scalar kernels.
+    Scalar,
+}
+
+static SIMD_CHOICE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the kernels for every later matmul.
+pub fn set_simd_choice(c: SimdChoice) {
+    let v = match c {
+        SimdChoice::Auto => 0,
+        SimdChoice::Avx2 => 1,
+        SimdChoice::Scalar => 2,
+    };
+    SIMD_CHOICE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn simd_level() -> Level {
-    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        if std::env::var("KILN_QKERNEL").as_deref() == Ok("scalar") {
-            return Level::Scalar;
-        }
+    static DETECTED: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    let choice = SIMD_CHOICE.load(std::sync::atomic::Ordering::Relaxed);
+    if choice == 2 {
+        return Level::Scalar;
+    }
+    let best = *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
-            if avx2
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && std::env::var("KILN_QKERNEL").as_deref() != Ok("avx2")
-            {
+            if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                 return Level::Avx512;
             }
             if avx2 {
@@ -243,7 +263,12 @@ fn simd_level() -> Level {
             }
         }
         Level::Scalar
-    })
+    });
+    #[cfg(target_arch = "x86_64")]
+    if choice == 1 && best == Level::Avx512 {
+        return Level::Avx2;
+    }
+    best
 }
 
 impl Level {

@@ -263,7 +263,6 @@ fn quantised_single_token_path_equals_the_full_forward() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    use kiln_model::CausalLm;
     for prefill in [1usize, 7] {
         let mut cache = kiln_model::KvCache::new();
         let x =

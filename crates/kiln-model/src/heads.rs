@@ -1,0 +1,211 @@
+//! Heads on the trunk's hidden states `(n, d)`, each with a hand-written backward that ends
+//! in `d_hidden` (then [`Llama::backward_hidden`] takes over):
+//!
+//! - the LM head with cross-entropy (pretraining, SFT): `loss = sum_i -log softmax(h_i W^T)[y_i]`;
+//! - per-token log-probabilities of given targets (DPO, PPO, GRPO):
+//!   `logp_i = (h_i W^T)[y_i] - logsumexp(h_i W^T)`, with `d logits_i = g_i (onehot(y_i) - p_i)`;
+//! - a scalar head read at one position per row (reward and value models):
+//!   `r_b = h_{last(b)} · w`.
+
+use candle_core::{DType, Device, Tensor, D};
+use kiln_kernels as k;
+
+use crate::linear::{Grads, Linear, LinearWeight};
+use crate::{Llama, ModelError, SplitMix64};
+
+impl Llama {
+    /// LM logits of hidden states: `(n, d)` → `(n, v)`.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        self.output.forward(hidden)
+    }
+
+    /// LM head + cross-entropy: forward and backward of `loss_scale * sum(CE)` over the
+    /// targets != -100 (`targets (n)` i64). Adds the head's gradient into `grads`; returns the
+    /// (unscaled) loss sum and `d_hidden`.
+    pub fn lm_loss_backward(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        loss_scale: f64,
+        grads: &mut Grads,
+    ) -> Result<(f64, Tensor), ModelError> {
+        let targets = targets.flatten_all()?;
+        let hidden = hidden.detach();
+        let output = self.output_detached();
+        let (logits, ctx) = output.forward_saving(&hidden, None)?; // (n, v)
+        let loss_sum = k::cross_entropy_sum(&logits, &targets)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let dlogits = k::cross_entropy_backward(&logits, &targets, loss_scale)?;
+        drop(logits);
+        let d_hidden = output.backward(ctx, &dlogits, grads)?;
+        Ok((loss_sum, d_hidden))
+    }
+
+    /// `log p(targets[i] | prefix)` for every row of `hidden`: `targets (n)` u32 or i64 →
+    /// `(n)` in the hidden states' dtype.
+    pub fn token_logprobs(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
+        let logits = self.lm_logits(hidden)?;
+        Ok(logprobs_of(&logits, targets)?)
+    }
+
+    /// Backward of [`Llama::token_logprobs`] given `d_logp (n)`: adds the head's gradient into
+    /// `grads`, returns `d_hidden`. Recomputes the logits (one GEMM) rather than keep `(n, v)`.
+    pub fn token_logprobs_backward(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        d_logp: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor, ModelError> {
+        let hidden = hidden.detach();
+        let output = self.output_detached();
+        let (logits, ctx) = output.forward_saving(&hidden, None)?;
+        let n = logits.dim(0)?;
+        let targets = targets.flatten_all()?.to_dtype(DType::U32)?;
+        // d logits = g (onehot - softmax)
+        let p = softmax_rows(&logits)?;
+        drop(logits);
+        let onehot = Tensor::zeros(p.shape(), p.dtype(), p.device())?.scatter_add(
+            &targets.reshape((n, 1))?,
+            &Tensor::ones((n, 1), p.dtype(), p.device())?,
+            1,
+        )?;
+        let g = d_logp.reshape((n, 1))?.to_dtype(p.dtype())?;
+        let dlogits = (onehot - p)?.broadcast_mul(&g)?;
+        output.backward(ctx, &dlogits, grads)
+    }
+
+    fn output_detached(&self) -> Linear {
+        let mut o = self.output.clone();
+        if let LinearWeight::Dense(w) = &o.weight {
+            o.weight = LinearWeight::Dense(w.detach());
+        }
+        o
+    }
+}
+
+/// Row-wise softmax with the max subtracted.
+fn softmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log softmax(logits)[i, targets[i]]`: `(n, v)`, `(n)` → `(n)`.
+pub fn logprobs_of(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let n = logits.dim(0)?;
+    let m = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &m)?; // (n, 1)
+    let idx = targets
+        .flatten_all()?
+        .to_dtype(DType::U32)?
+        .reshape((n, 1))?;
+    (logits.gather(&idx, 1)? - lse)?.squeeze(1)
+}
+
+/// A scalar head `w (1, d)` read at one position per row: the reward model's score and PPO's
+/// value head (`score.weight`, as transformers' `LlamaForSequenceClassification` names it).
+pub struct ScalarHead {
+    pub linear: Linear,
+}
+
+impl ScalarHead {
+    pub const NAME: &'static str = "score";
+
+    /// Fresh head with std `1/sqrt(d+1)` (TRL's reward-model init).
+    pub fn init(dim: usize, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        let mut rng = SplitMix64::new(seed);
+        let std = 1.0 / ((dim + 1) as f64).sqrt();
+        let w: Vec<f32> = (0..dim).map(|_| (rng.next_normal() * std) as f32).collect();
+        Ok(Self::from_weight(Tensor::from_vec(w, (1, dim), device)?))
+    }
+
+    /// Over an existing `(1, d)` weight.
+    pub fn from_weight(w: Tensor) -> Self {
+        Self {
+            linear: Linear::dense(Self::NAME, w),
+        }
+    }
+
+    /// Scores `(rows.len())` read at the flat hidden-state indices `rows` (one per row).
+    pub fn forward(&self, hidden: &Tensor, rows: &[usize]) -> Result<Tensor, ModelError> {
+        let h = pick_rows(hidden, rows)?;
+        Ok(self.linear.forward(&h)?.squeeze(1)?)
+    }
+
+    /// Backward given `d_scores (rows.len())`: adds `score.weight`'s gradient into `grads`,
+    /// returns `d_hidden` (zero except at the rows read).
+    pub fn backward(
+        &self,
+        hidden: &Tensor,
+        rows: &[usize],
+        d_scores: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor, ModelError> {
+        let h = pick_rows(&hidden.detach(), rows)?;
+        let mut lin = self.linear.clone();
+        if let LinearWeight::Dense(w) = &lin.weight {
+            lin.weight = LinearWeight::Dense(w.detach());
+        }
+        let (_, ctx) = lin.forward_saving(&h, None)?;
+        let dy = d_scores.reshape((rows.len(), 1))?.to_dtype(h.dtype())?;
+        let dh = lin.backward(ctx, &dy, grads)?; // (rows, d)
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            hidden.device(),
+        )?;
+        Ok(
+            Tensor::zeros(hidden.shape(), hidden.dtype(), hidden.device())?
+                .index_add(&idx, &dh, 0)?,
+        )
+    }
+}
+
+/// The flat index of each row's last non-padding token: `lengths[r]` real tokens at the start
+/// of row `r` of a `(b, t)` batch (right padding).
+pub fn last_token_rows(lengths: &[usize], t: usize) -> Result<Vec<usize>, ModelError> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            if len == 0 || len > t {
+                Err(ModelError::Input(format!(
+                    "row {r} has {len} tokens; a scalar head needs 1..={t}"
+                )))
+            } else {
+                Ok(r * t + len - 1)
+            }
+        })
+        .collect()
+}
+
+fn pick_rows(hidden: &Tensor, rows: &[usize]) -> Result<Tensor, ModelError> {
+    let n = hidden.dim(0)?;
+    if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+        return Err(ModelError::Input(format!(
+            "row index {bad} is out of range for {n} hidden states"
+        )));
+    }
+    let idx = Tensor::from_vec(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        rows.len(),
+        hidden.device(),
+    )?;
+    Ok(hidden.index_select(&idx, 0)?)
+}
+
+/// Cross-entropy for callers that want one number: `(sum, n_valid)` of `-log p(target)` over
+/// targets != -100 (`logits (..., v)`, `targets (...)` i64).
+pub fn loss_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize), ModelError> {
+    let targets = targets.flatten_all()?;
+    let logits = logits.reshape(((), logits.dim(D::Minus1)?))?;
+    let n = k::count_valid_targets(&targets)?;
+    Ok((k::cross_entropy_sum(&logits, &targets)?, n))
+}

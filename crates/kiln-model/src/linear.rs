@@ -1,0 +1,354 @@
+//! `Linear`: every projection of the model, `y = x W^T (+ LoRA)`.
+//!
+//! The weight is dense (f32, what training updates) or GGML blocks (inference, and a frozen
+//! base under LoRA). An optional LoRA adapter (Hu et al. 2021, in PEFT's layout) adds a
+//! low-rank update without touching W:
+//!
+//! ```text
+//! y = x W^T + s · (drop(x) A^T) B^T        A (r, in), B (out, r), s = alpha / r
+//! ```
+//!
+//! [`Linear::forward_saving`] keeps what [`Linear::backward`] needs; the backward returns `dx`
+//! and adds the gradients of whatever is trainable into the gradient map: W when it is
+//! trainable, A and B when there is an adapter. A frozen weight gets no gradient at all (and
+//! therefore no optimizer state). Gradient names follow PEFT: `<prefix>.weight`,
+//! `<prefix>.lora_A.weight`, `<prefix>.lora_B.weight`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::qkernels::{RawKind, RawQ};
+use crate::{ModelError, SplitMix64};
+
+/// Gradients by parameter name, accumulated over micro-batches.
+pub type Grads = BTreeMap<String, Tensor>;
+
+/// Adds `g` into `grads[name]`.
+pub(crate) fn accumulate(grads: &mut Grads, name: &str, g: Tensor) -> candle_core::Result<()> {
+    let g = match grads.remove(name) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(name.to_string(), g);
+    Ok(())
+}
+
+/// The weight of a projection, `(out, in)`.
+#[derive(Clone)]
+pub enum LinearWeight {
+    /// f32 (or f64 in gradient checks), on any device.
+    Dense(Tensor),
+    /// GGML blocks with one of kiln's exact kernels (Q4_0, Q4_1, Q8_0, F16).
+    Raw(Arc<RawQ>),
+    /// Other GGML types, through candle's quantised matmul (8-bit activations).
+    Quant(Arc<QTensor>),
+}
+
+/// A LoRA adapter: `A (r, in)`, `B (out, r)`, scale `alpha / r`, dropout on the adapter's input.
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl Lora {
+    /// PEFT's default init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)),
+    /// B = 0, so a fresh adapter leaves the model unchanged.
+    pub fn init(
+        out_dim: usize,
+        in_dim: usize,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        rng: &mut SplitMix64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        if rank == 0 {
+            return Err(ModelError::Config("LoRA rank must be at least 1".into()));
+        }
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a: Vec<f32> = (0..rank * in_dim)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (rank, in_dim), device)?.to_dtype(dtype)?,
+            b: Tensor::zeros((out_dim, rank), dtype, device)?,
+            scale: alpha / rank as f64,
+            dropout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A projection `y = x W^T (+ LoRA)`; see the module docs.
+#[derive(Clone)]
+pub struct Linear {
+    /// Parameter name prefix (`layers.0.attention.wq`), for gradient names.
+    pub name: String,
+    pub weight: LinearWeight,
+    /// Whether W gets a gradient (false for a frozen base under LoRA).
+    pub trainable: bool,
+    pub lora: Option<Lora>,
+    /// Where the weight's gradient goes (the embedding's name for a tied output head).
+    weight_grad_name: String,
+}
+
+/// What [`Linear::backward`] needs from the forward.
+pub struct LinearCtx {
+    x: Tensor,
+    /// `drop(x)` for the adapter, `drop(x) A^T` and the dropout mask, when there is an adapter.
+    lora: Option<(Tensor, Tensor, Option<Tensor>)>,
+}
+
+impl LinearWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize), ModelError> {
+        Ok(match self {
+            LinearWeight::Dense(w) => w.dims2()?,
+            LinearWeight::Raw(r) => (r.n, r.k),
+            LinearWeight::Quant(q) => q.shape().dims2()?,
+        })
+    }
+
+    /// The GGML type of the weight (F32 for dense ones).
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        match self {
+            LinearWeight::Dense(_) => GgmlDType::F32,
+            LinearWeight::Raw(r) => match r.kind {
+                RawKind::Q4_0 => GgmlDType::Q4_0,
+                RawKind::Q4_1 => GgmlDType::Q4_1,
+                RawKind::Q8_0 => GgmlDType::Q8_0,
+                RawKind::F16 => GgmlDType::F16,
+            },
+            LinearWeight::Quant(q) => q.dtype(),
+        }
+    }
+
+    /// Dequantised `(out, in)` f32 (the dense tensor itself when dense).
+    pub fn dequantize(&self) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Raw(r) => Tensor::from_vec(r.dequantize(), (r.n, r.k), &Device::Cpu)?,
+            LinearWeight::Quant(q) => q.dequantize(&Device::Cpu)?,
+        })
+    }
+
+    /// `x (m, in)` → `x W^T (m, out)`.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            LinearWeight::Dense(w) => Ok(x.matmul(&w.t()?)?),
+            LinearWeight::Raw(r) => {
+                let m = x.dims2()?.0;
+                let xs = x
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Ok(Tensor::from_vec(r.matmul(&xs, m), (m, r.n), x.device())?)
+            }
+            LinearWeight::Quant(q) => Ok(QMatMul::QTensor(q.clone()).forward(x)?),
+        }
+    }
+
+    /// `x (m, in)` row-major values → `(m, out)` row-major, without tensor ops for kiln's
+    /// block kernels (the decode fast path).
+    pub(crate) fn matmul_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>, ModelError> {
+        match self {
+            LinearWeight::Raw(r) => Ok(r.matmul(x, m)),
+            _ => {
+                let (_, k) = self.dims()?;
+                let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                let xt = match self {
+                    LinearWeight::Dense(w) => xt.to_device(w.device())?.to_dtype(w.dtype())?,
+                    _ => xt,
+                };
+                Ok(self
+                    .matmul(&xt)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            }
+        }
+    }
+}
+
+impl Linear {
+    /// A trainable dense projection named `name` (`layers.0.attention.wq`).
+    pub fn dense(name: &str, w: Tensor) -> Self {
+        Self::new(name, LinearWeight::Dense(w), true)
+    }
+
+    pub fn new(name: &str, weight: LinearWeight, trainable: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            weight,
+            trainable,
+            lora: None,
+            weight_grad_name: format!("{name}.weight"),
+        }
+    }
+
+    /// Sends the weight's gradient to another parameter (a tied output head's gradient goes
+    /// to the embedding table).
+    pub(crate) fn with_weight_grad_name(mut self, name: &str) -> Self {
+        self.weight_grad_name = name.to_string();
+        self
+    }
+
+    pub fn weight_grad_name(&self) -> &str {
+        &self.weight_grad_name
+    }
+
+    pub fn lora_a_name(&self) -> String {
+        format!("{}.lora_A.weight", self.name)
+    }
+
+    pub fn lora_b_name(&self) -> String {
+        format!("{}.lora_B.weight", self.name)
+    }
+
+    /// Inference forward (no dropout): `x (m, in)` → `(m, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let y = self.weight.matmul(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let delta = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                Ok((y + (delta * l.scale)?)?)
+            }
+        }
+    }
+
+    /// Training forward: also returns what the backward needs. `dropout_rng` draws the
+    /// adapter's dropout mask (inverted dropout) when the adapter has dropout.
+    pub fn forward_saving(
+        &self,
+        x: &Tensor,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<(Tensor, LinearCtx), ModelError> {
+        let y = self.weight.matmul(x)?;
+        let Some(l) = &self.lora else {
+            return Ok((
+                y,
+                LinearCtx {
+                    x: x.clone(),
+                    lora: None,
+                },
+            ));
+        };
+        let mask = match dropout_rng {
+            Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+            _ => None,
+        };
+        let xd = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let u = xd.matmul(&l.a.t()?)?; // (m, r)
+        let y = (y + (u.matmul(&l.b.t()?)? * l.scale)?)?;
+        Ok((
+            y,
+            LinearCtx {
+                x: x.clone(),
+                lora: Some((xd, u, mask)),
+            },
+        ))
+    }
+
+    /// Backward of [`Linear::forward_saving`]: adds the trainable gradients into `grads`,
+    /// returns `dx (m, in)`.
+    pub fn backward(
+        &self,
+        ctx: LinearCtx,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor, ModelError> {
+        if self.trainable {
+            accumulate(grads, &self.weight_grad_name, dy.t()?.matmul(&ctx.x)?)?;
+        }
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.clone(),
+            // A frozen quantised base (QLoRA): dx needs W, dequantised on the fly.
+            other => other.dequantize()?.to_dtype(dy.dtype())?,
+        };
+        let mut dx = dy.matmul(&w)?;
+        if let (Some(l), Some((xd, u, mask))) = (&self.lora, ctx.lora) {
+            let du = (dy.matmul(&l.b)? * l.scale)?; // (m, r)
+            accumulate(grads, &self.lora_b_name(), (dy.t()?.matmul(&u)? * l.scale)?)?;
+            accumulate(grads, &self.lora_a_name(), du.t()?.matmul(&xd)?)?;
+            // d(drop(x)) = du A; dropout's backward multiplies by the same mask.
+            let dxd = du.matmul(&l.a)?;
+            let dxd = match mask {
+                Some(m) => (dxd * m)?,
+                None => dxd,
+            };
+            dx = (dx + dxd)?;
+        }
+        Ok(dx)
+    }
+
+    /// Single-row or few-row forward on plain values (the decode fast path), adapter included.
+    pub(crate) fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>, ModelError> {
+        let mut y = self.weight.matmul_rows(x, m)?;
+        if let Some(delta) = self.lora_delta_rows(x, m)? {
+            for (y, d) in y.iter_mut().zip(delta) {
+                *y += d;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The adapter's contribution `s · x A^T B^T` for rows of plain values, if there is one.
+    pub(crate) fn lora_delta_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+    ) -> Result<Option<Vec<f32>>, ModelError> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let k = l.a.dims()[1];
+        let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?
+            .to_device(l.a.device())?
+            .to_dtype(l.a.dtype())?;
+        let d = (xt.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?;
+        Ok(Some(
+            d.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?,
+        ))
+    }
+
+    /// `W + s B A` as a dense weight, and no adapter: the merged projection.
+    pub fn merged(&self) -> Result<Linear, ModelError> {
+        let Some(l) = &self.lora else {
+            return Ok(self.clone());
+        };
+        let w = self.weight.dequantize()?.to_device(l.a.device())?;
+        let w = (w.to_dtype(l.a.dtype())? + (l.b.matmul(&l.a)? * l.scale)?)?;
+        let mut out = Linear::new(&self.name, LinearWeight::Dense(w), self.trainable);
+        out.weight_grad_name = self.weight_grad_name.clone();
+        Ok(out)
+    }
+}
+
+/// Inverted dropout mask: 0 with probability p, 1/(1-p) otherwise, drawn from `rng` so a
+/// resumed run draws the same masks.
+pub(crate) fn dropout_mask(x: &Tensor, p: f64, rng: &mut SplitMix64) -> Result<Tensor, ModelError> {
+    let keep_scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale })
+        .collect();
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
