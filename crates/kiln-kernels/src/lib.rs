@@ -10,6 +10,7 @@
 //! | [`rms_norm`] | x (..., d), weight (d) -> (..., d) |
 //! | [`rope`] | x (b, h, t, hd), cos/sin (t, hd/2) -> (b, h, t, hd) |
 //! | [`masked_softmax`] | scores (b, h, tq, tk) -> same |
+//! | [`attention`] | q (b, h, tq, hd), k/v (b, hkv, tk, hd) -> out (b, h, tq, hd), lse (b, h, tq) |
 //! | [`swiglu`] | gate, up (any, equal) -> same |
 //! | [`cross_entropy_sum`] | logits (n, v), targets (n) i64 -> () |
 //! | [`adamw_step`] | in place on param / m / v |
@@ -19,6 +20,7 @@
 //! per-node gradient bookkeeping on the training hot path.
 
 mod adamw;
+mod attention;
 mod cross_entropy;
 mod rms_norm;
 mod rope;
@@ -29,6 +31,7 @@ mod util;
 pub use adamw::{
     adamw_step, reference_adamw_step, reference_sum_of_squares, sum_of_squares, AdamWParams,
 };
+pub use attention::{attention, attention_backward, reference_attention, AttentionMask};
 pub use cross_entropy::{
     count_valid_targets, cross_entropy_backward, cross_entropy_sum, reference_cross_entropy_sum,
     IGNORE_INDEX,
