@@ -6,7 +6,7 @@ mod generate;
 mod sampling;
 
 pub use chat::{ChatTemplate, Conversation, Message};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use generate::{generate, generate_batch, FinishReason, GenerateOptions, Generation};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -12,9 +12,9 @@
 use candle_core::Tensor;
 use kiln_kernels as k;
 
-use crate::attn_shim::{attention, attention_backward, AttentionMask};
 use crate::linear::{accumulate, dropout_mask, Grads, Linear, LinearCtx};
 use crate::{KvCache, ModelError, SplitMix64};
+use kiln_kernels::{attention, attention_backward, AttentionMask};
 
 pub(crate) struct Block {
     pub(crate) index: usize,

@@ -2,7 +2,6 @@
 //! `Linear` projections with LoRA, KV cache, quantised weights) and its parameter/FLOP
 //! accounting. It knows nothing of optimizers, data or parallelism.
 
-mod attn_shim;
 mod block;
 mod cache;
 mod config;
