@@ -218,10 +218,6 @@ fn compare_with_pytorch(
     json: bool,
     kiln: &TrainBench,
 ) -> Result<()> {
-    anyhow::ensure!(
-        kiln.batch_size == 8 && kiln.seq_len == 256 || preset == "tiny",
-        "--pytorch compares the presets' own batch/context; drop --batch-size/--seq-len"
-    );
     let script = std::path::Path::new("bench/reference/bench_train.py");
     anyhow::ensure!(
         script.exists(),
@@ -229,9 +225,18 @@ fn compare_with_pytorch(
         script.display()
     );
     let threads = candle_core::utils::get_num_threads().to_string();
-    let out = std::process::Command::new("python3")
+    // The binary (not a library) may read the environment: PYTHON picks the interpreter
+    // that has torch.
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
         .arg(script)
         .args(["--preset", preset, "--threads", &threads, "--json"])
+        .args([
+            "--seq-len",
+            &kiln.seq_len.to_string(),
+            "--batch-size",
+            &kiln.batch_size.to_string(),
+        ])
         .args([
             "--warmup",
             &warmup.to_string(),
@@ -239,7 +244,7 @@ fn compare_with_pytorch(
             &steps.to_string(),
         ])
         .output()
-        .map_err(|e| anyhow::anyhow!("running python3 {}: {e}", script.display()))?;
+        .map_err(|e| anyhow::anyhow!("running {python} {}: {e}", script.display()))?;
     anyhow::ensure!(
         out.status.success(),
         "the PyTorch benchmark failed:\n{}",
