@@ -8,9 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
-use kiln_model::gguf::{self, GgufFile};
-use kiln_model::{CausalLm, KvCache, Llama, QLlama};
-use kiln_train::resolve::{load_weights, ModelFormat};
+use kiln_load::Weights;
+use kiln_model::{CausalLm, KvCache};
 
 use crate::commands::device;
 
@@ -38,32 +37,14 @@ pub struct BenchGenerateArgs {
 }
 
 fn load(a: &BenchGenerateArgs) -> Result<(Box<dyn CausalLm>, String)> {
-    let fmt = ModelFormat::detect(&a.model);
-    match a.weights.as_str() {
-        "native" if fmt == ModelFormat::Gguf => {
-            let f = GgufFile::open(&a.model)?;
-            let cfg = f.config()?;
-            let m = QLlama::from_gguf(&f, &cfg)?;
-            let desc = format!("{:?}", m.weight_types());
-            Ok((Box::new(m), desc))
-        }
-        "native" | "f32" => {
-            let w = load_weights(&a.model, &device())?;
-            Ok((
-                Box::new(Llama::new(&w.config, &w.params)?),
-                "f32 (Llama)".into(),
-            ))
-        }
-        other => {
-            let Some(t) = gguf::parse_dtype(other) else {
-                bail!("--weights {other:?}: use native, f32 or a GGML type (q8_0, q4_0, f16, ...)");
-            };
-            let w = load_weights(&a.model, &device())?;
-            let m = QLlama::from_params(&w.config, &w.params, t)?;
-            let desc = format!("{:?} (requantised)", m.weight_types());
-            Ok((Box::new(m), desc))
-        }
-    }
+    let Some(weights) = Weights::parse(&a.weights) else {
+        bail!(
+            "--weights {:?}: use native, f32 or a GGML type (q8_0, q4_0, f16, ...)",
+            a.weights
+        );
+    };
+    let m = kiln_load::load_model(&a.model, weights, &device())?;
+    Ok((m.model, m.weights))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -1,6 +1,7 @@
 //! `kiln chat`: multi-turn chat in the terminal with the model's own chat template (Jinja,
 //! rendered by minijinja), streaming each reply and keeping the history within the context
-//! window (the oldest exchanges are dropped first; the system prompt stays).
+//! window (the oldest exchanges are dropped first; the system prompt stays). The turn policy
+//! is kiln-infer's `ChatSession`; this file reads stdin and prints.
 //!
 //! On a terminal it is interactive (`/reset` forgets the history, `/quit` or Ctrl-D ends).
 //! Otherwise every line of stdin is one user turn and each reply is printed followed by a
@@ -9,10 +10,10 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use kiln_infer::{
-    generate as generate_text, ChatTemplate, Conversation, GenerateOptions, Message, Sampler,
+    generate as generate_text, ChatConfig, ChatSession, GenerateOptions, InferError, Sampler,
 };
 use tracing::info;
 
@@ -40,38 +41,25 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let m = crate::pretrained::load_for_inference(&a.model, a.dequantize)?;
+    let m = crate::commands::load_for_inference(&a.model, a.dequantize)?;
     let tok = &m.tokenizer;
-    let source = match &a.template {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading the chat template {}", p.display()))?,
-        None => match &tok.chat_template {
-            Some(t) => t.clone(),
-            None => bail!(
-                "{} has no chat template; give one with --template FILE",
-                a.model.display()
-            ),
-        },
+    let template = match &a.template {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the chat template {}", p.display()))?,
+        ),
+        None => None,
     };
-    let template = ChatTemplate::new(
-        &source,
-        tok.bos.as_ref().map(|b| b.1.as_str()),
-        tok.eos.as_ref().map(|e| e.1.as_str()),
-    )?;
     let s = &a.sampling;
-    let mut sampler = Sampler::new(s.params())?;
-    let max_context = a
-        .max_context
-        .unwrap_or(m.config.max_seq_len)
-        .min(m.config.max_seq_len);
-    let opts = GenerateOptions {
+    let config = ChatConfig {
+        system: a.system.clone(),
+        template,
+        max_context: a.max_context,
         max_new_tokens: s.max_new_tokens,
-        stop_strings: s.stop.clone(),
-        stop_tokens: tok.stop_ids.clone(),
-        truncate_prompt: false,
     };
+    let mut session = ChatSession::new(tok, m.config.max_seq_len, config)?;
+    let mut sampler = Sampler::new(s.params())?;
     let interactive = std::io::stdin().is_terminal();
-    let mut convo = Conversation::new(a.system.clone());
     if interactive {
         eprintln!(
             "chatting with {} (/reset clears the history, /quit or Ctrl-D ends)",
@@ -94,32 +82,39 @@ pub fn run(a: ChatArgs) -> Result<()> {
         match text.trim() {
             "/quit" | "/exit" => break,
             "/reset" => {
-                convo = Conversation::new(a.system.clone());
+                session.reset();
                 eprintln!("(history cleared)");
                 continue;
             }
             _ => {}
         }
-        convo.turns.push(Message::new("user", text));
-        let (prompt, dropped) = convo.prompt_ids(
-            &template,
-            &tok.tokenizer,
-            None,
-            max_context,
-            s.max_new_tokens.min(max_context / 2),
-        )?;
-        if dropped > 0 {
+        let turn = match session.user_turn(&tok.tokenizer, text) {
+            Ok(t) => t,
+            // At a terminal, a message too long for the context is reported and the chat
+            // goes on; a script gets the error.
+            Err(e @ InferError::TurnTooLong { .. }) if interactive => {
+                eprintln!("error: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if turn.dropped_turns > 0 {
             info!(
-                dropped_turns = dropped,
+                dropped_turns = turn.dropped_turns,
                 "history trimmed to fit the context window"
             );
-            convo.turns.drain(..dropped);
         }
+        let opts = GenerateOptions {
+            max_new_tokens: turn.max_new_tokens,
+            stop_strings: s.stop.clone(),
+            stop_tokens: tok.stop_ids.clone(),
+            truncate_prompt: false,
+        };
         let mut stdout = std::io::stdout().lock();
         let out = generate_text(
             m.model.as_ref(),
             &tok.tokenizer,
-            &prompt,
+            &turn.prompt_ids,
             &mut sampler,
             &opts,
             |piece| {
@@ -129,9 +124,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         )?;
         let _ = writeln!(stdout);
         drop(stdout);
-        convo
-            .turns
-            .push(Message::new("assistant", out.text.trim_end()));
+        session.record_reply(&out.text);
         tracing::debug!(
             prompt_tokens = out.prompt_tokens,
             new_tokens = out.token_ids.len(),

@@ -1,6 +1,6 @@
 //! The verbs of the `kiln` binary.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,8 +11,8 @@ use kiln_data::{
     prepare_dataset, train_bpe, BpeTrainOptions, Dataset, KilnTokenizer, PrepareOptions,
 };
 use kiln_infer::{generate as generate_text, GenerateOptions, Sampler};
+use kiln_load::{InferenceModel, LoadedWeights, Weights};
 use kiln_model::{Llama, ModelConfig};
-use kiln_train::resolve::ResolvedModel;
 use kiln_train::{evaluate_loss, RunConfig, Trainer};
 use tracing::info;
 
@@ -79,34 +79,46 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
 
 /// Loads a model and its tokenizer from a run, checkpoint, weights file, HF directory or GGUF
 /// file (dequantised: this is the model training and evaluation use).
-pub fn load_model(path: &Path) -> Result<(ResolvedModel, Llama, KilnTokenizer)> {
-    let w = kiln_train::resolve::load_weights(path, &device())?;
+pub fn load_model(path: &Path) -> Result<(LoadedWeights, Llama, KilnTokenizer)> {
+    let tok = kiln_load::load_tokenizer(path)?;
+    let w = kiln_load::load_weights(path, &device())?;
+    kiln_load::check_vocab(&tok, &w.config)?;
     let model = Llama::new(&w.config, &w.params)?;
-    let tok = kiln_train::resolve::load_tokenizer(path)?;
-    crate::pretrained::check_vocab(&tok, &w.config)?;
-    let resolved = ResolvedModel {
-        config: w.config,
-        weights: w.weights,
-        tokenizer: Some(tok.source.clone()),
-        run_config: w.run_config,
-    };
-    Ok((resolved, model, tok.tokenizer))
+    Ok((w, model, tok.tokenizer))
+}
+
+/// Loads a model for generation and chat: a GGUF keeps its quantised weights unless
+/// `dequantize`; everything else runs dense f32.
+pub fn load_for_inference(path: &Path, dequantize: bool) -> Result<InferenceModel> {
+    let t0 = std::time::Instant::now();
+    let m = kiln_load::load_inference(path, Weights::native_or_dense(dequantize), &device())?;
+    info!(
+        format = m.format.name(),
+        params = m.config.param_counts().0,
+        weights = m.weights,
+        context = m.config.max_seq_len,
+        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+        "loaded {}",
+        path.display()
+    );
+    Ok(m)
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let (resolved, model, _) = load_model(&a.model)?;
-    let data_dir = match (&a.data, &resolved.run_config) {
+    let (loaded, model, _) = load_model(&a.model)?;
+    let run = loaded.run.as_ref();
+    let data_dir = match (&a.data, run.and_then(|r| r.dataset.as_ref())) {
         (Some(d), _) => d.clone(),
-        (None, Some(run)) => run.data.dataset.clone(),
+        (None, Some(dataset)) => dataset.clone(),
         (None, None) => bail!("--data is required: {} names no dataset", a.model.display()),
     };
     let data = Dataset::open(&data_dir)?;
-    if data.meta.vocab_size > resolved.config.vocab_size {
+    if data.meta.vocab_size > loaded.config.vocab_size {
         bail!(
             "tokenizer/model vocab mismatch: dataset {} has {} tokens, the model {}",
             data_dir.display(),
             data.meta.vocab_size,
-            resolved.config.vocab_size
+            loaded.config.vocab_size
         );
     }
     let shard = match a.split.as_str() {
@@ -114,7 +126,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "train" => &data.train,
         other => bail!("--split must be val or train, got {other:?}"),
     };
-    let seq_len = a.seq_len.unwrap_or(resolved.config.max_seq_len);
+    let seq_len = a.seq_len.unwrap_or(loaded.config.max_seq_len);
     let n = kiln_data::eval_batch_count(shard.len(), a.batch_size, seq_len, a.batches);
     if n == 0 {
         bail!(
@@ -128,11 +140,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let batches = kiln_data::eval_batches(shard, a.batch_size, seq_len, a.batches);
     if model.config().attention == kiln_model::AttentionMode::Bidirectional {
         // An MLM encoder: loss and accuracy over the masked tokens (fixed validation masking).
-        let opts = resolved
-            .run_config
-            .as_ref()
-            .map(|r| r.mlm_options())
-            .unwrap_or_default();
+        let opts = match run {
+            Some(r) => RunConfig::load(&r.config_file, &[])?.mlm_options(),
+            None => Default::default(),
+        };
         let tok = KilnTokenizer::load(data_dir.join("tokenizer.json"))?;
         let masker = kiln_data::MlmMasker::new(&tok, opts)?;
         let r = kiln_train::evaluate_mlm(&model, &masker, batches)?;
@@ -168,7 +179,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let m = crate::pretrained::load_for_inference(&a.model, a.dequantize)?;
+    let m = load_for_inference(&a.model, a.dequantize)?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
     let mut sampler = Sampler::new(s.params())?;
@@ -179,12 +190,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         truncate_prompt: s.truncate_prompt,
     };
     let prompt = m.tokenizer.encode_prompt(&a.prompt)?;
+    // stdout is the continuation, byte for byte; a terminal gets its line break on stderr.
     let mut stdout = std::io::stdout().lock();
     let out = generate_text(model, tokenizer, &prompt, &mut sampler, &opts, |piece| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;
-    let _ = writeln!(stdout);
+    if stdout.is_terminal() {
+        eprintln!();
+    }
     let n = out.token_ids.len();
     info!(
         prompt_tokens = out.prompt_tokens,
@@ -244,7 +258,7 @@ pub fn data(c: DataCommand) -> Result<()> {
             seed,
         } => {
             // A tokenizer.json, or the tokenizer of a model (HF directory, GGUF file, run).
-            let tok = kiln_train::resolve::load_tokenizer(&tokenizer)?.tokenizer;
+            let tok = kiln_load::load_tokenizer(&tokenizer)?.tokenizer;
             let opts = PrepareOptions {
                 val_fraction,
                 seed,

@@ -10,9 +10,9 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use kiln_data::gguf_tokenizer::{vocab_from_tokenizer, GgufVocab};
 use kiln_data::ModelTokenizer;
+use kiln_load::{check_vocab, load_tokenizer, load_weights, ModelFormat};
 use kiln_model::gguf::{self, GgufExportTypes, GgufFile, GgufValue};
 use kiln_model::hf;
-use kiln_train::resolve::{load_tokenizer, load_weights, ModelFormat};
 use tracing::info;
 
 use crate::commands::device;
@@ -43,9 +43,9 @@ pub struct ExportArgs {
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let w = load_weights(&a.model, &device())?;
     let tok = load_tokenizer(&a.model)?;
-    crate::pretrained::check_vocab(&tok, &w.config)?;
+    let w = load_weights(&a.model, &device())?;
+    check_vocab(&tok, &w.config)?;
     match a.format {
         ExportFormat::Hf => {
             let dtype = match a.dtype.as_deref().unwrap_or("f32") {
@@ -202,6 +202,17 @@ fn tokenizer_metadata(
     }
     if let Some((id, _)) = &tok.eos {
         kv.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*id)));
+    }
+    // llama.cpp has one more end-of-generation slot (end of turn): the first other stop id
+    // that `<|endoftext|>` does not already cover on reading.
+    let eos = tok.eos.as_ref().map(|e| e.0);
+    let endoftext = tok.tokenizer.eos_id();
+    if let Some(&id) = tok
+        .stop_ids
+        .iter()
+        .find(|&&id| Some(id) != eos && Some(id) != endoftext)
+    {
+        kv.push(("tokenizer.ggml.eot_token_id".into(), GgufValue::U32(id)));
     }
     if let Some(t) = &tok.chat_template {
         kv.push((

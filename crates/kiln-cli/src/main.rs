@@ -15,7 +15,6 @@ mod chat;
 mod commands;
 mod export;
 mod fill_mask;
-mod pretrained;
 mod progress;
 mod scaling;
 mod tokenize;

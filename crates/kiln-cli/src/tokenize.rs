@@ -29,7 +29,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(a: TokenizeArgs) -> Result<()> {
-    let tok = kiln_train::resolve::load_tokenizer(&a.model)?;
+    let tok = kiln_load::load_tokenizer(&a.model)?;
     let text = match a.text {
         Some(t) => t,
         None => {

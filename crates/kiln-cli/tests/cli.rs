@@ -91,8 +91,9 @@ fn pretrain_then_generate_eval_and_plot() {
         text(&o).0
     };
     let greedy = gen(&["--temperature", "0"]);
-    // (after 30 steps the continuation may well be whitespace, but 12 tokens were generated)
-    assert!(greedy.len() > 1, "{greedy:?}");
+    // (after 30 steps the continuation may well be whitespace, but 12 tokens were generated;
+    // stdout is exactly the continuation, with no newline added)
+    assert!(!greedy.is_empty(), "{greedy:?}");
     assert!(
         !greedy.contains("Enter PROSPERO"),
         "stdout must not echo the prompt: {greedy}"

@@ -331,3 +331,149 @@ run_dir = "run"
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("norm_eps"), "{err}");
 }
+
+/// `kiln generate` (greedy, from "To be, or not to be") on `model`: (stdout, stderr).
+fn generate_greedy(model: &std::path::Path, max_new_tokens: &str) -> (String, String) {
+    let o = kiln_in(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "To be, or not to be",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            max_new_tokens,
+        ],
+        &root(),
+        None,
+    );
+    let out = ok(&o);
+    (out, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn generate_prints_the_continuation_exactly_and_stops_at_every_declared_stop_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("model");
+    std::fs::create_dir(&src).unwrap();
+    for e in std::fs::read_dir(hf_tiny()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    let src_s = src.to_str().unwrap();
+
+    // stdout is the continuation byte for byte: one token is exactly that token's text, with
+    // no newline after it.
+    let (first, err) = generate_greedy(&src, "1");
+    assert!(err.contains("MaxTokens"), "{err}");
+    let ids: Vec<u32> =
+        serde_json::from_str(kiln(&["tokenize", "--model", src_s, "--text", &first]).trim())
+            .unwrap();
+    assert_eq!(ids.len(), 1, "one token: {first:?} -> {ids:?}");
+    let decoded = kiln(&[
+        "tokenize",
+        "--model",
+        src_s,
+        "--decode",
+        "--json",
+        "--text",
+        &serde_json::to_string(&ids).unwrap(),
+    ]);
+    assert_eq!(
+        serde_json::from_str::<String>(decoded.trim()).unwrap(),
+        first
+    );
+    let (longer, _) = generate_greedy(&src, "8");
+    assert!(
+        longer.starts_with(&first) && longer.len() > first.len(),
+        "{longer:?}"
+    );
+
+    // A model that declares that token an end token too (as Llama 3 lists several EOS ids in
+    // generation_config.json) stops right before it.
+    let stop = ids[0];
+    std::fs::write(
+        src.join("generation_config.json"),
+        serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, stop]}).to_string(),
+    )
+    .unwrap();
+    let (out, err) = generate_greedy(&src, "8");
+    assert_eq!(out, "", "{err}");
+    assert!(err.contains("StopToken"), "{err}");
+
+    // The HF export writes the same stop set, and the GGUF export keeps it (as EOS + EOT):
+    // both stop there too.
+    let hf = d.join("hf");
+    let gguf = d.join("m.gguf");
+    kiln(&[
+        "export",
+        "--model",
+        src_s,
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    kiln(&[
+        "export",
+        "--model",
+        src_s,
+        "--format",
+        "gguf",
+        "--type",
+        "f32",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    let gen_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("generation_config.json")).unwrap())
+            .unwrap();
+    let declared: Vec<u32> = serde_json::from_value(gen_cfg["eos_token_id"].clone()).unwrap();
+    assert!(
+        declared.contains(&2) && declared.contains(&stop),
+        "{gen_cfg}"
+    );
+    for m in [&hf, &gguf] {
+        let (out, err) = generate_greedy(m, "8");
+        assert_eq!(out, "", "{}: {err}", m.display());
+        assert!(err.contains("StopToken"), "{}: {err}", m.display());
+    }
+}
+
+#[test]
+fn generated_special_tokens_are_never_printed() {
+    // After a finished user turn SmolLM2 opens the assistant's turn itself: it generates
+    // <|im_start|> (a special token, but not an end token), then "assistant\n" and the answer.
+    let m = smollm2();
+    let gen = |n: &str| {
+        let o = kiln_in(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                n,
+            ],
+            &root(),
+            None,
+        );
+        (ok(&o), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // The first token is generated (and is no end token) but prints nothing.
+    let (out, err) = gen("1");
+    assert_eq!(out, "");
+    assert!(
+        err.contains("new_tokens=1") && err.contains("MaxTokens"),
+        "{err}"
+    );
+    let (out, _) = gen("12");
+    assert!(out.starts_with("assistant\n"), "{out:?}");
+    assert!(!out.contains("<|"), "{out:?}");
+}

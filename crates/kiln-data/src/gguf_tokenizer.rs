@@ -217,6 +217,10 @@ pub struct GgufVocab {
     pub merges: Vec<String>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// `tokenizer.ggml.eot_token_id`: end of turn (chat models whose EOS is another token).
+    pub eot_id: Option<u32>,
+    /// `tokenizer.ggml.eom_token_id`: end of message (e.g. Llama 3.1 tool calls).
+    pub eom_id: Option<u32>,
     pub unk_id: Option<u32>,
     pub pad_id: Option<u32>,
     pub add_bos: Option<bool>,
@@ -301,6 +305,8 @@ impl GgufVocab {
             merges: strings("merges")?,
             bos_id: id("bos_token_id"),
             eos_id: id("eos_token_id"),
+            eot_id: id("eot_token_id"),
+            eom_id: id("eom_token_id"),
             unk_id: id("unknown_token_id"),
             pad_id: id("padding_token_id"),
             add_bos: get("add_bos_token").and_then(|v| v.as_bool()),

@@ -25,8 +25,11 @@ pub struct ModelTokenizer {
     pub add_bos: bool,
     /// The model's Jinja chat template, if it has one.
     pub chat_template: Option<String>,
-    /// Token ids that end a generation: EOS, `generation_config.json`'s EOS ids and
-    /// `<|endoftext|>` where the vocabulary has it.
+    /// Token ids that end a generation: every end token the model declares (EOS; an HF
+    /// directory's `generation_config.json` and `config.json` EOS ids; a GGUF's EOT/EOM ids and
+    /// the end-of-turn token its chat template uses) and `<|endoftext|>` where the vocabulary
+    /// has it. Sorted, no duplicates; an HF export writes exactly these as
+    /// `generation_config.json`'s `eos_token_id`.
     pub stop_ids: Vec<u32>,
     /// Where the tokenizer came from (for messages).
     pub source: PathBuf,
@@ -99,20 +102,7 @@ impl ModelTokenizer {
         let special = special_tokens(&vocab);
         let bos = special.get("bos").cloned();
         let eos = special.get("eos").cloned();
-        let mut stop_ids: Vec<u32> = eos.iter().map(|e| e.0).collect();
-        stop_ids.extend(tokenizer.token_id(EOS_TOKEN));
-        // Chat models end a turn with their end-of-turn token even when EOS is another one.
-        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
-            if vocab
-                .chat_template
-                .as_deref()
-                .is_some_and(|c| c.contains(t))
-            {
-                stop_ids.extend(tokenizer.token_id(t));
-            }
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = gguf_stop_ids(&vocab, &tokenizer);
         Ok(Self {
             add_bos: vocab.adds_bos(),
             chat_template: vocab.chat_template.clone(),
@@ -170,7 +160,10 @@ impl ModelTokenizer {
         };
         let mut stop_ids: Vec<u32> = eos.iter().map(|e| e.0).collect();
         stop_ids.extend(ids_of(gen.get("eos_token_id")));
+        stop_ids.extend(ids_of(model_cfg.get("eos_token_id")));
         stop_ids.extend(tokenizer.token_id(EOS_TOKEN));
+        // Ids past the vocabulary cannot be generated (and could not be decoded).
+        stop_ids.retain(|&id| (id as usize) < tokenizer.vocab_size());
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
@@ -236,6 +229,29 @@ impl ModelTokenizer {
     }
 }
 
+/// The stop ids a GGUF vocabulary declares: EOS, EOT and EOM, `<|endoftext|>`, and the
+/// end-of-turn token its chat template uses (chat models end a turn with it even when their EOS
+/// is another token).
+fn gguf_stop_ids(vocab: &GgufVocab, tokenizer: &KilnTokenizer) -> Vec<u32> {
+    let mut stop_ids: Vec<u32> = [vocab.eos_id, vocab.eot_id, vocab.eom_id]
+        .into_iter()
+        .flatten()
+        .collect();
+    stop_ids.extend(tokenizer.token_id(EOS_TOKEN));
+    for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        if vocab
+            .chat_template
+            .as_deref()
+            .is_some_and(|c| c.contains(t))
+        {
+            stop_ids.extend(tokenizer.token_id(t));
+        }
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    stop_ids
+}
+
 /// True when `path` starts with the GGUF magic.
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
@@ -244,4 +260,74 @@ pub fn is_gguf(path: &Path) -> bool {
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
         && &magic == b"GGUF"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf_tokenizer::{TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL};
+
+    /// A byte-level vocabulary with `<|endoftext|>` and chat markers as control tokens.
+    fn vocab() -> GgufVocab {
+        let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eom|>"]
+            .map(String::from)
+            .to_vec();
+        let mut token_types = vec![TOKEN_TYPE_CONTROL; tokens.len()];
+        for c in 'a'..='z' {
+            tokens.push(c.to_string());
+            token_types.push(TOKEN_TYPE_NORMAL);
+        }
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some("gpt2".into()),
+            tokens,
+            token_types,
+            bos_id: Some(1),
+            eos_id: Some(1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn gguf_stop_ids_are_every_declared_end_token() {
+        let mut v = vocab();
+        let tok = v.to_tokenizer().unwrap();
+        // EOS and <|endoftext|>.
+        assert_eq!(gguf_stop_ids(&v, &tok), vec![0, 1]);
+        // The template's end-of-turn marker, and the EOM id from the metadata.
+        v.chat_template = Some("{{ '<|im_start|>' + m + '<|im_end|>' }}".into());
+        v.eom_id = Some(3);
+        assert_eq!(gguf_stop_ids(&v, &tok), vec![0, 1, 2, 3]);
+        // An EOT id alone is enough too.
+        v.chat_template = None;
+        v.eom_id = None;
+        v.eot_id = Some(2);
+        assert_eq!(gguf_stop_ids(&v, &tok), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn hf_stop_ids_join_generation_config_and_config_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        vocab()
+            .to_tokenizer()
+            .unwrap()
+            .save(d.join("tokenizer.json"))
+            .unwrap();
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|im_end|>"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("generation_config.json"),
+            r#"{"eos_token_id": [2, 3]}"#,
+        )
+        .unwrap();
+        std::fs::write(d.join("config.json"), r#"{"eos_token_id": [1, 2, 99999]}"#).unwrap();
+        let tok = ModelTokenizer::from_hf_dir(d).unwrap();
+        assert_eq!(tok.eos, Some((2, "<|im_end|>".to_string())));
+        // 99999 is past the vocabulary: it can never be generated.
+        assert_eq!(tok.stop_ids, vec![0, 1, 2, 3]);
+    }
 }

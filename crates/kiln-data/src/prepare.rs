@@ -531,7 +531,7 @@ mod tests {
         let (dir, tok) = setup();
         let src = dir.path().join("src");
         let out1 = dir.path().join("out1");
-        let meta = prepare_dataset(&[src.clone()], &tok, &out1, &opts()).unwrap();
+        let meta = prepare_dataset(std::slice::from_ref(&src), &tok, &out1, &opts()).unwrap();
 
         // Expected stream: a.txt, then the three JSONL docs, each followed by EOS.
         let eos = tok.eos_id().unwrap();
@@ -647,7 +647,7 @@ mod tests {
         assert!(err.to_string().contains("nope.txt"), "{err}");
 
         let err = prepare_dataset(
-            &[src.clone()],
+            std::slice::from_ref(&src),
             &tok,
             &out,
             &PrepareOptions {
@@ -669,7 +669,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            prepare_dataset(&[src.clone()], &no_eos, &out, &opts()),
+            prepare_dataset(std::slice::from_ref(&src), &no_eos, &out, &opts()),
             Err(DataError::NoEos { .. })
         ));
     }

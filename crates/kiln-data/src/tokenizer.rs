@@ -89,6 +89,18 @@ impl KilnTokenizer {
             .map_err(|e| DataError::tok("decoding", e))
     }
 
+    /// Decodes ids to display text: like [`decode`](Self::decode), but special tokens (EOS,
+    /// chat markers, `[MASK]`, ...) are left out, as transformers' `skip_special_tokens=True`.
+    pub fn decode_skip_special(&self, ids: &[u32]) -> Result<String> {
+        let vocab_size = self.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(DataError::UnknownTokenId { id, vocab_size });
+        }
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| DataError::tok("decoding", e))
+    }
+
     /// Vocabulary size including added (special) tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -210,24 +222,45 @@ pub fn train_bpe(files: &[PathBuf], opts: &BpeTrainOptions) -> Result<KilnTokeni
 /// Byte-level BPE tokens can split a multi-byte character; decoding such a prefix gives
 /// U+FFFD. This decoder re-decodes the whole sequence on every push and emits only the
 /// new suffix, holding back trailing U+FFFD characters until the next token completes
-/// them (or [`finish`](Self::finish) flushes them). The concatenation of everything
-/// emitted equals `tokenizer.decode(all_ids)`.
+/// them (or [`finish`](Self::finish) flushes them).
+///
+/// Generated text is for display, so special tokens are not printed: the concatenation of
+/// everything emitted equals `tokenizer.decode_skip_special(all_ids)` (or
+/// `tokenizer.decode(all_ids)` for a decoder made with [`keeping_special`](Self::keeping_special)).
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
     /// Text already handed out; always a prefix of the current full decode.
     emitted: String,
+    keep_special: bool,
 }
 
 impl IncrementalDecoder {
+    /// A decoder that leaves special tokens out of the text.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder whose text includes special tokens, as [`KilnTokenizer::decode`].
+    pub fn keeping_special() -> Self {
+        Self {
+            keep_special: true,
+            ..Self::default()
+        }
+    }
+
+    fn decode_all(&self, tokenizer: &KilnTokenizer) -> Result<String> {
+        if self.keep_special {
+            tokenizer.decode(&self.ids)
+        } else {
+            tokenizer.decode_skip_special(&self.ids)
+        }
     }
 
     /// Adds one token and returns the newly printable text (possibly empty).
     pub fn push(&mut self, tokenizer: &KilnTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
+        let text = self.decode_all(tokenizer)?;
         // Everything up to the trailing replacement chars is stable: later bytes can only
         // complete the incomplete sequence at the end.
         let stable = text.trim_end_matches(char::REPLACEMENT_CHARACTER);
@@ -236,7 +269,7 @@ impl IncrementalDecoder {
 
     /// Flushes any held-back text (e.g. genuinely invalid trailing bytes, shown as U+FFFD).
     pub fn finish(&mut self, tokenizer: &KilnTokenizer) -> Result<String> {
-        let text = tokenizer.decode(&self.ids)?;
+        let text = self.decode_all(tokenizer)?;
         Ok(self.emit_up_to(&text))
     }
 
@@ -380,6 +413,24 @@ mod tests {
         assert_eq!(out, tok.decode(&ids).unwrap());
         // Some multi-byte char really was split across tokens (so hold-back was exercised).
         assert!(pieces.iter().any(|p| p.is_empty()), "{pieces:?}");
+
+        // Special tokens are not printed, unless asked for.
+        let ids = tok.encode("end.<|endoftext|>Start 🦀").unwrap();
+        for (mut dec, want) in [
+            (IncrementalDecoder::new(), "end.Start 🦀"),
+            (
+                IncrementalDecoder::keeping_special(),
+                "end.<|endoftext|>Start 🦀",
+            ),
+        ] {
+            let mut out = String::new();
+            for &id in &ids {
+                out.push_str(&dec.push(&tok, id).unwrap());
+            }
+            out.push_str(&dec.finish(&tok).unwrap());
+            assert_eq!(out, want);
+        }
+        assert_eq!(tok.decode_skip_special(&ids).unwrap(), "end.Start 🦀");
 
         // A lone continuation-byte token is flushed by finish() as U+FFFD.
         let mut dec = IncrementalDecoder::new();

@@ -2,13 +2,16 @@
 //! Python-style string/dict methods and the `raise_exception` / `strftime_now` helpers that
 //! transformers provides), and the conversation history kept within the context window.
 //!
+//! [`ChatSession`] is the turn policy on top: which template, how much of the context the reply
+//! may use, which old turns to drop, and the history.
+//!
 //! Like transformers, the environment trims blocks (`trim_blocks`, `lstrip_blocks`) and gets
 //! `messages`, `add_generation_prompt`, `bos_token` and `eos_token`.
 
 use serde::Serialize;
 
 use crate::InferError;
-use kiln_data::KilnTokenizer;
+use kiln_data::{KilnTokenizer, ModelTokenizer};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -201,13 +204,148 @@ impl Conversation {
             match next {
                 Some(n) if n < self.turns.len() => first = n,
                 _ => {
-                    return Err(InferError::PromptTooLong {
+                    return Err(InferError::TurnTooLong {
                         prompt: ids.len(),
-                        max_seq_len: budget,
+                        budget,
+                        max_context: max_tokens,
+                        reserve: reserve.max(1),
                     })
                 }
             }
         }
+    }
+}
+
+/// Settings of a [`ChatSession`].
+#[derive(Debug, Clone, Default)]
+pub struct ChatConfig {
+    /// System prompt (kept through every trim). `None` lets the template use its default.
+    pub system: Option<String>,
+    /// A Jinja chat template used instead of the model's own.
+    pub template: Option<String>,
+    /// Tokens the conversation may use, prompt and reply together (default, and at most: the
+    /// model's context window).
+    pub max_context: Option<usize>,
+    /// Most tokens a reply may have.
+    pub max_new_tokens: usize,
+}
+
+/// What to generate for the turn just added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    /// The rendered history, ending where the assistant's reply starts.
+    pub prompt_ids: Vec<u32>,
+    /// Tokens the reply may use: the configured maximum, capped so prompt and reply fit the
+    /// session's context.
+    pub max_new_tokens: usize,
+    /// Turns dropped from the front of the history (whole exchanges) to make room.
+    pub dropped_turns: usize,
+}
+
+/// A multi-turn chat: the template, the history and the policy that keeps it within the
+/// context. Each [`user_turn`](Self::user_turn) adds the user's message and returns the prompt
+/// ids; the oldest exchanges are dropped (the system prompt never) until the prompt leaves
+/// [`reply_budget`](Self::reply_budget) tokens of [`max_context`](Self::max_context) for the
+/// reply. [`record_reply`](Self::record_reply) adds the assistant's answer to the history.
+#[derive(Debug)]
+pub struct ChatSession {
+    template: ChatTemplate,
+    convo: Conversation,
+    max_context: usize,
+    max_new_tokens: usize,
+}
+
+impl ChatSession {
+    /// A session with `tokenizer`'s chat template (or `cfg.template`) for a model whose
+    /// context window is `model_context` tokens.
+    pub fn new(
+        tokenizer: &ModelTokenizer,
+        model_context: usize,
+        cfg: ChatConfig,
+    ) -> Result<Self, InferError> {
+        let source = match cfg.template.or_else(|| tokenizer.chat_template.clone()) {
+            Some(s) => s,
+            None => return Err(InferError::NoChatTemplate(tokenizer.source.clone())),
+        };
+        let template = ChatTemplate::new(
+            &source,
+            tokenizer.bos.as_ref().map(|b| b.1.as_str()),
+            tokenizer.eos.as_ref().map(|e| e.1.as_str()),
+        )?;
+        let max_context = cfg.max_context.unwrap_or(model_context).min(model_context);
+        if max_context < 2 {
+            return Err(InferError::Sampling(format!(
+                "a chat needs a context of at least 2 tokens, got {max_context}"
+            )));
+        }
+        Ok(Self {
+            template,
+            convo: Conversation::new(cfg.system),
+            max_context,
+            max_new_tokens: cfg.max_new_tokens.max(1),
+        })
+    }
+
+    /// Tokens the conversation may use, prompt and reply together.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Tokens kept free for the reply when the history is trimmed: the reply length asked
+    /// for, but at most half the context (so a long reply budget never starves the history).
+    pub fn reply_budget(&self) -> usize {
+        self.max_new_tokens.min(self.max_context / 2).max(1)
+    }
+
+    /// The turns kept so far (without the system prompt).
+    pub fn history(&self) -> &[Message] {
+        &self.convo.turns
+    }
+
+    pub fn system(&self) -> Option<&str> {
+        self.convo.system.as_deref()
+    }
+
+    /// Forgets every turn (the system prompt stays).
+    pub fn reset(&mut self) {
+        self.convo.turns.clear();
+    }
+
+    /// Adds the user's message and returns the prompt for the reply, dropping the oldest
+    /// exchanges that no longer fit. A message that cannot fit even alone is an error
+    /// ([`InferError::TurnTooLong`]) and leaves the history as it was.
+    pub fn user_turn(
+        &mut self,
+        tokenizer: &KilnTokenizer,
+        text: &str,
+    ) -> Result<ChatTurn, InferError> {
+        self.convo.turns.push(Message::new("user", text));
+        let reserve = self.reply_budget();
+        let (prompt_ids, dropped) =
+            match self
+                .convo
+                .prompt_ids(&self.template, tokenizer, None, self.max_context, reserve)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    self.convo.turns.pop();
+                    return Err(e);
+                }
+            };
+        self.convo.turns.drain(..dropped);
+        let room = self.max_context.saturating_sub(prompt_ids.len());
+        Ok(ChatTurn {
+            max_new_tokens: self.max_new_tokens.min(room),
+            prompt_ids,
+            dropped_turns: dropped,
+        })
+    }
+
+    /// Adds the assistant's reply (trailing whitespace trimmed) to the history.
+    pub fn record_reply(&mut self, text: &str) {
+        self.convo
+            .turns
+            .push(Message::new("assistant", text.trim_end()));
     }
 }
 
@@ -259,5 +397,174 @@ mod tests {
         assert_eq!(date.len(), date.trim().len());
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+    }
+
+    /// A small byte-level BPE and a plain template (`<role>content` lines).
+    fn tokenizer(template: Option<&str>) -> ModelTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("t.txt");
+        std::fs::write(
+            &text,
+            "user assistant system Question number answer of some length Be brief.\n".repeat(40),
+        )
+        .unwrap();
+        let opts = kiln_data::BpeTrainOptions {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        ModelTokenizer {
+            tokenizer: kiln_data::train_bpe(&[text], &opts).unwrap(),
+            bos: None,
+            eos: None,
+            add_bos: false,
+            chat_template: template.map(str::to_string),
+            stop_ids: vec![],
+            source: "model.gguf".into(),
+        }
+    }
+
+    const PLAIN: &str = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+    fn session(max_context: usize, max_new_tokens: usize) -> (ModelTokenizer, ChatSession) {
+        let tok = tokenizer(Some(PLAIN));
+        let s = ChatSession::new(
+            &tok,
+            1000,
+            ChatConfig {
+                system: Some("Be brief.".into()),
+                template: None,
+                max_context: Some(max_context),
+                max_new_tokens,
+            },
+        )
+        .unwrap();
+        (tok, s)
+    }
+
+    #[test]
+    fn trimming_keeps_the_system_prompt_and_the_newest_turns() {
+        let (tok, mut s) = session(160, 40);
+        assert_eq!((s.max_context(), s.reply_budget()), (160, 40));
+        let mut dropped_total = 0;
+        for i in 0..12 {
+            let turn = s
+                .user_turn(&tok.tokenizer, &format!("Question number {i}"))
+                .unwrap();
+            // The prompt leaves the reply budget free, and the reply fits what is left.
+            assert!(
+                turn.prompt_ids.len() <= 160 - 40,
+                "{}",
+                turn.prompt_ids.len()
+            );
+            assert!(turn.max_new_tokens <= 40);
+            assert!(turn.prompt_ids.len() + turn.max_new_tokens <= 160);
+            assert!(turn.max_new_tokens >= s.reply_budget());
+            assert_eq!(turn.dropped_turns % 2, 0, "whole exchanges are dropped");
+            dropped_total += turn.dropped_turns;
+            let text = tok.tokenizer.decode(&turn.prompt_ids).unwrap();
+            assert!(text.starts_with("<system>Be brief.\n"), "{text}");
+            assert!(
+                text.ends_with(&format!("<user>Question number {i}\n<assistant>")),
+                "{text}"
+            );
+            s.record_reply(&format!("answer of some length {i}  \n"));
+        }
+        assert!(dropped_total > 0, "12 exchanges do not fit in 120 tokens");
+        // The history holds the newest exchanges only, oldest dropped first, replies trimmed.
+        let h = s.history();
+        assert_eq!(
+            h.last().unwrap(),
+            &Message::new("assistant", "answer of some length 11")
+        );
+        assert_eq!(h[0].role, "user");
+        assert!(!h.iter().any(|m| m.content == "Question number 0"));
+        assert_eq!(h.len(), 24 - dropped_total);
+        s.reset();
+        assert!(s.history().is_empty());
+        assert_eq!(s.system(), Some("Be brief."));
+    }
+
+    #[test]
+    fn a_single_turn_too_long_is_a_clear_error() {
+        let (tok, mut s) = session(100, 30);
+        s.user_turn(&tok.tokenizer, "Question number 1").unwrap();
+        s.record_reply("answer 1");
+        let before = s.history().to_vec();
+        let e = s
+            .user_turn(&tok.tokenizer, &"answer of some length ".repeat(40))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                InferError::TurnTooLong {
+                    budget: 70,
+                    max_context: 100,
+                    reserve: 30,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("70") && msg.contains("100-token context"),
+            "{msg}"
+        );
+        // The history is as it was, and the next turn works.
+        assert_eq!(s.history(), &before[..]);
+        let turn = s.user_turn(&tok.tokenizer, "Question number 2").unwrap();
+        assert_eq!(turn.dropped_turns, 0);
+    }
+
+    #[test]
+    fn template_choice_and_budgets() {
+        // No template: a clear error naming the model; an explicit one is used instead.
+        let bare = tokenizer(None);
+        let cfg = ChatConfig {
+            max_new_tokens: 500,
+            ..Default::default()
+        };
+        let e = ChatSession::new(&bare, 64, cfg.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.gguf") && e.contains("chat template"),
+            "{e}"
+        );
+        let mut s = ChatSession::new(
+            &bare,
+            64,
+            ChatConfig {
+                template: Some("{% for m in messages %}[{{ m.content }}]{% endfor %}".into()),
+                max_context: Some(10_000),
+                ..cfg
+            },
+        )
+        .unwrap();
+        // The context is capped at the model's, and the reply reserve at half of it.
+        assert_eq!((s.max_context(), s.reply_budget()), (64, 32));
+        let turn = s.user_turn(&bare.tokenizer, "Be brief.").unwrap();
+        assert_eq!(
+            bare.tokenizer.decode(&turn.prompt_ids).unwrap(),
+            "[Be brief.]"
+        );
+        assert_eq!(turn.max_new_tokens, 64 - turn.prompt_ids.len());
+        // The model's own template otherwise.
+        let tok = tokenizer(Some(PLAIN));
+        let mut s = ChatSession::new(
+            &tok,
+            64,
+            ChatConfig {
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let turn = s.user_turn(&tok.tokenizer, "hi").unwrap();
+        assert_eq!(
+            tok.tokenizer.decode(&turn.prompt_ids).unwrap(),
+            "<user>hi\n<assistant>"
+        );
+        assert_eq!(turn.max_new_tokens, 8);
     }
 }

@@ -1,11 +1,12 @@
-//! kiln-infer: token sampling (temperature, top-k, top-p) and the generate loop over the
-//! model's KV cache, with streaming output and stop strings.
+//! kiln-infer: token sampling (temperature, top-k, top-p), the generate loop over the model's
+//! KV cache (streaming output, stop tokens and strings), chat templates and the chat turn
+//! policy ([`ChatSession`]: history kept within the context, the reply's token budget).
 
 pub mod chat;
 mod generate;
 mod sampling;
 
-pub use chat::{ChatTemplate, Conversation, Message};
+pub use chat::{ChatConfig, ChatSession, ChatTemplate, ChatTurn, Conversation, Message};
 pub use generate::{generate, generate_batch, FinishReason, GenerateOptions, Generation};
 pub use sampling::{Sampler, SamplingParams};
 
@@ -17,6 +18,15 @@ pub enum InferError {
     Sampling(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("{} has no chat template; give one (kiln chat --template FILE)", .0.display())]
+    NoChatTemplate(std::path::PathBuf),
+    #[error("the newest chat turn alone needs {prompt} prompt tokens, more than the {budget} that fit ({max_context}-token context less {reserve} kept for the reply); shorten the message, or lower --max-new-tokens")]
+    TurnTooLong {
+        prompt: usize,
+        budget: usize,
+        max_context: usize,
+        reserve: usize,
+    },
     #[error(transparent)]
     Model(#[from] kiln_model::ModelError),
     #[error(transparent)]

@@ -255,8 +255,8 @@ impl RunConfig {
                 None => Ok(toml::Value::Table(Default::default())),
             }
         };
-        let mut model = section("model", true)?;
-        resolve_preset(&mut model)?;
+        // `[model]` (a preset with overrides) is read the way kiln-load reads a run's model.
+        let model = kiln_load::model_from_toml(section("model", true)?)?;
         let data = section("data", true)?;
         let optim = section("optim", false)?;
         let train = section("train", true)?;
@@ -270,7 +270,7 @@ impl RunConfig {
             })
         }
         let cfg = RunConfig {
-            model: typed("model", model)?,
+            model,
             data: typed("data", data)?,
             optim: typed("optim", optim)?,
             train: typed("train", train)?,
@@ -367,26 +367,6 @@ impl RunConfig {
     pub fn tokens_per_step(&self) -> usize {
         self.train.batch_size * self.train.grad_accum * self.train.seq_len
     }
-}
-
-/// `[model] preset = "10m"` starts from a named preset; keys given next to it override it.
-fn resolve_preset(model: &mut toml::Value) -> Result<(), TrainError> {
-    let table = model
-        .as_table_mut()
-        .ok_or_else(|| TrainError::Config("[model] must be a table".into()))?;
-    let Some(preset) = table.remove("preset") else {
-        return Ok(());
-    };
-    let name = preset
-        .as_str()
-        .ok_or_else(|| TrainError::Config("[model] preset must be a string".into()))?;
-    let base = ModelConfig::preset(name)?;
-    let mut merged = toml::Table::try_from(&base).expect("invariant: ModelConfig serialises");
-    for (k, v) in std::mem::take(table) {
-        merged.insert(k, v);
-    }
-    *table = merged;
-    Ok(())
 }
 
 #[cfg(test)]

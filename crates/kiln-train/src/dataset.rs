@@ -14,7 +14,7 @@ pub fn ensure_dataset(cfg: &RunConfig, obs: &mut dyn Observer) -> Result<Dataset
     let tokenizer = match &d.tokenizer {
         Some(path) => {
             // A tokenizer.json, or the tokenizer of a model (HF directory, GGUF file, run).
-            let tok = crate::resolve::load_tokenizer(path)?.tokenizer;
+            let tok = kiln_load::load_tokenizer(path)?.tokenizer;
             if mlm {
                 // Refuse before preparing a dataset that could not be trained on.
                 MlmMasker::new(&tok, cfg.mlm_options())

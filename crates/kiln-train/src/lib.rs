@@ -29,6 +29,8 @@ pub enum TrainError {
     #[error("training diverged at step {step}: {what}")]
     Diverged { step: u64, what: String },
     #[error(transparent)]
+    Load(#[from] kiln_load::LoadError),
+    #[error(transparent)]
     Model(#[from] kiln_model::ModelError),
     #[error(transparent)]
     Data(#[from] kiln_data::DataError),

@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+
+/// Why a model could not be found or loaded. Every variant about a file names it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model path {} does not exist", .0.display())]
+    NotFound(PathBuf),
+    #[error("{}: not a model: {why}", .path.display())]
+    Unrecognised { path: PathBuf, why: String },
+    #[error("{}: a kiln run directory without a complete checkpoint (nothing in {}/step-*/ has a state.json)", .run.display(), .run.join(crate::CHECKPOINTS_DIR).display())]
+    NoCheckpoint { run: PathBuf },
+    #[error("{}: no {} next to the weights, so the model shape is unknown (expected {})", .weights.display(), crate::CONFIG_FILE, .config.display())]
+    MissingConfig { weights: PathBuf, config: PathBuf },
+    #[error("{}: {msg}", .path.display())]
+    Config { path: PathBuf, msg: String },
+    /// A `[model]` section that is not a valid model config (no file involved).
+    #[error("{0}")]
+    ModelSection(String),
+    #[error("{}: {msg}", .path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no tokenizer found for {}; looked for {}", .model.display(), .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    NoTokenizer {
+        model: PathBuf,
+        searched: Vec<PathBuf>,
+    },
+    #[error("tokenizer/model vocab mismatch: {} has {tokenizer} tokens but the model's vocab_size is {model}", .source_path.display())]
+    VocabMismatch {
+        source_path: PathBuf,
+        tokenizer: usize,
+        model: usize,
+    },
+    #[error("train.init_from {}: its model config differs from [model] of this run: {}", .path.display(), .diffs.join("; "))]
+    Incompatible { path: PathBuf, diffs: Vec<String> },
+    #[error(transparent)]
+    Model(#[from] kiln_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl LoadError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

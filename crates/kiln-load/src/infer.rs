@@ -1,0 +1,129 @@
+//! Inference models: the one place that chooses between the dense model (`Llama`) and the
+//! quantised one (`QLlama`).
+
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use kiln_data::ModelTokenizer;
+use kiln_model::gguf::GgufFile;
+use kiln_model::{CausalLm, Llama, ModelConfig, QLlama};
+
+use crate::{check_vocab, load_tokenizer, load_weights, LoadError, ModelFormat};
+
+/// Which weights an inference model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// As stored: a GGUF's quantised weights through quantised matmuls (`QLlama`); dense f32
+    /// (`Llama`) for every other format.
+    #[default]
+    Native,
+    /// Dense f32 (`Llama`, the training model); a GGUF is dequantised.
+    Dense,
+    /// The dense weights requantised to this GGML type (`QLlama`); matrices whose rows are not
+    /// whole blocks stay f32.
+    Quantized(GgmlDType),
+}
+
+impl Weights {
+    /// `native`, `f32` (or `dense`), or a GGML type name (`q8_0`, `q4_0`, `f16`, ...).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "native" => Some(Weights::Native),
+            "f32" | "dense" => Some(Weights::Dense),
+            other => kiln_model::gguf::parse_dtype(other).map(Weights::Quantized),
+        }
+    }
+
+    /// `Native` for a GGUF kept quantised, `Dense` when dequantising is asked for.
+    pub fn native_or_dense(dequantize: bool) -> Self {
+        if dequantize {
+            Weights::Dense
+        } else {
+            Weights::Native
+        }
+    }
+}
+
+/// A model ready to decode, with what it was built from.
+pub struct LoadedModel {
+    pub model: Box<dyn CausalLm>,
+    pub config: ModelConfig,
+    pub format: ModelFormat,
+    /// The weights it runs on, for logs: `f32`, or the GGML types of the projections with
+    /// their counts and whether they are the file's own (`quantised`) or `requantised`.
+    pub weights: String,
+}
+
+/// Builds the inference model behind `path` with the weights asked for.
+pub fn load_model(
+    path: &Path,
+    weights: Weights,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let format = ModelFormat::detect(path)?;
+    match (weights, format) {
+        (Weights::Native, ModelFormat::Gguf) => {
+            let file = GgufFile::open(path)?;
+            let config = file.config()?;
+            let q = QLlama::from_gguf(&file, &config)?;
+            let desc = format!("{:?} (quantised)", q.weight_types());
+            Ok(LoadedModel {
+                model: Box::new(q),
+                config,
+                format,
+                weights: desc,
+            })
+        }
+        (Weights::Native | Weights::Dense, _) => {
+            let w = load_weights(path, device)?;
+            let m = Llama::new(&w.config, &w.params)?;
+            Ok(LoadedModel {
+                model: Box::new(m),
+                config: w.config,
+                format,
+                weights: "f32".into(),
+            })
+        }
+        (Weights::Quantized(dtype), _) => {
+            let w = load_weights(path, device)?;
+            let q = QLlama::from_params(&w.config, &w.params, dtype)?;
+            let desc = format!("{:?} (requantised)", q.weight_types());
+            Ok(LoadedModel {
+                model: Box::new(q),
+                config: w.config,
+                format,
+                weights: desc,
+            })
+        }
+    }
+}
+
+/// A model and its tokenizer, for generation and chat.
+pub struct InferenceModel {
+    pub model: Box<dyn CausalLm>,
+    pub tokenizer: ModelTokenizer,
+    pub config: ModelConfig,
+    pub format: ModelFormat,
+    /// See [`LoadedModel::weights`].
+    pub weights: String,
+}
+
+/// [`load_model`] plus [`load_tokenizer`], checking that every token id has an embedding.
+/// The tokenizer is read first, so a model without one fails before its weights are read.
+pub fn load_inference(
+    path: &Path,
+    weights: Weights,
+    device: &Device,
+) -> Result<InferenceModel, LoadError> {
+    let tokenizer = load_tokenizer(path)?;
+    let m = load_model(path, weights, device)?;
+    check_vocab(&tokenizer, &m.config)?;
+    Ok(InferenceModel {
+        model: m.model,
+        tokenizer,
+        config: m.config,
+        format: m.format,
+        weights: m.weights,
+    })
+}
