@@ -10,7 +10,7 @@ use candle_core::Device;
 use kiln_data::{
     prepare_dataset, train_bpe, BpeTrainOptions, Dataset, KilnTokenizer, PrepareOptions,
 };
-use kiln_infer::{generate as generate_text, GenerateOptions, Sampler};
+use kiln_infer::{generate as generate_text, generate_batch, GenerateOptions, Sampler};
 use kiln_load::{InferenceModel, LoadedWeights, Weights};
 use kiln_model::{Llama, ModelConfig};
 use kiln_train::{evaluate_loss, RunConfig, Trainer};
@@ -189,6 +189,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop_tokens: m.tokenizer.stop_ids.clone(),
         truncate_prompt: s.truncate_prompt,
     };
+    if let Some(file) = &a.prompt_file {
+        return generate_file(&m, file, s, &opts);
+    }
     let prompt = m.tokenizer.encode_prompt(&a.prompt)?;
     // stdout is the continuation, byte for byte; a terminal gets its line break on stderr.
     let mut stdout = std::io::stdout().lock();
@@ -206,6 +209,66 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         finish = ?out.finish_reason,
         prefill_tok_per_s = format!("{:.0}", out.prompt_tokens as f64 / out.prefill_s.max(1e-9)),
         decode_tok_per_s = format!("{:.0}", n as f64 / out.decode_s.max(1e-9)),
+        "generated"
+    );
+    Ok(())
+}
+
+/// `generate --prompt-file`: every line a prompt, all decoded as one batch, JSONL out.
+fn generate_file(
+    m: &InferenceModel,
+    file: &Path,
+    s: &crate::SamplingArgs,
+    opts: &GenerateOptions,
+) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        bail!("{}: no prompts (one prompt per line)", file.display());
+    }
+    let prompts = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            m.tokenizer.encode_prompt(l).with_context(|| {
+                format!("{}:{}: cannot tokenize the prompt", file.display(), i + 1)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Each row samples with its own sampler, seeded like a single run, so a prompt's output
+    // does not depend on its neighbours.
+    let mut samplers = (0..prompts.len())
+        .map(|_| Sampler::new(s.params()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let t0 = std::time::Instant::now();
+    let outs = generate_batch(
+        m.model.as_ref(),
+        &m.tokenizer.tokenizer,
+        &prompts,
+        &mut samplers,
+        opts,
+    )
+    .with_context(|| format!("generating for the prompts of {}", file.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    for (line, out) in lines.iter().zip(&outs) {
+        let row = serde_json::json!({
+            "prompt": line,
+            "text": out.text,
+            "tokens": out.token_ids,
+            "logprobs": out.logprobs,
+            "finish_reason": out.finish_reason.openai_name(),
+        });
+        writeln!(stdout, "{row}")?;
+    }
+    let new_tokens: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    info!(
+        prompts = outs.len(),
+        new_tokens,
+        tok_per_s = format!(
+            "{:.0}",
+            new_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+        ),
         "generated"
     );
     Ok(())

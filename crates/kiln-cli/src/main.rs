@@ -156,8 +156,12 @@ pub struct GenerateArgs {
     /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
     #[arg(long)]
     pub dequantize: bool,
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "prompt_file")]
     pub prompt: String,
+    /// Decode every line of FILE (one prompt per line) as one batch; stdout is JSONL, one
+    /// object per prompt in file order: prompt, text, tokens, logprobs, finish_reason.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -239,6 +243,15 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Kernel choices for comparisons (the libraries read no environment; the binary passes
+    // them in): KILN_QKERNEL=scalar|avx2 picks the quantised-matmul SIMD level, and
+    // KILN_QMATMUL=candle sends quantised matmuls through candle (8-bit activations).
+    match std::env::var("KILN_QKERNEL").as_deref() {
+        Ok("scalar") => kiln_model::set_simd_choice(kiln_model::SimdChoice::Scalar),
+        Ok("avx2") => kiln_model::set_simd_choice(kiln_model::SimdChoice::Avx2),
+        _ => {}
+    }
+    kiln_model::set_candle_qmatmul(std::env::var("KILN_QMATMUL").as_deref() == Ok("candle"));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -477,3 +477,46 @@ fn generated_special_tokens_are_never_printed() {
     assert!(out.starts_with("assistant\n"), "{out:?}");
     assert!(!out.contains("<|"), "{out:?}");
 }
+
+/// `generate --prompt-file`: every line decoded in one batch, JSONL on stdout in file order,
+/// each `text` byte-identical to what `generate --prompt` prints alone with the same flags.
+#[test]
+fn generate_prompt_file_is_jsonl_equal_to_each_prompt_alone() {
+    let m = smollm2();
+    let m = m.to_str().unwrap();
+    let prompts = [
+        "The capital of France is",
+        "<|im_start|>user What is 2+2? Answer with one number.<|im_end|><|im_start|>assistant",
+        "Once upon a time",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, prompts.join("\n") + "\n").unwrap();
+    let flags = ["--temperature", "0", "--max-new-tokens", "16"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        m,
+        "--prompt-file",
+        file.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    let out = kiln(&args);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect();
+    assert_eq!(rows.len(), prompts.len());
+    for (row, p) in rows.iter().zip(prompts) {
+        assert_eq!(row["prompt"], p);
+        let mut single = vec!["generate", "--model", m, "--prompt", p];
+        single.extend(flags);
+        assert_eq!(row["text"].as_str().unwrap(), kiln(&single), "prompt {p:?}");
+        let tokens = row["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty() && tokens.len() <= 16);
+        assert_eq!(row["logprobs"].as_array().unwrap().len(), tokens.len());
+        let finish = row["finish_reason"].as_str().unwrap();
+        assert!(finish == "stop" || finish == "length", "{finish}");
+        assert_eq!(finish == "length", tokens.len() == 16);
+    }
+}
