@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_data::WindowSampler;
@@ -21,11 +21,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileDigest {
-    pub bytes: u64,
-    pub crc32: u32,
-}
+pub use kiln_load::FileDigest;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -47,22 +43,7 @@ fn step_dir_name(step: u64) -> String {
 }
 
 fn digest(path: &Path) -> Result<FileDigest, TrainError> {
-    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok(FileDigest {
-        bytes,
-        crc32: hasher.finalize(),
-    })
+    Ok(kiln_load::file_digest(path)?)
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> TrainError {
@@ -123,24 +104,7 @@ pub fn save(
 
 /// Completed checkpoints of a run, oldest first.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
-    let root = checkpoints_dir(run_dir);
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(&root) else {
-        return Ok(out);
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if entry.path().join(STATE_FILE).exists() {
-                out.push((step, entry.path()));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(kiln_load::list_checkpoints(run_dir)?)
 }
 
 fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
@@ -154,50 +118,18 @@ fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
 }
 
 /// Reads and verifies a checkpoint's state: every file must exist with the recorded size and
-/// CRC32. Errors name the file and what is wrong.
+/// CRC32 (kiln-load's check, shared with `--model` resolution). Errors name the file and what
+/// is wrong.
 pub fn load_state(dir: &Path) -> Result<CheckpointState, TrainError> {
+    kiln_load::verify_checkpoint(dir)?;
     let state_path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&state_path).map_err(|e| {
         TrainError::Checkpoint(format!("{}: cannot read ({e})", state_path.display()))
     })?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         TrainError::Checkpoint(format!(
             "{}: corrupt checkpoint state ({e})",
             state_path.display()
         ))
-    })?;
-    if state.format_version != FORMAT_VERSION {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: format version {} is not supported (this kiln reads {FORMAT_VERSION})",
-            state_path.display(),
-            state.format_version
-        )));
-    }
-    for (name, want) in &state.files {
-        let p = dir.join(name);
-        if !p.exists() {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: file is missing",
-                p.display()
-            )));
-        }
-        let got = digest(&p)?;
-        if got.bytes != want.bytes {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: truncated or resized: {} bytes, checkpoint recorded {}",
-                p.display(),
-                got.bytes,
-                want.bytes
-            )));
-        }
-        if got.crc32 != want.crc32 {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: corrupt: CRC32 {:08x} does not match the recorded {:08x}",
-                p.display(),
-                got.crc32,
-                want.crc32
-            )));
-        }
-    }
-    Ok(state)
+    })
 }
