@@ -1,6 +1,6 @@
 //! End-to-end check on the bundled Shakespeare corpus (`data/shakespeare`): train a BPE,
-//! prepare a dataset, open it and sample from it. Also a timing guard: training on the
-//! whole ~5 MB corpus must stay in the seconds range.
+//! prepare a dataset, open it and sample from it. The durations are printed, not asserted
+//! (timing belongs in benchmarks).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -71,7 +71,6 @@ fn shakespeare_end_to_end() {
     // Roughly 5 % of the blocks land in validation.
     let frac = meta.n_val_tokens as f64 / (meta.n_train_tokens + meta.n_val_tokens) as f64;
     assert!((0.02..0.09).contains(&frac), "val fraction {frac}");
-    assert!(train_secs < 30.0, "BPE training took {train_secs:.1}s");
 
     let ds = Dataset::open(out.path()).unwrap();
     let mut sampler = WindowSampler::new(1337, 4, 64);

@@ -29,6 +29,14 @@ fn fixture() -> HashMap<String, Tensor> {
     .unwrap()
 }
 
+/// A field of tests/fixtures/smollm2/token_ids.json (reference ids, make_token_ids.py).
+fn token_ids(key: &str) -> serde_json::Value {
+    let path = root().join("tests/fixtures/smollm2/token_ids.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v[key].clone()
+}
+
 fn ids(fx: &HashMap<String, Tensor>, p: usize) -> Tensor {
     let ids = &fx[&format!("p{p}.input_ids")];
     ids.to_dtype(DType::U32).unwrap().unsqueeze(0).unwrap()
@@ -136,7 +144,11 @@ fn dequantised_logits_match_transformers() {
             .unwrap();
         assert_eq!(argmax, want, "prompt {p}: greedy next tokens");
     }
-    // " Paris" after "The capital of France is".
+    // " Paris" after "The capital of France is": its id from the reference tokenizer
+    // (tests/fixtures/smollm2/make_token_ids.py).
+    let paris = token_ids("texts")[" Paris"].as_array().unwrap().clone();
+    assert_eq!(paris.len(), 1, "\" Paris\" is one token: {paris:?}");
+    let paris = paris[0].as_u64().unwrap() as u32;
     let last: Vec<u32> = model
         .logits(&ids(&fx, 0))
         .unwrap()
@@ -146,7 +158,7 @@ fn dequantised_logits_match_transformers() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    assert_eq!(*last.last().unwrap(), 7042, "token 7042 is \" Paris\"");
+    assert_eq!(*last.last().unwrap(), paris, "token {paris} is \" Paris\"");
 }
 
 /// Last-position logits of a model through the KV-cache path.
