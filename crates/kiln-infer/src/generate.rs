@@ -113,13 +113,13 @@ impl Row {
         max_seq_len: usize,
     ) -> Result<String, InferError> {
         if self.generated.len() >= opts.max_new_tokens {
-            return Ok(self.finish(tokenizer, FinishReason::MaxTokens)?);
+            return self.finish(tokenizer, FinishReason::MaxTokens);
         }
         // A model's vocabulary may be padded past the tokenizer's: never sample those ids.
         let row = &logits[..tokenizer.vocab_size().min(logits.len())];
         let next = sampler.sample(row);
         if opts.stop_tokens.contains(&next) {
-            return Ok(self.finish(tokenizer, FinishReason::StopToken)?);
+            return self.finish(tokenizer, FinishReason::StopToken);
         }
         self.generated.push(next);
         self.logprobs.push(logprob(row, next));

@@ -263,20 +263,20 @@ impl ModelConfig {
         if self.head_dim == Some(0) {
             return bad("model.head_dim must be positive".into());
         }
-        if self.head_dim.is_none() && self.dim % self.n_heads != 0 {
+        if self.head_dim.is_none() && !self.dim.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "model.dim ({}) must be divisible by model.n_heads ({})",
                 self.dim, self.n_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head dim (model.head_dim or dim/n_heads) = {} must be even for RoPE",
                 self.head_dim()
             ));
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return bad(format!(
                 "model.n_heads ({}) must be divisible by model.n_kv_heads ({kv})",
                 self.n_heads

@@ -59,6 +59,7 @@ pub struct Lora {
 impl Lora {
     /// PEFT's default init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)),
     /// B = 0, so a fresh adapter leaves the model unchanged.
+    #[allow(clippy::too_many_arguments)] // shape, hyper-parameters, RNG and placement
     pub fn init(
         out_dim: usize,
         in_dim: usize,

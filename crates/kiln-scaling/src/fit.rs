@@ -362,6 +362,8 @@ pub fn fit_parabola(xs: &[f64], ys: &[f64]) -> Option<[f64; 3]> {
         }
         for r in col + 1..3 {
             let f = a[r][col] / a[col][col];
+            // Row r -= f * row col, written as the textbook elimination step.
+            #[allow(clippy::needless_range_loop)]
             for c in col..4 {
                 a[r][c] -= f * a[col][c];
             }

@@ -218,8 +218,8 @@ mod tests {
             &[0.0; 5],
             &LbfgsOptions::default(),
         );
-        for i in 0..5 {
-            assert!((r.x[i] - target[i]).abs() < 1e-6, "{r:?}");
+        for (x, t) in r.x.iter().zip(&target) {
+            assert!((x - t).abs() < 1e-6, "{r:?}");
         }
     }
 }

@@ -63,6 +63,7 @@ fn fmt_pow10(v: f64) -> String {
 }
 
 /// Draws `layers` into a 1000x650 PNG; `log_x` / `log_y` use log10 axes.
+#[allow(clippy::too_many_arguments)] // a chart's labels and axes, all distinct
 pub fn chart(
     out: &Path,
     title: &str,

@@ -74,7 +74,10 @@ pub fn target_aspect(dim: usize) -> f64 {
 /// Largest divisor of `n_heads` that is at most `max(1, n_heads / 4)`.
 pub fn kv_heads_for(n_heads: usize) -> usize {
     let cap = (n_heads / 4).max(1);
-    (1..=cap).rev().find(|k| n_heads % k == 0).unwrap_or(1)
+    (1..=cap)
+        .rev()
+        .find(|k| n_heads.is_multiple_of(*k))
+        .unwrap_or(1)
 }
 
 /// `base` with a new width and depth; heads from `n_heads` or the head-size rule, K/V heads from

