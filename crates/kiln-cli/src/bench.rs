@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use clap::Subcommand;
-use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
+use kiln_model::{Grads, Llama, ModelConfig, Params, SplitMix64};
 use kiln_train::optim::AdamW;
 use kiln_train::perf::{measure_gemm_peak, peak_rss_mib};
 use kiln_train::{optimizer_step, OptimConfig};
@@ -94,6 +94,11 @@ fn bench_train(
     let params = Params::init(&cfg, 0, &dev, DType::F32)?;
     let model = Llama::new(&cfg, &params)?;
     let mut opt = AdamW::new(&params, &OptimConfig::default())?;
+    let mut autograd_ref = if autograd {
+        Some(AutogradRef::new(&cfg, &params)?)
+    } else {
+        None
+    };
     let mut rng = SplitMix64::new(1);
     let mut batch = || -> Result<(Tensor, Tensor)> {
         let n = batch_size * seq_len;
@@ -111,8 +116,8 @@ fn bench_train(
     for i in 0..warmup + steps {
         let mb = [batch()?];
         let t0 = Instant::now();
-        if autograd {
-            autograd_step(&model, &params, &mut opt, &mb[0])?;
+        if let Some(r) = autograd_ref.as_mut() {
+            r.step(&params, &mut opt, &mb[0])?;
         } else {
             optimizer_step(&model, &params, &mut opt, &mb, 1e-4, 1.0, None)?;
         }
@@ -130,13 +135,12 @@ fn bench_train(
         let loss = kiln_kernels::cross_entropy_sum(&logits, &targets)?;
         let _ = loss.to_scalar::<f32>()?;
         fwd_times.push(t0.elapsed().as_secs_f64());
-        let grads: std::collections::BTreeMap<String, Tensor> = params
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().zeros_like().unwrap()))
-            .collect();
+        // The update alone, over the last step's gradients (the values do not matter).
         let t0 = Instant::now();
-        opt.step(&params, &grads, 1e-4, 1.0)?;
+        match &autograd_ref {
+            Some(r) => opt.step_with(&params, &r.grads, 1e-4, 1.0)?,
+            None => opt.step(&params, 1e-4, 1.0)?,
+        }
         opt_times.push(t0.elapsed().as_secs_f64());
     }
     let median_of = |mut v: Vec<f64>| {
@@ -185,29 +189,56 @@ fn bench_train(
     })
 }
 
-/// The same step with candle's autograd computing the gradients (benchmark comparison only).
-fn autograd_step(
-    model: &Llama,
-    params: &Params,
-    opt: &mut AdamW,
-    batch: &(Tensor, Tensor),
-) -> Result<()> {
-    let (inputs, targets) = batch;
-    let logits = model.forward_train(inputs, None)?;
-    let n = kiln_kernels::count_valid_targets(targets)?;
-    let loss = (kiln_kernels::cross_entropy_sum(&logits, targets)? / n as f64)?;
-    let g = loss.backward()?;
-    let mut grads = std::collections::BTreeMap::new();
-    let mut norm_sq = 0.0;
-    for (name, var) in params.vars() {
-        if let Some(gi) = g.get(var) {
-            norm_sq += kiln_kernels::sum_of_squares(gi)?;
-            grads.insert(name.clone(), gi.clone());
-        }
+/// candle's autograd computing the gradients (benchmark comparison only): a model over one
+/// `Var` per tensor, holding a copy of the flat parameters, so autograd's bookkeeping is what
+/// it was per tensor (autograd through views of the flat buffer would add a full-buffer
+/// zero-padded gradient per view: candle's `narrow` backward).
+struct AutogradRef {
+    model: Llama,
+    vars: Vec<(String, Var)>,
+    grads: Grads,
+}
+
+impl AutogradRef {
+    fn new(cfg: &ModelConfig, params: &Params) -> Result<Self> {
+        let vars: Vec<(String, Var)> = params
+            .iter()
+            .map(|(n, t)| Ok((n.to_string(), Var::from_tensor(&t.detach())?)))
+            .collect::<Result<_>>()?;
+        let by_name: std::collections::HashMap<&str, &Var> =
+            vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let model = Llama::over_tensors(cfg, |n| {
+            by_name
+                .get(n)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| kiln_model::ModelError::Input(format!("no tensor {n:?}")))
+        })?;
+        let flat = params.flat();
+        let grads = Grads::new(params.layout().clone(), flat.dtype(), flat.device())?;
+        Ok(Self { model, vars, grads })
     }
-    let scale = (1.0 / (norm_sq.sqrt() + 1e-6)).min(1.0);
-    opt.step(params, &grads, 1e-4, scale)?;
-    Ok(())
+
+    /// One step: copy the weights in, forward, `loss.backward()`, clip, AdamW.
+    fn step(&mut self, params: &Params, opt: &mut AdamW, batch: &(Tensor, Tensor)) -> Result<()> {
+        for (name, var) in &self.vars {
+            var.set(&params.tensor(name)?.detach())?;
+        }
+        let (inputs, targets) = batch;
+        let logits = self.model.forward_train(inputs, None)?;
+        let n = kiln_kernels::count_valid_targets(targets)?;
+        let loss = (kiln_kernels::cross_entropy_sum(&logits, targets)? / n as f64)?;
+        let g = loss.backward()?;
+        self.grads.zero();
+        for (name, var) in &self.vars {
+            if let Some(gi) = g.get(var) {
+                self.grads.accumulate(name, gi)?;
+            }
+        }
+        let norm_sq = self.grads.sum_of_squares()?;
+        let scale = (1.0 / (norm_sq.sqrt() + 1e-6)).min(1.0);
+        opt.step_with(params, &self.grads, 1e-4, scale)?;
+        Ok(())
+    }
 }
 
 /// Runs the PyTorch twin on the same preset and prints both results and the ratio.

@@ -13,12 +13,15 @@
 //!
 //! On the CPU this runs as three in-place passes with no allocation: m (reads grad), v (reads
 //! grad), then param (reads the new m and v). candle's in-place ops write a single destination,
-//! so one pass per written tensor is the minimum. Elsewhere it falls back to tensor ops and
-//! `Var::set`.
+//! so one pass per written tensor is the minimum. Elsewhere it falls back to tensor ops and a
+//! copy back into place.
+//!
+//! param, m and v may be any contiguous views (a `narrow` of a flat buffer, with a non-zero start
+//! offset): the optimizer runs one step over a whole contiguous range of parameters at once.
 
 use crate::util::{contiguous, contiguous_mut, sum_sq_f64, Float, ELEMWISE_CHUNK};
 use candle_core::{
-    bail, CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor, Var,
+    bail, CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -57,8 +60,15 @@ impl AdamWParams {
     }
 }
 
-/// One in-place AdamW step for a single parameter tensor with its moment buffers.
-pub fn adamw_step(param: &Var, grad: &Tensor, m: &Var, v: &Var, p: &AdamWParams) -> Result<()> {
+/// One in-place AdamW step for a parameter tensor (or a contiguous range of a flat parameter
+/// buffer) with its moment buffers. `param`, `m` and `v` are written in place: `Var`s or views.
+pub fn adamw_step(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    p: &AdamWParams,
+) -> Result<()> {
     p.validate()?;
     let shape = param.shape();
     if grad.shape() != shape || m.shape() != shape || v.shape() != shape {
@@ -72,7 +82,7 @@ pub fn adamw_step(param: &Var, grad: &Tensor, m: &Var, v: &Var, p: &AdamWParams)
     }
     let dtype = param.dtype();
     let fused = matches!(dtype, DType::F32 | DType::F64)
-        && [param.as_tensor(), grad, m.as_tensor(), v.as_tensor()]
+        && [param, grad, m, v]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == dtype)
         && [param, m, v].iter().all(|t| t.is_contiguous());
@@ -99,8 +109,8 @@ pub fn adamw_step(param: &Var, grad: &Tensor, m: &Var, v: &Var, p: &AdamWParams)
     )?;
     let (bc1, bc2) = p.bias_corrections();
     param.inplace_op3(
-        m.as_tensor(),
-        v.as_tensor(),
+        m,
+        v,
         &ParamUpdate {
             decay: 1.0 - p.lr * p.weight_decay,
             step_size: p.lr / bc1,
@@ -110,29 +120,41 @@ pub fn adamw_step(param: &Var, grad: &Tensor, m: &Var, v: &Var, p: &AdamWParams)
     )
 }
 
-/// AdamW with plain tensor ops and `Var::set` (device/dtype-generic fallback and test oracle).
-/// The update is computed in the dtype of `m`.
+/// AdamW with plain tensor ops, copying the results back into place (device/dtype-generic
+/// fallback and test oracle). The update is computed in the dtype of `m`.
 pub fn reference_adamw_step(
-    param: &Var,
+    param: &Tensor,
     grad: &Tensor,
-    m: &Var,
-    v: &Var,
+    m: &Tensor,
+    v: &Tensor,
     p: &AdamWParams,
 ) -> Result<()> {
     p.validate()?;
+    for t in [param, m, v] {
+        if !t.is_contiguous() || t.shape() != grad.shape() {
+            bail!(
+                "adamw_step: param, m and v must be contiguous and shaped like the gradient {:?}",
+                grad.dims()
+            )
+        }
+    }
     let (bc1, bc2) = p.bias_corrections();
     let dt = m.dtype();
     let g = (grad.detach().to_dtype(dt)? * p.grad_scale)?;
-    let m_new = ((m.as_detached_tensor() * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-    let v_new =
-        ((v.as_detached_tensor().to_dtype(dt)? * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+    let m_new = ((m.detach() * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+    let v_new = ((v.detach().to_dtype(dt)? * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
     let denom = ((v_new.sqrt()? * (1.0 / bc2.sqrt()))? + p.eps)?;
     let update = ((&m_new / denom)? * (p.lr / bc1))?;
-    let p_new =
-        ((param.as_detached_tensor().to_dtype(dt)? * (1.0 - p.lr * p.weight_decay))? - update)?;
-    m.set(&m_new)?;
-    v.set(&v_new.to_dtype(v.dtype())?)?;
-    param.set(&p_new.to_dtype(param.dtype())?)
+    let p_new = ((param.detach().to_dtype(dt)? * (1.0 - p.lr * p.weight_decay))? - update)?;
+    copy_into(m, &m_new)?;
+    copy_into(v, &v_new.to_dtype(v.dtype())?)?;
+    copy_into(param, &p_new.to_dtype(param.dtype())?)
+}
+
+/// Writes `value` into the contiguous tensor or view `dst` (same shape).
+fn copy_into(dst: &Tensor, value: &Tensor) -> Result<()> {
+    let (dst, value) = (dst.flatten_all()?, value.flatten_all()?);
+    dst.slice_set(&value.contiguous()?, 0, 0)
 }
 
 /// `m = beta * m + (1 - beta) * h(grad * grad_scale)` with h = identity or square.

@@ -13,7 +13,9 @@
 //! | [`attention`] | q (b, h, tq, hd), k/v (b, hkv, tk, hd) -> out (b, h, tq, hd), lse (b, h, tq) |
 //! | [`swiglu`] | gate, up (any, equal) -> same |
 //! | [`cross_entropy_sum`] | logits (n, v), targets (n) i64 -> () |
-//! | [`adamw_step`] | in place on param / m / v |
+//! | [`adamw_step`] | in place on param / m / v (tensors or views of flat buffers) |
+//! | [`add_in_place`] | dst += src, in place (gradient accumulation into a view) |
+//! | [`index_add_rows`] | dst (r, d)[ids[i]] += src (n, d)[i], in place (embedding backward) |
 //!
 //! Each differentiable op also has an explicit `*_backward` function, for the model's
 //! hand-written backward pass (`kiln_model::Llama::forward_backward`), which avoids candle's
@@ -22,6 +24,7 @@
 mod adamw;
 mod attention;
 mod cross_entropy;
+mod inplace;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -36,6 +39,7 @@ pub use cross_entropy::{
     count_valid_targets, cross_entropy_backward, cross_entropy_sum, reference_cross_entropy_sum,
     IGNORE_INDEX,
 };
+pub use inplace::{add_in_place, index_add_rows};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};
 pub use softmax::{masked_softmax, masked_softmax_backward, reference_masked_softmax};

@@ -414,7 +414,7 @@ fn adamw_matches_hand_computation() {
         grad_scale: 0.5,
     };
     let want = hand_adamw(&p0, &grads, &base);
-    type StepFn = fn(&Var, &Tensor, &Var, &Var, &AdamWParams) -> Result<()>;
+    type StepFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &AdamWParams) -> Result<()>;
     let impls: [(&str, StepFn); 2] = [("fused", adamw_step), ("reference", reference_adamw_step)];
     for dtype in [DType::F32, DType::F64] {
         for (which, step_fn) in impls {
@@ -452,6 +452,61 @@ fn adamw_matches_hand_computation() {
     }
 }
 
+/// AdamW over a range of flat buffers (views with a non-zero start offset) equals AdamW over
+/// separate tensors, and leaves the rest of the buffers alone.
+#[test]
+fn adamw_on_views_of_flat_buffers_equals_separate_tensors() {
+    let (n, off, total) = (40_000, 123, 40_300); // several rayon chunks
+    let dev = Device::Cpu;
+    let hp = AdamWParams {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 1,
+        grad_scale: 0.7,
+    };
+    type StepFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &AdamWParams) -> Result<()>;
+    let impls: [(&str, StepFn); 2] = [("fused", adamw_step), ("reference", reference_adamw_step)];
+    for dtype in [DType::F32, DType::F64] {
+        for (which, step_fn) in impls {
+            let flat_p = uniform_tensor(70, &[total], dtype).unwrap();
+            let flat_g = uniform_tensor(71, &[total], dtype).unwrap();
+            let flat_m = Tensor::zeros(total, dtype, &dev).unwrap();
+            let flat_v = Tensor::zeros(total, dtype, &dev).unwrap();
+            let view = |t: &Tensor| t.narrow(0, off, n).unwrap().reshape((200, 200)).unwrap();
+            let (p, g, m, v) = (view(&flat_p), view(&flat_g), view(&flat_m), view(&flat_v));
+            let (p2, m2, v2) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+            let before = flat_p
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for step in 1..=2 {
+                let hp = AdamWParams { step, ..hp };
+                step_fn(&p, &g, &m, &v, &hp).unwrap();
+                step_fn(&p2, &g.copy().unwrap(), &m2, &v2, &hp).unwrap();
+            }
+            assert_close(&format!("{which} {dtype:?} param"), &p, &p2, TIGHT_F64);
+            assert_close(&format!("{which} {dtype:?} m"), &m, &m2, TIGHT_F64);
+            assert_close(&format!("{which} {dtype:?} v"), &v, &v2, TIGHT_F64);
+            let after = flat_p
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert_eq!(before[..off], after[..off], "{which}: before the view");
+            assert_eq!(
+                before[off + n..],
+                after[off + n..],
+                "{which}: after the view"
+            );
+            assert_ne!(before[off], after[off]);
+        }
+    }
+}
+
 #[test]
 fn adamw_rejects_bad_inputs() {
     let dev = Device::Cpu;
@@ -474,6 +529,122 @@ fn adamw_rejects_bad_inputs() {
         adamw_step(&p, &g5, &m, &v, &AdamWParams { step: 1, ..hp }).is_err(),
         "shape"
     );
+}
+
+// ---------------------------------------------------------------- in-place writes into views
+
+/// A flat buffer of `total` values and a `(rows, cols)` view of it starting at `off`.
+fn flat_and_view(
+    seed: u64,
+    total: usize,
+    off: usize,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+) -> (Tensor, Tensor) {
+    let flat = uniform_tensor(seed, &[total], dtype).unwrap();
+    let view = flat
+        .narrow(0, off, rows * cols)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap();
+    (flat, view)
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn add_in_place_adds_into_a_view_and_nothing_else() {
+    // f32/f64 take the fused path, f16 the tensor-op fallback.
+    for dtype in [DType::F32, DType::F64, DType::F16] {
+        let (rows, cols, off) = (300, 70, 17);
+        let total = off + rows * cols + 9;
+        let (flat, view) = flat_and_view(80, total, off, rows, cols, dtype);
+        let src = uniform_tensor(81, &[rows, cols], dtype).unwrap();
+        let before = values(&flat);
+        let want = (view.copy().unwrap() + &src).unwrap();
+        add_in_place(&view, &src).unwrap();
+        assert_eq!(
+            values(&view),
+            values(&want),
+            "{dtype:?}: dst + src, bit for bit"
+        );
+        let after = values(&flat);
+        assert_eq!(before[..off], after[..off], "{dtype:?}");
+        assert_eq!(
+            before[off + rows * cols..],
+            after[off + rows * cols..],
+            "{dtype:?}"
+        );
+        // A strided source is made contiguous first.
+        let t = uniform_tensor(82, &[cols, rows], dtype).unwrap();
+        let want = (view.copy().unwrap() + t.t().unwrap()).unwrap();
+        add_in_place(&view, &t.t().unwrap()).unwrap();
+        assert_eq!(values(&view), values(&want), "{dtype:?} strided src");
+    }
+    let dst = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(add_in_place(&dst, &bad).is_err(), "shape mismatch");
+    assert!(
+        add_in_place(&dst.t().unwrap(), &bad).is_err(),
+        "strided destination"
+    );
+}
+
+/// The embedding backward written into a view equals candle's `zeros.index_add` (the
+/// allocation it replaces), bit for bit, repeated ids included; and it accumulates.
+#[test]
+fn index_add_rows_equals_zeros_index_add() {
+    let (vocab, d, n, off) = (50, 24, 200, 31);
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 7 + i * i) % vocab) as u32).collect();
+    for dtype in [DType::F32, DType::F64, DType::F16] {
+        for id_dtype in [DType::U32, DType::I64] {
+            let total = off + vocab * d + 5;
+            let (flat, view) = flat_and_view(90, total, off, vocab, d, dtype);
+            view.zero_set().unwrap();
+            let before = values(&flat);
+            let idx = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(id_dtype)
+                .unwrap();
+            let src = uniform_tensor(91, &[n, d], dtype).unwrap();
+            let want = Tensor::zeros((vocab, d), dtype, &Device::Cpu)
+                .unwrap()
+                .index_add(&idx, &src, 0)
+                .unwrap();
+            index_add_rows(&view, &idx, &src).unwrap();
+            assert_eq!(values(&view), values(&want), "{dtype:?} {id_dtype:?}");
+            let after = values(&flat);
+            assert_eq!(before[..off], after[..off]);
+            assert_eq!(before[off + vocab * d..], after[off + vocab * d..]);
+            // Accumulates: a second call adds the same rows again.
+            index_add_rows(&view, &idx, &src).unwrap();
+            let twice = want.index_add(&idx, &src, 0).unwrap();
+            assert_eq!(
+                values(&view),
+                values(&twice),
+                "{dtype:?} {id_dtype:?} twice"
+            );
+        }
+    }
+    let dst = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+    let src = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let out_of_range = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
+    assert!(index_add_rows(&dst, &out_of_range, &src).is_err());
+    let wrong_width = Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(index_add_rows(
+        &dst,
+        &Tensor::new(&[0u32, 1], &Device::Cpu).unwrap(),
+        &wrong_width
+    )
+    .is_err());
 }
 
 #[test]

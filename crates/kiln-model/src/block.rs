@@ -12,8 +12,8 @@
 use candle_core::Tensor;
 use kiln_kernels as k;
 
-use crate::linear::{accumulate, dropout_mask, Grads, Linear, LinearCtx};
-use crate::{KvCache, ModelError, SplitMix64};
+use crate::linear::{dropout_mask, Linear, LinearCtx};
+use crate::{Grads, KvCache, ModelError, SplitMix64};
 use kiln_kernels::{attention, attention_backward, AttentionMask};
 
 pub(crate) struct Block {
@@ -280,7 +280,7 @@ impl Block {
             + self.w3.backward(a.up_ctx, &dup, grads)?)?;
         let (dh_norm, d_ffn_norm) = k::rms_norm_backward(&a.h, &self.ffn_norm, &dhn, eps)?;
         if pass.train_base {
-            accumulate(grads, &self.name("ffn_norm.weight"), d_ffn_norm)?;
+            grads.accumulate(&self.name("ffn_norm.weight"), &d_ffn_norm)?;
         }
         let dh = (dout + dh_norm)?;
 
@@ -310,7 +310,7 @@ impl Block {
             + self.wv.backward(a.v_ctx, &dv, grads)?)?;
         let (dx_norm, d_attn_norm) = k::rms_norm_backward(&a.x, &self.attention_norm, &dxn, eps)?;
         if pass.train_base {
-            accumulate(grads, &self.name("attention_norm.weight"), d_attn_norm)?;
+            grads.accumulate(&self.name("attention_norm.weight"), &d_attn_norm)?;
         }
         Ok((dh + dx_norm)?)
     }

@@ -787,7 +787,12 @@ pub fn export_tensor(
         path: kiln.into(),
         msg: "no GGUF name for this tensor".into(),
     })?;
-    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    // A compact copy: candle's quantize reads the whole storage, not the view into a flat
+    // parameter buffer.
+    let t = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .force_contiguous()?;
     let mut dtype = if t.rank() == 1 {
         types.vectors
     } else {

@@ -10,8 +10,8 @@
 use candle_core::{DType, Device, Tensor, D};
 use kiln_kernels as k;
 
-use crate::linear::{Grads, Linear, LinearWeight};
-use crate::{Llama, ModelError, SplitMix64};
+use crate::linear::{Linear, LinearWeight};
+use crate::{Grads, Llama, ModelError, SplitMix64};
 
 impl Llama {
     /// LM logits of hidden states: `(n, d)` → `(n, v)`.

@@ -1,11 +1,12 @@
-//! kiln-model: the LLaMA-style model (config, parameters, one decoder as a trunk plus heads,
-//! `Linear` projections with LoRA, KV cache, quantised weights) and its parameter/FLOP
-//! accounting. It knows nothing of optimizers, data or parallelism.
+//! kiln-model: the LLaMA-style model (config, parameters and gradients in flat storage, one
+//! decoder as a trunk plus heads, `Linear` projections with LoRA, KV cache, quantised weights)
+//! and its parameter/FLOP accounting. It knows nothing of optimizers, data or parallelism.
 
 mod block;
 mod cache;
 mod config;
 mod decode;
+mod flat;
 pub mod gguf;
 pub mod heads;
 pub mod hf;
@@ -19,10 +20,11 @@ mod rope;
 
 pub use cache::KvCache;
 pub use config::{AttentionMode, ModelConfig, RopeScaling};
+pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead};
-pub use linear::{Grads, Linear, LinearWeight, Lora};
+pub use linear::{Linear, LinearWeight, Lora};
 pub use model::{Llama, LoraSpec, TokenBatch, Trunk};
-pub use params::Params;
+pub use params::{flat_group, is_lora_name, Params};
 pub use qkernels::{set_simd_choice, SimdChoice};
 pub use qmodel::{set_candle_qmatmul, CausalLm, QLlama};
 pub use rng::SplitMix64;

@@ -9,32 +9,18 @@
 //! ```
 //!
 //! [`Linear::forward_saving`] keeps what [`Linear::backward`] needs; the backward returns `dx`
-//! and adds the gradients of whatever is trainable into the gradient map: W when it is
-//! trainable, A and B when there is an adapter. A frozen weight gets no gradient at all (and
-//! therefore no optimizer state). Gradient names follow PEFT: `<prefix>.weight`,
+//! and adds the gradients of whatever is trainable into the gradient buffer ([`Grads`]): W when
+//! it is trainable, A and B when there is an adapter. A frozen weight gets no gradient at all
+//! (and therefore no optimizer state). Gradient names follow PEFT: `<prefix>.weight`,
 //! `<prefix>.lora_A.weight`, `<prefix>.lora_B.weight`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::qkernels::{RawKind, RawQ};
-use crate::{ModelError, SplitMix64};
-
-/// Gradients by parameter name, accumulated over micro-batches.
-pub type Grads = BTreeMap<String, Tensor>;
-
-/// Adds `g` into `grads[name]`.
-pub(crate) fn accumulate(grads: &mut Grads, name: &str, g: Tensor) -> candle_core::Result<()> {
-    let g = match grads.remove(name) {
-        Some(prev) => (prev + g)?,
-        None => g,
-    };
-    grads.insert(name.to_string(), g);
-    Ok(())
-}
+use crate::{Grads, ModelError, SplitMix64};
 
 /// The weight of a projection, `(out, in)`.
 #[derive(Clone)]
@@ -275,7 +261,7 @@ impl Linear {
         grads: &mut Grads,
     ) -> Result<Tensor, ModelError> {
         if self.trainable {
-            accumulate(grads, &self.weight_grad_name, dy.t()?.matmul(&ctx.x)?)?;
+            grads.accumulate(&self.weight_grad_name, &dy.t()?.matmul(&ctx.x)?)?;
         }
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.clone(),
@@ -285,8 +271,8 @@ impl Linear {
         let mut dx = dy.matmul(&w)?;
         if let (Some(l), Some((xd, u, mask))) = (&self.lora, ctx.lora) {
             let du = (dy.matmul(&l.b)? * l.scale)?; // (m, r)
-            accumulate(grads, &self.lora_b_name(), (dy.t()?.matmul(&u)? * l.scale)?)?;
-            accumulate(grads, &self.lora_a_name(), du.t()?.matmul(&xd)?)?;
+            grads.accumulate(&self.lora_b_name(), &(dy.t()?.matmul(&u)? * l.scale)?)?;
+            grads.accumulate(&self.lora_a_name(), &du.t()?.matmul(&xd)?)?;
             // d(drop(x)) = du A; dropout's backward multiplies by the same mask.
             let dxd = du.matmul(&l.a)?;
             let dxd = match mask {

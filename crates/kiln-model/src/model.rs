@@ -15,6 +15,7 @@
 //! ends in `d_hidden`. The same struct holds dense weights (training) or GGUF blocks
 //! (quantised inference, qmodel.rs); every projection is a [`Linear`].
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -22,9 +23,11 @@ use candle_core::{DType, Device, Tensor};
 use kiln_kernels as k;
 
 use crate::block::{Block, BlockActs, Heads, Pass, RopeAt};
-use crate::linear::{accumulate, Grads, Linear, LinearWeight, Lora};
+use crate::linear::{Linear, LinearWeight, Lora};
 use crate::qkernels::RawQ;
-use crate::{AttentionMode, KvCache, ModelConfig, ModelError, Params, SplitMix64};
+use crate::{
+    AttentionMode, FlatLayout, Grads, KvCache, ModelConfig, ModelError, Params, SplitMix64,
+};
 
 /// The embedding table: dense, or GGML rows dequantised on lookup.
 #[derive(Clone)]
@@ -121,12 +124,34 @@ pub(crate) fn vec_of(t: &Tensor) -> Result<Vec<f32>, ModelError> {
 }
 
 impl Llama {
-    /// Builds the model over the parameter tensors (sharing storage, so gradients flow to
-    /// the `Var`s in `params`).
+    /// Builds the model over the parameter tensors: views into the params' flat buffer, so the
+    /// model sees every in-place update and candle's autograd reaches the flat `Var`.
     pub fn new(cfg: &ModelConfig, params: &Params) -> Result<Self, ModelError> {
         cfg.validate()?;
         params.check_against(cfg)?;
-        let p = |name: &str| params.tensor(name);
+        Self::over_tensors(cfg, |name| params.tensor(name))
+    }
+
+    /// The dense model over base tensors given by name (kiln names), e.g. one `Var` per tensor
+    /// for a candle-autograd reference whose gradients need no slicing of a flat buffer. Shapes
+    /// are checked against `cfg`.
+    pub fn over_tensors(
+        cfg: &ModelConfig,
+        tensor: impl Fn(&str) -> Result<Tensor, ModelError>,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        for (name, shape, _) in crate::params::layout(cfg) {
+            let dims = tensor(&name)?.dims().to_vec();
+            if dims != shape {
+                return Err(ModelError::Weights {
+                    path: "weights".into(),
+                    msg: format!(
+                        "tensor {name:?} has shape {dims:?} but the config needs {shape:?}"
+                    ),
+                });
+            }
+        }
+        let p = |name: &str| tensor(name);
         let tok_embeddings = p("tok_embeddings.weight")?;
         let output = if cfg.tie_embeddings {
             Linear::dense("output", tok_embeddings.clone())
@@ -262,6 +287,63 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The parameters this model's hand-written backward writes gradients for: the base
+    /// weights when they train (not under LoRA), and every adapter.
+    pub fn trainable_names(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if self.train_base {
+            if let Embedding::Dense(_) = &self.embedding {
+                out.insert("tok_embeddings.weight".to_string());
+            }
+            out.insert("norm.weight".to_string());
+        }
+        let linears = self
+            .layers
+            .iter()
+            .flat_map(|b| b.projections())
+            .chain([&self.output]);
+        for l in linears {
+            if l.trainable {
+                out.insert(l.weight_grad_name().to_string());
+            }
+            if l.lora.is_some() {
+                out.insert(l.lora_a_name());
+                out.insert(l.lora_b_name());
+            }
+        }
+        if self.train_base {
+            for b in &self.layers {
+                out.insert(b.name("attention_norm.weight"));
+                out.insert(b.name("ffn_norm.weight"));
+            }
+        }
+        out
+    }
+
+    /// The gradient layout of this model over `params` (the params it was built from): their
+    /// trainable entries, in the params' buffer order (so a contiguous range of the gradient
+    /// buffer is a contiguous range of the parameter buffer). Frozen tensors get no entry.
+    pub fn grad_layout(&self, params: &Params) -> Result<FlatLayout, ModelError> {
+        let names = self.trainable_names();
+        if let Some(missing) = names.iter().find(|n| !params.layout().contains(n)) {
+            return Err(ModelError::Input(format!(
+                "the model trains {missing:?}, which these params do not hold"
+            )));
+        }
+        Ok(params.layout().subset(|e| names.contains(&e.name)))
+    }
+
+    /// A gradient buffer for this model over `params` ([`Llama::grad_layout`]), in the params'
+    /// dtype and on their device, with no gradient yet.
+    pub fn grads(&self, params: &Params) -> Result<Grads, ModelError> {
+        let flat = params.flat();
+        Grads::new(
+            Arc::new(self.grad_layout(params)?),
+            flat.dtype(),
+            flat.device(),
+        )
     }
 
     /// The model over detached weight tensors: the hand-written paths must not record
@@ -470,20 +552,16 @@ impl Llama {
         let (mut dx, d_norm) =
             k::rms_norm_backward(&trunk.last, &m.norm, d_hidden, m.cfg.norm_eps)?;
         if m.train_base {
-            accumulate(grads, "norm.weight", d_norm)?;
+            grads.accumulate("norm.weight", &d_norm)?;
         }
         for (block, a) in m.layers.iter().zip(trunk.acts).rev() {
             dx = block.backward(a, dx, &pass, grads)?;
         }
         if m.train_base {
-            if let Embedding::Dense(table) = &m.embedding {
-                // Embedding lookup: scatter-add the rows of dx into the table's gradient.
-                let zeros = Tensor::zeros(table.dims(), dx.dtype(), dx.device())?;
-                accumulate(
-                    grads,
-                    "tok_embeddings.weight",
-                    zeros.index_add(&trunk.ids, &dx, 0)?,
-                )?;
+            if let Embedding::Dense(_) = &m.embedding {
+                // Embedding lookup: scatter-add the rows of dx into the table's gradient, in
+                // place (no (vocab, d) temporary).
+                grads.index_add_rows("tok_embeddings.weight", &trunk.ids, &dx)?;
             }
         }
         Ok(())

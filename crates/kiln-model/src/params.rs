@@ -1,15 +1,30 @@
-//! Named parameters, ordered by name (a `BTreeMap`, so iteration order, init and checkpoints
-//! are deterministic), with init, shape checks and safetensors I/O.
+//! Named parameters in flat storage: one 1-D `Var` holds every tensor, and each named tensor is
+//! a view into it (`narrow` + `reshape`, sharing storage), so the model's weights see every
+//! in-place update of the buffer and the optimizer can run over whole ranges of it. Init draws
+//! every tensor from its own stream (deterministic, independent of the order), and checkpoints
+//! are safetensors with one tensor per name.
+//!
+//! The buffer's order ([`flat_group`]): LoRA adapters, then the other matrices, then the
+//! embedding table and the norm vectors. So the tensors that train under LoRA are one range,
+//! and AdamW's decay group (matrices; nanoGPT's rule) and no-decay group (norms and the
+//! embedding) are one range each.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::flat::{FlatLayout, Grads};
 use crate::{ModelConfig, ModelError, SplitMix64};
 
 pub struct Params {
-    vars: BTreeMap<String, Var>,
+    layout: Arc<FlatLayout>,
+    /// `(layout.total())`: every parameter.
+    flat: Var,
+    /// One view per layout entry (on the autograd graph of `flat`).
+    views: Vec<Tensor>,
 }
 
 /// How a parameter is initialised.
@@ -17,6 +32,23 @@ pub struct Params {
 pub(crate) enum Init {
     Ones,
     Normal(f64),
+}
+
+/// Whether `name` is a LoRA adapter tensor.
+pub fn is_lora_name(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// The group of a tensor in the flat buffer's order: 0 LoRA adapters, 1 other matrices, 2 the
+/// embedding table and 1-D tensors (norms).
+pub fn flat_group(name: &str, shape: &[usize]) -> u8 {
+    if is_lora_name(name) {
+        0
+    } else if shape.len() >= 2 && name != "tok_embeddings.weight" {
+        1
+    } else {
+        2
+    }
 }
 
 /// Every parameter of `cfg` with its shape and init, in kiln's names (Meta LLaMA names).
@@ -85,42 +117,91 @@ impl Params {
         dtype: DType,
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
-        let mut vars = BTreeMap::new();
-        for (name, shape, init) in layout(cfg) {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
-                Init::Ones => vec![1.0; n],
+        let specs = layout(cfg);
+        let flat_layout = FlatLayout::grouped(
+            specs.iter().map(|(n, s, _)| (n.clone(), s.clone())),
+            flat_group,
+        )?;
+        let mut data = vec![0f32; flat_layout.total()];
+        for (name, _, init) in &specs {
+            let e = flat_layout
+                .entry(name)
+                .expect("invariant: every spec is laid out");
+            let dst = &mut data[e.range()];
+            match init {
+                Init::Ones => dst.fill(1.0),
                 Init::Normal(std) => {
                     let mut rng = SplitMix64::new(seed ^ fnv1a(name.as_bytes()));
-                    (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
+                    for x in dst.iter_mut() {
+                        *x = (rng.next_normal() * std) as f32;
+                    }
                 }
-            };
-            let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
-            vars.insert(name, Var::from_tensor(&t)?);
+            }
         }
-        Ok(Self { vars })
+        let flat = if dtype == DType::F32 {
+            Var::from_vec(data, flat_layout.total(), device)?
+        } else {
+            Var::from_tensor(
+                &Tensor::from_vec(data, flat_layout.total(), device)?.to_dtype(dtype)?,
+            )?
+        };
+        Self::over(Arc::new(flat_layout), flat)
     }
 
-    /// Wraps loaded tensors; names and shapes are checked against `cfg` (extra tensors are an
-    /// error too, so a wrong config is not silently accepted).
+    fn over(layout: Arc<FlatLayout>, flat: Var) -> Result<Self, ModelError> {
+        let views = layout.views(flat.as_tensor())?;
+        Ok(Self {
+            layout,
+            flat,
+            views,
+        })
+    }
+
+    /// Packs named tensors into a fresh flat buffer (in the dtype and on the device of
+    /// `tok_embeddings.weight`, or of the first tensor).
+    fn pack(tensors: &HashMap<String, Tensor>) -> Result<Self, ModelError> {
+        let layout = FlatLayout::grouped(
+            tensors.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())),
+            flat_group,
+        )?;
+        let like = tensors
+            .get("tok_embeddings.weight")
+            .or_else(|| layout.entries().first().map(|e| &tensors[&e.name]));
+        let (dtype, device) = match like {
+            Some(t) => (t.dtype(), t.device().clone()),
+            None => (DType::F32, Device::Cpu),
+        };
+        let flat = Var::zeros(layout.total(), dtype, &device)?;
+        for e in layout.entries() {
+            let t = tensors[&e.name]
+                .to_device(&device)?
+                .to_dtype(dtype)?
+                .flatten_all()?
+                .contiguous()?;
+            flat.slice_set(&t, 0, e.offset)?;
+        }
+        Self::over(Arc::new(layout), flat)
+    }
+
+    /// Wraps loaded tensors (copied into one flat buffer); names and shapes are checked against
+    /// `cfg` (extra tensors are an error too, so a wrong config is not silently accepted).
     pub fn from_tensors(
         cfg: &ModelConfig,
         tensors: HashMap<String, Tensor>,
         source: &str,
     ) -> Result<Self, ModelError> {
-        let mut vars = BTreeMap::new();
-        for (name, t) in tensors {
-            vars.insert(name, Var::from_tensor(&t)?);
-        }
-        let params = Self { vars };
-        params.check_against(cfg).map_err(|e| match e {
+        let shapes: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        check_shapes(cfg, &shapes).map_err(|e| match e {
             ModelError::Weights { msg, .. } => ModelError::Weights {
                 path: source.into(),
                 msg,
             },
             other => other,
         })?;
-        Ok(params)
+        Self::pack(&tensors)
     }
 
     /// Loads `model.safetensors`-style weights (kiln names) and checks them against `cfg`.
@@ -133,12 +214,12 @@ impl Params {
         Self::from_tensors(cfg, tensors, &path.display().to_string())
     }
 
-    /// Writes the weights to `path` (not atomic on its own; checkpointing renames it into place).
+    /// Writes the weights to `path`, one tensor per name (not atomic on its own; checkpointing
+    /// renames it into place).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         let map: HashMap<String, Tensor> = self
-            .vars
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .map(|(k, v)| (k.to_string(), v.detach()))
             .collect();
         candle_core::safetensors::save(&map, path)?;
         Ok(())
@@ -147,45 +228,18 @@ impl Params {
     /// Checks names and shapes against `cfg`. Besides the base tensors only LoRA adapters
     /// (`<projection>.lora_A.weight (r, in)` / `lora_B.weight (out, r)`) may be present.
     pub(crate) fn check_against(&self, cfg: &ModelConfig) -> Result<(), ModelError> {
-        let expected = layout(cfg);
-        let err = |msg: String| {
-            Err(ModelError::Weights {
-                path: "weights".into(),
-                msg,
-            })
-        };
-        for (name, shape, _) in &expected {
-            match self.vars.get(name) {
-                None => return err(format!("missing tensor {name:?}")),
-                Some(v) if v.dims() != shape.as_slice() => {
-                    return err(format!(
-                        "tensor {name:?} has shape {:?} but the config needs {shape:?}",
-                        v.dims()
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
-        if self.vars.len() != expected.len() {
-            let known: std::collections::BTreeMap<_, _> =
-                expected.iter().map(|(n, s, _)| (n.as_str(), s)).collect();
-            let extra: Vec<_> = self
-                .vars
-                .iter()
-                .filter(|(k, v)| {
-                    !known.contains_key(k.as_str()) && !is_adapter(k, v.dims(), &known)
-                })
-                .map(|(k, _)| k)
-                .collect();
-            if !extra.is_empty() {
-                return err(format!("unexpected tensors for this config: {extra:?}"));
-            }
-        }
-        Ok(())
+        let shapes: Vec<(String, Vec<usize>)> = self
+            .layout
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        check_shapes(cfg, &shapes)
     }
 
     /// Adds LoRA adapters for `spec.targets` in every layer: A kaiming-uniform (PEFT's
-    /// init), B zero, each drawn from its own stream seeded by (seed, name).
+    /// init), B zero, each drawn from its own stream seeded by (seed, name). The buffer is
+    /// rebuilt (with the adapters first): build models from these params after this call.
     pub fn add_lora(
         &mut self,
         cfg: &ModelConfig,
@@ -197,12 +251,16 @@ impl Params {
             .filter(|(n, s, _)| n.starts_with("layers.") && s.len() == 2)
             .map(|(n, s, _)| (n, s))
             .collect();
+        let mut tensors: HashMap<String, Tensor> = self
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.detach()))
+            .collect();
+        let (device, dtype) = (self.flat.device().clone(), self.flat.dtype());
         for (name, shape) in shapes {
             let prefix = name.trim_end_matches(".weight");
             if !spec.applies_to(prefix) {
                 continue;
             }
-            let (device, dtype) = (self.vars[&name].device().clone(), self.vars[&name].dtype());
             let mut rng = SplitMix64::new(seed ^ fnv1a(prefix.as_bytes()));
             let lora = crate::Lora::init(
                 shape[0],
@@ -214,44 +272,158 @@ impl Params {
                 &device,
                 dtype,
             )?;
-            self.vars.insert(
-                format!("{prefix}.lora_A.weight"),
-                Var::from_tensor(&lora.a)?,
-            );
-            self.vars.insert(
-                format!("{prefix}.lora_B.weight"),
-                Var::from_tensor(&lora.b)?,
-            );
+            tensors.insert(format!("{prefix}.lora_A.weight"), lora.a);
+            tensors.insert(format!("{prefix}.lora_B.weight"), lora.b);
         }
+        *self = Self::pack(&tensors)?;
         Ok(())
     }
 
-    /// Names of the LoRA adapter tensors (what trains under LoRA).
+    /// Names of the LoRA adapter tensors (what trains under LoRA), in buffer order.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.vars
-            .keys()
-            .filter(|k| k.contains(".lora_A.") || k.contains(".lora_B."))
-            .cloned()
+        self.names()
+            .filter(|k| is_lora_name(k))
+            .map(str::to_string)
             .collect()
     }
 
+    /// The tensor `name`: a view into the flat buffer (sharing its storage, on its autograd
+    /// graph).
     pub fn tensor(&self, name: &str) -> Result<Tensor, ModelError> {
-        self.vars
-            .get(name)
-            .map(|v| v.as_tensor().clone())
+        self.layout
+            .position(name)
+            .map(|i| self.views[i].clone())
             .ok_or_else(|| ModelError::Weights {
                 path: "weights".into(),
                 msg: format!("missing tensor {name:?}"),
             })
     }
 
-    pub fn vars(&self) -> &BTreeMap<String, Var> {
-        &self.vars
+    /// Overwrites the values of `name` in place (every model built over these params sees them).
+    pub fn set(&self, name: &str, value: &Tensor) -> Result<(), ModelError> {
+        let view = self.tensor(name)?;
+        if value.dims() != view.dims() {
+            return Err(ModelError::Weights {
+                path: "weights".into(),
+                msg: format!(
+                    "cannot set {name:?} of shape {:?} to a tensor of shape {:?}",
+                    view.dims(),
+                    value.dims()
+                ),
+            });
+        }
+        let value = value
+            .to_device(self.flat.device())?
+            .to_dtype(self.flat.dtype())?
+            .flatten_all()?
+            .contiguous()?;
+        let offset = self.layout.entry(name).expect("checked above").offset;
+        self.flat.slice_set(&value, 0, offset)?;
+        Ok(())
+    }
+
+    /// Copies every tensor of `other` (same names and shapes) into these params, in place.
+    pub fn copy_from(&self, other: &Params) -> Result<(), ModelError> {
+        if other.layout == self.layout {
+            let src = other
+                .flat
+                .as_detached_tensor()
+                .to_device(self.flat.device())?;
+            self.flat
+                .slice_set(&src.to_dtype(self.flat.dtype())?, 0, 0)?;
+            return Ok(());
+        }
+        if other.layout.len() != self.layout.len() {
+            return Err(ModelError::Weights {
+                path: "weights".into(),
+                msg: format!(
+                    "cannot copy {} tensors into {}",
+                    other.layout.len(),
+                    self.layout.len()
+                ),
+            });
+        }
+        for (name, t) in other.iter() {
+            self.set(name, t)?;
+        }
+        Ok(())
+    }
+
+    /// The flat buffer (`(total)`), every parameter in layout order.
+    pub fn flat(&self) -> &Var {
+        &self.flat
+    }
+
+    /// Where each named tensor sits in [`Params::flat`].
+    pub fn layout(&self) -> &Arc<FlatLayout> {
+        &self.layout
+    }
+
+    /// Names in buffer order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.layout.entries().iter().map(|e| e.name.as_str())
+    }
+
+    /// `(name, view)` in buffer order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.layout
+            .entries()
+            .iter()
+            .map(|e| e.name.as_str())
+            .zip(&self.views)
+    }
+
+    /// candle autograd's gradients of these parameters (after `loss.backward()` through a model
+    /// built over them): the flat buffer's gradient, viewed per name. None when the loss does
+    /// not depend on the parameters.
+    pub fn autograd_grads(&self, store: &GradStore) -> Result<Option<Grads>, ModelError> {
+        match store.get(self.flat.as_tensor()) {
+            Some(g) => Ok(Some(Grads::from_flat(self.layout.clone(), g.clone())?)),
+            None => Ok(None),
+        }
     }
 
     pub fn num_elements(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum()
+        self.layout.total()
     }
+}
+
+/// Checks names and shapes against `cfg`. Besides the base tensors only LoRA adapters
+/// (`<projection>.lora_A.weight (r, in)` / `lora_B.weight (out, r)`) may be present.
+fn check_shapes(cfg: &ModelConfig, shapes: &[(String, Vec<usize>)]) -> Result<(), ModelError> {
+    let expected = layout(cfg);
+    let err = |msg: String| {
+        Err(ModelError::Weights {
+            path: "weights".into(),
+            msg,
+        })
+    };
+    let have: std::collections::BTreeMap<&str, &Vec<usize>> =
+        shapes.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    for (name, shape) in expected.iter().map(|(n, s, _)| (n, s)) {
+        match have.get(name.as_str()) {
+            None => return err(format!("missing tensor {name:?}")),
+            Some(dims) if dims.as_slice() != shape.as_slice() => {
+                return err(format!(
+                    "tensor {name:?} has shape {dims:?} but the config needs {shape:?}"
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if have.len() != expected.len() {
+        let known: std::collections::BTreeMap<_, _> =
+            expected.iter().map(|(n, s, _)| (n.as_str(), s)).collect();
+        let extra: Vec<_> = have
+            .iter()
+            .filter(|(k, dims)| !known.contains_key(*k) && !is_adapter(k, dims, &known))
+            .map(|(k, _)| k)
+            .collect();
+        if !extra.is_empty() {
+            return err(format!("unexpected tensors for this config: {extra:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `name` is a LoRA tensor of a known projection with a consistent shape.
@@ -316,11 +488,8 @@ mod tests {
     fn shape_mismatch_names_the_tensor() {
         let cfg = ModelConfig::tiny();
         let p = Params::init(&cfg, 0, &Device::Cpu, DType::F32).unwrap();
-        let mut tensors: HashMap<String, Tensor> = p
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let mut tensors: HashMap<String, Tensor> =
+            p.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         tensors.insert(
             "norm.weight".into(),
             Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),

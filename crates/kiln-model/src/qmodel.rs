@@ -159,7 +159,12 @@ impl Llama {
         dtype: GgmlDType,
     ) -> Result<Self, ModelError> {
         Self::build_quantised(cfg, |name| {
-            let t = params.tensor(name)?.to_dtype(DType::F32)?;
+            // A compact copy: candle's quantize reads the whole storage, not the view into
+            // the flat parameter buffer.
+            let t = params
+                .tensor(name)?
+                .to_dtype(DType::F32)?
+                .force_contiguous()?;
             let d = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
                 dtype
             } else {

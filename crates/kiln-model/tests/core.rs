@@ -2,6 +2,8 @@
 //! (B = 0 is the base model, only A and B get gradients, unmerged == merged), and batched
 //! ragged decoding equal to each row alone, for dense and quantised weights.
 
+use std::sync::Arc;
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use kiln_model::{
@@ -46,7 +48,6 @@ fn fd_check(
     loss: &dyn Fn() -> f64,
     elements: &[usize],
 ) -> f64 {
-    let var = &params.vars()[name];
     let g = grads
         .get(name)
         .unwrap_or_else(|| panic!("no gradient for {name}"))
@@ -54,12 +55,8 @@ fn fd_check(
         .unwrap()
         .to_vec1::<f64>()
         .unwrap();
-    let orig = var
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let value = params.tensor(name).unwrap();
+    let orig = value.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let eps = 1e-5;
     let mut worst: f64 = 0.0;
     for &i in elements {
@@ -67,7 +64,11 @@ fn fd_check(
         let at = |delta: f64| {
             let mut v = orig.clone();
             v[i] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            params
+                .set(
+                    name,
+                    &Tensor::from_vec(v, value.shape(), &Device::Cpu).unwrap(),
+                )
                 .unwrap();
             loss()
         };
@@ -97,7 +98,7 @@ fn lm_head_cross_entropy_gradients_match_finite_differences() {
     tv[3] = -100;
     let targets = Tensor::from_vec(tv, 20, &Device::Cpu).unwrap();
     let model = Llama::new(&cfg, &p).unwrap();
-    let mut grads = Grads::new();
+    let mut grads = model.grads(&p).unwrap();
     model
         .forward_backward(&x, &targets, 0.5, &mut grads, None)
         .unwrap();
@@ -123,7 +124,7 @@ fn token_logprob_head_gradients_match_finite_differences() {
     let (hidden, trunk) = model
         .forward_hidden(&TokenBatch::new(x.clone()), None)
         .unwrap();
-    let mut grads = Grads::new();
+    let mut grads = model.grads(&p).unwrap();
     let dh = model
         .token_logprobs_backward(&hidden, &targets, &weights, &mut grads)
         .unwrap();
@@ -173,7 +174,12 @@ fn scalar_head_gradients_match_finite_differences() {
     let (hidden, trunk) = model
         .forward_hidden(&TokenBatch::new(x.clone()), None)
         .unwrap();
-    let mut grads = Grads::new();
+    // The model's gradient layout plus the head's weight.
+    let mut layout = model.grad_layout(&p).unwrap();
+    layout
+        .push(format!("{}.weight", ScalarHead::NAME), vec![1, cfg.dim])
+        .unwrap();
+    let mut grads = Grads::new(Arc::new(layout), DType::F64, &Device::Cpu).unwrap();
     let dh = head.backward(&hidden, &rows, &dscore, &mut grads).unwrap();
     model.backward_hidden(trunk, &dh, &mut grads).unwrap();
     let loss = || {
@@ -256,13 +262,13 @@ fn a_packed_row_equals_its_documents_run_alone() {
     )
     .unwrap();
     let packed_logits = model.forward_batch(&batch, None).unwrap(); // (n, v)
-    let mut packed_grads = Grads::new();
+    let mut packed_grads = model.grads(&p).unwrap();
     let tgt = Tensor::from_vec(packed_targets, n, &Device::Cpu).unwrap();
     let packed_loss = model
         .forward_backward_batch(&batch, &tgt, 1.0, &mut packed_grads, None)
         .unwrap();
 
-    let mut alone_grads = Grads::new();
+    let mut alone_grads = model.grads(&p).unwrap();
     let mut alone_loss = 0.0;
     let mut offset = 0;
     for d in &docs {
@@ -282,7 +288,7 @@ fn a_packed_row_equals_its_documents_run_alone() {
     }
     assert!((packed_loss - alone_loss).abs() < 1e-9 * alone_loss.abs());
     assert_eq!(packed_grads.len(), alone_grads.len());
-    for (name, g) in &alone_grads {
+    for (name, g) in alone_grads.iter() {
         assert_close(name, &packed_grads[name], g, Tol::OP_F32);
     }
 }
@@ -317,18 +323,28 @@ fn lora_with_zero_b_is_the_base_model_and_only_adapters_get_gradients() {
         &Device::Cpu,
     )
     .unwrap();
-    let mut grads = Grads::new();
-    with.forward_backward(&x, &targets, 1.0, &mut grads, None)
-        .unwrap();
-    let mut names: Vec<&String> = grads.keys().collect();
-    names.sort();
+    // The gradient buffer has entries for the adapters alone: frozen weights get none.
+    let mut grads = with.grads(&p).unwrap();
     let mut adapters = p.adapter_names();
     adapters.sort();
-    assert_eq!(
-        names,
-        adapters.iter().collect::<Vec<_>>(),
-        "only A and B train"
-    );
+    let mut slots: Vec<&str> = grads
+        .layout()
+        .entries()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    slots.sort();
+    assert_eq!(slots, adapters, "only A and B have gradient entries");
+    let adapter_elems: usize = adapters
+        .iter()
+        .map(|n| p.tensor(n).unwrap().elem_count())
+        .sum();
+    assert_eq!(grads.layout().total(), adapter_elems);
+    with.forward_backward(&x, &targets, 1.0, &mut grads, None)
+        .unwrap();
+    let mut names: Vec<&str> = grads.names().collect();
+    names.sort();
+    assert_eq!(names, adapters, "only A and B train");
     // With B = 0 the gradient of A is zero and that of B is not.
     let norm = |n: &str| scalar(&grads[n].sqr().unwrap().sum_all().unwrap());
     assert_eq!(norm("layers.0.attention.wq.lora_A.weight"), 0.0);
@@ -343,10 +359,10 @@ fn lora_gradients_match_finite_differences_and_merging_changes_nothing() {
     // Non-zero B so both factors matter.
     for name in p.adapter_names() {
         if name.contains("lora_B") {
-            let v = &p.vars()[&name];
+            let v = p.tensor(&name).unwrap();
             let r =
                 Tensor::from_vec(uniform_vec(3, v.elem_count()), v.shape(), &Device::Cpu).unwrap();
-            v.set(&(r * 0.1).unwrap()).unwrap();
+            p.set(&name, &(r * 0.1).unwrap()).unwrap();
         }
     }
     let x = Tensor::from_vec(ids(10, 8, 64), (1, 10), &Device::Cpu).unwrap();
@@ -360,7 +376,7 @@ fn lora_gradients_match_finite_differences_and_merging_changes_nothing() {
     )
     .unwrap();
     let model = Llama::new_with_lora(&cfg, &p, &lora_spec()).unwrap();
-    let mut grads = Grads::new();
+    let mut grads = model.grads(&p).unwrap();
     model
         .forward_backward(&x, &targets, 1.0, &mut grads, None)
         .unwrap();

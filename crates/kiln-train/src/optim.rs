@@ -1,28 +1,37 @@
 //! AdamW (Loshchilov & Hutter 2019) with decoupled weight decay, parameter groups by name,
 //! and state that is saved in checkpoints (candle-nn's AdamW keeps its moments private, so
 //! exact resume is impossible with it).
+//!
+//! Flat storage: the first and second moments are one buffer each, with the layout of the
+//! gradients (the trainable tensors, in the parameters' buffer order), and the optimizer owns
+//! the gradient buffer of that layout. A step runs the fused AdamW kernel once per contiguous
+//! range of equal weight decay, over slices of the flat parameter, gradient, m and v buffers:
+//! with kiln's parameter order ([`kiln_model::flat_group`]) that is two calls (decay, no decay)
+//! for a full model and one for LoRA adapters, whatever the number of tensors.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use kiln_kernels::{adamw_step, AdamWParams};
-use kiln_model::Params;
+use kiln_model::{FlatLayout, Grads, Llama, Params};
 
 use crate::{OptimConfig, TrainError};
 
 pub struct AdamW {
     cfg: OptimConfig,
-    /// Per parameter: first and second moments, and whether weight decay applies.
-    state: BTreeMap<String, Moments>,
+    /// The layout of the gradients, m and v: the tensors this optimizer updates.
+    layout: Arc<FlatLayout>,
+    m: Tensor,
+    v: Tensor,
+    /// Per layout entry: whether weight decay applies.
+    decay: Vec<bool>,
+    /// The gradient buffer, filled by the backward of each step ([`AdamW::grads_mut`]).
+    grads: Grads,
     /// Optimizer steps taken (bias correction uses `step + 1` for the next one).
     pub step: u64,
-}
-
-struct Moments {
-    m: Var,
-    v: Var,
-    decay: bool,
 }
 
 /// nanoGPT's rule: matrices decay; norms (1-D) and the embedding table do not, unless asked.
@@ -30,88 +39,233 @@ pub fn decays(name: &str, shape: &[usize], cfg: &OptimConfig) -> bool {
     cfg.decay_norms_and_embeddings || (shape.len() >= 2 && name != "tok_embeddings.weight")
 }
 
+/// One fused AdamW call: matching element ranges of the flat parameter, gradient and state
+/// (m, v) buffers, all with the same weight decay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRange {
+    pub decay: bool,
+    pub param: Range<usize>,
+    pub grad: Range<usize>,
+    pub state: Range<usize>,
+}
+
 impl AdamW {
+    /// An optimizer over every tensor of `params`.
     pub fn new(params: &Params, cfg: &OptimConfig) -> Result<Self, TrainError> {
-        let mut state = BTreeMap::new();
-        for (name, var) in params.vars() {
-            state.insert(
-                name.clone(),
-                Moments {
-                    m: Var::zeros(var.shape(), var.dtype(), var.device())?,
-                    v: Var::zeros(var.shape(), var.dtype(), var.device())?,
-                    decay: decays(name, var.dims(), cfg),
-                },
-            );
+        Self::with_layout(params, params.layout().clone(), cfg)
+    }
+
+    /// An optimizer over what `model` trains (its gradient layout): everything for a full
+    /// model, the adapters alone under LoRA (frozen tensors get no state).
+    pub fn for_model(
+        model: &Llama,
+        params: &Params,
+        cfg: &OptimConfig,
+    ) -> Result<Self, TrainError> {
+        Self::with_layout(params, Arc::new(model.grad_layout(params)?), cfg)
+    }
+
+    /// An optimizer over the tensors of `layout` (each one a tensor of `params` with the same
+    /// shape).
+    pub fn with_layout(
+        params: &Params,
+        layout: Arc<FlatLayout>,
+        cfg: &OptimConfig,
+    ) -> Result<Self, TrainError> {
+        for e in layout.entries() {
+            match params.layout().entry(&e.name) {
+                Some(p) if p.shape == e.shape => {}
+                _ => {
+                    return Err(TrainError::Config(format!(
+                        "optimizer layout: {:?} {:?} is not a parameter",
+                        e.name, e.shape
+                    )))
+                }
+            }
         }
+        let flat = params.flat();
+        let (dtype, device) = (flat.dtype(), flat.device());
         Ok(Self {
             cfg: cfg.clone(),
-            state,
+            m: Tensor::zeros(layout.total(), dtype, device)?,
+            v: Tensor::zeros(layout.total(), dtype, device)?,
+            decay: layout
+                .entries()
+                .iter()
+                .map(|e| decays(&e.name, &e.shape, cfg))
+                .collect(),
+            grads: Grads::new(layout.clone(), dtype, device)?,
+            layout,
             step: 0,
         })
     }
 
-    /// One update with learning rate `lr`; every gradient is multiplied by `grad_scale` first
-    /// (the clipping coefficient), fused into the same pass.
-    pub fn step(
+    /// The layout of the gradients and of m and v.
+    pub fn layout(&self) -> &Arc<FlatLayout> {
+        &self.layout
+    }
+
+    /// The gradient buffer [`AdamW::step`] reads.
+    pub fn grads(&self) -> &Grads {
+        &self.grads
+    }
+
+    /// The gradient buffer, for the backward to fill (zero it first: [`Grads::zero`]).
+    pub fn grads_mut(&mut self) -> &mut Grads {
+        &mut self.grads
+    }
+
+    /// The contiguous ranges one step over `grads` updates, one fused kernel call each: maximal
+    /// runs of live gradient entries with the same weight decay that are consecutive in the
+    /// gradient, state and parameter buffers alike.
+    pub fn update_ranges(
+        &self,
+        params: &Params,
+        grads: &Grads,
+    ) -> Result<Vec<UpdateRange>, TrainError> {
+        let mut out: Vec<UpdateRange> = Vec::new();
+        for (i, g) in grads.layout().entries().iter().enumerate() {
+            if !grads.is_live(i) {
+                continue; // a parameter the loss does not touch (e.g. unused positions)
+            }
+            let missing = |what: &str| {
+                TrainError::Config(format!("the gradient of {:?} has no {what}", g.name))
+            };
+            let si = self
+                .layout
+                .position(&g.name)
+                .ok_or_else(|| missing("optimizer state"))?;
+            let s = &self.layout.entries()[si];
+            let p = params
+                .layout()
+                .entry(&g.name)
+                .ok_or_else(|| missing("parameter"))?;
+            if s.shape != g.shape || p.shape != g.shape {
+                return Err(TrainError::Config(format!(
+                    "the gradient of {:?} has shape {:?}; parameter {:?}, state {:?}",
+                    g.name, g.shape, p.shape, s.shape
+                )));
+            }
+            let decay = self.decay[si];
+            match out.last_mut() {
+                Some(r)
+                    if r.decay == decay
+                        && r.grad.end == g.offset
+                        && r.state.end == s.offset
+                        && r.param.end == p.offset =>
+                {
+                    r.grad.end += g.numel;
+                    r.state.end += g.numel;
+                    r.param.end += g.numel;
+                }
+                _ => out.push(UpdateRange {
+                    decay,
+                    param: p.range(),
+                    grad: g.range(),
+                    state: s.range(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One update with learning rate `lr` from the optimizer's own gradient buffer; every
+    /// gradient is multiplied by `grad_scale` first (the clipping coefficient), fused into the
+    /// same pass.
+    pub fn step(&mut self, params: &Params, lr: f64, grad_scale: f64) -> Result<(), TrainError> {
+        self.step += 1;
+        self.apply(params, &self.grads, lr, grad_scale)
+    }
+
+    /// [`AdamW::step`] from another gradient buffer (e.g. candle autograd's,
+    /// [`Params::autograd_grads`]); its entries are matched to the state by name.
+    pub fn step_with(
         &mut self,
         params: &Params,
-        grads: &BTreeMap<String, Tensor>,
+        grads: &Grads,
         lr: f64,
         grad_scale: f64,
     ) -> Result<(), TrainError> {
         self.step += 1;
-        for (name, var) in params.vars() {
-            let s = &self.state[name];
-            let Some(g) = grads.get(name) else {
-                continue; // a parameter the loss does not touch (e.g. unused positions)
-            };
+        self.apply(params, grads, lr, grad_scale)
+    }
+
+    fn apply(
+        &self,
+        params: &Params,
+        grads: &Grads,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), TrainError> {
+        let flat = params.flat().as_detached_tensor();
+        for r in self.update_ranges(params, grads)? {
             let hp = AdamWParams {
                 lr,
                 beta1: self.cfg.beta1,
                 beta2: self.cfg.beta2,
                 eps: self.cfg.eps,
-                weight_decay: if s.decay { self.cfg.weight_decay } else { 0.0 },
+                weight_decay: if r.decay { self.cfg.weight_decay } else { 0.0 },
                 step: self.step,
                 grad_scale,
             };
-            adamw_step(var, g, &s.m, &s.v, &hp)?;
+            let n = r.grad.len();
+            adamw_step(
+                &flat.narrow(0, r.param.start, n)?,
+                &grads.flat().narrow(0, r.grad.start, n)?,
+                &self.m.narrow(0, r.state.start, n)?,
+                &self.v.narrow(0, r.state.start, n)?,
+                &hp,
+            )?;
         }
         Ok(())
     }
 
+    /// The moments of `name`: views into the m and v buffers.
+    fn moments(&self, e: &kiln_model::FlatEntry) -> Result<(Tensor, Tensor), TrainError> {
+        let view = |t: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(t.narrow(0, e.offset, e.numel)?.reshape(e.shape.clone())?)
+        };
+        Ok((view(&self.m)?, view(&self.v)?))
+    }
+
+    /// Writes the moments as `m.<name>` / `v.<name>` tensors (the format of per-tensor state,
+    /// so checkpoints from before flat storage still load).
     pub fn save(&self, path: &Path) -> Result<(), TrainError> {
         let mut map = HashMap::new();
-        for (name, s) in &self.state {
-            map.insert(format!("m.{name}"), s.m.as_tensor().clone());
-            map.insert(format!("v.{name}"), s.v.as_tensor().clone());
+        for e in self.layout.entries() {
+            let (m, v) = self.moments(e)?;
+            map.insert(format!("m.{}", e.name), m);
+            map.insert(format!("v.{}", e.name), v);
         }
         candle_core::safetensors::save(&map, path)?;
         Ok(())
     }
 
     pub fn load(&mut self, path: &Path, step: u64) -> Result<(), TrainError> {
-        let device = self.state.values().next().map(|s| s.m.device().clone());
-        let Some(device) = device else { return Ok(()) };
-        let loaded = candle_core::safetensors::load(path, &device)
+        if self.layout.is_empty() {
+            return Ok(());
+        }
+        let loaded = candle_core::safetensors::load(path, self.m.device())
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        for (name, s) in &self.state {
-            for (prefix, var) in [("m", &s.m), ("v", &s.v)] {
-                let key = format!("{prefix}.{name}");
+        for e in self.layout.entries() {
+            for (prefix, buf) in [("m", &self.m), ("v", &self.v)] {
+                let key = format!("{prefix}.{}", e.name);
                 let t = loaded.get(&key).ok_or_else(|| {
                     TrainError::Checkpoint(format!(
                         "{}: missing optimizer tensor {key:?}",
                         path.display()
                     ))
                 })?;
-                if t.dims() != var.dims() {
+                if t.dims() != e.shape.as_slice() {
                     return Err(TrainError::Checkpoint(format!(
                         "{}: optimizer tensor {key:?} has shape {:?}, expected {:?}",
                         path.display(),
                         t.dims(),
-                        var.dims()
+                        e.shape
                     )));
                 }
-                var.set(t)?;
+                let t = t.to_dtype(buf.dtype())?.flatten_all()?.contiguous()?;
+                buf.slice_set(&t, 0, e.offset)?;
             }
         }
         self.step = step;

@@ -1,7 +1,6 @@
 //! The training loop: sample → forward → per-token loss → backward (accumulated over
 //! micro-batches) → clip → AdamW, with evaluation, metrics, checkpoints and exact resume.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -11,7 +10,7 @@ use kiln_data::{
     eval_batch_count, eval_batches, mlm_seed, Batch, Dataset, KilnTokenizer, MlmMasker,
     WindowSampler, IGNORE_INDEX, VAL_MASK_SEED,
 };
-use kiln_kernels::{count_valid_targets, cross_entropy_sum, sum_of_squares};
+use kiln_kernels::{count_valid_targets, cross_entropy_sum};
 use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
@@ -142,7 +141,7 @@ impl Trainer {
             None => Params::init(&cfg.model, cfg.train.seed, device, DType::F32)?,
         };
         let model = Llama::new(&cfg.model, &params)?;
-        let optimizer = AdamW::new(&params, &cfg.optim)?;
+        let optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
         let sampler = WindowSampler::new(cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len);
         let peak_flops = match cfg.train.peak_flops {
             Some(p) => p,
@@ -287,9 +286,7 @@ impl Trainer {
         let state = checkpoint::load_state(dir)?;
         let loaded = Params::load(&dir.join(MODEL_FILE), &self.cfg.model, self.model.device())
             .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        for (name, var) in self.params.vars() {
-            var.set(&loaded.tensor(name)?)?;
-        }
+        self.params.copy_from(&loaded)?;
         self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
         if state.sampler.batch_size != self.cfg.train.batch_size
             || state.sampler.ctx != self.cfg.train.seq_len
@@ -431,7 +428,8 @@ impl Trainer {
 /// One optimizer step over micro-batches `(inputs (b, t) u32, targets (b*t) i64)`. The loss of
 /// every micro-batch is a token SUM divided by the valid tokens of the whole step, counted
 /// before any forward, so accumulating 4 x 2 equals one batch of 8 (STYLE.md §3.1). Gradients
-/// are clipped by global norm (`clip` 0 = off) inside the fused AdamW update.
+/// are clipped by global norm (`clip` 0 = off) inside the fused AdamW update. The gradients
+/// accumulate in place in the optimizer's flat gradient buffer.
 pub fn optimizer_step(
     model: &Llama,
     params: &Params,
@@ -450,23 +448,16 @@ pub fn optimizer_step(
             "a training step has no valid target tokens".into(),
         ));
     }
-    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let grads = optimizer.grads_mut();
+    grads.zero();
     let mut loss_sum = 0.0;
     for (inputs, targets) in micro_batches {
         let scale = 1.0 / n_valid as f64;
-        loss_sum += model.forward_backward(
-            inputs,
-            targets,
-            scale,
-            &mut grads,
-            dropout_rng.as_deref_mut(),
-        )?;
+        loss_sum +=
+            model.forward_backward(inputs, targets, scale, grads, dropout_rng.as_deref_mut())?;
     }
-    let mut norm_sq = 0.0;
-    for g in grads.values() {
-        norm_sq += sum_of_squares(g)?;
-    }
-    let grad_norm = norm_sq.sqrt();
+    // One fused pass over the flat gradient buffer.
+    let grad_norm = optimizer.grads().sum_of_squares()?.sqrt();
     let step = optimizer.step + 1;
     if !grad_norm.is_finite() {
         return Err(TrainError::Diverged {
@@ -480,7 +471,7 @@ pub fn optimizer_step(
     } else {
         1.0
     };
-    optimizer.step(params, &grads, lr, grad_scale)?;
+    optimizer.step(params, lr, grad_scale)?;
     let n_tokens = micro_batches
         .iter()
         .map(|(i, _)| i.elem_count())

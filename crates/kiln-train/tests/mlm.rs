@@ -2,7 +2,7 @@
 //! (tests/fixtures/tiny_mlm/make_tiny_mlm.py), a tiny encoder learning to fill masks on a toy
 //! corpus, exact resume of an MLM run, and the errors for a tokenizer without `[MASK]`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -69,18 +69,22 @@ fn encoder_logits_loss_and_gradients_match_pytorch() {
     assert_close("loss", &loss, &all["fixture.loss"], Tol::MODEL_F32);
 
     // Autograd and the hand-written backward both give PyTorch's gradients.
-    let auto = loss.backward().unwrap();
-    let mut grads = BTreeMap::new();
+    let auto = params
+        .autograd_grads(&loss.backward().unwrap())
+        .unwrap()
+        .unwrap();
+    let mut grads = model.grads(&params).unwrap();
     let hand_sum = model
         .forward_backward(&ids, &labels, 1.0 / n as f64, &mut grads, None)
         .unwrap();
     let want = all["fixture.loss"].to_scalar::<f32>().unwrap() as f64;
     assert!((hand_sum / n as f64 - want).abs() < 1e-5 * want);
-    for (pname, var) in params.vars() {
+    assert_eq!(grads.len(), params.layout().len());
+    for (pname, g) in auto.iter() {
         let expected = &all[&format!("grad.{pname}")];
         assert_close(
             &format!("autograd grad.{pname}"),
-            auto.get(var).unwrap(),
+            g,
             expected,
             Tol::GRAD_F32,
         );

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
-use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
+use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64};
 use kiln_train::metrics::read_rows;
 use kiln_train::optim::AdamW;
 use kiln_train::{checkpoint, optimizer_step, OptimConfig, RunConfig, Silent, Trainer};
@@ -172,12 +172,133 @@ fn grad_accumulation_4x2_equals_batch_8_with_masked_tokens() {
     );
 }
 
+/// A random micro-batch of `b` rows of `t` tokens.
+fn random_batch(seed: u64, b: usize, t: usize, vocab: u64) -> (Tensor, Tensor) {
+    let mut rng = SplitMix64::new(seed);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let targets: Vec<i64> = (0..b * t)
+        .map(|_| (rng.next_u64() % vocab) as i64)
+        .collect();
+    (
+        Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        Tensor::from_vec(targets, b * t, &Device::Cpu).unwrap(),
+    )
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// AdamW over flat buffers: one fused call per decay group (two for a full model, one when
+/// everything decays or only LoRA adapters train), and the in-place update shows through
+/// `Params::tensor` and through the model built before the step.
+#[test]
+fn adamw_updates_each_decay_group_in_one_call_visible_through_the_views() {
+    let cfg = tiny_model(64);
+    let batch = [random_batch(7, 2, 16, 64)];
+    let x = batch[0].0.clone();
+    for decay_all in [false, true] {
+        let params = Params::init(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+        let model = Llama::new(&cfg, &params).unwrap();
+        let optim = OptimConfig {
+            decay_norms_and_embeddings: decay_all,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(&params, &optim).unwrap();
+        let before_w = values(&params.tensor("layers.0.attention.wq.weight").unwrap());
+        let before_logits = values(&model.logits(&x).unwrap());
+        optimizer_step(&model, &params, &mut opt, &batch, 1e-2, 1.0, None).unwrap();
+        let ranges = opt.update_ranges(&params, opt.grads()).unwrap();
+        let total = params.num_elements();
+        if decay_all {
+            assert_eq!(ranges.len(), 1, "{ranges:?}");
+            assert!(ranges[0].decay);
+        } else {
+            assert_eq!(ranges.len(), 2, "{ranges:?}");
+            assert!(ranges[0].decay && !ranges[1].decay);
+            // The no-decay range is the embedding and the norms.
+            let no_decay: usize = params
+                .layout()
+                .entries()
+                .iter()
+                .filter(|e| e.shape.len() == 1 || e.name == "tok_embeddings.weight")
+                .map(|e| e.numel)
+                .sum();
+            assert_eq!(ranges[1].param.len(), no_decay);
+        }
+        assert_eq!(ranges.iter().map(|r| r.param.len()).sum::<usize>(), total);
+        assert_ne!(
+            values(&params.tensor("layers.0.attention.wq.weight").unwrap()),
+            before_w
+        );
+        let after_logits = values(&model.logits(&x).unwrap());
+        assert_ne!(after_logits, before_logits);
+        assert_eq!(
+            after_logits,
+            values(&Llama::new(&cfg, &params).unwrap().logits(&x).unwrap()),
+            "the model built before the step sees the updated weights"
+        );
+    }
+
+    // LoRA: state for the adapters alone, one call, the base untouched.
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: ["wq", "wv", "w2"].map(String::from).to_vec(),
+    };
+    let mut params = Params::init(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    params.add_lora(&cfg, &spec, 3).unwrap();
+    let model = Llama::new_with_lora(&cfg, &params, &spec).unwrap();
+    let mut opt = AdamW::for_model(&model, &params, &OptimConfig::default()).unwrap();
+    let adapters = params.adapter_names();
+    let state: Vec<&str> = opt
+        .layout()
+        .entries()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(state, adapters, "optimizer state for the adapters only");
+    let base_before: Vec<(String, Vec<f32>)> = params
+        .iter()
+        .filter(|(n, _)| !kiln_model::is_lora_name(n))
+        .map(|(n, t)| (n.to_string(), values(t)))
+        .collect();
+    let b_before = values(
+        &params
+            .tensor("layers.0.attention.wq.lora_B.weight")
+            .unwrap(),
+    );
+    optimizer_step(&model, &params, &mut opt, &batch, 1e-2, 1.0, None).unwrap();
+    assert_eq!(opt.grads().len(), adapters.len());
+    let ranges = opt.update_ranges(&params, opt.grads()).unwrap();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    assert_eq!(ranges[0].param, 0..opt.layout().total());
+    for (name, v) in base_before {
+        assert_eq!(
+            values(&params.tensor(&name).unwrap()),
+            v,
+            "{name} is frozen"
+        );
+    }
+    assert_ne!(
+        values(
+            &params
+                .tensor("layers.0.attention.wq.lora_B.weight")
+                .unwrap()
+        ),
+        b_before
+    );
+}
+
 #[test]
 fn stopped_and_resumed_run_equals_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let full = run_config(dir.path(), &[]);
     let full_dir = full.run_dir(None);
-    train(full, false).unwrap();
+    let uninterrupted = train(full, false).unwrap();
 
     // Same run, stopped (as Ctrl-C does) after step 3 and resumed for the rest.
     let half_dir = dir.path().join("half");
@@ -211,6 +332,36 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
         assert!((la - lb).abs() < 1e-5, "step {sa}: {la} vs {lb}");
+    }
+    // The resumed run ends with exactly the weights of the uninterrupted one.
+    let weights = |t: &Trainer| -> Vec<f32> {
+        t.params
+            .flat()
+            .as_detached_tensor()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (w_full, w_resumed) = (weights(&uninterrupted), weights(&resumed));
+    assert_eq!(w_full.len(), resumed.params.num_elements());
+    let differing = w_full
+        .iter()
+        .zip(&w_resumed)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differing, 0, "{differing} weights differ after resume");
+    for (name, w) in uninterrupted.params.iter() {
+        assert_eq!(
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            resumed
+                .params
+                .tensor(name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "{name}"
+        );
     }
     assert!(full_dir.join("loss.png").exists());
     assert!(full_dir.join("config.toml").exists() && full_dir.join("tokenizer.json").exists());
