@@ -72,8 +72,8 @@ fn tokenizer_json(path: &Path) {
 }
 
 fn params_equal(a: &Params, b: &Params) -> bool {
-    a.vars().iter().all(|(name, v)| {
-        let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    a.iter().all(|(name, v)| {
+        let x: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
         let y: Vec<f32> = b
             .tensor(name)
             .unwrap()
