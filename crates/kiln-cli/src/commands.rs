@@ -179,6 +179,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    // A bad prompt file is reported before the model is loaded.
+    let prompt_file = match &a.prompt_file {
+        Some(file) => Some((file, read_prompt_file(file)?)),
+        None => None,
+    };
     let m = load_for_inference(&a.model, a.dequantize)?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
@@ -189,8 +194,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop_tokens: m.tokenizer.stop_ids.clone(),
         truncate_prompt: s.truncate_prompt,
     };
-    if let Some(file) = &a.prompt_file {
-        return generate_file(&m, file, s, &opts);
+    if let Some((file, text)) = prompt_file {
+        return generate_file(&m, file, &text, s, &opts);
     }
     let prompt = m.tokenizer.encode_prompt(&a.prompt)?;
     // stdout is the continuation, byte for byte; a terminal gets its line break on stderr.
@@ -214,19 +219,25 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The text of a prompt file: readable UTF-8 with at least one line.
+fn read_prompt_file(file: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    if text.lines().next().is_none() {
+        bail!("{}: no prompts (one prompt per line)", file.display());
+    }
+    Ok(text)
+}
+
 /// `generate --prompt-file`: every line a prompt, all decoded as one batch, JSONL out.
 fn generate_file(
     m: &InferenceModel,
     file: &Path,
+    text: &str,
     s: &crate::SamplingArgs,
     opts: &GenerateOptions,
 ) -> Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
-        bail!("{}: no prompts (one prompt per line)", file.display());
-    }
     let prompts = lines
         .iter()
         .enumerate()

@@ -528,3 +528,28 @@ fn generate_prompt_file_is_jsonl_equal_to_each_prompt_alone() {
         assert_eq!(finish == "length", tokens.len() == 16);
     }
 }
+
+#[test]
+fn a_missing_or_empty_prompt_file_is_a_clear_error() {
+    let m = smollm2();
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let missing = dir.path().join("absent.txt");
+    for (file, want) in [(&empty, "no prompts"), (&missing, "absent.txt")] {
+        let o = kiln_in(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt-file",
+                file.to_str().unwrap(),
+            ],
+            &root(),
+            None,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    }
+}

@@ -62,17 +62,13 @@ impl Llama {
         let output = self.output_detached();
         let (logits, ctx) = output.forward_saving(&hidden, None)?;
         let n = logits.dim(0)?;
-        let targets = targets.flatten_all()?.to_dtype(DType::U32)?;
-        // d logits = g (onehot - softmax)
-        let p = softmax_rows(&logits)?;
+        let targets = targets.flatten_all()?.to_dtype(DType::I64)?;
+        // logp = -CE, so d logits = g (onehot - softmax) = -g * (d CE / d logits): the fused
+        // cross-entropy backward, with each row scaled by -g.
+        let dce = k::cross_entropy_backward(&logits, &targets, 1.0)?;
         drop(logits);
-        let onehot = Tensor::zeros(p.shape(), p.dtype(), p.device())?.scatter_add(
-            &targets.reshape((n, 1))?,
-            &Tensor::ones((n, 1), p.dtype(), p.device())?,
-            1,
-        )?;
-        let g = d_logp.reshape((n, 1))?.to_dtype(p.dtype())?;
-        let dlogits = (onehot - p)?.broadcast_mul(&g)?;
+        let g = d_logp.reshape((n, 1))?.to_dtype(dce.dtype())?.neg()?;
+        let dlogits = dce.broadcast_mul(&g)?;
         output.backward(ctx, &dlogits, grads)
     }
 
@@ -83,13 +79,6 @@ impl Llama {
         }
         o
     }
-}
-
-/// Row-wise softmax with the max subtracted.
-fn softmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let m = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// `log softmax(logits)[i, targets[i]]`: `(n, v)`, `(n)` → `(n)`.

@@ -514,3 +514,37 @@ fn the_decode_fast_path_equals_the_full_forward() {
         }
     }
 }
+
+#[test]
+fn bad_batches_rows_and_head_positions_are_clear_errors() {
+    let cfg = cfg();
+    let m = Llama::new(&cfg, &params(&cfg, DType::F32)).unwrap();
+    let x = Tensor::from_vec(ids(8, 1, 64), (2, 4), &Device::Cpu).unwrap();
+    let e = TokenBatch::packed(x, &[vec![0; 4]])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("segment ids must be 2 rows of 4"), "{e}");
+    let e = last_token_rows(&[3, 0], 4).unwrap_err().to_string();
+    assert!(e.contains("row 1 has 0 tokens"), "{e}");
+    let mut cache = KvCache::new();
+    let e = m
+        .decode_step(&[0, 0], &[1, 2], &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a row appears twice"), "{e}");
+    let e = m
+        .decode_step(&[0], &[1, 2], &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one token per row"), "{e}");
+    let (h, _) = m
+        .forward_hidden(
+            &TokenBatch::new(Tensor::from_vec(ids(4, 2, 64), (1, 4), &Device::Cpu).unwrap()),
+            None,
+        )
+        .unwrap();
+    let head = ScalarHead::init(cfg.dim, 1, &Device::Cpu).unwrap();
+    let e = head.forward(&h, &[4]).unwrap_err().to_string();
+    assert!(e.contains("out of range"), "{e}");
+}
