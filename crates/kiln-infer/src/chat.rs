@@ -34,6 +34,50 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
+    has_generation_tags: bool,
+}
+
+/// Marks the start and end of `{% generation %}` spans in
+/// [`ChatTemplate::render_marked`]'s output (Unicode private-use characters, which no
+/// conversation is expected to contain).
+pub const GENERATION_START: char = '\u{E000}';
+pub const GENERATION_END: char = '\u{E001}';
+
+/// Rewrites transformers' `{% generation %}` / `{% endgeneration %}` tags (which minijinja does
+/// not parse) into blocks that print the markers when the `__kiln_generation_start` / `_end`
+/// variables are set and nothing otherwise. Each tag becomes `{% if true %}...{% endif %}`, a
+/// block tag like the original, so `trim_blocks` / `lstrip_blocks` act on the text around it
+/// exactly as before. Returns the new source and whether there were any tags.
+pub fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(open) = rest.find("{%") {
+        let Some(close_rel) = rest[open..].find("%}") else {
+            break;
+        };
+        let close = open + close_rel + 2;
+        let inner = &rest[open + 2..close - 2];
+        let (lead, trail) = (inner.starts_with('-'), inner.ends_with('-'));
+        let word = inner.trim_matches('-').trim();
+        let var = match word {
+            "generation" => Some("__kiln_generation_start"),
+            "endgeneration" => Some("__kiln_generation_end"),
+            _ => None,
+        };
+        out.push_str(&rest[..open]);
+        match var {
+            Some(v) => {
+                found = true;
+                let (l, t) = (if lead { "-" } else { "" }, if trail { "-" } else { "" });
+                out.push_str(&format!("{{%{l} if true %}}{{{{ {v} }}}}{{% endif {t}%}}"));
+            }
+            None => out.push_str(&rest[open..close]),
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    (out, found)
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -113,13 +157,30 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned("chat", source.to_string())
+        let (source, has_generation_tags) = rewrite_generation_tags(source);
+        env.add_template_owned("chat", source)
             .map_err(|e| template_error("compiling the chat template", e))?;
         Ok(Self {
             env,
             bos_token: bos.unwrap_or_default().to_string(),
             eos_token: eos.unwrap_or_default().to_string(),
+            has_generation_tags,
         })
+    }
+
+    /// Whether the template marks assistant text with `{% generation %}` tags.
+    pub fn has_generation_tags(&self) -> bool {
+        self.has_generation_tags
+    }
+
+    /// [`render`](Self::render) with [`GENERATION_START`] / [`GENERATION_END`] around every
+    /// `{% generation %}` span (nothing extra when the template has none).
+    pub fn render_marked(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, InferError> {
+        self.render_with(messages, add_generation_prompt, true)
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the
@@ -129,6 +190,20 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, InferError> {
+        self.render_with(messages, add_generation_prompt, false)
+    }
+
+    fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        marked: bool,
+    ) -> Result<String, InferError> {
+        let (start, end) = if marked {
+            (GENERATION_START.to_string(), GENERATION_END.to_string())
+        } else {
+            (String::new(), String::new())
+        };
         let tmpl = self
             .env
             .get_template("chat")
@@ -138,6 +213,8 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            __kiln_generation_start => start,
+            __kiln_generation_end => end,
         })
         .map_err(|e| template_error("rendering the chat template", e))
     }

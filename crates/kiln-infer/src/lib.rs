@@ -6,7 +6,10 @@ pub mod chat;
 mod generate;
 mod sampling;
 
-pub use chat::{ChatConfig, ChatSession, ChatTemplate, ChatTurn, Conversation, Message};
+pub use chat::{
+    rewrite_generation_tags, ChatConfig, ChatSession, ChatTemplate, ChatTurn, Conversation,
+    Message, GENERATION_END, GENERATION_START,
+};
 pub use generate::{generate, generate_batch, FinishReason, GenerateOptions, Generation};
 pub use sampling::{Sampler, SamplingParams};
 

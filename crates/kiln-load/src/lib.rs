@@ -8,12 +8,14 @@
 //! * [`load_weights`]: dense f32 [`Params`](kiln_model::Params) of any format (a GGUF
 //!   dequantised), what training and evaluation use.
 //! * [`load_tokenizer`]: the [`ModelTokenizer`](kiln_data::ModelTokenizer) of any format.
+//! * [`load_adapter`] / [`save_adapter`]: LoRA adapters in PEFT's directory format.
 //! * [`load_model`] / [`load_inference`]: a `Box<dyn CausalLm>` with the [`Weights`] asked
 //!   for: a GGUF's quantised weights as stored, dense f32, or dense weights requantised.
 //!
 //! Dependencies point one way: kernels → model → load → train/infer → cli. This crate never
 //! prints, parses argv or reads environment variables; errors name the path they are about.
 
+pub mod adapter;
 pub mod checkpoint;
 mod error;
 mod format;
@@ -23,6 +25,7 @@ mod run_config;
 mod tokenizer;
 mod weights;
 
+pub use adapter::{load_adapter, save_adapter, AdapterConfig, LoadedAdapter};
 pub use checkpoint::{
     file_digest, latest_checkpoint, list_checkpoints, verify_checkpoint, CheckpointManifest,
     FileDigest, CHECKPOINTS_DIR, CHECKPOINT_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, STATE_FILE,

@@ -22,6 +22,11 @@ impl Llama {
     /// LM head + cross-entropy: forward and backward of `loss_scale * sum(CE)` over the
     /// targets != -100 (`targets (n)` i64). Adds the head's gradient into `grads`; returns the
     /// (unscaled) loss sum and `d_hidden`.
+    ///
+    /// Only rows with a target go through the head (an ignored row's loss and gradient are
+    /// zero), so SFT's prompt tokens cost no `(n, v)` logits; and the rows go through in chunks
+    /// of at most [`LOGITS_CHUNK_ELEMENTS`] logits, so a large vocabulary never holds the whole
+    /// `(n, v)` matrix at once.
     pub fn lm_loss_backward(
         &self,
         hidden: &Tensor,
@@ -32,14 +37,53 @@ impl Llama {
         let targets = targets.flatten_all()?;
         let hidden = hidden.detach();
         let output = self.output_detached();
-        let (logits, ctx) = output.forward_saving(&hidden, None)?; // (n, v)
-        let loss_sum = k::cross_entropy_sum(&logits, &targets)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        let dlogits = k::cross_entropy_backward(&logits, &targets, loss_scale)?;
-        drop(logits);
-        let d_hidden = output.backward(ctx, &dlogits, grads)?;
+        let Some((rows, h, t)) = rows_with_targets(&hidden, &targets)? else {
+            return Ok((0.0, hidden.zeros_like()?));
+        };
+        let mut loss_sum = 0.0;
+        let mut d_parts = Vec::new();
+        for (start, len) in logit_chunks(h.dim(0)?, self.cfg.vocab_size) {
+            let (h, t) = (h.narrow(0, start, len)?, t.narrow(0, start, len)?);
+            let (logits, ctx) = output.forward_saving(&h, None)?; // (len, v)
+            loss_sum += k::cross_entropy_sum(&logits, &t)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let dlogits = k::cross_entropy_backward(&logits, &t, loss_scale)?;
+            drop(logits);
+            d_parts.push(output.backward(ctx, &dlogits, grads)?);
+        }
+        let d_sel = if d_parts.len() == 1 {
+            d_parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&d_parts, 0)?
+        };
+        let d_hidden = match rows {
+            None => d_sel,
+            Some(rows) => hidden.zeros_like()?.index_add(&rows, &d_sel, 0)?,
+        };
         Ok((loss_sum, d_hidden))
+    }
+
+    /// Forward only: the cross-entropy sum over the targets != -100 and their count, with the
+    /// same row selection and chunking as [`Llama::lm_loss_backward`] (evaluation).
+    pub fn lm_loss_sum(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(f64, usize), ModelError> {
+        let targets = targets.flatten_all()?;
+        let Some((_, h, t)) = rows_with_targets(hidden, &targets)? else {
+            return Ok((0.0, 0));
+        };
+        let n = h.dim(0)?;
+        let mut sum = 0.0;
+        for (start, len) in logit_chunks(n, self.cfg.vocab_size) {
+            let logits = self.output.forward(&h.narrow(0, start, len)?)?;
+            sum += k::cross_entropy_sum(&logits, &t.narrow(0, start, len)?)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        Ok((sum, n))
     }
 
     /// `log p(targets[i] | prefix)` for every row of `hidden`: `targets (n)` u32 or i64 →
@@ -197,4 +241,40 @@ pub fn loss_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize), Mo
     let logits = logits.reshape(((), logits.dim(D::Minus1)?))?;
     let n = k::count_valid_targets(&targets)?;
     Ok((k::cross_entropy_sum(&logits, &targets)?, n))
+}
+
+/// Most logits one chunk of the LM head holds (64 Mi f32 = 256 MiB).
+pub const LOGITS_CHUNK_ELEMENTS: usize = 64 << 20;
+
+/// `(start, len)` chunks of `n` rows so that `len * vocab` stays within
+/// [`LOGITS_CHUNK_ELEMENTS`] (one chunk when it all fits).
+fn logit_chunks(n: usize, vocab: usize) -> Vec<(usize, usize)> {
+    let per = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+    (0..n).step_by(per).map(|s| (s, per.min(n - s))).collect()
+}
+
+/// The rows of `hidden` whose target is not -100, with those targets: `None` when there are
+/// none; the row index tensor is `None` when every row has a target (no gather needed).
+#[allow(clippy::type_complexity)]
+fn rows_with_targets(
+    hidden: &Tensor,
+    targets: &Tensor,
+) -> Result<Option<(Option<Tensor>, Tensor, Tensor)>, ModelError> {
+    let t: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
+    let keep: Vec<u32> = (0..t.len() as u32)
+        .filter(|&i| t[i as usize] != -100)
+        .collect();
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    if keep.len() == t.len() {
+        return Ok(Some((None, hidden.clone(), targets.clone())));
+    }
+    let n_keep = keep.len();
+    let rows = Tensor::from_vec(keep, n_keep, hidden.device())?;
+    Ok(Some((
+        Some(rows.clone()),
+        hidden.index_select(&rows, 0)?,
+        targets.index_select(&rows, 0)?,
+    )))
 }

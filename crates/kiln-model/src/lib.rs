@@ -23,7 +23,7 @@ pub use config::{AttentionMode, ModelConfig, RopeScaling};
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead};
 pub use linear::{Linear, LinearWeight, Lora};
-pub use model::{Llama, LoraSpec, TokenBatch, Trunk};
+pub use model::{Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
 pub use qkernels::{set_simd_choice, SimdChoice};
 pub use qmodel::{set_candle_qmatmul, CausalLm, QLlama};

@@ -182,22 +182,56 @@ impl Llama {
         spec: &LoraSpec,
     ) -> Result<Self, ModelError> {
         let mut m = Self::new(cfg, params)?;
-        m.train_base = false;
-        m.output.trainable = false;
-        for block in &mut m.layers {
+        m.attach_lora(params, spec)?;
+        Ok(m)
+    }
+
+    /// Puts LoRA adapters read from `adapters` (tensors named `<projection>.lora_A.weight` /
+    /// `lora_B.weight`, e.g. [`Params::lora_adapters`]) on the projections `spec.targets` of any
+    /// model (dense, or a quantised base kept in its GGUF blocks: QLoRA) and freezes the base:
+    /// from now on only the adapters get gradients. Shapes are checked against the base.
+    pub fn attach_lora(&mut self, adapters: &Params, spec: &LoraSpec) -> Result<(), ModelError> {
+        spec.validate()?;
+        self.train_base = false;
+        self.output.trainable = false;
+        let scale = spec.scale();
+        for block in &mut self.layers {
             for l in block.projections_mut() {
                 l.trainable = false;
-                if spec.applies_to(&l.name) {
-                    l.lora = Some(Lora {
-                        a: params.tensor(&l.lora_a_name())?,
-                        b: params.tensor(&l.lora_b_name())?,
-                        scale: spec.alpha / spec.rank as f64,
-                        dropout: spec.dropout,
+                if !spec.applies_to(&l.name) {
+                    continue;
+                }
+                let (a, b) = (
+                    adapters.tensor(&l.lora_a_name())?,
+                    adapters.tensor(&l.lora_b_name())?,
+                );
+                let (out_dim, in_dim) = l.weight.dims()?;
+                let want_a = [spec.rank, in_dim];
+                let want_b = [out_dim, spec.rank];
+                if a.dims() != want_a || b.dims() != want_b {
+                    return Err(ModelError::Weights {
+                        path: "adapter".into(),
+                        msg: format!(
+                            "{} is {:?} and {} is {:?}, but the base projection {} is ({out_dim}, {in_dim}) and the rank {}: expected {want_a:?} and {want_b:?} (an adapter made for another base model?)",
+                            l.lora_a_name(),
+                            a.dims(),
+                            l.lora_b_name(),
+                            b.dims(),
+                            l.name,
+                            spec.rank
+                        ),
                     });
                 }
+                l.lora = Some(Lora {
+                    a,
+                    b,
+                    scale,
+                    dropout: spec.dropout,
+                });
             }
+            block.fuse();
         }
-        Ok(m)
+        Ok(())
     }
 
     /// The same model with every adapter merged into its weight (`W + s B A`, dense).
@@ -620,6 +654,17 @@ impl Llama {
         batch: &TokenBatch,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<Tensor, ModelError> {
+        let h = self.hidden_states(batch, dropout_rng)?;
+        self.output.forward(&h) // (b*t, v)
+    }
+
+    /// The trunk's final hidden states `(b*t, d)` without keeping anything for a backward
+    /// (evaluation; heads such as [`Llama::lm_loss_sum`] take it from here).
+    pub fn hidden_states(
+        &self,
+        batch: &TokenBatch,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = batch.tokens.dims2()?;
         self.check_len(0, t)?;
         let mut pass = self.pass(b, t, 0, Some(batch), dropout_rng)?;
@@ -627,8 +672,7 @@ impl Llama {
         for block in &self.layers {
             h = block.forward(&h, &mut pass, None, false)?.0;
         }
-        let h = k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?;
-        self.output.forward(&h) // (b*t, v)
+        Ok(k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?)
     }
 
     /// Logits for the whole sequence in one pass, without a cache: `(b, t, v)`.
@@ -737,11 +781,62 @@ pub struct LoraSpec {
     /// Short projection names: `wq`, `wk`, `wv`, `wo`, `w1`, `w3`, `w2` (PEFT's q_proj,
     /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
     pub targets: Vec<String>,
+    /// rsLoRA (Kalajdzievski 2023): scale `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
 }
 
+/// The seven projections of a block, in kiln's short names.
+pub const LORA_TARGETS: [&str; 7] = ["wq", "wk", "wv", "wo", "w1", "w3", "w2"];
+
 impl LoraSpec {
+    /// Rank `rank` and `alpha` on all seven projections, no dropout, the plain `alpha / r` scale.
+    pub fn all_projections(rank: usize, alpha: f64) -> Self {
+        Self {
+            rank,
+            alpha,
+            dropout: 0.0,
+            targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+            rslora: false,
+        }
+    }
+
     pub(crate) fn applies_to(&self, linear_name: &str) -> bool {
         let short = linear_name.rsplit('.').next().unwrap_or("");
         self.targets.iter().any(|t| t == short)
+    }
+
+    /// The factor on `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (PEFT's `scaling`).
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.rank == 0 {
+            return Err(ModelError::Config("LoRA rank must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::Config(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(ModelError::Config("LoRA needs at least one target".into()));
+        }
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+        {
+            return Err(ModelError::Config(format!(
+                "unknown LoRA target {t:?} (expected some of {})",
+                LORA_TARGETS.join(", ")
+            )));
+        }
+        Ok(())
     }
 }

@@ -246,37 +246,40 @@ impl Params {
         spec: &crate::LoraSpec,
         seed: u64,
     ) -> Result<(), ModelError> {
-        let shapes: Vec<(String, Vec<usize>)> = layout(cfg)
-            .into_iter()
-            .filter(|(n, s, _)| n.starts_with("layers.") && s.len() == 2)
-            .map(|(n, s, _)| (n, s))
-            .collect();
+        let (device, dtype) = (self.flat.device().clone(), self.flat.dtype());
         let mut tensors: HashMap<String, Tensor> = self
             .iter()
             .map(|(k, v)| (k.to_string(), v.detach()))
             .collect();
-        let (device, dtype) = (self.flat.device().clone(), self.flat.dtype());
-        for (name, shape) in shapes {
-            let prefix = name.trim_end_matches(".weight");
-            if !spec.applies_to(prefix) {
-                continue;
-            }
-            let mut rng = SplitMix64::new(seed ^ fnv1a(prefix.as_bytes()));
-            let lora = crate::Lora::init(
-                shape[0],
-                shape[1],
-                spec.rank,
-                spec.alpha,
-                spec.dropout,
-                &mut rng,
-                &device,
-                dtype,
-            )?;
-            tensors.insert(format!("{prefix}.lora_A.weight"), lora.a);
-            tensors.insert(format!("{prefix}.lora_B.weight"), lora.b);
-        }
+        tensors.extend(fresh_adapters(cfg, spec, seed, &device, dtype)?);
         *self = Self::pack(&tensors)?;
         Ok(())
+    }
+
+    /// Fresh LoRA adapters alone (what trains on a frozen base, dense or quantised, kept
+    /// elsewhere): the same tensors and init as [`Params::add_lora`].
+    pub fn lora_adapters(
+        cfg: &ModelConfig,
+        spec: &crate::LoraSpec,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        Self::pack(&fresh_adapters(cfg, spec, seed, device, dtype)?)
+    }
+
+    /// Adapter tensors read from a file (e.g. a PEFT adapter, renamed to kiln names); every
+    /// name must be a LoRA tensor.
+    pub fn from_adapter_tensors(tensors: HashMap<String, Tensor>) -> Result<Self, ModelError> {
+        if tensors.is_empty() {
+            return Err(ModelError::Input("the adapter holds no tensors".into()));
+        }
+        if let Some(bad) = tensors.keys().find(|k| !is_lora_name(k)) {
+            return Err(ModelError::Input(format!(
+                "{bad:?} is not a LoRA tensor (expected <projection>.lora_A.weight / lora_B.weight)"
+            )));
+        }
+        Self::pack(&tensors)
     }
 
     /// Names of the LoRA adapter tensors (what trains under LoRA), in buffer order.
@@ -440,6 +443,41 @@ fn is_adapter(
     dims.len() == 2
         && (check(".lora_A.weight", &|s| s[1] == dims[1])
             || check(".lora_B.weight", &|s| s[0] == dims[0]))
+}
+
+/// PEFT-initialised adapters for `spec.targets` in every layer, each from its own stream.
+fn fresh_adapters(
+    cfg: &ModelConfig,
+    spec: &crate::LoraSpec,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    spec.validate()?;
+    let mut out = HashMap::new();
+    for (name, shape, _) in layout(cfg) {
+        if !(name.starts_with("layers.") && shape.len() == 2) {
+            continue;
+        }
+        let prefix = name.trim_end_matches(".weight");
+        if !spec.applies_to(prefix) {
+            continue;
+        }
+        let mut rng = SplitMix64::new(seed ^ fnv1a(prefix.as_bytes()));
+        let lora = crate::Lora::init(
+            shape[0],
+            shape[1],
+            spec.rank,
+            spec.alpha,
+            spec.dropout,
+            &mut rng,
+            device,
+            dtype,
+        )?;
+        out.insert(format!("{prefix}.lora_A.weight"), lora.a);
+        out.insert(format!("{prefix}.lora_B.weight"), lora.b);
+    }
+    Ok(out)
 }
 
 /// FNV-1a, to derive a per-tensor seed from its name.

@@ -27,6 +27,7 @@ fn lora() -> LoraSpec {
         alpha: 8.0,
         dropout: 0.0,
         targets: ["wq", "wv", "w2"].map(String::from).to_vec(),
+        rslora: false,
     }
 }
 

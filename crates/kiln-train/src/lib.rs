@@ -14,8 +14,8 @@ mod trainer;
 pub use config::{apply_override, DataConfig, Objective, OptimConfig, RunConfig, TrainConfig};
 pub use dataset::ensure_dataset;
 pub use trainer::{
-    evaluate_loss, evaluate_mlm, optimizer_step, write_atomic, EvalResult, Observer, RunInfo,
-    RunSummary, Silent, StepResult, Trainer,
+    evaluate_loss, evaluate_mlm, optimizer_step, optimizer_step_batches, write_atomic, EvalResult,
+    Observer, RunInfo, RunSummary, Silent, StepResult, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

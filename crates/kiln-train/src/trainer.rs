@@ -11,7 +11,7 @@ use kiln_data::{
     WindowSampler, IGNORE_INDEX, VAL_MASK_SEED,
 };
 use kiln_kernels::{count_valid_targets, cross_entropy_sum};
-use kiln_model::{Llama, ModelConfig, Params, SplitMix64};
+use kiln_model::{Llama, ModelConfig, Params, SplitMix64, TokenBatch};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::metrics::{MetricsRow, MetricsWriter};
@@ -437,6 +437,23 @@ pub fn optimizer_step(
     micro_batches: &[(Tensor, Tensor)],
     lr: f64,
     clip: f64,
+    dropout_rng: Option<&mut SplitMix64>,
+) -> Result<StepResult, TrainError> {
+    let batches: Vec<(TokenBatch, Tensor)> = micro_batches
+        .iter()
+        .map(|(i, t)| (TokenBatch::new(i.clone()), t.clone()))
+        .collect();
+    optimizer_step_batches(model, params, optimizer, &batches, lr, clip, dropout_rng)
+}
+
+/// [`optimizer_step`] over [`TokenBatch`]es (packed rows with segment ids and positions).
+pub fn optimizer_step_batches(
+    model: &Llama,
+    params: &Params,
+    optimizer: &mut AdamW,
+    micro_batches: &[(TokenBatch, Tensor)],
+    lr: f64,
+    clip: f64,
     mut dropout_rng: Option<&mut SplitMix64>,
 ) -> Result<StepResult, TrainError> {
     let mut n_valid = 0;
@@ -451,10 +468,15 @@ pub fn optimizer_step(
     let grads = optimizer.grads_mut();
     grads.zero();
     let mut loss_sum = 0.0;
-    for (inputs, targets) in micro_batches {
+    for (batch, targets) in micro_batches {
         let scale = 1.0 / n_valid as f64;
-        loss_sum +=
-            model.forward_backward(inputs, targets, scale, grads, dropout_rng.as_deref_mut())?;
+        loss_sum += model.forward_backward_batch(
+            batch,
+            targets,
+            scale,
+            grads,
+            dropout_rng.as_deref_mut(),
+        )?;
     }
     // One fused pass over the flat gradient buffer.
     let grad_norm = optimizer.grads().sum_of_squares()?.sqrt();
@@ -474,7 +496,7 @@ pub fn optimizer_step(
     optimizer.step(params, lr, grad_scale)?;
     let n_tokens = micro_batches
         .iter()
-        .map(|(i, _)| i.elem_count())
+        .map(|(b, _)| b.tokens.elem_count())
         .sum::<usize>();
     Ok(StepResult {
         loss: loss_sum / n_valid as f64,

@@ -248,6 +248,7 @@ fn adamw_updates_each_decay_group_in_one_call_visible_through_the_views() {
         alpha: 8.0,
         dropout: 0.0,
         targets: ["wq", "wv", "w2"].map(String::from).to_vec(),
+        rslora: false,
     };
     let mut params = Params::init(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
     params.add_lora(&cfg, &spec, 3).unwrap();

@@ -1,0 +1,639 @@
+//! The SFT loop: full fine-tuning, LoRA on a frozen dense base, or LoRA on a base kept in its
+//! GGUF blocks (QLoRA-style), over packed rows with assistant-only targets. Metrics,
+//! checkpoints, Ctrl-C and exact resume work as in pretraining (kiln-train's pieces).
+//!
+//! Schedule: the rows are shuffled per epoch (seeded by the run seed and the epoch); step s of
+//! an epoch takes the next `batch_size * grad_accum` rows as `grad_accum` micro-batches. A
+//! step is a pure function of (seed, s), so a resumed run replays exactly the same rows.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_data::WindowSampler;
+use kiln_load::ModelFormat;
+use kiln_model::gguf::GgufFile;
+use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
+use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use kiln_train::metrics::{MetricsRow, MetricsWriter};
+use kiln_train::optim::{lr_at, AdamW};
+use kiln_train::{optimizer_step_batches, write_atomic, Observer, RunInfo, TrainError};
+
+use crate::pack::IGNORE;
+use crate::{pack, read_records, split_held_out, ChatFormat, Row, SftConfig, SftError};
+
+/// Where the model and data come from (the command line).
+#[derive(Debug, Clone)]
+pub struct SftSource {
+    /// A GGUF file, HF directory or kiln run/checkpoint.
+    pub model: PathBuf,
+    pub data: Vec<PathBuf>,
+    /// Held-out conversations; when empty, `sft.val_fraction` of `data` is held out.
+    pub eval_data: Vec<PathBuf>,
+}
+
+/// What the run is about to do, for the log.
+#[derive(Debug, Clone)]
+pub struct SftInfo {
+    pub mode: String,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    /// Bytes of gradient + AdamW state LoRA does not keep for the frozen base (f32: 12 bytes a
+    /// parameter), 0 for full fine-tuning.
+    pub saved_state_bytes: usize,
+    pub n_train_conversations: usize,
+    pub n_val_conversations: usize,
+    pub skipped_records: usize,
+    pub train_rows: usize,
+    pub train_label_tokens: usize,
+    pub train_tokens: usize,
+    pub truncated: usize,
+    pub dropped_no_labels: usize,
+    pub steps: u64,
+    pub steps_per_epoch: u64,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct SftSummary {
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    pub val_loss_before: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub wall_s: f64,
+    pub stopped_early: bool,
+    pub adapter_dir: Option<PathBuf>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// SFT progress callbacks: the pretraining [`Observer`] plus the run's description.
+pub trait SftObserver: Observer {
+    fn on_sft_start(&mut self, _info: &SftInfo) {}
+}
+
+pub struct SftTrainer {
+    pub cfg: SftConfig,
+    pub run_dir: PathBuf,
+    pub model: Llama,
+    /// What trains: all weights, or the adapters alone.
+    pub params: Params,
+    pub optimizer: AdamW,
+    pub lora: Option<LoraSpec>,
+    pub format: ChatFormat,
+    pub train_rows: Vec<Row>,
+    pub val_rows: Vec<Row>,
+    pub info: SftInfo,
+    source: SftSource,
+    model_config: ModelConfig,
+    dropout_rng: SplitMix64,
+    tokens_seen: u64,
+    config_toml: String,
+}
+
+fn io(path: &Path, e: std::io::Error) -> SftError {
+    SftError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+impl SftTrainer {
+    /// Loads the model, reads and packs the data, and sets up the run in `run_dir` (with
+    /// `resume`, from its newest checkpoint).
+    pub fn new(
+        source: SftSource,
+        config_file: Option<&Path>,
+        overrides: &[String],
+        run_dir: &Path,
+        resume: bool,
+        obs: &mut dyn SftObserver,
+    ) -> Result<Self, SftError> {
+        let device = Device::Cpu;
+        if source.data.is_empty() {
+            return Err(SftError::Config("no training data (--data FILE)".into()));
+        }
+        let tokenizer = kiln_load::load_tokenizer(&source.model)?;
+        let format_is_gguf = matches!(ModelFormat::detect(&source.model)?, ModelFormat::Gguf);
+
+        // The config needs the model's context for its default seq_len: read the shape first.
+        let model_config = match ModelFormat::detect(&source.model)? {
+            ModelFormat::Gguf => GgufFile::open(&source.model)?.config()?,
+            ModelFormat::HfDir => {
+                kiln_model::hf::HfConfig::load(&source.model)?.to_model_config(&source.model)?
+            }
+            _ => kiln_load::resolve_kiln(&source.model)?.config,
+        };
+        kiln_load::check_vocab(&tokenizer, &model_config)?;
+        let mut cfg = SftConfig::load(config_file, overrides, model_config.max_seq_len)?;
+        if cfg.train.seq_len > model_config.max_seq_len {
+            return Err(SftError::Config(format!(
+                "train.seq_len {} exceeds the model's context of {}",
+                cfg.train.seq_len, model_config.max_seq_len
+            )));
+        }
+        let lora = cfg.lora_spec()?;
+        if cfg.sft.base_quantized && !format_is_gguf {
+            return Err(SftError::Config(format!(
+                "--base-quantized keeps a GGUF base in its quantised blocks, but {} is not a GGUF file",
+                source.model.display()
+            )));
+        }
+
+        // Data: records → conversations → held-out split → examples → rows.
+        let template = match &cfg.sft.template {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| io(p, e))?),
+            None => None,
+        };
+        let format = ChatFormat::new(tokenizer, template)?;
+        let mut records = read_records(&source.data, cfg.sft.skip_bad_records)?;
+        if records.skipped > 0 {
+            obs.on_message(&format!(
+                "skipped {} bad record(s) (sft.skip_bad_records), e.g. {}",
+                records.skipped,
+                records.skipped_examples.join(" | ")
+            ));
+        }
+        if let Some(n) = cfg.sft.max_records {
+            records.conversations.truncate(n);
+        }
+        let (train_convs, val_convs) = if source.eval_data.is_empty() {
+            let (tr, va) = split_held_out(
+                records.conversations.len(),
+                cfg.sft.val_fraction,
+                cfg.train.seed,
+            );
+            let pick = |ix: &[usize]| {
+                ix.iter()
+                    .map(|&i| records.conversations[i].clone())
+                    .collect::<Vec<_>>()
+            };
+            (pick(&tr), pick(&va))
+        } else {
+            let ev = read_records(&source.eval_data, cfg.sft.skip_bad_records)?;
+            (records.conversations, ev.conversations)
+        };
+        if train_convs.is_empty() {
+            return Err(SftError::Config("no training conversations".into()));
+        }
+        let encode_all = |convs: &[crate::Conversation]| -> Result<Vec<_>, SftError> {
+            convs
+                .iter()
+                .map(|c| format.encode(c, cfg.sft.train_on_prompt))
+                .collect()
+        };
+        let (seq_len, packing, trunc) = (cfg.train.seq_len, cfg.sft.packing, cfg.sft.truncation);
+        let train = pack(&encode_all(&train_convs)?, seq_len, packing, trunc);
+        let val = pack(&encode_all(&val_convs)?, seq_len, packing, trunc);
+        if train.rows.is_empty() {
+            return Err(SftError::Config(format!(
+                "every training example lost its assistant tokens to truncation at train.seq_len = {seq_len}; raise it or use sft.truncation = \"keep_end\""
+            )));
+        }
+        let rows_per_step = cfg.train.batch_size * cfg.train.grad_accum;
+        let steps_per_epoch = train.rows.len().div_ceil(rows_per_step) as u64;
+        cfg.finalize(steps_per_epoch);
+
+        // Model: the trainable params and the model over them.
+        let (model, params, mode, total_params) = build_model(
+            &source.model,
+            &model_config,
+            lora.as_ref(),
+            cfg.sft.base_quantized,
+            cfg.train.seed,
+            &device,
+        )?;
+        let optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+        let trainable = optimizer.layout().total();
+        let info = SftInfo {
+            mode,
+            trainable_params: trainable,
+            total_params,
+            saved_state_bytes: if lora.is_some() {
+                total_params.saturating_sub(trainable) * 12
+            } else {
+                0
+            },
+            n_train_conversations: train_convs.len(),
+            n_val_conversations: val_convs.len(),
+            skipped_records: records.skipped,
+            train_rows: train.rows.len(),
+            train_label_tokens: train.n_label_tokens,
+            train_tokens: train.n_tokens,
+            truncated: train.truncated + val.truncated,
+            dropped_no_labels: train.dropped_no_labels + val.dropped_no_labels,
+            steps: cfg.train.steps,
+            steps_per_epoch,
+        };
+
+        // The run directory: config (with the model's shape for loaders), tokenizer with the
+        // template the run used (so `kiln chat` on the result renders the same way).
+        std::fs::create_dir_all(run_dir).map_err(|e| io(run_dir, e))?;
+        let config_toml = run_config_toml(&cfg, &model_config, &source);
+        write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        let mut tok = format.tokenizer.clone();
+        tok.chat_template = Some(format.source.clone());
+        tok.save_hf(run_dir, model_config.max_seq_len)?;
+        write_atomic(
+            &run_dir.join("chat_template.jinja"),
+            format.source.as_bytes(),
+        )?;
+
+        let mut t = Self {
+            dropout_rng: SplitMix64::new(cfg.train.seed ^ 0x5F7),
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            model,
+            params,
+            optimizer,
+            lora,
+            format,
+            train_rows: train.rows,
+            val_rows: val.rows,
+            info,
+            source,
+            model_config,
+            tokens_seen: 0,
+            config_toml,
+        };
+        if resume {
+            match checkpoint::list(run_dir)?.last() {
+                Some((_, dir)) => {
+                    let dir = dir.clone();
+                    t.load_checkpoint(&dir)?;
+                    obs.on_message(&format!(
+                        "resumed from {} (step {})",
+                        dir.display(),
+                        t.step()
+                    ));
+                }
+                None => obs.on_message("no checkpoint to resume from; starting fresh"),
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn step(&self) -> u64 {
+        self.optimizer.step
+    }
+
+    /// The rows of optimizer step `step` (0-based), as micro-batches of row indices.
+    pub fn step_rows(&self, step: u64) -> Vec<Vec<usize>> {
+        let n = self.train_rows.len();
+        let rps = self.cfg.train.batch_size * self.cfg.train.grad_accum;
+        let spe = n.div_ceil(rps) as u64;
+        let (epoch, k) = (step / spe, (step % spe) as usize);
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng =
+            SplitMix64::new(self.cfg.train.seed ^ 0xE90C ^ epoch.wrapping_mul(0x9E37_79B9));
+        for i in (1..n).rev() {
+            let j = (rng.next_f64() * (i + 1) as f64) as usize;
+            order.swap(i, j.min(i));
+        }
+        let rows = &order[k * rps..((k + 1) * rps).min(n)];
+        rows.chunks(self.cfg.train.batch_size)
+            .map(|c| c.to_vec())
+            .collect()
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<kiln_train::StepResult, SftError> {
+        let micro = self.step_rows(self.step());
+        let batches = micro
+            .iter()
+            .map(|ix| {
+                let rows: Vec<&Row> = ix.iter().map(|&i| &self.train_rows[i]).collect();
+                batch_of(&rows, self.model.device())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
+        let r = optimizer_step_batches(
+            &self.model,
+            &self.params,
+            &mut self.optimizer,
+            &batches,
+            lr,
+            self.cfg.optim.grad_clip,
+            Some(&mut self.dropout_rng),
+        )?;
+        self.tokens_seen += r.n_tokens as u64;
+        Ok(r)
+    }
+
+    /// Mean loss per assistant token over the held-out rows (`None` without held-out data).
+    pub fn evaluate(&self) -> Result<Option<f64>, SftError> {
+        evaluate_rows(&self.model, &self.val_rows, self.cfg.train.batch_size)
+    }
+
+    pub fn save_checkpoint(&self) -> Result<PathBuf, SftError> {
+        let state = CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step(),
+            tokens_seen: self.tokens_seen,
+            // The schedule is a function of (seed, step): the sampler records the cursor.
+            sampler: WindowSampler {
+                seed: self.cfg.train.seed,
+                batch_size: self.cfg.train.batch_size,
+                ctx: self.cfg.train.seq_len,
+                next_batch: self.step(),
+            },
+            dropout_rng: self.dropout_rng.clone(),
+            files: Default::default(),
+        };
+        let base = self.source.model.display().to_string();
+        Ok(checkpoint::save(
+            &self.run_dir,
+            state,
+            &self.config_toml,
+            |dir| {
+                self.params.save(&dir.join(MODEL_FILE))?;
+                self.optimizer.save(&dir.join(OPTIMIZER_FILE))?;
+                if let Some(spec) = &self.lora {
+                    kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, &base)
+                        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+                }
+                Ok(())
+            },
+            self.cfg.train.keep_checkpoints,
+        )?)
+    }
+
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), SftError> {
+        let state = checkpoint::load_state(dir)?;
+        if state.sampler.batch_size != self.cfg.train.batch_size
+            || state.sampler.ctx != self.cfg.train.seq_len
+        {
+            return Err(SftError::Config(format!(
+                "{}: saved with batch_size {} / seq_len {}, but the config now says {} / {}",
+                dir.display(),
+                state.sampler.batch_size,
+                state.sampler.ctx,
+                self.cfg.train.batch_size,
+                self.cfg.train.seq_len
+            )));
+        }
+        let path = dir.join(MODEL_FILE);
+        let tensors = candle_core::safetensors::load(&path, self.model.device())
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        for (name, _) in self.params.iter() {
+            let t = tensors.get(name).ok_or_else(|| {
+                TrainError::Checkpoint(format!("{}: missing tensor {name:?}", path.display()))
+            })?;
+            self.params.set(name, t)?;
+        }
+        self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        self.dropout_rng = state.dropout_rng;
+        self.tokens_seen = state.tokens_seen;
+        Ok(())
+    }
+
+    /// Runs to `train.steps` (or until `stop`), evaluating before the first step and on
+    /// schedule, checkpointing, and writing the adapter (LoRA) and the loss curve at the end.
+    pub fn run(
+        &mut self,
+        obs: &mut dyn SftObserver,
+        stop: &AtomicBool,
+    ) -> Result<SftSummary, SftError> {
+        let t0 = Instant::now();
+        let start = self.step();
+        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start)?;
+        obs.on_sft_start(&self.info);
+        let flops = self
+            .model_config
+            .train_flops_per_token(self.cfg.train.seq_len);
+        obs.on_start(&RunInfo {
+            run_dir: self.run_dir.clone(),
+            total_params: self.info.total_params,
+            non_embedding_params: self.model_config.param_counts().1,
+            flops_per_token: flops,
+            peak_flops: f64::NAN,
+            tokens_per_step: self.cfg.train.batch_size
+                * self.cfg.train.grad_accum
+                * self.cfg.train.seq_len,
+            start_step: start,
+            total_steps: self.cfg.train.steps,
+            n_train_tokens: self.info.train_tokens as u64,
+            n_val_tokens: self.val_rows.iter().map(Row::len).sum::<usize>() as u64,
+        });
+        let mut summary = SftSummary {
+            steps: start,
+            final_loss: None,
+            val_loss_before: None,
+            final_val_loss: None,
+            wall_s: 0.0,
+            stopped_early: false,
+            adapter_dir: None,
+            last_checkpoint: None,
+        };
+        if start == 0 {
+            if let Some(v) = self.evaluate()? {
+                summary.val_loss_before = Some(v);
+                let row = MetricsRow {
+                    step: 0,
+                    tokens: 0,
+                    val_loss: Some(v),
+                    ..Default::default()
+                };
+                metrics.write(&row)?;
+                obs.on_eval(&row);
+            }
+        }
+        let total = self.cfg.train.steps;
+        let t = self.cfg.train.clone();
+        while self.step() < total {
+            if stop.load(Ordering::SeqCst) {
+                summary.stopped_early = true;
+                break;
+            }
+            let ts = Instant::now();
+            let r = self.train_step()?;
+            let secs = ts.elapsed().as_secs_f64();
+            let step = self.step();
+            if !r.loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    step,
+                    what: format!("loss is {}", r.loss),
+                }
+                .into());
+            }
+            let row = MetricsRow {
+                step,
+                tokens: self.tokens_seen,
+                loss: Some(r.loss),
+                lr: Some(r.lr),
+                grad_norm: Some(r.grad_norm),
+                tokens_per_s: Some(r.n_tokens as f64 / secs),
+                ..Default::default()
+            };
+            let logged = step.is_multiple_of(t.log_every.max(1)) || step == total;
+            if logged {
+                metrics.write(&row)?;
+            }
+            summary.final_loss = Some(r.loss);
+            obs.on_step(&row, logged);
+            if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || step == total {
+                if let Some(v) = self.evaluate()? {
+                    let row = MetricsRow {
+                        step,
+                        tokens: self.tokens_seen,
+                        val_loss: Some(v),
+                        ..Default::default()
+                    };
+                    metrics.write(&row)?;
+                    summary.final_val_loss = Some(v);
+                    obs.on_eval(&row);
+                }
+            }
+            if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || step == total
+            {
+                let dir = self.save_checkpoint()?;
+                obs.on_checkpoint(&dir);
+                summary.last_checkpoint = Some(dir);
+            }
+        }
+        if summary.stopped_early && self.step() > start {
+            let dir = self.save_checkpoint()?;
+            obs.on_checkpoint(&dir);
+            summary.last_checkpoint = Some(dir);
+        }
+        if let Some(spec) = &self.lora {
+            let dir = self.run_dir.join("adapter");
+            kiln_load::save_adapter(
+                &dir,
+                &self.params,
+                spec,
+                &self.source.model.display().to_string(),
+            )?;
+            summary.adapter_dir = Some(dir);
+        }
+        summary.steps = self.step();
+        summary.wall_s = t0.elapsed().as_secs_f64();
+        let label = self
+            .run_dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        kiln_train::plot::plot_runs(
+            &[(label, self.run_dir.as_path())],
+            &self.run_dir.join("loss.png"),
+        )?;
+        Ok(summary)
+    }
+}
+
+/// The model to fine-tune and the parameters that train: (model, trainable params, a
+/// description, total parameter count).
+fn build_model(
+    path: &Path,
+    cfg: &ModelConfig,
+    lora: Option<&LoraSpec>,
+    base_quantized: bool,
+    seed: u64,
+    device: &Device,
+) -> Result<(Llama, Params, String, usize), SftError> {
+    let total = cfg.param_counts().0;
+    match lora {
+        None => {
+            let w = kiln_load::load_weights(path, device)?;
+            let model = Llama::new(&w.config, &w.params)?;
+            Ok((model, w.params, "full fine-tuning (f32)".into(), total))
+        }
+        Some(spec) => {
+            let adapters = Params::lora_adapters(cfg, spec, seed, device, DType::F32)?;
+            let (mut model, base) = if base_quantized {
+                let file = GgufFile::open(path)?;
+                let m = Llama::from_gguf(&file, cfg)?;
+                let desc = format!("{:?}", m.weight_types());
+                (m, format!("quantised base kept in its GGUF blocks {desc}"))
+            } else {
+                let w = kiln_load::load_weights(path, device)?;
+                (Llama::new(&w.config, &w.params)?, "dense f32 base".into())
+            };
+            model.attach_lora(&adapters, spec)?;
+            let mode = format!(
+                "LoRA r={} alpha={} ({}) on {}, {}",
+                spec.rank,
+                spec.alpha,
+                if spec.rslora {
+                    "rsLoRA scale"
+                } else {
+                    "scale alpha/r"
+                },
+                spec.targets.join(","),
+                base
+            );
+            let n = adapters.num_elements();
+            Ok((model, adapters, mode, total + n))
+        }
+    }
+}
+
+/// The run's `config.toml`: the SFT config, the model's resolved `[model]` (so kiln's loaders
+/// read a fully fine-tuned run like a pretraining one) and where model and data came from.
+fn run_config_toml(cfg: &SftConfig, model: &ModelConfig, source: &SftSource) -> String {
+    let mut root: toml::Table = cfg.to_toml().parse().expect("invariant: own TOML parses");
+    root.insert(
+        "model".into(),
+        toml::Value::try_from(model.resolved()).expect("invariant: ModelConfig serialises"),
+    );
+    let paths = |v: &[PathBuf]| {
+        toml::Value::Array(
+            v.iter()
+                .map(|p| toml::Value::String(p.display().to_string()))
+                .collect(),
+        )
+    };
+    let mut src = toml::Table::new();
+    src.insert(
+        "model".into(),
+        toml::Value::String(source.model.display().to_string()),
+    );
+    src.insert("data".into(), paths(&source.data));
+    src.insert("eval_data".into(), paths(&source.eval_data));
+    root.insert("source".into(), toml::Value::Table(src));
+    toml::to_string(&root).expect("invariant: serialises")
+}
+
+/// Rows → one micro-batch: padded to the longest row (pad tokens are their own segment with
+/// no target), with segment ids and per-segment positions.
+pub(crate) fn batch_of(rows: &[&Row], device: &Device) -> Result<(TokenBatch, Tensor), SftError> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let b = rows.len();
+    let (mut tokens, mut targets, mut segs) = (
+        Vec::with_capacity(b * t),
+        Vec::with_capacity(b * t),
+        Vec::with_capacity(b),
+    );
+    for r in rows {
+        let pad = t - r.len();
+        tokens.extend_from_slice(&r.tokens);
+        tokens.extend(std::iter::repeat_n(0u32, pad));
+        targets.extend_from_slice(&r.targets);
+        targets.extend(std::iter::repeat_n(IGNORE, pad));
+        let mut s = r.segments.clone();
+        let pad_seg = s.last().map_or(0, |x| x + 1);
+        s.extend(std::iter::repeat_n(pad_seg, pad));
+        segs.push(s);
+    }
+    let tokens = Tensor::from_vec(tokens, (b, t), device)?;
+    let batch = TokenBatch::packed(tokens, &segs)?;
+    Ok((batch, Tensor::from_vec(targets, b * t, device)?))
+}
+
+/// Mean cross-entropy per target over `rows` (forward only), `None` when there are none.
+pub(crate) fn evaluate_rows(
+    model: &Llama,
+    rows: &[Row],
+    batch_size: usize,
+) -> Result<Option<f64>, SftError> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let (batch, targets) = batch_of(&refs, model.device())?;
+        let hidden = model.hidden_states(&batch, None)?;
+        let (s, k) = model.lm_loss_sum(&hidden, &targets)?;
+        sum += s;
+        n += k;
+    }
+    Ok((n > 0).then(|| sum / n as f64))
+}
