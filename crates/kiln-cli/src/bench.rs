@@ -45,11 +45,14 @@ pub enum BenchCommand {
     },
     /// Prefill and decode tokens/s of a model (GGUF quantised or dequantised, HF, kiln run).
     Generate(crate::bench_generate::BenchGenerateArgs),
+    /// LoRA / QLoRA / full fine-tuning steps on real instruction data (vs PyTorch + PEFT).
+    Sft(crate::bench_sft::BenchSftArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Generate(a) => crate::bench_generate::run(a),
+        BenchCommand::Sft(a) => crate::bench_sft::run(a),
         BenchCommand::Train {
             preset,
             batch_size,

@@ -36,12 +36,15 @@ pub struct ChatArgs {
     /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
     #[arg(long)]
     pub dequantize: bool,
+    /// Apply a PEFT LoRA adapter directory without merging it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let m = crate::commands::load_for_inference(&a.model, a.dequantize)?;
+    let m = crate::commands::load_for_inference(&a.model, a.dequantize, a.adapter.as_deref())?;
     let tok = &m.tokenizer;
     let template = match &a.template {
         Some(p) => Some(

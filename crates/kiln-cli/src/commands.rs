@@ -89,9 +89,18 @@ pub fn load_model(path: &Path) -> Result<(LoadedWeights, Llama, KilnTokenizer)> 
 
 /// Loads a model for generation and chat: a GGUF keeps its quantised weights unless
 /// `dequantize`; everything else runs dense f32.
-pub fn load_for_inference(path: &Path, dequantize: bool) -> Result<InferenceModel> {
+pub fn load_for_inference(
+    path: &Path,
+    dequantize: bool,
+    adapter: Option<&Path>,
+) -> Result<InferenceModel> {
     let t0 = std::time::Instant::now();
-    let m = kiln_load::load_inference(path, Weights::native_or_dense(dequantize), &device())?;
+    let m = kiln_load::load_inference_with_adapter(
+        path,
+        Weights::native_or_dense(dequantize),
+        adapter,
+        &device(),
+    )?;
     info!(
         format = m.format.name(),
         params = m.config.param_counts().0,
@@ -105,7 +114,11 @@ pub fn load_for_inference(path: &Path, dequantize: bool) -> Result<InferenceMode
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let (loaded, model, _) = load_model(&a.model)?;
+    let (loaded, mut model, _) = load_model(&a.model)?;
+    if let Some(dir) = &a.adapter {
+        let adapter = kiln_load::load_adapter(dir, &loaded.config, &device())?;
+        model.attach_lora(&adapter.params, &adapter.spec)?;
+    }
     let run = loaded.run.as_ref();
     let data_dir = match (&a.data, run.and_then(|r| r.dataset.as_ref())) {
         (Some(d), _) => d.clone(),
@@ -184,7 +197,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         Some(file) => Some((file, read_prompt_file(file)?)),
         None => None,
     };
-    let m = load_for_inference(&a.model, a.dequantize)?;
+    let m = load_for_inference(&a.model, a.dequantize, a.adapter.as_deref())?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
     let mut sampler = Sampler::new(s.params())?;

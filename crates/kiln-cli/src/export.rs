@@ -39,6 +39,9 @@ pub struct ExportArgs {
     /// q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (rows that are not whole blocks stay f16).
     #[arg(long = "type")]
     pub dtype: Option<String>,
+    /// Merge this PEFT LoRA adapter into the weights first (same as `kiln lora merge`).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
@@ -46,6 +49,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let tok = load_tokenizer(&a.model)?;
     let w = load_weights(&a.model, &device())?;
     check_vocab(&tok, &w.config)?;
+    if let Some(dir) = &a.adapter {
+        let adapter = kiln_load::load_adapter(dir, &w.config, &device())?;
+        kiln_load::merge_adapter(&w.params, &adapter)?;
+        info!(
+            adapter = %dir.display(),
+            rank = adapter.spec.rank,
+            targets = adapter.spec.targets.join(","),
+            "merged the LoRA adapter into the weights"
+        );
+    }
     match a.format {
         ExportFormat::Hf => {
             let dtype = match a.dtype.as_deref().unwrap_or("f32") {

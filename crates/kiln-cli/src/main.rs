@@ -1,4 +1,4 @@
-//! `kiln`: pretrain, evaluate, sample from and benchmark LLaMA-style models.
+//! `kiln`: pretrain, instruction-tune, evaluate, sample from and benchmark LLaMA-style models.
 //!
 //! Only this binary parses argv, installs the tracing subscriber and draws progress bars;
 //! the libraries report through `kiln_train::Observer`.
@@ -11,12 +11,14 @@ use clap::{Args, Parser, Subcommand};
 mod alloc;
 mod bench;
 mod bench_generate;
+mod bench_sft;
 mod chat;
 mod commands;
 mod export;
 mod fill_mask;
 mod progress;
 mod scaling;
+mod sft;
 mod tokenize;
 
 // A non-churning allocator: candle allocates a fresh buffer per op, and freeing large ones to
@@ -42,6 +44,12 @@ struct Cli {
 enum Command {
     /// Pretrain a causal LM from a run config (TOML).
     Pretrain(PretrainArgs),
+    /// Instruction-tune a model on chat records: full fine-tuning, LoRA or QLoRA-style LoRA
+    /// on a quantised GGUF base; assistant-only loss, packing, PEFT adapters.
+    Sft(sft::SftArgs),
+    /// LoRA adapters: merge one into its base model.
+    #[command(subcommand)]
+    Lora(sft::LoraCommand),
     /// Loss and perplexity of a model on a prepared dataset.
     Eval(EvalArgs),
     /// Sample a continuation of a prompt (streams to stdout).
@@ -97,6 +105,9 @@ pub struct EvalArgs {
     /// A prepared dataset directory (default: the run's own dataset).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Apply a PEFT LoRA adapter directory without merging it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Which split to evaluate.
     #[arg(long, default_value = "val")]
     pub split: String,
@@ -156,6 +167,9 @@ pub struct GenerateArgs {
     /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
     #[arg(long)]
     pub dequantize: bool,
+    /// Apply a PEFT LoRA adapter directory without merging it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long, default_value = "", conflicts_with = "prompt_file")]
     pub prompt: String,
     /// Decode every line of FILE (one prompt per line) as one batch; stdout is JSONL, one
@@ -264,6 +278,8 @@ fn main() {
         .init();
     let result = set_threads(cli.threads).and_then(|_| match cli.command {
         Command::Pretrain(a) => commands::pretrain(a),
+        Command::Sft(a) => sft::run(a),
+        Command::Lora(c) => sft::lora(c),
         Command::Eval(a) => commands::eval(a),
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => chat::run(a),

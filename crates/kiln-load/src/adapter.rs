@@ -304,6 +304,23 @@ pub fn load_adapter(
     })
 }
 
+/// Merges an adapter into dense weights: `W += s B A` for every adapted projection (what
+/// `kiln lora merge` writes).
+pub fn merge_adapter(params: &Params, adapter: &LoadedAdapter) -> Result<(), LoadError> {
+    let scale = adapter.spec.scale();
+    for (name, a) in adapter.params.iter() {
+        let Some(prefix) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let b = adapter.params.tensor(&format!("{prefix}.lora_B.weight"))?;
+        let w_name = format!("{prefix}.weight");
+        let w = params.tensor(&w_name)?;
+        let delta = (b.matmul(a)? * scale)?.to_dtype(w.dtype())?;
+        params.set(&w_name, &(w + delta)?)?;
+    }
+    Ok(())
+}
+
 /// Every adapter tensor `spec` puts on a model of shape `cfg`, with its shape.
 fn expected_shapes(cfg: &ModelConfig, spec: &LoraSpec) -> HashMap<String, Vec<usize>> {
     let (d, hd, f) = (cfg.dim, cfg.head_dim(), cfg.ffn_dim());

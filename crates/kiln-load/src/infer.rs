@@ -61,6 +61,41 @@ pub fn load_model(
     weights: Weights,
     device: &Device,
 ) -> Result<LoadedModel, LoadError> {
+    load_model_with_adapter(path, weights, None, device)
+}
+
+/// [`load_model`] with a PEFT LoRA adapter directory applied without merging: the adapter's
+/// low-rank update runs next to the base weights (quantised ones included).
+pub fn load_model_with_adapter(
+    path: &Path,
+    weights: Weights,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let (mut model, config, format, mut desc) = build_llama(path, weights, device)?;
+    if let Some(dir) = adapter {
+        let a = crate::load_adapter(dir, &config, device)?;
+        model.attach_lora(&a.params, &a.spec)?;
+        desc.push_str(&format!(
+            " + LoRA r={} on {} from {}",
+            a.spec.rank,
+            a.spec.targets.join(","),
+            dir.display()
+        ));
+    }
+    Ok(LoadedModel {
+        model: Box::new(model),
+        config,
+        format,
+        weights: desc,
+    })
+}
+
+fn build_llama(
+    path: &Path,
+    weights: Weights,
+    device: &Device,
+) -> Result<(Llama, ModelConfig, ModelFormat, String), LoadError> {
     let format = ModelFormat::detect(path)?;
     match (weights, format) {
         (Weights::Native, ModelFormat::Gguf) => {
@@ -68,33 +103,18 @@ pub fn load_model(
             let config = file.config()?;
             let q = QLlama::from_gguf(&file, &config)?;
             let desc = format!("{:?} (quantised)", q.weight_types());
-            Ok(LoadedModel {
-                model: Box::new(q),
-                config,
-                format,
-                weights: desc,
-            })
+            Ok((q, config, format, desc))
         }
         (Weights::Native | Weights::Dense, _) => {
             let w = load_weights(path, device)?;
             let m = Llama::new(&w.config, &w.params)?;
-            Ok(LoadedModel {
-                model: Box::new(m),
-                config: w.config,
-                format,
-                weights: "f32".into(),
-            })
+            Ok((m, w.config, format, "f32".into()))
         }
         (Weights::Quantized(dtype), _) => {
             let w = load_weights(path, device)?;
             let q = QLlama::from_params(&w.config, &w.params, dtype)?;
             let desc = format!("{:?} (requantised)", q.weight_types());
-            Ok(LoadedModel {
-                model: Box::new(q),
-                config: w.config,
-                format,
-                weights: desc,
-            })
+            Ok((q, w.config, format, desc))
         }
     }
 }
@@ -116,8 +136,18 @@ pub fn load_inference(
     weights: Weights,
     device: &Device,
 ) -> Result<InferenceModel, LoadError> {
+    load_inference_with_adapter(path, weights, None, device)
+}
+
+/// [`load_inference`] with an optional PEFT LoRA adapter applied without merging.
+pub fn load_inference_with_adapter(
+    path: &Path,
+    weights: Weights,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<InferenceModel, LoadError> {
     let tokenizer = load_tokenizer(path)?;
-    let m = load_model(path, weights, device)?;
+    let m = load_model_with_adapter(path, weights, adapter, device)?;
     check_vocab(&tokenizer, &m.config)?;
     Ok(InferenceModel {
         model: m.model,

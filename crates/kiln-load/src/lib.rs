@@ -25,7 +25,7 @@ mod run_config;
 mod tokenizer;
 mod weights;
 
-pub use adapter::{load_adapter, save_adapter, AdapterConfig, LoadedAdapter};
+pub use adapter::{load_adapter, merge_adapter, save_adapter, AdapterConfig, LoadedAdapter};
 pub use checkpoint::{
     file_digest, latest_checkpoint, list_checkpoints, verify_checkpoint, CheckpointManifest,
     FileDigest, CHECKPOINTS_DIR, CHECKPOINT_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, STATE_FILE,
@@ -33,7 +33,10 @@ pub use checkpoint::{
 };
 pub use error::LoadError;
 pub use format::ModelFormat;
-pub use infer::{load_inference, load_model, InferenceModel, LoadedModel, Weights};
+pub use infer::{
+    load_inference, load_inference_with_adapter, load_model, load_model_with_adapter,
+    InferenceModel, LoadedModel, Weights,
+};
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};
 pub use run_config::{model_from_toml, read_run_model, RunModel};
 pub use tokenizer::{check_vocab, load_tokenizer};

@@ -89,6 +89,10 @@ pub struct SftTrainer {
     dropout_rng: SplitMix64,
     tokens_seen: u64,
     config_toml: String,
+    /// Training FLOPs per token (6N + attention; 4N + attention under LoRA, where no weight
+    /// gradient is computed) and the measured GEMM peak, for MFU.
+    flops_per_token: f64,
+    peak_flops: f64,
 }
 
 fn io(path: &Path, e: std::io::Error) -> SftError {
@@ -239,7 +243,20 @@ impl SftTrainer {
             format.source.as_bytes(),
         )?;
 
+        let full = model_config.train_flops_per_token(cfg.train.seq_len);
+        let flops_per_token = if lora.is_some() {
+            // No weight gradients: forward (2N) + input gradients (2N) of the 6N.
+            full - 2.0 * model_config.param_counts().1 as f64
+        } else {
+            full
+        };
+        let peak_flops = match cfg.train.peak_flops {
+            Some(p) => p,
+            None => kiln_train::perf::measure_gemm_peak(&device)?,
+        };
         let mut t = Self {
+            flops_per_token,
+            peak_flops,
             dropout_rng: SplitMix64::new(cfg.train.seed ^ 0x5F7),
             cfg,
             run_dir: run_dir.to_path_buf(),
@@ -398,15 +415,12 @@ impl SftTrainer {
         let start = self.step();
         let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start)?;
         obs.on_sft_start(&self.info);
-        let flops = self
-            .model_config
-            .train_flops_per_token(self.cfg.train.seq_len);
         obs.on_start(&RunInfo {
             run_dir: self.run_dir.clone(),
             total_params: self.info.total_params,
             non_embedding_params: self.model_config.param_counts().1,
-            flops_per_token: flops,
-            peak_flops: f64::NAN,
+            flops_per_token: self.flops_per_token,
+            peak_flops: self.peak_flops,
             tokens_per_step: self.cfg.train.batch_size
                 * self.cfg.train.grad_accum
                 * self.cfg.train.seq_len,
@@ -463,6 +477,7 @@ impl SftTrainer {
                 lr: Some(r.lr),
                 grad_norm: Some(r.grad_norm),
                 tokens_per_s: Some(r.n_tokens as f64 / secs),
+                mfu: Some(self.flops_per_token * r.n_tokens as f64 / secs / self.peak_flops),
                 ..Default::default()
             };
             let logged = step.is_multiple_of(t.log_every.max(1)) || step == total;
@@ -596,7 +611,7 @@ fn run_config_toml(cfg: &SftConfig, model: &ModelConfig, source: &SftSource) -> 
 
 /// Rows → one micro-batch: padded to the longest row (pad tokens are their own segment with
 /// no target), with segment ids and per-segment positions.
-pub(crate) fn batch_of(rows: &[&Row], device: &Device) -> Result<(TokenBatch, Tensor), SftError> {
+pub fn batch_of(rows: &[&Row], device: &Device) -> Result<(TokenBatch, Tensor), SftError> {
     let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let b = rows.len();
     let (mut tokens, mut targets, mut segs) = (

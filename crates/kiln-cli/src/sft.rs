@@ -1,0 +1,247 @@
+//! `kiln sft`: instruction tuning (full, LoRA, QLoRA-style) and `kiln lora merge`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use kiln_sft::{SftInfo, SftObserver, SftSource, SftTrainer};
+use kiln_train::Observer;
+use tracing::info;
+
+use crate::commands::stop_on_ctrl_c;
+use crate::progress::Console;
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// The model to fine-tune: a GGUF file, an HF directory or a kiln run/checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training records: JSON or JSONL in Alpaca, messages or ShareGPT format (repeatable).
+    #[arg(long = "data", required = true)]
+    pub data: Vec<PathBuf>,
+    /// Held-out records for the evaluation loss (default: sft.val_fraction of --data).
+    #[arg(long = "eval-data")]
+    pub eval_data: Vec<PathBuf>,
+    /// An SFT config (TOML: [train], [optim], [sft], [lora]); flags and --set override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config key: --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The run directory (train.run_dir; default runs/sft).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train LoRA adapters of this rank on a frozen base (lora.rank).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (lora.alpha; default 2 x rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input (lora.dropout).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down (default all).
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// rsLoRA: scale alpha / sqrt(r) (lora.rslora).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Keep a GGUF base in its quantised blocks while training LoRA adapters (QLoRA-style).
+    #[arg(long)]
+    pub base_quantized: bool,
+    /// Train on every token, not only the assistant's (sft.train_on_prompt).
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// One example per row instead of packing (sft.packing = false).
+    #[arg(long)]
+    pub no_packing: bool,
+    /// A Jinja chat template instead of the model's own (sft.template).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Skip bad records (counted and reported) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_records: bool,
+}
+
+impl SftArgs {
+    /// The flags as config overrides (applied after --set, so a flag wins).
+    fn overrides(&self) -> Vec<String> {
+        let mut o = self.overrides.clone();
+        let q = |p: &PathBuf| format!("{:?}", p.display().to_string());
+        if let Some(out) = &self.out {
+            o.push(format!("train.run_dir={}", q(out)));
+        }
+        if let Some(r) = self.lora_rank {
+            o.push(format!("lora.rank={r}"));
+        }
+        if let Some(a) = self.lora_alpha {
+            o.push(format!("lora.alpha={a:?}"));
+        }
+        if let Some(d) = self.lora_dropout {
+            o.push(format!("lora.dropout={d:?}"));
+        }
+        if let Some(t) = &self.lora_targets {
+            let list: Vec<String> = t.split(',').map(|s| format!("{:?}", s.trim())).collect();
+            o.push(format!("lora.targets=[{}]", list.join(",")));
+        }
+        if self.rslora {
+            o.push("lora.rslora=true".into());
+        }
+        if self.base_quantized {
+            o.push("sft.base_quantized=true".into());
+        }
+        if self.train_on_prompt {
+            o.push("sft.train_on_prompt=true".into());
+        }
+        if self.no_packing {
+            o.push("sft.packing=false".into());
+        }
+        if let Some(t) = &self.template {
+            o.push(format!("sft.template={}", q(t)));
+        }
+        if self.skip_bad_records {
+            o.push("sft.skip_bad_records=true".into());
+        }
+        o
+    }
+}
+
+impl SftObserver for Console {
+    fn on_sft_start(&mut self, i: &SftInfo) {
+        self.on_message(&format!(
+            "{}: {} of {} parameters train ({:.2}%){}",
+            i.mode,
+            i.trainable_params,
+            i.total_params,
+            100.0 * i.trainable_params as f64 / i.total_params.max(1) as f64,
+            if i.saved_state_bytes > 0 {
+                format!(
+                    "; the frozen base keeps no gradient or AdamW state, {:.0} MiB less than full fine-tuning",
+                    i.saved_state_bytes as f64 / (1 << 20) as f64
+                )
+            } else {
+                String::new()
+            }
+        ));
+        self.on_message(&format!(
+            "data: {} train / {} held-out conversations, {} rows, {} tokens of which {} assistant (labelled); {} truncated, {} dropped with no assistant token left, {} bad records skipped; {} steps ({} per epoch)",
+            i.n_train_conversations,
+            i.n_val_conversations,
+            i.train_rows,
+            i.train_tokens,
+            i.train_label_tokens,
+            i.truncated,
+            i.dropped_no_labels,
+            i.skipped_records,
+            i.steps,
+            i.steps_per_epoch
+        ));
+    }
+}
+
+pub fn run(a: SftArgs) -> Result<()> {
+    let overrides = a.overrides();
+    // The run directory: --out, else train.run_dir of the config/--set, else runs/sft.
+    let run_dir = a
+        .out
+        .clone()
+        .or_else(|| {
+            overrides
+                .iter()
+                .rev()
+                .find_map(|o| o.strip_prefix("train.run_dir="))
+                .map(|v| PathBuf::from(v.trim_matches('"')))
+        })
+        .or_else(|| {
+            let text = std::fs::read_to_string(a.config.as_ref()?).ok()?;
+            let t: toml::Table = text.parse().ok()?;
+            Some(PathBuf::from(t.get("train")?.get("run_dir")?.as_str()?))
+        })
+        .unwrap_or_else(|| PathBuf::from("runs/sft"));
+    let source = SftSource {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        eval_data: a.eval_data.clone(),
+    };
+    let mut console = Console::new();
+    let mut trainer = SftTrainer::new(
+        source,
+        a.config.as_deref(),
+        &overrides,
+        &run_dir,
+        a.resume,
+        &mut console,
+    )?;
+    let stop = stop_on_ctrl_c()?;
+    let s = trainer.run(&mut console, &stop)?;
+    console.finish();
+    let f = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_default();
+    info!(
+        steps = s.steps,
+        final_loss = f(s.final_loss),
+        held_out_loss_before = f(s.val_loss_before),
+        held_out_loss_after = f(s.final_val_loss),
+        peak_rss_mib = kiln_train::perf::peak_rss_mib()
+            .map(|m| format!("{m:.0}"))
+            .unwrap_or_default(),
+        wall_s = format!("{:.1}", s.wall_s),
+        "done"
+    );
+    if s.stopped_early {
+        info!("stopped early; continue with the same command and --resume");
+    }
+    match &s.adapter_dir {
+        Some(d) => info!(
+            "PEFT adapter: {} (use it with: kiln generate --model {} --adapter {})",
+            d.display(),
+            a.model.display(),
+            d.display()
+        ),
+        None => info!(
+            "fine-tuned model: {} (kiln generate/chat --model {})",
+            run_dir.display(),
+            run_dir.display()
+        ),
+    }
+    info!("loss curve: {}", run_dir.join("loss.png").display());
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum LoraCommand {
+    /// Merge a PEFT LoRA adapter into its base and write the merged model (HF or GGUF).
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The base model the adapter was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output: a directory for hf, a .gguf file for gguf.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "hf")]
+    pub format: crate::export::ExportFormat,
+    /// Weight type (as for kiln export).
+    #[arg(long = "type")]
+    pub dtype: Option<String>,
+}
+
+pub fn lora(c: LoraCommand) -> Result<()> {
+    match c {
+        LoraCommand::Merge(m) => crate::export::run(crate::export::ExportArgs {
+            model: m.model,
+            format: m.format,
+            out: m.out,
+            dtype: m.dtype,
+            adapter: Some(m.adapter),
+        }),
+    }
+}
