@@ -23,7 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         PathBuf::from(&args[2]),
     );
     let ids: Vec<u32> = match args.get(3) {
-        Some(s) => s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>()?,
+        Some(s) => s
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()?,
         None => vec![1, 28, 6, 65, 116, 64, 132, 225, 175, 129, 243, 241],
     };
     let w = kiln_load::load_weights(&base, &Device::Cpu)?;
@@ -36,7 +39,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut map = HashMap::new();
     map.insert(
         "input_ids".to_string(),
-        Tensor::from_vec(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), (1, t), &Device::Cpu)?,
+        Tensor::from_vec(
+            ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
+            (1, t),
+            &Device::Cpu,
+        )?,
     );
     map.insert("logits".to_string(), logits);
     candle_core::safetensors::save(&map, &out)?;
