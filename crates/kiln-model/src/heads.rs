@@ -76,9 +76,10 @@ impl Llama {
             return Ok((0.0, 0));
         };
         let n = h.dim(0)?;
+        let output = self.output_detached();
         let mut sum = 0.0;
         for (start, len) in logit_chunks(n, self.cfg.vocab_size) {
-            let logits = self.output.forward(&h.narrow(0, start, len)?)?;
+            let logits = output.forward(&h.narrow(0, start, len)?)?;
             sum += k::cross_entropy_sum(&logits, &t.narrow(0, start, len)?)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;

@@ -654,13 +654,22 @@ impl Llama {
         batch: &TokenBatch,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<Tensor, ModelError> {
-        let h = self.hidden_states(batch, dropout_rng)?;
+        let h = self.trunk_forward(batch, dropout_rng)?;
         self.output.forward(&h) // (b*t, v)
     }
 
-    /// The trunk's final hidden states `(b*t, d)` without keeping anything for a backward
-    /// (evaluation; heads such as [`Llama::lm_loss_sum`] take it from here).
+    /// The trunk's final hidden states `(b*t, d)` without keeping anything for a backward and
+    /// off candle's autograd graph (evaluation; heads such as [`Llama::lm_loss_sum`] take it
+    /// from here).
     pub fn hidden_states(
+        &self,
+        batch: &TokenBatch,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<Tensor, ModelError> {
+        self.detached().trunk_forward(batch, dropout_rng)
+    }
+
+    fn trunk_forward(
         &self,
         batch: &TokenBatch,
         dropout_rng: Option<&mut SplitMix64>,

@@ -242,6 +242,19 @@ impl SftTrainer {
             &run_dir.join("chat_template.jinja"),
             format.source.as_bytes(),
         )?;
+        // The held-out conversations, as messages JSONL, for evaluating the result later.
+        let held_out: String = val_convs
+            .iter()
+            .map(|c| {
+                let msgs: Vec<serde_json::Value> = c
+                    .messages()
+                    .iter()
+                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                    .collect();
+                serde_json::json!({ "messages": msgs }).to_string() + "\n"
+            })
+            .collect();
+        write_atomic(&run_dir.join("held_out.jsonl"), held_out.as_bytes())?;
 
         let full = model_config.train_flops_per_token(cfg.train.seq_len);
         let flops_per_token = if lora.is_some() {
