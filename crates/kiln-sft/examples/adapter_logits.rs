@@ -3,7 +3,8 @@
 //!
 //!   cargo run --release -p kiln-sft --example adapter_logits -- BASE ADAPTER OUT.safetensors [IDS]
 //!
-//! BASE: any model kiln loads (an HF directory for the Python check); IDS: comma-separated
+//! BASE: any model kiln loads (an HF directory for the Python check); ADAPTER: a PEFT adapter
+//! directory, or `none` for the base alone; IDS: comma-separated
 //! token ids (default: a fixed 12-token sequence). OUT holds `input_ids (1, t)` i64 and
 //! `logits (1, t, v)` f32.
 
@@ -30,9 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => vec![1, 28, 6, 65, 116, 64, 132, 225, 175, 129, 243, 241],
     };
     let w = kiln_load::load_weights(&base, &Device::Cpu)?;
-    let a = kiln_load::load_adapter(&adapter, &w.config, &Device::Cpu)?;
     let mut model = kiln_model::Llama::new(&w.config, &w.params)?;
-    model.attach_lora(&a.params, &a.spec)?;
+    // `none`: the base alone (how far kiln and transformers differ without any adapter).
+    if adapter.as_os_str() != "none" {
+        let a = kiln_load::load_adapter(&adapter, &w.config, &Device::Cpu)?;
+        model.attach_lora(&a.params, &a.spec)?;
+    }
     let t = ids.len();
     let x = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu)?;
     let logits = model.logits(&x)?.to_dtype(DType::F32)?;

@@ -364,6 +364,7 @@ fn a_tiny_model_learns_a_toy_instruction_set() {
         "optim.lr=3e-3",
         "optim.warmup_steps=5",
         "lora.rank=8",
+        "train.peak_flops=1e11",
     ];
     let mut t = trainer(dir.path(), "run", &sets, false);
     assert!(t.info.trainable_params < t.info.total_params / 4);
@@ -378,6 +379,8 @@ fn a_tiny_model_learns_a_toy_instruction_set() {
     let mut m = Llama::new(&cfg, &base).unwrap();
     m.attach_lora(&a.params, &a.spec).unwrap();
     assert!(dir.path().join("run/chat_template.jinja").is_file());
+    let held = std::fs::read_to_string(dir.path().join("run/held_out.jsonl")).unwrap();
+    assert_eq!(held.lines().count(), 6); // --eval-data: the same six conversations
     assert!(dir.path().join("run/loss.png").is_file());
 }
 
@@ -392,6 +395,7 @@ fn resume_continues_exactly() {
         "train.checkpoint_every=3",
         "lora.rank=4",
         "lora.dropout=0.1",
+        "train.peak_flops=1e11",
     ];
     let mut straight = trainer(dir.path(), "a", &common, false);
     straight.run(&mut Quiet, &AtomicBool::new(false)).unwrap();
