@@ -81,7 +81,7 @@ pub fn run(a: BenchSftArgs) -> Result<()> {
     rows.truncate(need);
     let batches = rows
         .chunks(a.batch_size)
-        .map(|c| batch_of(&c.iter().collect::<Vec<_>>(), &dev))
+        .map(|c| batch_of(&c.iter().collect::<Vec<_>>(), a.seq_len, &dev))
         .collect::<Result<Vec<_>, _>>()?;
 
     // The model and what trains.

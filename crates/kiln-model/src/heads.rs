@@ -76,6 +76,7 @@ impl Llama {
             return Ok((0.0, 0));
         };
         let n = h.dim(0)?;
+        let n_targets = k::count_valid_targets(&t)?;
         let output = self.output_detached();
         let mut sum = 0.0;
         for (start, len) in logit_chunks(n, self.cfg.vocab_size) {
@@ -84,7 +85,7 @@ impl Llama {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
         }
-        Ok((sum, n))
+        Ok((sum, n_targets))
     }
 
     /// `log p(targets[i] | prefix)` for every row of `hidden`: `targets (n)` u32 or i64 →
@@ -254,6 +255,10 @@ fn logit_chunks(n: usize, vocab: usize) -> Vec<(usize, usize)> {
     (0..n).step_by(per).map(|s| (s, per.min(n - s))).collect()
 }
 
+/// Gathered rows are padded (with ignored targets) to a multiple of this, so the head's
+/// `(rows, v)` buffers come in few sizes and are reused step after step by the allocator.
+const GATHER_MULTIPLE: usize = 128;
+
 /// The rows of `hidden` whose target is not -100, with those targets: `None` when there are
 /// none; the row index tensor is `None` when every row has a target (no gather needed).
 #[allow(clippy::type_complexity)]
@@ -271,11 +276,20 @@ fn rows_with_targets(
     if keep.len() == t.len() {
         return Ok(Some((None, hidden.clone(), targets.clone())));
     }
-    let n_keep = keep.len();
+    // Pad with the first kept row (its target ignored): zero loss and zero gradient.
+    let n_keep = keep.len().div_ceil(GATHER_MULTIPLE) * GATHER_MULTIPLE;
+    let n_keep = n_keep.min(t.len());
+    let mut keep = keep;
+    let mut t_sel: Vec<i64> = keep.iter().map(|&i| t[i as usize]).collect();
+    while keep.len() < n_keep {
+        keep.push(keep[0]);
+        t_sel.push(-100);
+    }
     let rows = Tensor::from_vec(keep, n_keep, hidden.device())?;
+    let t_sel = Tensor::from_vec(t_sel, n_keep, targets.device())?.to_dtype(targets.dtype())?;
     Ok(Some((
         Some(rows.clone()),
         hidden.index_select(&rows, 0)?,
-        targets.index_select(&rows, 0)?,
+        t_sel,
     )))
 }

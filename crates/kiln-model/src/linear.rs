@@ -210,8 +210,9 @@ impl Linear {
         match &self.lora {
             None => Ok(y),
             Some(l) => {
-                let delta = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-                Ok((y + (delta * l.scale)?)?)
+                // Scale the (m, r) factor, not the (m, out) product: one pass less.
+                let delta = (x.matmul(&l.a.t()?)? * l.scale)?.matmul(&l.b.t()?)?;
+                Ok((y + delta)?)
             }
         }
     }
@@ -242,7 +243,10 @@ impl Linear {
             None => x.clone(),
         };
         let u = xd.matmul(&l.a.t()?)?; // (m, r)
-        let y = (y + (u.matmul(&l.b.t()?)? * l.scale)?)?;
+                                       // The hand-written path (no autograd graph): scale the small (m, r) factor and add the
+                                       // (m, out) update into y in place, so the adapter costs two skinny matmuls and one pass.
+        let delta = (&u * l.scale)?.matmul(&l.b.t()?)?;
+        kiln_kernels::add_in_place(&y, &delta)?;
         Ok((
             y,
             LinearCtx {
@@ -268,7 +272,7 @@ impl Linear {
             // A frozen quantised base (QLoRA): dx needs W, dequantised on the fly.
             other => other.dequantize()?.to_dtype(dy.dtype())?,
         };
-        let mut dx = dy.matmul(&w)?;
+        let dx = dy.matmul(&w)?;
         if let (Some(l), Some((xd, u, mask))) = (&self.lora, ctx.lora) {
             let du = (dy.matmul(&l.b)? * l.scale)?; // (m, r)
             grads.accumulate(&self.lora_b_name(), &(dy.t()?.matmul(&u)? * l.scale)?)?;
@@ -279,7 +283,7 @@ impl Linear {
                 Some(m) => (dxd * m)?,
                 None => dxd,
             };
-            dx = (dx + dxd)?;
+            kiln_kernels::add_in_place(&dx, &dxd)?;
         }
         Ok(dx)
     }

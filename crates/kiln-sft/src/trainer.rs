@@ -333,7 +333,7 @@ impl SftTrainer {
             .iter()
             .map(|ix| {
                 let rows: Vec<&Row> = ix.iter().map(|&i| &self.train_rows[i]).collect();
-                batch_of(&rows, self.model.device())
+                batch_of(&rows, self.cfg.train.seq_len, self.model.device())
             })
             .collect::<Result<Vec<_>, _>>()?;
         let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
@@ -352,7 +352,12 @@ impl SftTrainer {
 
     /// Mean loss per assistant token over the held-out rows (`None` without held-out data).
     pub fn evaluate(&self) -> Result<Option<f64>, SftError> {
-        evaluate_rows(&self.model, &self.val_rows, self.cfg.train.batch_size)
+        evaluate_rows(
+            &self.model,
+            &self.val_rows,
+            self.cfg.train.batch_size,
+            self.cfg.train.seq_len,
+        )
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf, SftError> {
@@ -622,10 +627,25 @@ fn run_config_toml(cfg: &SftConfig, model: &ModelConfig, source: &SftSource) -> 
     toml::to_string(&root).expect("invariant: serialises")
 }
 
-/// Rows → one micro-batch: padded to the longest row (pad tokens are their own segment with
-/// no target), with segment ids and per-segment positions.
-pub fn batch_of(rows: &[&Row], device: &Device) -> Result<(TokenBatch, Tensor), SftError> {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+/// Padded lengths are multiples of this (capped at the row length), so micro-batches come in
+/// a few shapes: the buffers of one step are reused by the next instead of piling up in the
+/// allocator's cache as ever new sizes.
+pub const PAD_MULTIPLE: usize = 64;
+
+/// Rows → one micro-batch: padded to the longest row rounded up to [`PAD_MULTIPLE`] and at
+/// most `max_len` (pad tokens are their own segment with no target), with segment ids and
+/// per-segment positions.
+pub fn batch_of(
+    rows: &[&Row],
+    max_len: usize,
+    device: &Device,
+) -> Result<(TokenBatch, Tensor), SftError> {
+    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let t = longest
+        .div_ceil(PAD_MULTIPLE)
+        .saturating_mul(PAD_MULTIPLE)
+        .min(max_len)
+        .max(longest);
     let b = rows.len();
     let (mut tokens, mut targets, mut segs) = (
         Vec::with_capacity(b * t),
@@ -653,11 +673,12 @@ pub(crate) fn evaluate_rows(
     model: &Llama,
     rows: &[Row],
     batch_size: usize,
+    max_len: usize,
 ) -> Result<Option<f64>, SftError> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let (batch, targets) = batch_of(&refs, model.device())?;
+        let (batch, targets) = batch_of(&refs, max_len, model.device())?;
         let hidden = model.hidden_states(&batch, None)?;
         let (s, k) = model.lm_loss_sum(&hidden, &targets)?;
         sum += s;
