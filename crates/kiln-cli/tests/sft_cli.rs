@@ -109,6 +109,20 @@ fn lora_sft_adapter_generate_and_merged_exports() {
         .join("checkpoints/step-00000030/adapter/adapter_model.safetensors")
         .is_file());
 
+    // The run itself is adapters, not a model: loading it says how to.
+    let o = kiln(
+        &[
+            "generate",
+            "--model",
+            run.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        dir.path(),
+    );
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--adapter"), "{err}");
+
     // The base with the adapter applied unmerged (the reference below).
     let w = kiln_load::load_weights(&hf_tiny(), &Device::Cpu).unwrap();
     let a = kiln_load::load_adapter(&adapter, &w.config, &Device::Cpu).unwrap();

@@ -93,6 +93,7 @@ pub fn resolve_kiln(path: &Path) -> Result<ResolvedModel, LoadError> {
         });
     }
     let run = read_run_model(&config_file)?;
+    refuse_lora_run(&config_file, path)?;
     // Checkpoints live in RUN/checkpoints/step-N; the run keeps the tokenizer, and the run's
     // dataset has the one it was prepared with.
     let mut candidates = vec![dir.join(TOKENIZER_FILE)];
@@ -115,5 +116,33 @@ pub fn resolve_kiln(path: &Path) -> Result<ResolvedModel, LoadError> {
             dataset: run.dataset,
             checkpoint: ckpt,
         },
+    })
+}
+
+/// A LoRA run (`kiln sft --lora-rank`) saves adapters, not a model: say how to load it.
+fn refuse_lora_run(config_file: &Path, path: &Path) -> Result<(), LoadError> {
+    let text = std::fs::read_to_string(config_file).map_err(|e| LoadError::io(config_file, e))?;
+    let Ok(root) = text.parse::<toml::Table>() else {
+        return Ok(()); // read_run_model has already accepted it
+    };
+    if !root.contains_key("lora") {
+        return Ok(());
+    }
+    let base = root
+        .get("source")
+        .and_then(|s| s.get("model"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("BASE");
+    let run_dir = if path.is_dir() && path.join("adapter").is_dir() {
+        path.to_path_buf()
+    } else {
+        PathBuf::from("RUN")
+    };
+    Err(LoadError::Unrecognised {
+        path: path.to_path_buf(),
+        why: format!(
+            "a LoRA run holds adapters, not a whole model; load the base with the adapter: --model {base} --adapter {} (or merge them: kiln lora merge)",
+            run_dir.join("adapter").display()
+        ),
     })
 }
