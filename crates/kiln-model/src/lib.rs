@@ -21,7 +21,7 @@ mod rope;
 pub use cache::KvCache;
 pub use config::{AttentionMode, ModelConfig, RopeScaling};
 pub use flat::{FlatEntry, FlatLayout, Grads};
-pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead};
+pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
 pub use linear::{Linear, LinearWeight, Lora};
 pub use model::{Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};

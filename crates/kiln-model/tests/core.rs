@@ -549,3 +549,62 @@ fn bad_batches_rows_and_head_positions_are_clear_errors() {
     let e = head.forward(&h, &[4]).unwrap_err().to_string();
     assert!(e.contains("out of range"), "{e}");
 }
+
+/// The LM head with a vocabulary large enough to be chunked (more than
+/// `LOGITS_CHUNK_ELEMENTS` logits) and most targets ignored (rows gathered and padded):
+/// the loss and the gradients equal candle's autograd through the whole `(n, v)` logits.
+#[test]
+fn a_chunked_gathered_lm_head_equals_autograd() {
+    let cfg = ModelConfig {
+        vocab_size: 65_536,
+        dim: 16,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: Some(1),
+        ffn_dim: Some(32),
+        max_seq_len: 1_200,
+        ..ModelConfig::tiny()
+    };
+    let n = 1_100; // > 64 Mi / 65,536 = 1,024 rows: two chunks
+    assert!(n * cfg.vocab_size > kiln_model::LOGITS_CHUNK_ELEMENTS);
+    let p = params(&cfg, DType::F32);
+    let x = Tensor::from_vec(ids(n, 3, cfg.vocab_size), (1, n), &Device::Cpu).unwrap();
+    // A third of the targets ignored, in runs (as prompts are).
+    let tv: Vec<i64> = ids(n, 5, cfg.vocab_size)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if (i / 50) % 3 == 0 {
+                -100
+            } else {
+                i64::from(t)
+            }
+        })
+        .collect();
+    let targets = Tensor::from_vec(tv, n, &Device::Cpu).unwrap();
+    let model = Llama::new(&cfg, &p).unwrap();
+    let mut grads = model.grads(&p).unwrap();
+    let loss = model
+        .forward_backward(&x, &targets, 1.0, &mut grads, None)
+        .unwrap();
+    let (sum, _) = kiln_model::loss_sum(&model.forward_train(&x, None).unwrap(), &targets).unwrap();
+    assert!(
+        (loss - scalar(&sum)).abs() <= 1e-4 * loss.abs(),
+        "{loss} vs {}",
+        scalar(&sum)
+    );
+    let store = sum.backward().unwrap();
+    let reference = p.autograd_grads(&store).unwrap().unwrap();
+    for name in [
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "norm.weight",
+    ] {
+        kiln_testutil::assert_close(
+            name,
+            grads.get(name).unwrap(),
+            reference.get(name).unwrap(),
+            Tol::GRAD_F32,
+        );
+    }
+}
