@@ -460,18 +460,12 @@ impl SftTrainer {
         if start == 0 {
             if let Some(v) = self.evaluate()? {
                 summary.val_loss_before = Some(v);
-                let row = MetricsRow {
-                    step: 0,
-                    tokens: 0,
-                    val_loss: Some(v),
-                    ..Default::default()
-                };
+                let row = MetricsRow::eval(0, 0, v, None);
                 metrics.write(&row)?;
                 obs.on_eval(&row);
             }
         }
         let total = self.cfg.train.steps;
-        let t = self.cfg.train.clone();
         while self.step() < total {
             if stop.load(Ordering::SeqCst) {
                 summary.stopped_early = true;
@@ -488,37 +482,29 @@ impl SftTrainer {
                 }
                 .into());
             }
-            let row = MetricsRow {
+            let row = MetricsRow::train(
                 step,
-                tokens: self.tokens_seen,
-                loss: Some(r.loss),
-                lr: Some(r.lr),
-                grad_norm: Some(r.grad_norm),
-                tokens_per_s: Some(r.n_tokens as f64 / secs),
-                mfu: Some(self.flops_per_token * r.n_tokens as f64 / secs / self.peak_flops),
-                ..Default::default()
-            };
-            let logged = step.is_multiple_of(t.log_every.max(1)) || step == total;
+                self.tokens_seen,
+                &r,
+                secs,
+                self.flops_per_token,
+                self.peak_flops,
+            );
+            let logged = self.cfg.train.logs_at(step);
             if logged {
                 metrics.write(&row)?;
             }
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
-            if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || step == total {
+            if self.cfg.train.evaluates_at(step) {
                 if let Some(v) = self.evaluate()? {
-                    let row = MetricsRow {
-                        step,
-                        tokens: self.tokens_seen,
-                        val_loss: Some(v),
-                        ..Default::default()
-                    };
+                    let row = MetricsRow::eval(step, self.tokens_seen, v, None);
                     metrics.write(&row)?;
                     summary.final_val_loss = Some(v);
                     obs.on_eval(&row);
                 }
             }
-            if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || step == total
-            {
+            if self.cfg.train.checkpoints_at(step) {
                 let dir = self.save_checkpoint()?;
                 obs.on_checkpoint(&dir);
                 summary.last_checkpoint = Some(dir);
@@ -541,15 +527,7 @@ impl SftTrainer {
         }
         summary.steps = self.step();
         summary.wall_s = t0.elapsed().as_secs_f64();
-        let label = self
-            .run_dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        kiln_train::plot::plot_runs(
-            &[(label, self.run_dir.as_path())],
-            &self.run_dir.join("loss.png"),
-        )?;
+        kiln_train::plot::plot_run(&self.run_dir)?;
         Ok(summary)
     }
 }

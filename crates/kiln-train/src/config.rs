@@ -150,6 +150,26 @@ pub struct TrainConfig {
     pub peak_flops: Option<f64>,
 }
 
+impl TrainConfig {
+    /// Whether step `step` (1-based, after the update) writes its metrics row (every
+    /// `log_every`, 0 = only the last, and at the end).
+    pub fn logs_at(&self, step: u64) -> bool {
+        step.is_multiple_of(self.log_every) || step == self.steps
+    }
+
+    /// Whether the model is evaluated after step `step` (every `eval_every`, and at the end).
+    pub fn evaluates_at(&self, step: u64) -> bool {
+        (self.eval_every > 0 && step.is_multiple_of(self.eval_every)) || step == self.steps
+    }
+
+    /// Whether a checkpoint is saved after step `step` (every `checkpoint_every`, and at the
+    /// end).
+    pub fn checkpoints_at(&self, step: u64) -> bool {
+        (self.checkpoint_every > 0 && step.is_multiple_of(self.checkpoint_every))
+            || step == self.steps
+    }
+}
+
 fn is_clm(o: &Objective) -> bool {
     *o == Objective::Clm
 }

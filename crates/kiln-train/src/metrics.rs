@@ -31,6 +31,42 @@ pub struct MetricsRow {
     pub val_accuracy: Option<f64>,
 }
 
+impl MetricsRow {
+    /// The row of a training step that took `secs`: tokens/s and MFU from the step's tokens,
+    /// the model's training FLOPs per token and the peak FLOP/s.
+    pub fn train(
+        step: u64,
+        tokens: u64,
+        r: &crate::StepResult,
+        secs: f64,
+        flops_per_token: f64,
+        peak_flops: f64,
+    ) -> Self {
+        let tokens_per_s = r.n_tokens as f64 / secs;
+        Self {
+            step,
+            tokens,
+            loss: Some(r.loss),
+            lr: Some(r.lr),
+            grad_norm: Some(r.grad_norm),
+            tokens_per_s: Some(tokens_per_s),
+            mfu: Some(flops_per_token * tokens_per_s / peak_flops),
+            ..Default::default()
+        }
+    }
+
+    /// The row of an evaluation.
+    pub fn eval(step: u64, tokens: u64, val_loss: f64, val_accuracy: Option<f64>) -> Self {
+        Self {
+            step,
+            tokens,
+            val_loss: Some(val_loss),
+            val_accuracy,
+            ..Default::default()
+        }
+    }
+}
+
 pub struct MetricsWriter {
     path: PathBuf,
     file: File,

@@ -106,6 +106,15 @@ pub fn plot_series(
     Ok(())
 }
 
+/// A run's own loss curve, `RUN/loss.png` (labelled with the run directory's name).
+pub fn plot_run(run_dir: &Path) -> Result<(), TrainError> {
+    let label = run_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    plot_runs(&[(label, run_dir)], &run_dir.join("loss.png"))
+}
+
 /// Train and validation loss of one or more runs against tokens seen, in one PNG.
 pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainError> {
     let mut series = Vec::new();

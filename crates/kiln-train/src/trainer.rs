@@ -335,11 +335,6 @@ impl Trainer {
         let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start_step)?;
         obs.on_start(&self.info());
         let total = self.cfg.train.steps;
-        let (log_every, eval_every, ckpt_every) = (
-            self.cfg.train.log_every,
-            self.cfg.train.eval_every,
-            self.cfg.train.checkpoint_every,
-        );
         let mut summary = RunSummary {
             steps: start_step,
             tokens: self.tokens_seen,
@@ -359,45 +354,35 @@ impl Trainer {
             let r = self.train_step()?;
             let secs = t_step.elapsed().as_secs_f64();
             let step = self.step();
-            let tokens_per_s = r.n_tokens as f64 / secs;
-            let row = MetricsRow {
+            let row = MetricsRow::train(
                 step,
-                tokens: self.tokens_seen,
-                loss: Some(r.loss),
-                lr: Some(r.lr),
-                grad_norm: Some(r.grad_norm),
-                tokens_per_s: Some(tokens_per_s),
-                mfu: Some(self.flops_per_token * tokens_per_s / self.peak_flops),
-                val_loss: None,
-                val_accuracy: None,
-            };
+                self.tokens_seen,
+                &r,
+                secs,
+                self.flops_per_token,
+                self.peak_flops,
+            );
             if !r.loss.is_finite() {
                 return Err(TrainError::Diverged {
                     step,
                     what: format!("loss is {}", r.loss),
                 });
             }
-            let logged = step.is_multiple_of(log_every) || step == total;
+            let logged = self.cfg.train.logs_at(step);
             if logged {
                 metrics.write(&row)?;
             }
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
-            if (eval_every > 0 && step.is_multiple_of(eval_every)) || step == total {
+            if self.cfg.train.evaluates_at(step) {
                 let eval = self.evaluate_metrics()?;
-                let row = MetricsRow {
-                    step,
-                    tokens: self.tokens_seen,
-                    val_loss: Some(eval.loss),
-                    val_accuracy: eval.accuracy,
-                    ..Default::default()
-                };
+                let row = MetricsRow::eval(step, self.tokens_seen, eval.loss, eval.accuracy);
                 metrics.write(&row)?;
                 summary.final_val_loss = Some(eval.loss);
                 summary.final_val_accuracy = eval.accuracy;
                 obs.on_eval(&row);
             }
-            if (ckpt_every > 0 && step.is_multiple_of(ckpt_every)) || step == total {
+            if self.cfg.train.checkpoints_at(step) {
                 let dir = self.save_checkpoint()?;
                 obs.on_checkpoint(&dir);
                 summary.last_checkpoint = Some(dir);
@@ -411,14 +396,14 @@ impl Trainer {
         summary.steps = self.step();
         summary.tokens = self.tokens_seen;
         summary.wall_s = t0.elapsed().as_secs_f64();
-        let label = self
-            .run_dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let runs = [(label, self.run_dir.as_path())];
-        crate::plot::plot_runs(&runs, &self.run_dir.join("loss.png"))?;
+        crate::plot::plot_run(&self.run_dir)?;
         if self.mlm.is_some() && summary.final_val_accuracy.is_some() {
+            let label = self
+                .run_dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let runs = [(label, self.run_dir.as_path())];
             crate::plot::plot_accuracy(&runs, &self.run_dir.join("accuracy.png"))?;
         }
         Ok(summary)
