@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
-use kiln_model::{Llama, LoraSpec, Params};
+use kiln_model::LoraSpec;
 use kiln_sft::{batch_of, pack, read_records, ChatFormat, Row, Truncation};
 use kiln_train::optim::AdamW;
 use kiln_train::perf::{measure_gemm_peak, peak_rss_mib};
@@ -85,23 +85,10 @@ pub fn run(a: BenchSftArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
 
     // The model and what trains.
-    let w = kiln_load::load_weights(&a.model, &dev)?;
-    let cfg = w.config.clone();
-    let (model, params) = if a.rank == 0 {
-        (Llama::new(&cfg, &w.params)?, w.params)
-    } else {
-        let spec = LoraSpec::all_projections(a.rank, 2.0 * a.rank as f64);
-        let adapters = Params::lora_adapters(&cfg, &spec, 0, &dev, DType::F32)?;
-        let mut m = if a.base_quantized {
-            drop(w);
-            let file = kiln_model::gguf::GgufFile::open(&a.model)?;
-            Llama::from_gguf(&file, &cfg)?
-        } else {
-            Llama::new(&cfg, &w.params)?
-        };
-        m.attach_lora(&adapters, &spec)?;
-        (m, adapters)
-    };
+    let (_, cfg) = kiln_load::load_model_config(&a.model)?;
+    let spec = (a.rank > 0).then(|| LoraSpec::all_projections(a.rank, 2.0 * a.rank as f64));
+    let (model, params, _, _) =
+        kiln_sft::build_model(&a.model, &cfg, spec.as_ref(), a.base_quantized, 0, &dev)?;
     let mut opt = AdamW::for_model(&model, &params, &OptimConfig::default())?;
     let peak = measure_gemm_peak(&dev)?;
     let mut times = Vec::new();

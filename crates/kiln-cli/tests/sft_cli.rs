@@ -274,6 +274,34 @@ fn sft_input_errors_are_clear_and_write_nothing() {
         "{err}"
     );
     assert!(!run.exists(), "a failed start wrote {}", run.display());
+    // --base-quantized needs a GGUF base; a missing --template file is named.
+    let good = toy_data(dir.path());
+    for (extra, want) in [
+        (
+            vec!["--lora-rank", "4", "--base-quantized"],
+            "not a GGUF file",
+        ),
+        (
+            vec!["--template", "/nonexistent/chat.jinja"],
+            "/nonexistent/chat.jinja",
+        ),
+    ] {
+        let model = hf_tiny().to_str().unwrap().to_string();
+        let mut args = vec![
+            "sft",
+            "--model",
+            &model,
+            "--data",
+            good.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = kiln(&args, dir.path());
+        let (_, err) = text(&o);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+        assert!(!run.exists(), "a failed start wrote {}", run.display());
+    }
     // An adapter for another base.
     let o = kiln(
         &[

@@ -40,4 +40,4 @@ pub use infer::{
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};
 pub use run_config::{model_from_toml, read_run_model, RunModel};
 pub use tokenizer::{check_vocab, load_tokenizer};
-pub use weights::{check_init_compatible, load_weights, LoadedWeights};
+pub use weights::{check_init_compatible, load_model_config, load_weights, LoadedWeights};

@@ -19,6 +19,18 @@ pub struct LoadedWeights {
     pub run: Option<KilnRun>,
 }
 
+/// The format and model config behind `path`, read from headers and config files only (no
+/// weights): a GGUF's metadata, an HF `config.json`, a kiln run's `[model]`.
+pub fn load_model_config(path: &Path) -> Result<(ModelFormat, ModelConfig), LoadError> {
+    let format = ModelFormat::detect(path)?;
+    let config = match format {
+        ModelFormat::Gguf => GgufFile::open(path)?.config()?,
+        ModelFormat::HfDir => kiln_model::hf::HfConfig::load(path)?.to_model_config(path)?,
+        _ => resolve_kiln(path)?.config,
+    };
+    Ok((format, config))
+}
+
 /// Loads the weights behind `path` (kiln run/checkpoint/weights file, HF directory or GGUF
 /// file), dequantised to f32.
 pub fn load_weights(path: &Path, device: &Device) -> Result<LoadedWeights, LoadError> {

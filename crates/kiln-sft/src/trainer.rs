@@ -118,16 +118,8 @@ impl SftTrainer {
             return Err(SftError::Config("no training data (--data FILE)".into()));
         }
         let tokenizer = kiln_load::load_tokenizer(&source.model)?;
-        let format_is_gguf = matches!(ModelFormat::detect(&source.model)?, ModelFormat::Gguf);
-
         // The config needs the model's context for its default seq_len: read the shape first.
-        let model_config = match ModelFormat::detect(&source.model)? {
-            ModelFormat::Gguf => GgufFile::open(&source.model)?.config()?,
-            ModelFormat::HfDir => {
-                kiln_model::hf::HfConfig::load(&source.model)?.to_model_config(&source.model)?
-            }
-            _ => kiln_load::resolve_kiln(&source.model)?.config,
-        };
+        let (format, model_config) = kiln_load::load_model_config(&source.model)?;
         kiln_load::check_vocab(&tokenizer, &model_config)?;
         let mut cfg = SftConfig::load(config_file, overrides, model_config.max_seq_len)?;
         if cfg.train.seq_len > model_config.max_seq_len {
@@ -137,7 +129,7 @@ impl SftTrainer {
             )));
         }
         let lora = cfg.lora_spec()?;
-        if cfg.sft.base_quantized && !format_is_gguf {
+        if cfg.sft.base_quantized && format != ModelFormat::Gguf {
             return Err(SftError::Config(format!(
                 "--base-quantized keeps a GGUF base in its quantised blocks, but {} is not a GGUF file",
                 source.model.display()
@@ -233,7 +225,7 @@ impl SftTrainer {
         // The run directory: config (with the model's shape for loaders), tokenizer with the
         // template the run used (so `kiln chat` on the result renders the same way).
         std::fs::create_dir_all(run_dir).map_err(|e| io(run_dir, e))?;
-        let config_toml = run_config_toml(&cfg, &model_config, &source);
+        let config_toml = run_config_toml(&cfg, &model_config, &source, train.rows.len());
         write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
         let mut tok = format.tokenizer.clone();
         tok.chat_template = Some(format.source.clone());
@@ -407,6 +399,18 @@ impl SftTrainer {
                 self.cfg.train.seq_len
             )));
         }
+        let saved_rows = std::fs::read_to_string(dir.join(checkpoint::CONFIG_FILE))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("source")?.get("train_rows")?.as_integer());
+        if saved_rows != Some(self.train_rows.len() as i64) {
+            return Err(SftError::Config(format!(
+                "{}: saved after packing the data into {} rows, but it now makes {} rows: resume with the same --data, template and [sft] settings",
+                dir.display(),
+                saved_rows.map_or("an unknown number of".into(), |n| n.to_string()),
+                self.train_rows.len()
+            )));
+        }
         let path = dir.join(MODEL_FILE);
         let tensors = candle_core::safetensors::load(&path, self.model.device())
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
@@ -533,8 +537,10 @@ impl SftTrainer {
 }
 
 /// The model to fine-tune and the parameters that train: (model, trainable params, a
-/// description, total parameter count).
-fn build_model(
+/// description, total parameter count). Without `lora` every weight trains (dense f32); with
+/// it, fresh PEFT-initialised adapters train on a frozen base, dense or (`base_quantized`, a
+/// GGUF) kept in its quantised blocks.
+pub fn build_model(
     path: &Path,
     cfg: &ModelConfig,
     lora: Option<&LoraSpec>,
@@ -581,7 +587,12 @@ fn build_model(
 
 /// The run's `config.toml`: the SFT config, the model's resolved `[model]` (so kiln's loaders
 /// read a fully fine-tuned run like a pretraining one) and where model and data came from.
-fn run_config_toml(cfg: &SftConfig, model: &ModelConfig, source: &SftSource) -> String {
+fn run_config_toml(
+    cfg: &SftConfig,
+    model: &ModelConfig,
+    source: &SftSource,
+    train_rows: usize,
+) -> String {
     let mut root: toml::Table = cfg.to_toml().parse().expect("invariant: own TOML parses");
     root.insert(
         "model".into(),
@@ -601,6 +612,8 @@ fn run_config_toml(cfg: &SftConfig, model: &ModelConfig, source: &SftSource) -> 
     );
     src.insert("data".into(), paths(&source.data));
     src.insert("eval_data".into(), paths(&source.eval_data));
+    // The schedule indexes these rows: a resume checks it finds the same number.
+    src.insert("train_rows".into(), toml::Value::Integer(train_rows as i64));
     root.insert("source".into(), toml::Value::Table(src));
     toml::to_string(&root).expect("invariant: serialises")
 }

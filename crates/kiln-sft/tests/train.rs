@@ -413,6 +413,21 @@ fn resume_continues_exactly() {
     let mut first = trainer(dir.path(), "b", &common, false);
     let s = first.run(&mut StopAt3(&stop), &stop).unwrap();
     assert!(s.stopped_early && s.steps == 3);
+    // Resuming onto other data (here two conversations instead of six) is refused, not silently mixed.
+    let mut fewer: Vec<&str> = common.to_vec();
+    fewer.push("sft.max_records=2");
+    let data = toy_data(dir.path());
+    let source = SftSource {
+        model: hf_tiny(),
+        data: vec![data.clone()],
+        eval_data: vec![data],
+    };
+    let sets: Vec<String> = fewer.iter().map(|s| s.to_string()).collect();
+    let e = SftTrainer::new(source, None, &sets, &dir.path().join("b"), true, &mut Quiet)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rows") && e.contains("same --data"), "{e}");
     let mut second = trainer(dir.path(), "b", &common, true);
     assert_eq!(second.step(), 3);
     second.run(&mut Quiet, &AtomicBool::new(false)).unwrap();
