@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::commands::device;
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
     /// A transformers directory (config.json, model.safetensors, tokenizer files).
     Hf,
@@ -46,6 +46,21 @@ pub struct ExportArgs {
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
+    if kiln_rlhf::reward_checkpoint(&a.model)?.is_some() {
+        // A reward model: transformers' LlamaForSequenceClassification (one label).
+        if a.format != ExportFormat::Hf || a.adapter.is_some() {
+            bail!("a reward model exports as --format hf (its LoRA adapter, if any, is merged), nothing else");
+        }
+        let dtype = match a.dtype.as_deref().unwrap_or("f32") {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => bail!("--type {other:?}: an HF export is f32, bf16 or f16"),
+        };
+        kiln_rlhf::export_reward_hf(&a.model, &a.out, dtype)?;
+        info!(from = %a.model.display(), out = %a.out.display(), "exported the reward model (LlamaForSequenceClassification)");
+        return Ok(());
+    }
     let tok = load_tokenizer(&a.model)?;
     let w = load_weights(&a.model, &device())?;
     check_vocab(&tok, &w.config)?;

@@ -17,6 +17,7 @@ mod commands;
 mod export;
 mod fill_mask;
 mod progress;
+mod rlhf;
 mod scaling;
 mod sft;
 mod tokenize;
@@ -50,6 +51,16 @@ enum Command {
     /// LoRA adapters: merge one into its base model.
     #[command(subcommand)]
     Lora(sft::LoraCommand),
+    /// Reward models: train one on preference pairs, or score a response.
+    #[command(subcommand)]
+    Reward(rlhf::RewardCommand),
+    /// Direct preference optimisation on preference pairs (sigmoid, IPO or hinge loss).
+    Dpo(rlhf::DpoArgs),
+    /// PPO against a reward model, a built-in reward or a reward program, with a KL penalty
+    /// to the frozen starting model.
+    Ppo(rlhf::OnlineArgs),
+    /// GRPO: group-relative advantages over G samples per prompt, no value model.
+    Grpo(rlhf::OnlineArgs),
     /// Loss and perplexity of a model on a prepared dataset.
     Eval(EvalArgs),
     /// Sample a continuation of a prompt (streams to stdout).
@@ -280,6 +291,10 @@ fn main() {
         Command::Pretrain(a) => commands::pretrain(a),
         Command::Sft(a) => sft::run(a),
         Command::Lora(c) => sft::lora(c),
+        Command::Reward(c) => rlhf::reward(c),
+        Command::Dpo(a) => rlhf::dpo(a),
+        Command::Ppo(a) => rlhf::online(kiln_rlhf::Method::Ppo, a),
+        Command::Grpo(a) => rlhf::online(kiln_rlhf::Method::Grpo, a),
         Command::Eval(a) => commands::eval(a),
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => chat::run(a),

@@ -88,34 +88,89 @@ impl Llama {
         Ok((sum, n_targets))
     }
 
-    /// `log p(targets[i] | prefix)` for every row of `hidden`: `targets (n)` u32 or i64 →
-    /// `(n)` in the hidden states' dtype.
-    pub fn token_logprobs(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
-        let logits = self.lm_logits(hidden)?;
-        Ok(logprobs_of(&logits, targets)?)
+    /// `log p(targets[i] | prefix)` for every row of `hidden` at sampling temperature `T`:
+    /// `log softmax(h_i W^T / T)[y_i]`; `targets (n)` u32 or i64 → `(n)` in the hidden states' dtype. Rows go through
+    /// the head in chunks (see [`LOGITS_CHUNK_ELEMENTS`]).
+    pub fn token_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor, ModelError> {
+        Ok(self.token_logprobs_entropy(hidden, targets, temperature)?.0)
+    }
+
+    /// [`Llama::token_logprobs`] and the entropy of each row's distribution at temperature
+    /// `T`, `H_i = -sum_v p_iv log p_iv` (PPO's entropy metric), both `(n)`.
+    pub fn token_logprobs_entropy(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        check_temperature(temperature)?;
+        let hidden = hidden.detach();
+        let targets = targets.flatten_all()?;
+        let output = self.output_detached();
+        let (mut lps, mut ents) = (Vec::new(), Vec::new());
+        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+            let logits = (output.forward(&hidden.narrow(0, start, len)?)? / temperature)?;
+            let logp_all = log_softmax_rows(&logits)?;
+            let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+            let idx = targets
+                .narrow(0, start, len)?
+                .to_dtype(DType::U32)?
+                .reshape((len, 1))?;
+            lps.push(logp_all.gather(&idx, 1)?.squeeze(1)?);
+            ents.push(ent);
+        }
+        if lps.is_empty() {
+            let z = Tensor::zeros(0, hidden.dtype(), hidden.device())?;
+            return Ok((z.clone(), z));
+        }
+        Ok((Tensor::cat(&lps, 0)?, Tensor::cat(&ents, 0)?))
     }
 
     /// Backward of [`Llama::token_logprobs`] given `d_logp (n)`: adds the head's gradient into
-    /// `grads`, returns `d_hidden`. Recomputes the logits (one GEMM) rather than keep `(n, v)`.
+    /// `grads`, returns `d_hidden`. With `z = h W^T`,
+    /// `d z_i = g_i (onehot(y_i) - softmax(z_i / T)) / T`. Recomputes the logits (one GEMM per
+    /// chunk) rather than keep `(n, v)`.
     pub fn token_logprobs_backward(
         &self,
         hidden: &Tensor,
         targets: &Tensor,
         d_logp: &Tensor,
+        temperature: f64,
         grads: &mut Grads,
     ) -> Result<Tensor, ModelError> {
+        check_temperature(temperature)?;
         let hidden = hidden.detach();
         let output = self.output_detached();
-        let (logits, ctx) = output.forward_saving(&hidden, None)?;
-        let n = logits.dim(0)?;
         let targets = targets.flatten_all()?.to_dtype(DType::I64)?;
-        // logp = -CE, so d logits = g (onehot - softmax) = -g * (d CE / d logits): the fused
-        // cross-entropy backward, with each row scaled by -g.
-        let dce = k::cross_entropy_backward(&logits, &targets, 1.0)?;
-        drop(logits);
-        let g = d_logp.reshape((n, 1))?.to_dtype(dce.dtype())?.neg()?;
-        let dlogits = dce.broadcast_mul(&g)?;
-        output.backward(ctx, &dlogits, grads)
+        let d_logp = d_logp.flatten_all()?;
+        let mut d_parts = Vec::new();
+        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+            let h = hidden.narrow(0, start, len)?;
+            let (logits, ctx) = output.forward_saving(&h, None)?;
+            // logp = -CE(z / T), so d z = -(g / T) (softmax(z / T) - onehot): the fused
+            // cross-entropy backward at z / T, each row scaled by -g / T.
+            let dce = k::cross_entropy_backward(
+                &(logits / temperature)?,
+                &targets.narrow(0, start, len)?,
+                1.0,
+            )?;
+            let g = (d_logp
+                .narrow(0, start, len)?
+                .reshape((len, 1))?
+                .to_dtype(dce.dtype())?
+                / -temperature)?;
+            let dlogits = dce.broadcast_mul(&g)?;
+            d_parts.push(output.backward(ctx, &dlogits, grads)?);
+        }
+        if d_parts.len() == 1 {
+            return Ok(d_parts.pop().expect("one part"));
+        }
+        Ok(Tensor::cat(&d_parts, 0)?)
     }
 
     fn output_detached(&self) -> Linear {
@@ -125,6 +180,24 @@ impl Llama {
         }
         o
     }
+}
+
+fn check_temperature(t: f64) -> Result<(), ModelError> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "temperature must be positive, got {t}"
+        )))
+    }
+}
+
+/// `log softmax` along the last dimension of `(n, v)`.
+fn log_softmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
 }
 
 /// `log softmax(logits)[i, targets[i]]`: `(n, v)`, `(n)` → `(n)`.

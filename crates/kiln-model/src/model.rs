@@ -246,6 +246,20 @@ impl Llama {
         Ok(m)
     }
 
+    /// The same base without its adapters, sharing every weight (no copy): the frozen
+    /// reference of preference tuning when the policy trains LoRA.
+    pub fn without_lora(&self) -> Self {
+        let mut m = self.detached();
+        for b in &mut m.layers {
+            for l in b.projections_mut() {
+                l.lora = None;
+            }
+            b.fuse();
+        }
+        m.train_base = false;
+        m
+    }
+
     /// Shared by every constructor: the blocks over projections from `weight(name)` and norm
     /// vectors from `dense(name)`.
     #[allow(clippy::too_many_arguments)]

@@ -282,6 +282,15 @@ impl Params {
         Self::pack(&tensors)
     }
 
+    /// Named tensors of any kind (a reward or value head, say) packed into one flat buffer,
+    /// with no check against a model config.
+    pub fn from_named(tensors: HashMap<String, Tensor>) -> Result<Self, ModelError> {
+        if tensors.is_empty() {
+            return Err(ModelError::Input("no tensors to pack".into()));
+        }
+        Self::pack(&tensors)
+    }
+
     /// Names of the LoRA adapter tensors (what trains under LoRA), in buffer order.
     pub fn adapter_names(&self) -> Vec<String> {
         self.names()

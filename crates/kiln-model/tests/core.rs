@@ -126,14 +126,14 @@ fn token_logprob_head_gradients_match_finite_differences() {
         .unwrap();
     let mut grads = model.grads(&p).unwrap();
     let dh = model
-        .token_logprobs_backward(&hidden, &targets, &weights, &mut grads)
+        .token_logprobs_backward(&hidden, &targets, &weights, 0.7, &mut grads)
         .unwrap();
     model.backward_hidden(trunk, &dh, &mut grads).unwrap();
     let loss = || {
         let m = Llama::new(&cfg, &p).unwrap();
         let (h, _) = m.forward_hidden(&TokenBatch::new(x.clone()), None).unwrap();
         scalar(
-            &(m.token_logprobs(&h, &targets).unwrap() * &weights)
+            &(m.token_logprobs(&h, &targets, 0.7).unwrap() * &weights)
                 .unwrap()
                 .sum_all()
                 .unwrap(),
@@ -144,12 +144,29 @@ fn token_logprob_head_gradients_match_finite_differences() {
         assert!(e < 1e-5, "{name}: relative error {e}");
     }
     // The log-probabilities are those of the LM logits.
-    let lp = model.token_logprobs(&hidden, &targets).unwrap();
-    let logits = model.lm_logits(&hidden).unwrap();
+    let lp = model.token_logprobs(&hidden, &targets, 0.7).unwrap();
+    let logits = (model.lm_logits(&hidden).unwrap() / 0.7).unwrap();
     let want = kiln_model::logprobs_of(&logits, &targets).unwrap();
     assert_close("logprobs", &lp, &want, Tol::OP_F32);
     let total: f64 = scalar(&lp.exp().unwrap().sum_all().unwrap());
     assert!(total > 0.0 && total < 16.0);
+    // The entropy is -sum_v p_v log p_v of the same tempered distribution.
+    let (_, entropy) = model
+        .token_logprobs_entropy(&hidden, &targets, 0.7)
+        .unwrap();
+    let entropy: Vec<f64> = entropy.to_vec1().unwrap();
+    let vocab = cfg.vocab_size;
+    for (row, &got) in entropy.iter().enumerate() {
+        let h = hidden.narrow(0, row, 1).unwrap();
+        let all = Tensor::arange(0u32, vocab as u32, &Device::Cpu).unwrap();
+        let lp_all: Vec<f64> = model
+            .token_logprobs(&h.repeat((vocab, 1)).unwrap(), &all, 0.7)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: f64 = -lp_all.iter().map(|l| l.exp() * l).sum::<f64>();
+        assert!((got - want).abs() < 1e-9, "row {row}: {got} vs {want}");
+    }
 }
 
 #[test]

@@ -152,6 +152,17 @@ impl SftConfig {
         overrides: &[String],
         model_context: usize,
     ) -> Result<Self, SftError> {
+        Ok(Self::load_with(file, overrides, model_context, &[])?.0)
+    }
+
+    /// [`SftConfig::load`] for a trainer with sections of its own (`extra`, e.g. `dpo`):
+    /// returns them untyped, by name, for the caller to deserialise.
+    pub fn load_with(
+        file: Option<&Path>,
+        overrides: &[String],
+        model_context: usize,
+        extra: &[&str],
+    ) -> Result<(Self, toml::Table), SftError> {
         let mut root: toml::Table = match file {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| SftError::Io {
@@ -173,15 +184,19 @@ impl SftConfig {
         for key in root.keys() {
             match key.as_str() {
                 "train" | "optim" | "sft" | "lora" => {}
+                k if extra.contains(&k) => {}
                 "model" | "data" => {
                     return Err(SftError::Config(format!(
                         "{at}an SFT config has no [{key}] section: the model comes from --model and the data from --data"
                     )))
                 }
                 other => {
+                    let mut expected = vec!["train", "optim", "sft", "lora"];
+                    expected.extend(extra);
                     return Err(SftError::Config(format!(
-                        "{at}unknown section [{other}] (expected train, optim, sft, lora)"
-                    )))
+                        "{at}unknown section [{other}] (expected {})",
+                        expected.join(", ")
+                    )));
                 }
             }
         }
@@ -249,7 +264,18 @@ impl SftConfig {
             warmup_given,
         };
         cfg.validate()?;
-        Ok(cfg)
+        let extra: toml::Table = extra
+            .iter()
+            .filter_map(|k| root.remove(*k).map(|v| (k.to_string(), v)))
+            .collect();
+        Ok((cfg, extra))
+    }
+
+    /// The same config with `extra` sections (a trainer's own, as given) added, as TOML.
+    pub fn to_toml_with(&self, extra: &toml::Table) -> String {
+        let mut root: toml::Table = self.to_toml().parse().expect("invariant: own TOML parses");
+        root.extend(extra.clone());
+        toml::to_string(&root).expect("invariant: serialises")
     }
 
     fn validate(&self) -> Result<(), SftError> {

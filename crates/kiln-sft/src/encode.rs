@@ -115,6 +115,55 @@ impl ChatFormat {
         Ok(Example { ids, labels })
     }
 
+    /// The prompt as the model sees it before answering: `messages` (ending with a user
+    /// turn) rendered with the generation prompt.
+    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, SftError> {
+        self.ids(&self.template.render(messages, true)?)
+    }
+
+    /// `prompt` followed by an assistant turn `response`, as the model sees it: the ids through
+    /// the turn's end-of-turn token, and where the response starts (the prompt's length).
+    /// Rendered and labelled exactly as SFT renders a conversation.
+    pub fn encode_completion(
+        &self,
+        prompt: &[Message],
+        response: &str,
+        origin: &str,
+    ) -> Result<(Vec<u32>, usize), SftError> {
+        let err = |msg: String| SftError::Record {
+            origin: origin.to_string(),
+            msg,
+        };
+        let mut messages = prompt.to_vec();
+        messages.push(Message::new("assistant", response));
+        let (system, turns) = match messages.first() {
+            Some(m) if m.role == "system" => (Some(m.content.clone()), messages[1..].to_vec()),
+            _ => (None, messages.clone()),
+        };
+        let convo = Conversation {
+            system,
+            turns,
+            origin: origin.to_string(),
+        };
+        let ex = self.encode(&convo, false)?;
+        let start = common_prefix(&self.encode_prompt(prompt)?, &ex.ids);
+        let Some(last) = ex.labels.iter().rposition(|&l| l) else {
+            return Err(err("the response renders to no tokens".into()));
+        };
+        if last < start {
+            return Err(err(
+                "the chat template renders the prompt differently once a response follows it"
+                    .into(),
+            ));
+        }
+        Ok((ex.ids[..=last].to_vec(), start))
+    }
+
+    /// Tokens that close an assistant turn.
+    pub fn end_of_turn(&self) -> &[u32] {
+        &self.end_of_turn
+    }
+
     /// Labels from `{% generation %}` spans: tokens whose byte range starts inside a span.
     fn labels_from_tags(&self, messages: &[Message], ids: &[u32]) -> Result<Vec<bool>, SftError> {
         let marked = self.template.render_marked(messages, false)?;

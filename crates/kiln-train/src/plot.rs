@@ -54,6 +54,12 @@ pub fn plot_series(
     });
     let x_max = if x_max > x_min { x_max } else { x_min + 1.0 };
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    // Losses sit at 0 when the data do not go below; rewards and margins may be negative.
+    let y_floor = if y_min >= 0.0 {
+        (y_min - pad).max(0.0)
+    } else {
+        y_min - pad
+    };
     let err = |e: &dyn std::fmt::Display| {
         TrainError::Io(format!("{}: plotting failed: {e}", out.display()))
     };
@@ -64,7 +70,7 @@ pub fn plot_series(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(x_min..x_max, (y_min - pad).max(0.0)..(y_max + pad))
+        .build_cartesian_2d(x_min..x_max, y_floor..(y_max + pad))
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
