@@ -65,6 +65,17 @@ impl KvCache {
         }
     }
 
+    /// Row `to` becomes a copy of row `from` (several samples of one prompt share its
+    /// prefill).
+    pub fn copy_row(&mut self, from: usize, to: usize) {
+        if self.rows.len() <= to {
+            self.rows.resize(to + 1, RowKv::default());
+        }
+        if from != to {
+            self.rows[to] = self.rows[from].clone();
+        }
+    }
+
     /// Makes sure rows `0..n_rows` exist with `n_layers` layers of `n_kv_heads` heads.
     pub(crate) fn ensure(&mut self, n_rows: usize, n_layers: usize, n_kv_heads: usize) {
         if self.rows.len() < n_rows {

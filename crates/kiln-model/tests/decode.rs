@@ -157,3 +157,32 @@ fn too_long_and_out_of_vocab_inputs_are_errors() {
         Err(ModelError::ContextOverflow { .. })
     ));
 }
+
+#[test]
+fn a_copied_cache_row_decodes_like_its_own_prefill() {
+    use kiln_model::CausalLm;
+    let cfg = ModelConfig {
+        max_seq_len: 24,
+        ..ModelConfig::tiny()
+    };
+    let m = model(&cfg);
+    let ids = tokens(9, cfg.vocab_size);
+    // Rows 0 and 2 share row 0's prefill; row 1 prefills the same prompt itself.
+    let mut shared = KvCache::new();
+    m.prefill_row(0, &ids, &mut shared).unwrap();
+    shared.copy_row(0, 2);
+    m.prefill_row(1, &ids, &mut shared).unwrap();
+    assert_eq!((shared.row_len(1), shared.row_len(2)), (9, 9));
+    let out = m.decode_step(&[0, 1, 2], &[4, 7, 7], &mut shared).unwrap();
+    let row = |i: usize| out.get(i).unwrap();
+    assert_close(
+        "copy vs own prefill",
+        &row(2),
+        &row(1),
+        Tol { rel: 0.0, abs: 0.0 },
+    );
+    // Writing to the copy leaves the original alone: row 0 took token 4, row 2 token 7.
+    assert_eq!(shared.row_len(0), 10);
+    let diff = (row(0) - row(2)).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
+}

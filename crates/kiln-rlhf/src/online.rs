@@ -77,10 +77,15 @@ pub fn sample_responses(
     let mut samples = Vec::new();
     let mut logits: Vec<Vec<f32>> = Vec::new();
     for (p, ids) in prompts {
-        for _ in 0..samples_per_prompt {
-            let row = samples.len();
-            let l = model.prefill_row(row, ids, &mut cache)?;
-            logits.push(l.flatten_all()?.to_vec1::<f32>()?);
+        // One prefill per prompt; its samples start from copies of that cache row.
+        let first = samples.len();
+        let l = model
+            .prefill_row(first, ids, &mut cache)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for k in 0..samples_per_prompt {
+            cache.copy_row(first, first + k);
+            logits.push(l.clone());
             samples.push(Sample {
                 prompt: *p,
                 seq: Seq {
