@@ -5,7 +5,7 @@
 #
 #   1. GRPO on SmolLM2-135M-Instruct (Q4_1 GGUF, LoRA r=16 on the dequantised base) with the
 #      programmatic reward length:16 on the Alpaca demo instructions: 4 prompts x 8 samples a
-#      step, 40-token budget, 80 steps.
+#      step, 40-token budget, k3 KL term beta 0.04 (DeepSeekMath's value), 80 steps.
 #   2. PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2 minibatches.
 #   3. The pipeline: the SFT adapter of docs/sft-lora.md merged into SmolLM2 -> a reward model
 #      (LoRA r=16 + score head) on dpo_en_demo.json -> PPO against that reward model.
@@ -31,7 +31,7 @@ run() { # NAME VERB ARGS...: runs `kiln VERB` unless runs/NAME is complete
 }
 # 1. GRPO, programmatic reward.
 run grpo-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
-    --group-size 8 --max-new-tokens 40 --set train.steps=80 --set train.batch_size=4 \
+    --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=80 --set train.batch_size=4 \
     --set optim.lr=3e-4 --set train.checkpoint_every=10
 # 2. PPO, the same reward.
 run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \

@@ -25,6 +25,31 @@ pub fn device() -> Device {
     Device::Cpu
 }
 
+/// A fine-tuning run's directory: `--out`, else the last `train.run_dir=` of the overrides,
+/// else `[train] run_dir` of the config file, else `default`.
+pub fn run_dir_of(
+    out: Option<&Path>,
+    overrides: &[String],
+    config: Option<&Path>,
+    default: &str,
+) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    out.map(Path::to_path_buf)
+        .or_else(|| {
+            overrides
+                .iter()
+                .rev()
+                .find_map(|o| o.strip_prefix("train.run_dir="))
+                .map(|v| PathBuf::from(v.trim_matches('"')))
+        })
+        .or_else(|| {
+            let text = std::fs::read_to_string(config?).ok()?;
+            let t: toml::Table = text.parse().ok()?;
+            Some(PathBuf::from(t.get("train")?.get("run_dir")?.as_str()?))
+        })
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
 /// Ctrl-C sets the returned flag: the training loop finishes its step, saves a checkpoint and
 /// returns; a second Ctrl-C aborts at once.
 pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {

@@ -13,19 +13,24 @@ pub struct Console {
     bar: ProgressBar,
 }
 
+/// A training-steps bar with ETA, drawn on stderr only when it is a terminal.
+pub fn steps_bar() -> ProgressBar {
+    let bar = ProgressBar::hidden();
+    if std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("invariant: valid template"),
+    );
+    bar
+}
+
 impl Console {
     pub fn new() -> Self {
-        let bar = ProgressBar::hidden();
-        if std::io::stderr().is_terminal() {
-            bar.set_draw_target(ProgressDrawTarget::stderr());
-        }
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .expect("invariant: valid template"),
-        );
-        Self { bar }
+        Self { bar: steps_bar() }
     }
 
     pub fn finish(&self) {

@@ -4,12 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use kiln_rlhf::{
     Method, Metrics, OnlineSource, OnlineTrainer, PairSource, PairTrainer, RewardModel, RewardSpec,
     RlhfObserver,
 };
-use std::io::IsTerminal;
 use tracing::info;
 
 use crate::commands::stop_on_ctrl_c;
@@ -73,23 +72,13 @@ impl CommonArgs {
         o
     }
 
-    /// --out, else train.run_dir of --set or the config, else `default`.
     fn run_dir(&self, overrides: &[String], default: &str) -> PathBuf {
-        self.out
-            .clone()
-            .or_else(|| {
-                overrides
-                    .iter()
-                    .rev()
-                    .find_map(|o| o.strip_prefix("train.run_dir="))
-                    .map(|v| PathBuf::from(v.trim_matches('"')))
-            })
-            .or_else(|| {
-                let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
-                let t: toml::Table = text.parse().ok()?;
-                Some(PathBuf::from(t.get("train")?.get("run_dir")?.as_str()?))
-            })
-            .unwrap_or_else(|| PathBuf::from(default))
+        crate::commands::run_dir_of(
+            self.out.as_deref(),
+            overrides,
+            self.config.as_deref(),
+            default,
+        )
     }
 }
 
@@ -194,17 +183,10 @@ struct RlhfConsole {
 
 impl RlhfConsole {
     fn new(keys: &'static [&'static str]) -> Self {
-        let bar = ProgressBar::hidden();
-        if std::io::stderr().is_terminal() {
-            bar.set_draw_target(ProgressDrawTarget::stderr());
+        Self {
+            bar: crate::progress::steps_bar(),
+            keys,
         }
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .expect("invariant: valid template"),
-        );
-        Self { bar, keys }
     }
 
     fn line(&self, m: &Metrics) -> String {

@@ -144,23 +144,12 @@ impl SftObserver for Console {
 
 pub fn run(a: SftArgs) -> Result<()> {
     let overrides = a.overrides();
-    // The run directory: --out, else train.run_dir of the config/--set, else runs/sft.
-    let run_dir = a
-        .out
-        .clone()
-        .or_else(|| {
-            overrides
-                .iter()
-                .rev()
-                .find_map(|o| o.strip_prefix("train.run_dir="))
-                .map(|v| PathBuf::from(v.trim_matches('"')))
-        })
-        .or_else(|| {
-            let text = std::fs::read_to_string(a.config.as_ref()?).ok()?;
-            let t: toml::Table = text.parse().ok()?;
-            Some(PathBuf::from(t.get("train")?.get("run_dir")?.as_str()?))
-        })
-        .unwrap_or_else(|| PathBuf::from("runs/sft"));
+    let run_dir = crate::commands::run_dir_of(
+        a.out.as_deref(),
+        &overrides,
+        a.config.as_deref(),
+        "runs/sft",
+    );
     let source = SftSource {
         model: a.model.clone(),
         data: a.data.clone(),

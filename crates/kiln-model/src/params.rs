@@ -282,6 +282,24 @@ impl Params {
         Self::pack(&tensors)
     }
 
+    /// Overwrites every tensor of these params with the tensor of the same name in the
+    /// safetensors file `path` (a checkpoint of exactly these params, or a superset).
+    pub fn assign_from_file(&self, path: &Path) -> Result<(), ModelError> {
+        let err = |msg: String| ModelError::Weights {
+            path: path.display().to_string(),
+            msg,
+        };
+        let tensors = candle_core::safetensors::load(path, self.flat.device())
+            .map_err(|e| err(format!("cannot read safetensors: {e}")))?;
+        for name in self.names() {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| err(format!("missing tensor {name:?}")))?;
+            self.set(name, t)?;
+        }
+        Ok(())
+    }
+
     /// Named tensors of any kind (a reward or value head, say) packed into one flat buffer,
     /// with no check against a model config.
     pub fn from_named(tensors: HashMap<String, Tensor>) -> Result<Self, ModelError> {

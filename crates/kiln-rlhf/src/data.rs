@@ -57,40 +57,6 @@ fn io(path: &Path, e: std::io::Error) -> RlhfError {
     }
 }
 
-/// The records of a JSON array or JSONL file with where each came from.
-fn records_of(path: &Path) -> Result<Vec<(String, Value)>, RlhfError> {
-    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    let name = path.display();
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(&text).map_err(|e| RlhfError::Record {
-            origin: format!("{name}: line {}", e.line()),
-            msg: format!("invalid JSON: {e}"),
-        })?;
-        let Value::Array(items) = v else {
-            unreachable!("starts with [")
-        };
-        return Ok(items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (format!("{name}: record {i}"), v))
-            .collect());
-    }
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let origin = format!("{name}: line {}", i + 1);
-        let v = serde_json::from_str(line).map_err(|e| RlhfError::Record {
-            origin: origin.clone(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
-        out.push((origin, v));
-    }
-    Ok(out)
-}
-
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -302,8 +268,17 @@ fn read_all<T>(
 ) -> Result<(Vec<T>, usize), RlhfError> {
     let (mut out, mut skipped) = (Vec::new(), 0);
     for f in files {
-        for (origin, v) in records_of(f)? {
-            match parse(&v, &origin) {
+        let text = std::fs::read_to_string(f).map_err(|e| io(f, e))?;
+        // JSON array or JSONL, split as SFT splits its records.
+        for (locus, v) in kiln_sft::split_records(f, &text)? {
+            let origin = format!("{}: {locus}", f.display());
+            let parsed = v
+                .map_err(|msg| RlhfError::Record {
+                    origin: origin.clone(),
+                    msg,
+                })
+                .and_then(|v| parse(&v, &origin));
+            match parsed {
                 Ok(x) => out.push(x),
                 Err(_) if skip_bad => skipped += 1,
                 Err(e) => return Err(e),

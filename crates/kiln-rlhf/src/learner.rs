@@ -241,11 +241,11 @@ impl Learner {
                 cfg.base.train.seed
             )));
         }
-        load_into(&self.params, &dir.join(MODEL_FILE), self.model.device())?;
+        self.params.assign_from_file(&dir.join(MODEL_FILE))?;
         let updates = state.step * updates_per_step;
         self.opt.load(&dir.join(OPTIMIZER_FILE), updates)?;
         if let Some(h) = &mut self.head {
-            load_into(&h.params, &dir.join(HEAD_FILE), self.model.device())?;
+            h.params.assign_from_file(&dir.join(HEAD_FILE))?;
             h.opt.load(&dir.join(HEAD_OPTIMIZER_FILE), updates)?;
         }
         let extra = std::fs::read_to_string(dir.join(EXTRA_FILE))
@@ -256,16 +256,33 @@ impl Learner {
     }
 }
 
-fn load_into(params: &Params, path: &Path, device: &Device) -> Result<(), RlhfError> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-    for (name, _) in params.iter() {
-        let t = tensors.get(name).ok_or_else(|| {
-            TrainError::Checkpoint(format!("{}: missing tensor {name:?}", path.display()))
-        })?;
-        params.set(name, t)?;
+/// What every trainer reads first: the model's shape, the run config (with the model's
+/// context for its defaults) and the chat format (the model's template, or `sft.template`).
+pub(crate) fn open_model(
+    model: &Path,
+    method: crate::Method,
+    config_file: Option<&Path>,
+    overrides: &[String],
+) -> Result<(RlhfConfig, ChatFormat, ModelConfig), RlhfError> {
+    let tokenizer = kiln_load::load_tokenizer(model)?;
+    let (_, model_config) = kiln_load::load_model_config(model)?;
+    kiln_load::check_vocab(&tokenizer, &model_config)?;
+    let cfg = RlhfConfig::load(method, config_file, overrides, model_config.max_seq_len)?;
+    if cfg.base.train.seq_len > model_config.max_seq_len {
+        return Err(RlhfError::Config(format!(
+            "train.seq_len {} exceeds the model's context of {}",
+            cfg.base.train.seq_len, model_config.max_seq_len
+        )));
     }
-    Ok(())
+    let template = match &cfg.base.sft.template {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| RlhfError::Io {
+            path: p.clone(),
+            source: e,
+        })?),
+        None => None,
+    };
+    let format = ChatFormat::new(tokenizer, template)?;
+    Ok((cfg, format, model_config))
 }
 
 /// Prepares the run directory: `config.toml` (the config, the model's `[model]` so kiln's

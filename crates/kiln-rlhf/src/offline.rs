@@ -11,7 +11,9 @@ use candle_core::Device;
 use kiln_model::{Llama, ModelConfig, SplitMix64};
 use kiln_sft::{split_held_out, ChatFormat};
 
-use crate::learner::{init_run_dir, step_items, Chart, Learner, Metrics, MetricsLog, RlhfObserver};
+use crate::learner::{
+    init_run_dir, open_model, step_items, Chart, Learner, Metrics, MetricsLog, RlhfObserver,
+};
 use crate::losses::{bradley_terry, dpo, DpoLoss};
 use crate::seqs::{
     completion_logprobs, forward_backward, OutputGrads, Padding, Seq, SeqBatch, Wanted,
@@ -156,24 +158,8 @@ impl PairTrainer {
         obs: &mut dyn RlhfObserver,
     ) -> Result<Self, RlhfError> {
         let device = Device::Cpu;
-        let tokenizer = kiln_load::load_tokenizer(&source.model)?;
-        let (_, model_config) = kiln_load::load_model_config(&source.model)?;
-        kiln_load::check_vocab(&tokenizer, &model_config)?;
-        let mut cfg = RlhfConfig::load(method, config_file, overrides, model_config.max_seq_len)?;
-        if cfg.base.train.seq_len > model_config.max_seq_len {
-            return Err(RlhfError::Config(format!(
-                "train.seq_len {} exceeds the model's context of {}",
-                cfg.base.train.seq_len, model_config.max_seq_len
-            )));
-        }
-        let template = match &cfg.base.sft.template {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| RlhfError::Io {
-                path: p.clone(),
-                source: e,
-            })?),
-            None => None,
-        };
-        let format = ChatFormat::new(tokenizer, template)?;
+        let (mut cfg, format, model_config) =
+            open_model(&source.model, method, config_file, overrides)?;
         let (mut pairs, skipped_records) =
             read_preferences(&source.data, cfg.base.sft.skip_bad_records)?;
         if let Some(n) = cfg.base.sft.max_records {

@@ -20,7 +20,9 @@ use kiln_data::IncrementalDecoder;
 use kiln_model::{CausalLm, KvCache, Llama, ModelConfig, ScalarHead, SplitMix64};
 use kiln_sft::ChatFormat;
 
-use crate::learner::{init_run_dir, step_items, Learner, Metrics, MetricsLog, RlhfObserver};
+use crate::learner::{
+    init_run_dir, open_model, step_items, Learner, Metrics, MetricsLog, RlhfObserver,
+};
 use crate::losses::{
     clipped_surrogate, clipped_value_loss, gae, group_advantages, kl_k3, whiten, AdaptiveKl,
 };
@@ -213,18 +215,8 @@ impl OnlineTrainer {
         obs: &mut dyn RlhfObserver,
     ) -> Result<Self, RlhfError> {
         let device = Device::Cpu;
-        let tokenizer = kiln_load::load_tokenizer(&source.model)?;
-        let (_, model_config) = kiln_load::load_model_config(&source.model)?;
-        kiln_load::check_vocab(&tokenizer, &model_config)?;
-        let mut cfg = RlhfConfig::load(method, config_file, overrides, model_config.max_seq_len)?;
-        let template = match &cfg.base.sft.template {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| RlhfError::Io {
-                path: p.clone(),
-                source: e,
-            })?),
-            None => None,
-        };
-        let format = ChatFormat::new(tokenizer, template)?;
+        let (mut cfg, format, model_config) =
+            open_model(&source.model, method, config_file, overrides)?;
         let (mut prompts, skipped) = read_prompts(&source.prompts, cfg.base.sft.skip_bad_records)?;
         if let Some(n) = cfg.base.sft.max_records {
             prompts.truncate(n);

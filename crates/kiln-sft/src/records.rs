@@ -82,7 +82,7 @@ pub fn read_records(files: &[PathBuf], skip_bad: bool) -> Result<Records, SftErr
 /// The records of one file with their locus (`record N` in a JSON array, `line N` in JSONL):
 /// parsed values, or why a JSONL line is not JSON.
 #[allow(clippy::type_complexity)]
-fn split_records(
+pub fn split_records(
     file: &Path,
     text: &str,
 ) -> Result<Vec<(String, Result<Value, String>)>, SftError> {

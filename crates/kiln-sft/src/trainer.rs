@@ -411,15 +411,7 @@ impl SftTrainer {
                 self.train_rows.len()
             )));
         }
-        let path = dir.join(MODEL_FILE);
-        let tensors = candle_core::safetensors::load(&path, self.model.device())
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        for (name, _) in self.params.iter() {
-            let t = tensors.get(name).ok_or_else(|| {
-                TrainError::Checkpoint(format!("{}: missing tensor {name:?}", path.display()))
-            })?;
-            self.params.set(name, t)?;
-        }
+        self.params.assign_from_file(&dir.join(MODEL_FILE))?;
         self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
         self.dropout_rng = state.dropout_rng;
         self.tokens_seen = state.tokens_seen;
