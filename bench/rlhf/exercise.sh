@@ -1,55 +1,72 @@
 #!/usr/bin/env bash
 # The preference-tuning exercise behind docs/rlhf.md. Resumable: a finished run is skipped
-# (runs/NAME/done), an interrupted one continues from its last checkpoint (--resume). Run from
-# the repository root after `cargo build --release`; each stage logs to runs/logs/NAME.log.
+# (runs/NAME/done), an interrupted one continues from its last checkpoint (--resume); two
+# copies may run side by side (a lock per run), e.g. `STAGES="rm dpo"` next to the default.
+# Run from the repository root after `cargo build --release`; each run logs to
+# runs/logs/NAME.log.
 #
-#   1. GRPO on SmolLM2-135M-Instruct (Q4_1 GGUF, LoRA r=16 on the dequantised base) with the
-#      programmatic reward length:16 on the Alpaca demo instructions: 4 prompts x 8 samples a
-#      step, 40-token budget, k3 KL term beta 0.04 (DeepSeekMath's value), 80 steps.
-#   2. PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2 minibatches.
-#   3. The pipeline: the SFT adapter of docs/sft-lora.md merged into SmolLM2 -> a reward model
-#      (LoRA r=16 + score head) on dpo_en_demo.json -> PPO against that reward model.
-#   4. DPO (LoRA r=16, sigmoid loss, beta 0.1) on dpo_en_demo.json from SmolLM2-Instruct.
+#   grpo  GRPO on SmolLM2-135M-Instruct (Q4_1 GGUF, LoRA r=16 on the dequantised base) with the
+#         programmatic reward length:16 on the Alpaca demo instructions: 4 prompts x 8 samples
+#         a step, 40-token budget, k3 KL term beta 0.04 (DeepSeekMath's value), 80 steps.
+#   ppo   PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2
+#         minibatches, KL coefficient 0.1.
+#   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
+#         r=16 + score head) on dpo_en_demo.json, 20% held out, pairs up to 2048 tokens.
+#   pipe  PPO of the SFT model against that reward model.
+#   dpo   DPO (LoRA r=16, sigmoid loss, beta 0.1) on dpo_en_demo.json from SmolLM2-Instruct.
 set -euo pipefail
 K=${KILN:-target/release/kiln}
 T="--threads 2"
 M=${SMOLLM2:-.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+STAGES=${STAGES:-grpo ppo rm pipe dpo}
 PREFS=.cache/sft-data/dpo_en_demo.json
 PROMPTS=.cache/rlhf/prompts.jsonl
 scripts/fetch-test-assets.sh >/dev/null
 scripts/fetch-sft-data.sh >/dev/null
 mkdir -p runs/logs .cache/rlhf
 [ -s $PROMPTS ] || python3 bench/rlhf/make_prompts.py .cache/sft-data/alpaca_en_demo.json > $PROMPTS
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 run() { # NAME VERB ARGS...: runs `kiln VERB` unless runs/NAME is complete
     local name=$1; shift
-    if [ -f "runs/$name/done" ]; then echo "skip $name"; return; fi
+    until mkdir "runs/$name.lock" 2>/dev/null; do # another copy is on it: wait for it
+        [ -f "runs/$name/done" ] && break
+        sleep 30
+    done
+    if [ -f "runs/$name/done" ]; then echo "skip $name"; rmdir "runs/$name.lock" 2>/dev/null || true; return; fi
     local resume=""
     [ -d "runs/$name/checkpoints" ] && resume="--resume"
     /usr/bin/time -v $K $T "$@" --out "runs/$name" $resume >> "runs/logs/$name.log" 2>&1 \
         && touch "runs/$name/done"
+    rmdir "runs/$name.lock"
     grep -E " done |Maximum resident" "runs/logs/$name.log" | tail -2 || true
 }
-# 1. GRPO, programmatic reward.
-run grpo-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
-    --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=80 --set train.batch_size=4 \
-    --set optim.lr=3e-4 --set train.checkpoint_every=10
-# 2. PPO, the same reward.
-run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
-    --max-new-tokens 40 --set train.steps=80 --set train.batch_size=8 --set ppo.epochs=4 \
-    --set ppo.minibatches=2 --set optim.lr=1e-4 --set train.checkpoint_every=10
-# 3. SFT -> reward model -> PPO.
-if [ ! -f runs/sft-smollm2-merged/config.json ]; then
-    [ -d runs/sft-smollm2-lora/adapter ] || bench/sft/exercise.sh
-    $K $T lora merge --model $M --adapter runs/sft-smollm2-lora/adapter \
-        --out runs/sft-smollm2-merged > runs/logs/sft-smollm2-merged.log 2>&1
+if want grpo; then
+    run grpo-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
+        --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=80 \
+        --set train.batch_size=4 --set optim.lr=3e-4 --set train.checkpoint_every=10
 fi
-run rm-smollm2 reward train --model runs/sft-smollm2-merged --data $PREFS --lora-rank 16 \
-    --set train.seq_len=1024 --set sft.val_fraction=0.1 --set train.eval_every=20
-run ppo-rm-smollm2 ppo --model runs/sft-smollm2-merged --prompts $PROMPTS \
-    --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=30 \
-    --set train.batch_size=8 --set ppo.minibatches=2 --set optim.lr=1e-4 \
-    --set train.checkpoint_every=10
-# 4. DPO.
-run dpo-smollm2 dpo --model $M --data $PREFS --lora-rank 16 --beta 0.1 \
-    --set train.seq_len=1024 --set sft.val_fraction=0.1 --set train.eval_every=20
-echo "exercise complete"
+if want ppo; then
+    run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
+        --max-new-tokens 40 --set train.steps=60 --set train.batch_size=8 --set ppo.epochs=4 \
+        --set ppo.minibatches=2 --set optim.lr=1e-4 --set train.checkpoint_every=10
+fi
+if want rm; then
+    if [ ! -f runs/sft-smollm2-merged/config.json ]; then
+        [ -d runs/sft-smollm2-lora/adapter ] || bench/sft/exercise.sh
+        $K $T lora merge --model $M --adapter runs/sft-smollm2-lora/adapter \
+            --out runs/sft-smollm2-merged > runs/logs/sft-smollm2-merged.log 2>&1
+    fi
+    run rm-smollm2 reward train --model runs/sft-smollm2-merged --data $PREFS --lora-rank 16 \
+        --set train.seq_len=2048 --set sft.val_fraction=0.2 --set train.eval_every=15
+fi
+if want dpo; then
+    run dpo-smollm2 dpo --model $M --data $PREFS --lora-rank 16 --beta 0.1 \
+        --set train.seq_len=1024 --set sft.val_fraction=0.2 --set train.eval_every=15
+fi
+if want pipe; then
+    run ppo-rm-smollm2 ppo --model runs/sft-smollm2-merged --prompts $PROMPTS \
+        --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=20 \
+        --set train.batch_size=8 --set ppo.minibatches=2 --set optim.lr=1e-4 \
+        --set train.checkpoint_every=10
+fi
+echo "exercise complete: $STAGES"
