@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The preference-tuning exercise behind docs/rlhf.md. Resumable: a finished run is skipped
 # (runs/NAME/done), an interrupted one continues from its last checkpoint (--resume); two
-# copies may run side by side (a lock per run), e.g. `STAGES="rm dpo"` next to the default.
+# copies may run side by side (a lock per run), e.g. `THREADS=1 STAGES="rm dpo"` next to
+# `THREADS=1` (two copies with 2 threads each on 2 cores lose a third of the time to the kernel).
 # Run from the repository root after `cargo build --release`; each run logs to
 # runs/logs/NAME.log.
 #
@@ -11,12 +12,13 @@
 #   ppo   PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2
 #         minibatches, KL coefficient 0.1.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
-#         r=16 + score head) on dpo_en_demo.json, 20% held out, pairs up to 2048 tokens.
+#         r=16 + score head) on dpo_en_demo.json, 20% held out, pairs up to 1024 tokens.
 #   pipe  PPO of the SFT model against that reward model.
-#   dpo   DPO (LoRA r=16, sigmoid loss, beta 0.1) on dpo_en_demo.json from SmolLM2-Instruct.
+#   dpo   DPO (LoRA r=16, sigmoid loss, beta 0.1) on dpo_en_demo.json from SmolLM2-Instruct,
+#         pairs cut to 512 tokens (the prompt's start first, then the completion's end).
 set -euo pipefail
 K=${KILN:-target/release/kiln}
-T="--threads 2"
+T="--threads ${THREADS:-2}"
 M=${SMOLLM2:-.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 STAGES=${STAGES:-grpo ppo rm pipe dpo}
 PREFS=.cache/sft-data/dpo_en_demo.json
@@ -47,8 +49,8 @@ if want grpo; then
 fi
 if want ppo; then
     run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
-        --max-new-tokens 40 --set train.steps=60 --set train.batch_size=8 --set ppo.epochs=4 \
-        --set ppo.minibatches=2 --set optim.lr=1e-4 --set train.checkpoint_every=10
+        --max-new-tokens 40 --set train.steps=50 --set train.batch_size=8 --set ppo.epochs=4 \
+        --set ppo.minibatches=2 --set optim.lr=1.5e-4 --set train.checkpoint_every=10
 fi
 if want rm; then
     if [ ! -f runs/sft-smollm2-merged/config.json ]; then
@@ -57,15 +59,16 @@ if want rm; then
             --out runs/sft-smollm2-merged > runs/logs/sft-smollm2-merged.log 2>&1
     fi
     run rm-smollm2 reward train --model runs/sft-smollm2-merged --data $PREFS --lora-rank 16 \
-        --set train.seq_len=2048 --set sft.val_fraction=0.2 --set train.eval_every=15
+        --set train.seq_len=1024 --set sft.val_fraction=0.2 --set train.eval_every=15
 fi
 if want dpo; then
     run dpo-smollm2 dpo --model $M --data $PREFS --lora-rank 16 --beta 0.1 \
-        --set train.seq_len=1024 --set sft.val_fraction=0.2 --set train.eval_every=15
+        --set train.seq_len=512 --set sft.val_fraction=0.2 --set train.eval_every=15
 fi
 if want pipe; then
+    until [ -f runs/rm-smollm2/done ]; do sleep 30; done # the reward model (stage rm)
     run ppo-rm-smollm2 ppo --model runs/sft-smollm2-merged --prompts $PROMPTS \
-        --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=20 \
+        --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=15 \
         --set train.batch_size=8 --set ppo.minibatches=2 --set optim.lr=1e-4 \
         --set train.checkpoint_every=10
 fi

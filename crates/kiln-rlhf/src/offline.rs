@@ -215,6 +215,22 @@ impl PairTrainer {
             src.push(("reference", r.display().to_string()));
         }
         let config_toml = init_run_dir(run_dir, &cfg, &model_config, &format, &src)?;
+        // The held-out pairs as records, for evaluating the result later.
+        let held_out: String = va
+            .iter()
+            .map(|&i| {
+                let p = &pairs[i];
+                let prompt: Vec<serde_json::Value> = p
+                    .prompt
+                    .iter()
+                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                    .collect();
+                serde_json::json!({"prompt": prompt, "chosen": p.chosen, "rejected": p.rejected})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        kiln_train::write_atomic(&run_dir.join("held_out.jsonl"), held_out.as_bytes())?;
         obs.on_message(&format!(
             "{}: {} training pairs, {} held out; {} dropped as longer than train.seq_len, {} truncated; {}",
             method.section(),

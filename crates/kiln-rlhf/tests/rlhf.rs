@@ -374,6 +374,13 @@ fn a_reward_model_and_dpo_learn_toy_preferences() {
     ];
     let mut rm = pairs(Method::Rm, dir.path(), "rm", &common);
     assert_eq!((rm.train.len(), rm.val.len()), (32, 8));
+    let held = std::fs::read_to_string(dir.path().join("rm/held_out.jsonl")).unwrap();
+    assert_eq!(held.lines().count(), 8);
+    kiln_rlhf::parse_preference(
+        &serde_json::from_str(held.lines().next().unwrap()).unwrap(),
+        "x",
+    )
+    .unwrap();
     let s = rm.run(&mut Quiet, &AtomicBool::new(false)).unwrap();
     assert!(
         s.after["accuracy"] == 1.0 && s.after["margin"] > s.before["margin"] + 1.0,
