@@ -7,10 +7,14 @@
 # runs/logs/NAME.log.
 #
 #   grpo  GRPO on SmolLM2-135M-Instruct (Q4_1 GGUF, LoRA r=16 on the dequantised base) with the
-#         programmatic reward length:16 on the Alpaca demo instructions: 4 prompts x 8 samples
-#         a step, 40-token budget, k3 KL term beta 0.04 (DeepSeekMath's value), 80 steps.
+#         programmatic reward contains:with (17% of the model's 40-token answers to these
+#         prompts contain "with" at the start) on the Alpaca demo instructions: 4 prompts x 8
+#         samples a step, k3 KL term beta 0.04 (DeepSeekMath's value), 60 steps; the reward is
+#         the function's alone (no missing-EOS penalty).
 #   ppo   PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2
-#         minibatches, KL coefficient 0.1.
+#         minibatches, KL coefficient 0.1, 50 steps.
+#   length  (not in the default stages) GRPO with length:16 and the missing-EOS penalty: a
+#         harder target (answers of about 16 tokens that end), 80 steps.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
 #         r=16 + score head) on dpo_en_demo.json, 20% held out, pairs up to 1024 tokens.
 #   pipe  PPO of the SFT model against that reward model.
@@ -43,14 +47,21 @@ run() { # NAME VERB ARGS...: runs `kiln VERB` unless runs/NAME is complete
     grep -E " done |Maximum resident" "runs/logs/$name.log" | tail -2 || true
 }
 if want grpo; then
-    run grpo-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
-        --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=80 \
-        --set train.batch_size=4 --set optim.lr=3e-4 --set train.checkpoint_every=10
+    run grpo-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn contains:with \
+        --lora-rank 16 --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=60 \
+        --set train.batch_size=4 --set grpo.penalize_missing_eos=false --set optim.lr=3e-4 \
+        --set train.checkpoint_every=10
 fi
 if want ppo; then
-    run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn length:16 --lora-rank 16 \
+    run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16 \
         --max-new-tokens 40 --set train.steps=50 --set train.batch_size=8 --set ppo.epochs=4 \
-        --set ppo.minibatches=2 --set optim.lr=1.5e-4 --set train.checkpoint_every=10
+        --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1.5e-4 \
+        --set train.checkpoint_every=10
+fi
+if want length; then
+    run grpo-length-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 \
+        --lora-rank 16 --group-size 8 --beta 0.04 --max-new-tokens 40 --set train.steps=80 \
+        --set train.batch_size=4 --set optim.lr=3e-4 --set train.checkpoint_every=10
 fi
 if want rm; then
     if [ ! -f runs/sft-smollm2-merged/config.json ]; then
