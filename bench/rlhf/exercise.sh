@@ -79,7 +79,7 @@ fi
 if want pipe; then
     until [ -f runs/rm-smollm2/done ]; do sleep 30; done # the reward model (stage rm)
     run ppo-rm-smollm2 ppo --model runs/sft-smollm2-merged --prompts $PROMPTS \
-        --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=15 \
+        --reward runs/rm-smollm2 --lora-rank 16 --max-new-tokens 48 --set train.steps=10 \
         --set train.batch_size=8 --set ppo.minibatches=2 --set optim.lr=1e-4 \
         --set train.checkpoint_every=10
 fi
