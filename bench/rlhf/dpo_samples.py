@@ -38,15 +38,19 @@ else:
     seed = int(next(l.split("=")[1] for l in cfg.splitlines() if l.startswith("seed")))
     frac = float(next(l.split("=")[1] for l in cfg.splitlines() if l.startswith("val_fraction")))
     data = json.load(open(".cache/sft-data/dpo_en_demo.json"))
+    limit = [l.split("=")[1] for l in cfg.splitlines() if l.startswith("max_records")]
+    data = data[: int(limit[0])] if limit else data
     ix = split_held_out(len(data), frac, seed)
     prompts = [data[i]["conversations"][-1]["value"] for i in ix if len(data[i]["conversations"]) == 1]
 prompts = [p for p in prompts if len(p) < 300 and "\n" not in p][:n]
-for adapter in [None, run / "adapter"]:
-    args = ["target/release/kiln", "chat", "--model", M, "--temperature", "0",
-            "--max-new-tokens", "96"]
-    if adapter:
-        args += ["--adapter", str(adapter)]
-    out = subprocess.run(args, input="\n".join(prompts) + "\n", capture_output=True, text=True)
-    print(f"### {'DPO adapter' if adapter else 'SmolLM2-135M-Instruct'}\n")
-    print(out.stdout)
-print("prompts:", json.dumps(prompts, indent=1))
+for prompt in prompts:
+    print(f"**Prompt:** {prompt}\n")
+    for adapter in [None, run / "adapter"]:
+        # One chat per prompt: a fresh conversation each time.
+        args = ["target/release/kiln", "--threads", "1", "chat", "--model", M, "--temperature",
+                "0", "--max-new-tokens", "96"]
+        if adapter:
+            args += ["--adapter", str(adapter)]
+        out = subprocess.run(args, input=prompt + "\n", capture_output=True, text=True)
+        who = "DPO" if adapter else "base"
+        print(f"- {who}: {out.stdout.strip()!r}\n")
