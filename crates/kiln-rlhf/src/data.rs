@@ -20,6 +20,7 @@ use kiln_infer::Message;
 use serde_json::{Map, Value};
 
 use crate::RlhfError;
+use kiln_sft::json_kind as kind;
 
 /// One preference: a prompt (messages ending with a user turn) and two answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,17 +55,6 @@ fn io(path: &Path, e: std::io::Error) -> RlhfError {
     RlhfError::Io {
         path: path.to_path_buf(),
         source: e,
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

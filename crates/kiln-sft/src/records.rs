@@ -133,12 +133,13 @@ fn string_field(
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(format!(
             "field {field:?} must be a string, found {}",
-            kind(other)
+            json_kind(other)
         )),
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for error messages ("found an array").
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -156,7 +157,10 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
         msg,
     };
     let Value::Object(obj) = v else {
-        return Err(err(format!("expected a JSON object, found {}", kind(v))));
+        return Err(err(format!(
+            "expected a JSON object, found {}",
+            json_kind(v)
+        )));
     };
     let system = string_field(obj, "system").map_err(err)?;
     let mut convo = if obj.contains_key("messages") {
@@ -232,7 +236,10 @@ fn parse_turns(
     for (i, item) in items.iter().enumerate() {
         let at = format!("{list}[{i}]");
         let Value::Object(t) = item else {
-            return Err(err(format!("{at} must be an object, found {}", kind(item))));
+            return Err(err(format!(
+                "{at} must be an object, found {}",
+                json_kind(item)
+            )));
         };
         let role = string_field(t, role_key)
             .map_err(|m| err(format!("{at}: {m}")))?
