@@ -27,9 +27,7 @@ use crate::losses::{
     clipped_surrogate, clipped_value_loss, gae, group_advantages, kl_k3, whiten, AdaptiveKl,
 };
 use crate::reward::{RewardItem, RewardSource};
-use crate::seqs::{
-    completion_logprobs, forward_backward, OutputGrads, Padding, Seq, SeqBatch, Wanted,
-};
+use crate::seqs::{forward_backward, OutputGrads, Padding, Seq, SeqBatch, Wanted};
 use crate::{read_prompts, Method, PromptRecord, RlhfConfig, RlhfError};
 
 /// Sequences per forward/backward within a minibatch (bounds activation memory).
@@ -101,12 +99,13 @@ pub fn sample_responses(
     }
     let ctx = model.config().max_seq_len;
     let mut active: Vec<usize> = (0..samples.len()).collect();
+    let mut weights = Vec::new();
     let mut next_logits = logits;
     while !active.is_empty() {
         let mut still = Vec::new();
         let mut feed = Vec::new();
         for (k, &row) in active.iter().enumerate() {
-            let tok = sample_token(&next_logits[k], temperature, rng);
+            let tok = sample_token(&next_logits[k], temperature, rng, &mut weights);
             let s = &mut samples[row];
             s.seq.ids.push(tok);
             let n_new = s.seq.ids.len() - s.seq.prompt_len;
@@ -145,22 +144,26 @@ pub fn sample_responses(
     Ok(samples)
 }
 
-/// A draw from `softmax(logits / T)`.
-fn sample_token(logits: &[f32], temperature: f64, rng: &mut SplitMix64) -> u32 {
+/// A draw from `softmax(logits / T)`. `weights` is scratch space reused across calls (the
+/// decode loop calls this once per row per token over the whole vocabulary).
+fn sample_token(
+    logits: &[f32],
+    temperature: f64,
+    rng: &mut SplitMix64,
+    weights: &mut Vec<f64>,
+) -> u32 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&x| ((x as f64 - m) / temperature).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
+    weights.clear();
+    weights.extend(logits.iter().map(|&x| ((x as f64 - m) / temperature).exp()));
+    let total: f64 = weights.iter().sum();
     let mut u = rng.next_f64() * total;
-    for (i, x) in w.iter().enumerate() {
+    for (i, x) in weights.iter().enumerate() {
         u -= x;
         if u <= 0.0 {
             return i as u32;
         }
     }
-    (w.len() - 1) as u32
+    (weights.len() - 1) as u32
 }
 
 /// Per-sample data of one rollout, what the updates read.
@@ -349,26 +352,16 @@ impl OnlineTrainer {
         self.step
     }
 
-    fn logprobs_of(&self, model: &Llama, samples: &[Sample]) -> Result<Vec<Vec<f64>>, RlhfError> {
-        let t = self.cfg.online().temperature;
-        let mut out = Vec::with_capacity(samples.len());
-        for chunk in samples.chunks(MICRO) {
-            let seqs: Vec<&Seq> = chunk.iter().map(|s| &s.seq).collect();
-            let b = SeqBatch::new(&seqs, Padding::Right, model.device())?;
-            let (lp, _) = completion_logprobs(model, &b, t)?;
-            out.extend(b.spans.iter().map(|s| lp[s.clone()].to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// The rollout policy's log-probabilities and (PPO) values of its samples, from one
-    /// forward of the trunk per chunk.
+    /// Per sample, the log-probabilities of its completion tokens under `model` and, with a
+    /// `head` (PPO's value head), the values at the same positions: one trunk forward per
+    /// chunk. The rollout policy's (with its head) and the reference's (without).
     #[allow(clippy::type_complexity)]
-    fn policy_outputs(
+    fn outputs_of(
         &self,
+        model: &Llama,
+        head: Option<&ScalarHead>,
         samples: &[Sample],
     ) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>), RlhfError> {
-        let model = &self.learner.model;
         let t = self.cfg.online().temperature;
         let (mut lps, mut vals) = (Vec::new(), Vec::new());
         for chunk in samples.chunks(MICRO) {
@@ -379,9 +372,8 @@ impl OnlineTrainer {
             let (lp, _) = model.token_logprobs_entropy(&h, &b.targets(h.device())?, t)?;
             let lp: Vec<f64> = lp.to_dtype(candle_core::DType::F64)?.to_vec1()?;
             lps.extend(b.spans.iter().map(|s| lp[s.clone()].to_vec()));
-            if let Some(head) = &self.learner.head {
+            if let Some(head) = head {
                 let v: Vec<f64> = head
-                    .head
                     .forward(&h, &(0..b.rows.len()).collect::<Vec<_>>())?
                     .to_dtype(candle_core::DType::F64)?
                     .to_vec1()?;
@@ -447,9 +439,10 @@ impl OnlineTrainer {
         let (old_logp, values) = if single_update && grpo {
             (Vec::new(), Vec::new())
         } else {
-            self.policy_outputs(&samples)?
+            let head = self.learner.head.as_ref().map(|h| &h.head);
+            self.outputs_of(&self.learner.model, head, &samples)?
         };
-        let ref_logp = self.logprobs_of(&self.reference, &samples)?;
+        let ref_logp = self.outputs_of(&self.reference, None, &samples)?.0;
         // KL(rollout policy || reference) per sequence, k1: sum_t log π - log π_ref. Without
         // old log-probabilities the single update measures it (before it changes anything).
         let kl_seq: Option<Vec<f64>> = (!old_logp.is_empty()).then(|| {
