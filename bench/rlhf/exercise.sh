@@ -11,8 +11,8 @@
 #         prompts contain "with" at the start) on the Alpaca demo instructions: 4 prompts x 8
 #         samples a step, k3 KL term beta 0.04 (DeepSeekMath's value), 60 steps; the reward is
 #         the function's alone (no missing-EOS penalty).
-#   ppo   PPO on the same model, reward and prompts: 8 prompts a step, 4 epochs of 2
-#         minibatches, KL coefficient 0.1, 50 steps, then extended to 80.
+#   ppo   PPO on the same model, reward and prompts: 16 prompts a step, 4 epochs of 2
+#         minibatches, KL coefficient 0.1, a constant learning rate 1e-4, 60 steps.
 #   length  (not in the default stages) GRPO with length:16 and the missing-EOS penalty: a
 #         harder target (answers of about 16 tokens that end), 80 steps.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
@@ -55,16 +55,10 @@ if want grpo; then
         --set train.checkpoint_every=10
 fi
 if want ppo; then
-    ppo_args="ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16
-        --max-new-tokens 40 --set train.batch_size=8 --set ppo.epochs=4 --set ppo.minibatches=2
-        --set ppo.penalize_missing_eos=false --set optim.lr=1.5e-4 --set train.checkpoint_every=10"
-    run ppo-smollm2 $ppo_args --set train.steps=50
-    # Then extended to 80 steps from its step-50 checkpoint (the cosine schedule is stretched
-    # to 80 steps: the learning rate goes from 5.6e-5 at step 51 to 0).
-    if [ ! -f runs/ppo-smollm2/extended ]; then
-        $K $T $ppo_args --set train.steps=80 --out runs/ppo-smollm2 --resume \
-            >> runs/logs/ppo-smollm2.log 2>&1 && touch runs/ppo-smollm2/extended
-    fi
+    run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16 \
+        --max-new-tokens 40 --set train.steps=60 --set train.batch_size=16 --set ppo.epochs=4 \
+        --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1e-4 \
+        --set optim.min_lr=1e-4 --set optim.warmup_steps=5 --set train.checkpoint_every=10
 fi
 if want length; then
     run grpo-length-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 \

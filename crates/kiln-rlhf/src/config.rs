@@ -83,7 +83,7 @@ pub struct OnlineOptions {
     pub minibatches: usize,
     /// GRPO: samples per prompt.
     pub group_size: usize,
-    /// PPO: whiten the per-token rewards (scale only, TRL's `whiten_rewards`).
+    /// PPO: whiten the scores over each batch (mean 0, std 1) before the KL penalty is added.
     pub whiten_rewards: bool,
     /// PPO: GAE's γ and λ.
     pub gamma: f64,

@@ -5,11 +5,11 @@
 //!
 //! PPO here is the recipe of Ziegler et al. / Stiennon et al. as TRL's last `PPOTrainer`
 //! implemented it: per-token reward `-kl_coef (log π - log π_ref)` with the score added at the
-//! last token (a response without an end-of-turn token scores `missing_eos_penalty`), rewards
-//! whitened without shifting, GAE, whitened advantages, the clipped surrogate and the clipped
+//! last token (a response without an end-of-turn token scores `missing_eos_penalty`), scores
+//! whitened over the batch, GAE, whitened advantages, the clipped surrogate and the clipped
 //! value loss. The value head shares the policy's trunk (one model in memory, as TRL's older
 //! `AutoModelForCausalLMWithValueHead`); it starts from the reward model's head when there is
-//! one.
+//! one, else at zero.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -252,7 +252,8 @@ impl OnlineTrainer {
                 RewardSource::Model(Box::new(rm))
             }
         };
-        // PPO's value head: the reward model's head when there is one, else a fresh one.
+        // PPO's value head: the reward model's head when there is one, else zero, so that the
+        // first advantages are the returns themselves rather than a random head's noise.
         let head = match (method, &reward) {
             (Method::Ppo, RewardSource::Model(rm)) => {
                 if rm.config.dim != model_config.dim {
@@ -263,12 +264,11 @@ impl OnlineTrainer {
                 }
                 Some(rm.head.linear.weight.dequantize()?)
             }
-            (Method::Ppo, _) => Some(
-                ScalarHead::init(model_config.dim, cfg.base.train.seed ^ 0x7A1E, &device)?
-                    .linear
-                    .weight
-                    .dequantize()?,
-            ),
+            (Method::Ppo, _) => Some(candle_core::Tensor::zeros(
+                (1, model_config.dim),
+                candle_core::DType::F32,
+                &device,
+            )?),
             _ => None,
         };
         let learner = Learner::build(&source.model, &model_config, &cfg, head, &device)?;
@@ -475,12 +475,21 @@ impl OnlineTrainer {
                 .map(|(lp, &a)| vec![a; lp.len()])
                 .collect();
         } else {
+            // The scores whitened over the batch (mean 0, std 1: Stiennon et al. normalise the
+            // reward model's score the same way). Whitening the per-token rewards instead, as
+            // TRL's `whiten_rewards` did, divides a score that sits on one token in forty by the
+            // std of mostly-zero rewards and inflates it tenfold, and the value head then
+            // spends the run chasing it.
+            let mut step_scores = scores.clone();
+            if o.whiten_rewards {
+                whiten(&mut step_scores, true);
+            }
             // Per-token rewards: the KL penalty everywhere, the score at the last token.
-            let mut rewards: Vec<Vec<f64>> = rollout
+            let rewards: Vec<Vec<f64>> = rollout
                 .old_logp
                 .iter()
                 .zip(&rollout.ref_logp)
-                .zip(&scores)
+                .zip(&step_scores)
                 .map(|((lp, rl), &s)| {
                     let mut r: Vec<f64> = lp
                         .iter()
@@ -493,16 +502,6 @@ impl OnlineTrainer {
                     r
                 })
                 .collect();
-            if o.whiten_rewards {
-                let mut flat: Vec<f64> = rewards.concat();
-                whiten(&mut flat, false);
-                let mut it = flat.into_iter();
-                for r in &mut rewards {
-                    for x in r.iter_mut() {
-                        *x = it.next().expect("same length");
-                    }
-                }
-            }
             let (mut adv, mut ret) = (Vec::new(), Vec::new());
             for (r, v) in rewards.iter().zip(&values) {
                 let (a, rt) = gae(r, v, o.gamma, o.lam);

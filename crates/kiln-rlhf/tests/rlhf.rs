@@ -243,8 +243,8 @@ fn a_tiny_policy_learns_a_programmatic_reward_with_grpo_and_ppo() {
             Method::Ppo,
             vec![
                 "ppo.penalize_missing_eos=false",
-                "ppo.kl_coef=0.05",
                 "train.batch_size=8",
+                "optim.lr=1e-2",
             ],
         ),
     ] {
