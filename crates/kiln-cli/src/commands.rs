@@ -139,6 +139,9 @@ pub fn load_for_inference(
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if !a.task.is_empty() || !a.task_file.is_empty() {
+        return crate::evaluate::run(a);
+    }
     let (loaded, mut model, _) = load_model(&a.model)?;
     if let Some(dir) = &a.adapter {
         let adapter = kiln_load::load_adapter(dir, &loaded.config, &device())?;

@@ -14,6 +14,7 @@ mod bench_generate;
 mod bench_sft;
 mod chat;
 mod commands;
+mod evaluate;
 mod export;
 mod fill_mask;
 mod progress;
@@ -132,6 +133,23 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Benchmark mode: score these tasks (comma-separated) as lm-evaluation-harness does:
+    /// hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada, mmlu.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["data", "split"])]
+    pub task: Vec<String>,
+    /// Benchmark mode on a request file (gzip or plain): OLMo's requests.jsonl format, or JSONL
+    /// `{context, choices, gold}` with each choice scored exactly as written.
+    #[arg(long, conflicts_with_all = ["data", "split"])]
+    pub task_file: Vec<PathBuf>,
+    /// Score the first N documents of each task by ascending doc_id (MMLU: of each subject).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Few-shot examples in each context: 0 or 5 (MMLU takes its shots from its dev split).
+    #[arg(long, default_value_t = 0)]
+    pub num_fewshot: usize,
+    /// Where scripts/fetch-eval-data.sh unpacked the benchmark data.
+    #[arg(long, default_value = ".cache/eval")]
+    pub eval_data: PathBuf,
 }
 
 #[derive(Args, Clone)]

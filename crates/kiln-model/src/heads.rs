@@ -131,6 +131,39 @@ impl Llama {
         Ok((Tensor::cat(&lps, 0)?, Tensor::cat(&ents, 0)?))
     }
 
+    /// Evaluation's head: `log p(targets[i] | prefix)` at temperature 1 and the most likely
+    /// token of each row (`argmax_v z_iv`), both `(n)` (log-probs f32, ids u32). A
+    /// continuation is what greedy decoding would produce when every target is its row's
+    /// argmax (lm-evaluation-harness's `is_greedy`).
+    pub fn token_logprobs_argmax(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let hidden = hidden.detach();
+        let targets = targets.flatten_all()?;
+        let output = self.output_detached();
+        let (mut lps, mut best) = (Vec::new(), Vec::new());
+        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+            let logits = output.forward(&hidden.narrow(0, start, len)?)?;
+            let logp_all = log_softmax_rows(&logits)?;
+            let idx = targets
+                .narrow(0, start, len)?
+                .to_dtype(DType::U32)?
+                .reshape((len, 1))?;
+            lps.push(logp_all.gather(&idx, 1)?.squeeze(1)?.to_dtype(DType::F32)?);
+            best.push(logits.argmax(D::Minus1)?);
+        }
+        if lps.is_empty() {
+            let d = hidden.device();
+            return Ok((
+                Tensor::zeros(0, DType::F32, d)?,
+                Tensor::zeros(0, DType::U32, d)?,
+            ));
+        }
+        Ok((Tensor::cat(&lps, 0)?, Tensor::cat(&best, 0)?))
+    }
+
     /// Backward of [`Llama::token_logprobs`] given `d_logp (n)`: adds the head's gradient into
     /// `grads`, returns `d_hidden`. With `z = h W^T`,
     /// `d z_i = g_i (onehot(y_i) - softmax(z_i / T)) / T`. Recomputes the logits (one GEMM per

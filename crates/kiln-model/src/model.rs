@@ -725,6 +725,32 @@ impl Llama {
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
         let (b, t) = tokens.dims2()?;
+        let h = self.cached_forward(tokens, cache)?;
+        let last = h
+            .reshape((b, t, self.cfg.dim))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?; // (b, d)
+        let last = k::rms_norm(&last, &self.norm, self.cfg.norm_eps)?;
+        self.output.forward(&last) // (b, v)
+    }
+
+    /// Scoring after a shared prefix: feeds `tokens (b, t)` after the positions already
+    /// cached in rows `0..b` (all rows must hold the same number; right padding is harmless,
+    /// attention being causal), appends their keys/values, and returns the final hidden states
+    /// `RMSNorm(h_L)` of every new position `(b*t, d)`, for heads such as
+    /// [`Llama::token_logprobs`].
+    pub fn forward_cached_hidden(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let h = self.detached().cached_forward(tokens, cache)?;
+        Ok(k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?)
+    }
+
+    /// The blocks over `tokens (b, t)` after the cached positions: `h_L (b*t, d)`.
+    fn cached_forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        let (b, t) = tokens.dims2()?;
         let pos = cache.row_len(0);
         if (0..b).any(|r| cache.row_len(r) != pos) {
             return Err(ModelError::Input(
@@ -743,12 +769,7 @@ impl Llama {
         for r in 0..b {
             cache.advance(r, t);
         }
-        let last = h
-            .reshape((b, t, self.cfg.dim))?
-            .narrow(1, t - 1, 1)?
-            .squeeze(1)?; // (b, d)
-        let last = k::rms_norm(&last, &self.norm, self.cfg.norm_eps)?;
-        self.output.forward(&last) // (b, v)
+        Ok(h)
     }
 }
 

@@ -1,0 +1,140 @@
+//! From scores to metrics, with lm-evaluation-harness's definitions: `acc` is the argmax of
+//! the summed log-probabilities (the first on a tie, as `np.argmax`), `acc_norm` the argmax of
+//! the sum divided by the choice's length in characters without its leading space; LAMBADA's
+//! `acc` is greedy last-word accuracy and its perplexity `exp(-mean log p(word))`. Standard
+//! errors are the sample standard deviation over documents divided by `sqrt(n)`; the
+//! perplexity's by the delta method (`ppl * se(mean log p)`).
+
+use std::time::Instant;
+
+use crate::score::{Scored, Scorer};
+use crate::tasks::{Task, TaskKind};
+use crate::Result;
+
+/// A task's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskResult {
+    pub n: usize,
+    pub acc: f64,
+    pub acc_stderr: f64,
+    /// `None` for LAMBADA (one continuation: nothing to normalise between).
+    pub acc_norm: Option<f64>,
+    pub acc_norm_stderr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity_stderr: Option<f64>,
+    /// Requests whose context was cut from the left to fit the window.
+    pub truncated: usize,
+    /// Tokens the model read (after prefix sharing) and the wall time.
+    pub tokens_fed: usize,
+    pub seconds: f64,
+}
+
+/// Mean and standard error of the mean (sample std, `n - 1`).
+pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// Index of the largest value, the first one on a tie.
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in xs.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Scores every document of `task`; `progress(done)` after each document.
+pub fn evaluate(
+    scorer: &Scorer,
+    task: &Task,
+    progress: &mut dyn FnMut(usize),
+) -> Result<TaskResult> {
+    let t0 = Instant::now();
+    let (mut acc, mut acc_norm, mut word_lp) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut truncated, mut tokens_fed) = (0, 0);
+    for (i, doc) in task.docs.iter().enumerate() {
+        let enc = scorer.encode(&doc.choices)?;
+        truncated += enc.iter().filter(|e| e.truncated).count();
+        tokens_fed += fed_tokens(&enc);
+        let scores: Vec<Scored> = scorer.score_doc(&enc)?;
+        match task.kind {
+            TaskKind::MultipleChoice => {
+                let gold = doc
+                    .gold
+                    .expect("multiple-choice documents carry their gold choice");
+                let hit = |i: usize| if i == gold { 1.0 } else { 0.0 };
+                acc.push(hit(argmax(scores.iter().map(|s| s.logprob))));
+                let per_char = scores.iter().zip(&doc.choices).map(|(s, r)| {
+                    let text = r.continuation.strip_prefix(' ').unwrap_or(&r.continuation);
+                    s.logprob / text.chars().count().max(1) as f64
+                });
+                acc_norm.push(hit(argmax(per_char)));
+            }
+            TaskKind::LastWord => {
+                let s = scores[0];
+                acc.push(if s.greedy { 1.0 } else { 0.0 });
+                word_lp.push(s.logprob);
+            }
+        }
+        progress(i + 1);
+    }
+    let (acc, acc_stderr) = mean_stderr(&acc);
+    let (acc_norm, acc_norm_stderr, perplexity, perplexity_stderr) = match task.kind {
+        TaskKind::MultipleChoice => {
+            let (m, s) = mean_stderr(&acc_norm);
+            (Some(m), Some(s), None, None)
+        }
+        TaskKind::LastWord => {
+            let (m, s) = mean_stderr(&word_lp);
+            let ppl = (-m).exp();
+            (None, None, Some(ppl), Some(ppl * s))
+        }
+    };
+    Ok(TaskResult {
+        n: task.docs.len(),
+        acc,
+        acc_stderr,
+        acc_norm,
+        acc_norm_stderr,
+        perplexity,
+        perplexity_stderr,
+        truncated,
+        tokens_fed,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Tokens a document costs with its common prefix shared.
+fn fed_tokens(enc: &[crate::score::Encoded]) -> usize {
+    let Some(first) = enc.first() else { return 0 };
+    let shared = enc
+        .iter()
+        .map(|e| {
+            first
+                .input
+                .iter()
+                .zip(&e.input)
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .min()
+        .unwrap_or(0);
+    shared
+        + enc
+            .iter()
+            .map(|e| e.input.len() - shared.min(e.input.len()))
+            .sum::<usize>()
+}
