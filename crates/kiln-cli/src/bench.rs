@@ -47,12 +47,15 @@ pub enum BenchCommand {
     Generate(crate::bench_generate::BenchGenerateArgs),
     /// LoRA / QLoRA / full fine-tuning steps on real instruction data (vs PyTorch + PEFT).
     Sft(crate::bench_sft::BenchSftArgs),
+    /// Benchmark scoring (documents/s) on real task documents (vs transformers).
+    Eval(crate::bench_eval::BenchEvalArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Generate(a) => crate::bench_generate::run(a),
         BenchCommand::Sft(a) => crate::bench_sft::run(a),
+        BenchCommand::Eval(a) => crate::bench_eval::run(a),
         BenchCommand::Train {
             preset,
             batch_size,

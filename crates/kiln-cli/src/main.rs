@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod alloc;
 mod bench;
+mod bench_eval;
 mod bench_generate;
 mod bench_sft;
 mod chat;

