@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_eval::{evaluate, load_task, load_task_file, Scorer, Task, TaskResult};
 use tracing::{info, warn};
@@ -83,6 +83,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
             r.seconds
         );
         results.push((task.name.clone(), r));
+    }
+    if let Some(path) = &a.samples {
+        let mut text = String::new();
+        for (name, r) in &results {
+            for s in &r.samples {
+                let mut v = serde_json::to_value(s)?;
+                v["task"] = name.clone().into();
+                text.push_str(&v.to_string());
+                text.push('\n');
+            }
+        }
+        let tmp = path.with_extension("jsonl.part");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        info!("per-document scores in {}", path.display());
     }
     if a.json {
         let tasks: serde_json::Map<String, serde_json::Value> = results

@@ -151,6 +151,11 @@ pub struct EvalArgs {
     /// Where scripts/fetch-eval-data.sh unpacked the benchmark data.
     #[arg(long, default_value = ".cache/eval")]
     pub eval_data: PathBuf,
+    /// Write every document's scores to this JSONL file (`task`, `doc_id`, `gold`, `logprobs`,
+    /// `n_tokens`, `greedy`, `pred`, `pred_norm`, `acc`), like lm-evaluation-harness's
+    /// --log_samples.
+    #[arg(long)]
+    pub samples: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]

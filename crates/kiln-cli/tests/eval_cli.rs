@@ -77,9 +77,18 @@ fn a_request_file_of_ones_own_and_the_errors() {
         v["tasks"][f]["n"], 2,
         "a task file is named by its path: {out}"
     );
-    // The table form.
+    // The table form, and every document's scores.
+    let samples = dir.path().join("samples.jsonl");
     let o = kiln(
-        &["eval", "--model", &hf_tiny(), "--task-file", f],
+        &[
+            "eval",
+            "--model",
+            &hf_tiny(),
+            "--task-file",
+            f,
+            "--samples",
+            samples.to_str().unwrap(),
+        ],
         dir.path(),
     );
     let (out, _) = text(&o);
@@ -87,6 +96,30 @@ fn a_request_file_of_ones_own_and_the_errors() {
         out.contains("acc_norm") && out.contains("mine.jsonl"),
         "{out}"
     );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    let acc: f64 = rows.iter().map(|r| r["acc"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert_eq!(acc, v["tasks"][f]["acc"].as_f64().unwrap());
+    for r in &rows {
+        assert_eq!(r["task"], f);
+        let lp: Vec<f64> = r["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(lp.len(), 2);
+        let pred = if lp[1] > lp[0] { 1 } else { 0 };
+        assert_eq!(r["pred"], pred);
+        assert_eq!(
+            r["acc"].as_f64().unwrap(),
+            f64::from(u8::from(r["gold"] == pred))
+        );
+    }
 
     // An unknown task lists the known ones, before the model loads.
     let o = kiln(

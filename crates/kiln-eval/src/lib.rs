@@ -14,7 +14,7 @@ pub mod requests;
 pub mod score;
 pub mod tasks;
 
-pub use metrics::{evaluate, TaskResult};
+pub use metrics::{evaluate, DocSample, TaskResult};
 pub use requests::{read_request_file, Doc, Request};
 pub use score::{encode_request, score_alone, Encoded, Scored, Scorer};
 pub use tasks::{load_task, load_task_file, Task, TaskKind, TASK_NAMES};

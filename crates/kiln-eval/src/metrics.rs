@@ -29,6 +29,26 @@ pub struct TaskResult {
     /// Tokens the model read (after prefix sharing) and the wall time.
     pub tokens_fed: usize,
     pub seconds: f64,
+    /// Every document's scores (lm-evaluation-harness's `--log_samples`).
+    #[serde(skip)]
+    pub samples: Vec<DocSample>,
+}
+
+/// One document's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DocSample {
+    pub doc_id: u64,
+    pub gold: Option<usize>,
+    /// Summed log-probability of each choice, and its continuation's token count.
+    pub logprobs: Vec<f64>,
+    pub n_tokens: Vec<usize>,
+    /// Whether each choice's continuation is the model's greedy one.
+    pub greedy: Vec<bool>,
+    /// The choice `acc` picks and the one `acc_norm` picks (multiple choice).
+    pub pred: Option<usize>,
+    pub pred_norm: Option<usize>,
+    /// 1 when the document counts as right for `acc`.
+    pub acc: f64,
 }
 
 /// Mean and standard error of the mean (sample std, `n - 1`).
@@ -65,23 +85,28 @@ pub fn evaluate(
     let t0 = Instant::now();
     let (mut acc, mut acc_norm, mut word_lp) = (Vec::new(), Vec::new(), Vec::new());
     let (mut truncated, mut tokens_fed) = (0, 0);
+    let mut samples = Vec::with_capacity(task.docs.len());
     for (i, doc) in task.docs.iter().enumerate() {
         let enc = scorer.encode(&doc.choices)?;
         truncated += enc.iter().filter(|e| e.truncated).count();
         tokens_fed += fed_tokens(&enc);
         let scores: Vec<Scored> = scorer.score_doc(&enc)?;
+        let (mut pred, mut pred_norm) = (None, None);
         match task.kind {
             TaskKind::MultipleChoice => {
                 let gold = doc
                     .gold
                     .expect("multiple-choice documents carry their gold choice");
                 let hit = |i: usize| if i == gold { 1.0 } else { 0.0 };
-                acc.push(hit(argmax(scores.iter().map(|s| s.logprob))));
+                let best = argmax(scores.iter().map(|s| s.logprob));
+                acc.push(hit(best));
                 let per_char = scores.iter().zip(&doc.choices).map(|(s, r)| {
                     let text = r.continuation.strip_prefix(' ').unwrap_or(&r.continuation);
                     s.logprob / text.chars().count().max(1) as f64
                 });
-                acc_norm.push(hit(argmax(per_char)));
+                let best_norm = argmax(per_char);
+                acc_norm.push(hit(best_norm));
+                (pred, pred_norm) = (Some(best), Some(best_norm));
             }
             TaskKind::LastWord => {
                 let s = scores[0];
@@ -89,6 +114,16 @@ pub fn evaluate(
                 word_lp.push(s.logprob);
             }
         }
+        samples.push(DocSample {
+            doc_id: doc.doc_id,
+            gold: doc.gold,
+            logprobs: scores.iter().map(|s| s.logprob).collect(),
+            n_tokens: scores.iter().map(|s| s.n_tokens).collect(),
+            greedy: scores.iter().map(|s| s.greedy).collect(),
+            pred,
+            pred_norm,
+            acc: *acc.last().expect("pushed above"),
+        });
         progress(i + 1);
     }
     let (acc, acc_stderr) = mean_stderr(&acc);
@@ -114,6 +149,7 @@ pub fn evaluate(
         truncated,
         tokens_fed,
         seconds: t0.elapsed().as_secs_f64(),
+        samples,
     })
 }
 
