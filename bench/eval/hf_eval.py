@@ -7,7 +7,7 @@ Reads OLMo request files as `kiln eval` does (documents in ascending doc_id, the
 lm-evaluation-harness's HF backend does (`_encode_pair`: trailing context whitespace moved
 into the continuation, continuation tokens cut from encode(context + continuation); inputs cut
 from the left to the window; sum of the continuation's log-probabilities; acc and per-character
-acc_norm). One document's choices go through the model as one right-padded batch; there is no
+acc_norm; for LAMBADA greedy last-word accuracy and perplexity). One document's choices go through the model as one right-padded batch; there is no
 prefix sharing (lm-evaluation-harness has none).
 
     .cache/venv-ref/bin/python bench/eval/hf_eval.py --model HF_DIR \
@@ -64,7 +64,7 @@ def mean_stderr(xs):
     return m, math.sqrt(var / len(xs))
 
 
-acc, acc_norm = [], []
+acc, acc_norm, word_lls = [], [], []
 t0 = time.time()
 for i in ids:
     d = docs[i]
@@ -79,10 +79,15 @@ for i in ids:
     mask = torch.tensor([[1] * len(inp) + [0] * (width - len(inp)) for inp, _ in items])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), -1)
-    lls = []
+    lls, greedy = [], []
     for row, (inp, cont) in enumerate(items):
         span = logp[row, len(inp) - len(cont): len(inp)]
         lls.append(span.gather(1, torch.tensor(cont)[:, None]).sum().item())
+        greedy.append(bool((span.argmax(-1) == torch.tensor(cont)).all()))
+    if isinstance(d["gold"], list):  # LAMBADA: one continuation, the last word
+        acc.append(float(greedy[0]))
+        word_lls.append(lls[0])
+        continue
     best = max(range(len(lls)), key=lambda k: (lls[k], -k))
     lens = [len(c[1][1:] if c[1].startswith(" ") else c[1]) for c in choices]
     best_norm = max(range(len(lls)), key=lambda k: (lls[k] / lens[k], -k))
@@ -90,7 +95,10 @@ for i in ids:
     acc_norm.append(float(best_norm == d["gold"]))
 secs = time.time() - t0
 m, s = mean_stderr(acc)
-mn, sn = mean_stderr(acc_norm)
-print(json.dumps({"n": len(ids), "acc": m, "acc_stderr": s, "acc_norm": mn, "acc_norm_stderr": sn,
-                  "seconds": secs, "docs_per_s": len(ids) / secs, "threads": a.threads,
-                  "torch": torch.__version__}))
+out = {"n": len(ids), "acc": m, "acc_stderr": s, "seconds": secs, "docs_per_s": len(ids) / secs,
+       "threads": a.threads, "torch": torch.__version__}
+if acc_norm:
+    out["acc_norm"], out["acc_norm_stderr"] = mean_stderr(acc_norm)
+else:
+    out["perplexity"] = math.exp(-sum(word_lls) / len(word_lls))
+print(json.dumps(out))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark figures of docs/eval.md. Resumable: each (model, task) result is one JSON
-# file, runs/eval/<model>/<task>.json, and a file that exists is skipped. Run from the
+# file, runs/eval/<model>/<task>.json (and its per-document scores, <task>.samples.jsonl), and
+# a result that exists is skipped. Run from the
 # repository root after `cargo build --release`; THREADS (default 2) per kiln process.
 #
 #   instruct  SmolLM2-135M-Instruct (the Q4_1 GGUF, scored in f32): all seven tasks, zero-shot,
@@ -9,7 +10,7 @@
 #             (1,026).
 #   sft       The SFT model of docs/sft-lora.md (runs/sft-smollm2-merged, the adapter merged into
 #             the same base) on the same documents of ARC-Easy, ARC-Challenge, PIQA, HellaSwag
-#             (500) and WinoGrande: before (instruct) and after.
+#             and WinoGrande: before (instruct) and after.
 #   pretrain  The model kiln pretrains (runs/10m, the 10M preset of docs/pretrain-10m.md) on all
 #             seven, as instruct.
 set -euo pipefail
@@ -25,7 +26,8 @@ one() { # NAME MODEL TASK LIMIT: one task's JSON result
     [ -s "$out" ] && { echo "skip $1/$3"; return; }
     mkdir -p "runs/eval/$1"
     [ -n "$4" ] && limit="--limit $4"
-    $K $T eval --model "$2" --task "$3" $limit --json > "$out.part" 2>> "runs/eval/$1/log"
+    $K $T eval --model "$2" --task "$3" $limit --json --samples "runs/eval/$1/$3.samples.jsonl" \
+        > "$out.part" 2>> "runs/eval/$1/log"
     mv "$out.part" "$out"
     echo "$1/$3: $(cat "$out")"
 }
@@ -36,8 +38,7 @@ if want instruct; then
 fi
 if want sft; then
     for t in arc_easy arc_challenge winogrande; do one sft runs/sft-smollm2-merged $t ""; done
-    for t in piqa; do one sft runs/sft-smollm2-merged $t 1000; done
-    one sft runs/sft-smollm2-merged hellaswag 500
+    for t in piqa hellaswag; do one sft runs/sft-smollm2-merged $t 1000; done
 fi
 if want pretrain; then
     for t in arc_easy arc_challenge winogrande; do one pretrain runs/10m $t ""; done

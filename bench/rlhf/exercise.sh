@@ -12,7 +12,8 @@
 #         samples a step, k3 KL term beta 0.04 (DeepSeekMath's value), 60 steps; the reward is
 #         the function's alone (no missing-EOS penalty).
 #   ppo   PPO on the same model, reward and prompts: 16 prompts a step, 4 epochs of 2
-#         minibatches, KL coefficient 0.1, a constant learning rate 1e-4, 60 steps.
+#         minibatches, KL coefficient 0.15, a constant learning rate 2e-4, 50 steps.
+#   ppo-lr1e-4  (not in the default stages) the same at KL coefficient 0.1 and lr 1e-4, 60 steps.
 #   length  (not in the default stages) GRPO with length:16 and the missing-EOS penalty: a
 #         harder target (answers of about 16 tokens that end), 80 steps.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
@@ -55,6 +56,15 @@ if want grpo; then
         --set train.checkpoint_every=10
 fi
 if want ppo; then
+    # The run of docs/rlhf.md: 40 steps, then resumed to 50 (the learning rate is constant, so
+    # that is the same run as 50 straight steps). ppo-lr1e-4 is the slower first run beside it.
+    run ppo-smollm2-kl015 ppo --model $M --prompts $PROMPTS --reward-fn contains:with \
+        --lora-rank 16 --max-new-tokens 40 --set train.steps=50 --set train.batch_size=16 \
+        --set ppo.epochs=4 --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false \
+        --set optim.lr=2e-4 --set optim.min_lr=2e-4 --set optim.warmup_steps=5 \
+        --set ppo.kl_coef=0.15 --set train.checkpoint_every=10
+fi
+if want ppo-lr1e-4; then
     run ppo-smollm2 ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16 \
         --max-new-tokens 40 --set train.steps=60 --set train.batch_size=16 --set ppo.epochs=4 \
         --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1e-4 \

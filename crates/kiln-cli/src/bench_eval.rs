@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use clap::Args;
-use kiln_eval::{evaluate, load_task, Scorer, TaskKind};
+use kiln_eval::{evaluate, load_task, Scorer};
 
 use crate::commands::load_model;
 
@@ -16,8 +16,8 @@ pub struct BenchEvalArgs {
     /// The model kiln scores with (GGUF, HF directory, kiln run).
     #[arg(long)]
     pub model: PathBuf,
-    /// Tasks (comma-separated; multiple-choice request tasks: hellaswag, arc_easy,
-    /// arc_challenge, piqa, winogrande).
+    /// Tasks (comma-separated; the request-file tasks: hellaswag, arc_easy, arc_challenge,
+    /// piqa, winogrande, lambada).
     #[arg(long, value_delimiter = ',', default_value = "hellaswag,arc_easy")]
     pub task: Vec<String>,
     /// Documents per task (the first by doc_id).
@@ -42,8 +42,8 @@ pub fn run(a: BenchEvalArgs) -> Result<()> {
     for name in &a.task {
         let t = load_task(&a.eval_data, name.trim(), a.num_fewshot, Some(a.limit))?;
         ensure!(
-            t.kind == TaskKind::MultipleChoice && t.name != "mmlu",
-            "kiln bench eval takes the multiple-choice request tasks (hellaswag, arc_easy, arc_challenge, piqa, winogrande), not {}",
+            t.name != "mmlu",
+            "kiln bench eval takes the request-file tasks (hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada), not {}",
             t.name
         );
         tasks.push(t);
@@ -89,7 +89,7 @@ pub fn run(a: BenchEvalArgs) -> Result<()> {
                 serde_json::json!({
                     "task": task.name, "docs": r.n, "threads": threads, "date": date,
                     "kiln": {"docs_per_s": kiln_dps, "tokens_per_s": r.tokens_fed as f64 / r.seconds,
-                             "acc": r.acc, "acc_norm": r.acc_norm},
+                             "acc": r.acc, "acc_norm": r.acc_norm, "perplexity": r.perplexity},
                     "torch": torch,
                     "ratio": torch_dps.map(|t| kiln_dps / t),
                 })
@@ -105,11 +105,18 @@ pub fn run(a: BenchEvalArgs) -> Result<()> {
             f(torch_dps, 2),
             torch_dps.map_or("-".into(), |t| format!("{:.2}x", kiln_dps / t)),
             r.tokens_fed as f64 / r.seconds,
-            format!("{:.3}/{:.3}", r.acc, r.acc_norm.unwrap_or(f64::NAN)),
+            format!(
+                "{:.3}/{:.3}",
+                r.acc,
+                r.acc_norm.or(r.perplexity).unwrap_or(f64::NAN)
+            ),
             torch.as_ref().map_or("-".into(), |t| format!(
                 "{:.3}/{:.3}",
                 t["acc"].as_f64().unwrap_or(f64::NAN),
-                t["acc_norm"].as_f64().unwrap_or(f64::NAN)
+                t["acc_norm"]
+                    .as_f64()
+                    .or(t["perplexity"].as_f64())
+                    .unwrap_or(f64::NAN)
             )),
         );
     }

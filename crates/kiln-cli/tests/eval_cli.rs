@@ -162,3 +162,75 @@ fn a_request_file_of_ones_own_and_the_errors() {
         "{err}"
     );
 }
+
+/// Every document's summed log-probabilities from `--samples`.
+fn sample_logprobs(path: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn an_adapter_scores_as_its_merged_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("q.jsonl");
+    std::fs::write(
+        &file,
+        "{\"context\": \"Question: Who is the prince?\\nAnswer:\", \"choices\": [\" Hamlet\", \" Claudius\", \" the king\"], \"gold\": 0}\n",
+    )
+    .unwrap();
+    let adapter = root().join("tests/fixtures/peft/adapter_all");
+    let merged = dir.path().join("merged");
+    let o = kiln(
+        &[
+            "lora",
+            "merge",
+            "--model",
+            &hf_tiny(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let score = |model: &str, adapter: Option<&std::path::Path>, name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--task-file",
+            file.to_str().unwrap(),
+        ];
+        args.extend(["--samples", out.to_str().unwrap()]);
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let o = kiln(&args, dir.path());
+        assert!(o.status.success(), "{}", text(&o).1);
+        sample_logprobs(&out)
+    };
+    let base = score(&hf_tiny(), None, "base.jsonl");
+    let unmerged = score(&hf_tiny(), Some(&adapter), "unmerged.jsonl");
+    let merged = score(merged.to_str().unwrap(), None, "merged.jsonl");
+    assert_eq!(unmerged.len(), 3);
+    for ((u, m), b) in unmerged.iter().zip(&merged).zip(&base) {
+        assert!((u - m).abs() < 1e-3, "adapter {u} vs merged {m}");
+        assert!(
+            (u - b).abs() > 1e-3,
+            "the adapter changes the scores: {u} vs base {b}"
+        );
+    }
+}
