@@ -7,7 +7,8 @@
 //!    (no special tokens, except a BOS in front when the model's tokenizer adds one; an empty
 //!    context becomes the BOS, or EOS, token alone);
 //! 3. sequences longer than the window keep their last `window + 1` tokens (the context is cut
-//!    from the left);
+//!    from the left; a continuation longer than the window is scored on its last `window`
+//!    tokens);
 //! 4. the score is the sum of the continuation's token log-probabilities, and the request is
 //!    "greedy" when every continuation token is the argmax at its position.
 //!
@@ -80,30 +81,20 @@ pub fn encode_request(tok: &ModelTokenizer, req: &Request, window: usize) -> Res
             ctx.insert(0, *bos);
         }
     }
-    if cont.len() > window {
-        return Err(EvalError::Input(format!(
-            "a continuation of {} tokens does not fit the model's {window}-token window: {:?}",
-            cont.len(),
-            truncate_for_message(&req.continuation)
-        )));
-    }
+    // Too long for the window: keep the last `window + 1` tokens (the context is cut from the
+    // left, as lm-evaluation-harness does). A continuation longer than the window itself
+    // (lm-evaluation-harness stops with an assertion there) is scored on its last `window`
+    // tokens, each with as much context as fits; both count as truncated.
+    let scored = cont.len().min(window);
     let mut full = ctx;
     full.extend_from_slice(&cont);
     let truncated = full.len() > window + 1;
     let keep = &full[full.len().saturating_sub(window + 1)..];
     Ok(Encoded {
         input: keep[..keep.len() - 1].to_vec(),
-        targets: cont,
+        targets: cont[cont.len() - scored..].to_vec(),
         truncated,
     })
-}
-
-fn truncate_for_message(s: &str) -> String {
-    let mut t: String = s.chars().take(80).collect();
-    if t.len() < s.len() {
-        t.push('…');
-    }
-    t
 }
 
 /// Scores documents with one model.

@@ -365,4 +365,18 @@ fn a_context_longer_than_the_window_is_cut_from_the_left_and_counted() {
     assert_eq!(r.truncated, 2);
     let e = encode_request(&tok, &task.docs[0].choices[0], 64).unwrap();
     assert_eq!(e.input.len(), 64);
+    // A continuation longer than the window: scored on its last 64 tokens, never an error.
+    let req = Request {
+        context: "To be".into(),
+        continuation: long.clone(),
+    };
+    let e = encode_request(&tok, &req, 64).unwrap();
+    let whole = tok.tokenizer.encode(&format!("To be{long}")).unwrap();
+    assert!(e.truncated);
+    assert_eq!((e.input.len(), e.targets.len()), (64, 64));
+    assert_eq!(e.targets[..], whole[whole.len() - 64..]);
+    assert_eq!(e.input[..], whole[whole.len() - 65..whole.len() - 1]);
+    let s = scorer.score_doc(std::slice::from_ref(&e)).unwrap()[0];
+    assert_eq!(s.n_tokens, 64);
+    assert!((s.logprob - score_alone(&model, &e).unwrap().logprob).abs() < 1e-4);
 }
