@@ -314,3 +314,30 @@ fn compare_with_pytorch(
     }
     Ok(())
 }
+
+/// Runs a Python reference benchmark (`$PYTHON`, default `python3`) and returns the last line
+/// of its stdout that is a JSON object; `what` names it in errors.
+pub fn run_python_json(
+    script: &std::path::Path,
+    args: &[std::ffi::OsString],
+    what: &str,
+) -> Result<serde_json::Value> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {python} {}: {e}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rfind(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_default();
+    serde_json::from_str(line)
+        .map_err(|e| anyhow::anyhow!("unexpected output of {what} ({e}): {stdout}"))
+}

@@ -135,30 +135,15 @@ fn run_torch(
         "{} not found: run kiln bench eval --pytorch from the repository root",
         script.display()
     );
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .arg("--model")
-        .arg(hf_dir)
-        .arg("--requests")
-        .arg(requests)
-        .args([
-            "--limit",
-            &limit.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .output()
-        .map_err(|e| anyhow::anyhow!("running {python} {}: {e}", script.display()))?;
-    ensure!(
-        out.status.success(),
-        "the transformers scorer failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rfind(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_default();
-    Ok(serde_json::from_str(line)?)
+    let args: Vec<std::ffi::OsString> = vec![
+        "--model".into(),
+        hf_dir.into(),
+        "--requests".into(),
+        requests.into(),
+        "--limit".into(),
+        limit.to_string().into(),
+        "--threads".into(),
+        threads.to_string().into(),
+    ];
+    crate::bench::run_python_json(script, &args, "the transformers scorer")
 }

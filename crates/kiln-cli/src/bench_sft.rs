@@ -181,40 +181,21 @@ fn compare_with_peft(
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("batches.safetensors");
     candle_core::safetensors::save(&map, &file)?;
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .arg("--gguf")
-        .arg(&a.model)
-        .arg("--batches")
-        .arg(&file)
-        .args([
-            "--rank",
-            &a.rank.to_string(),
-            "--alpha",
-            &(2 * a.rank).to_string(),
-        ])
-        .args([
-            "--warmup",
-            &a.warmup.to_string(),
-            "--threads",
-            &candle_core::utils::get_num_threads().to_string(),
-        ])
-        .output()
-        .map_err(|e| anyhow::anyhow!("running {python} {}: {e}", script.display()))?;
-    ensure!(
-        out.status.success(),
-        "the PyTorch + PEFT benchmark failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rfind(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_default();
-    let torch: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-        anyhow::anyhow!("unexpected output of the PyTorch benchmark ({e}): {stdout}")
-    })?;
+    let args: Vec<std::ffi::OsString> = vec![
+        "--gguf".into(),
+        a.model.clone().into(),
+        "--batches".into(),
+        file.clone().into(),
+        "--rank".into(),
+        a.rank.to_string().into(),
+        "--alpha".into(),
+        (2 * a.rank).to_string().into(),
+        "--warmup".into(),
+        a.warmup.to_string().into(),
+        "--threads".into(),
+        candle_core::utils::get_num_threads().to_string().into(),
+    ];
+    let torch = crate::bench::run_python_json(script, &args, "the PyTorch + PEFT benchmark")?;
     let ttps = torch["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let ratio = kiln_tps / ttps;
     if a.json {

@@ -155,22 +155,9 @@ pub fn evaluate(
 
 /// Tokens a document costs with its common prefix shared.
 fn fed_tokens(enc: &[crate::score::Encoded]) -> usize {
-    let Some(first) = enc.first() else { return 0 };
-    let shared = enc
-        .iter()
-        .map(|e| {
-            first
-                .input
-                .iter()
-                .zip(&e.input)
-                .take_while(|(a, b)| a == b)
-                .count()
-        })
-        .min()
-        .unwrap_or(0);
-    shared
-        + enc
-            .iter()
-            .map(|e| e.input.len() - shared.min(e.input.len()))
-            .sum::<usize>()
+    if enc.is_empty() {
+        return 0;
+    }
+    let shared = crate::score::common_prefix(enc);
+    shared + enc.iter().map(|e| e.input.len() - shared).sum::<usize>()
 }

@@ -55,9 +55,8 @@ pub struct Scored {
 
 /// Tokenises one request (steps 1-3 above) for a model with a `window`-token context.
 pub fn encode_request(tok: &ModelTokenizer, req: &Request, window: usize) -> Result<Encoded> {
-    let trimmed = req.context.trim_end();
-    let context = trimmed;
-    let continuation = format!("{}{}", &req.context[trimmed.len()..], req.continuation);
+    let context = req.context.trim_end();
+    let continuation = format!("{}{}", &req.context[context.len()..], req.continuation);
     let (mut ctx, cont) = if context.is_empty() {
         let start = tok
             .bos
@@ -216,7 +215,7 @@ fn gather_scores(
 }
 
 /// Length of the token prefix all items' inputs share.
-fn common_prefix(items: &[Encoded]) -> usize {
+pub(crate) fn common_prefix(items: &[Encoded]) -> usize {
     let first = &items[0].input;
     let mut n = first.len();
     for e in &items[1..] {
