@@ -49,6 +49,9 @@ pub enum BenchCommand {
     Sft(crate::bench_sft::BenchSftArgs),
     /// Benchmark scoring (documents/s) on real task documents (vs transformers).
     Eval(crate::bench_eval::BenchEvalArgs),
+    /// Top-1 agreement and KL of a quantised GGUF's predictions against the same weights
+    /// dequantised to f32, over held-out text (kiln's kernels and candle's).
+    QuantAccuracy(crate::bench_quant::BenchQuantAccuracyArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -56,6 +59,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Generate(a) => crate::bench_generate::run(a),
         BenchCommand::Sft(a) => crate::bench_sft::run(a),
         BenchCommand::Eval(a) => crate::bench_eval::run(a),
+        BenchCommand::QuantAccuracy(a) => crate::bench_quant::run(a),
         BenchCommand::Train {
             preset,
             batch_size,

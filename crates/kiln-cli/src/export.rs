@@ -36,7 +36,9 @@ pub struct ExportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Weight type. hf: f32 (default), bf16, f16. gguf: f32, f16 (default), bf16, q8_0,
-    /// q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (rows that are not whole blocks stay f16).
+    /// q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or llama.cpp's mixtures q4_k_m, q5_k_m.
+    /// Matrices whose rows are not whole blocks fall back as in llama.cpp (Q4_K to Q5_0, Q5_K
+    /// to Q5_1, Q6_K to Q8_0; F16 when nothing fits).
     #[arg(long = "type")]
     pub dtype: Option<String>,
     /// Merge this PEFT LoRA adapter into the weights first (same as `kiln lora merge`).
@@ -108,8 +110,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
         }
         ExportFormat::Gguf => {
             let name = a.dtype.as_deref().unwrap_or("f16");
-            let Some(matrices) = gguf::parse_dtype(name) else {
-                bail!("--type {name:?} is not a GGML type kiln can write (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)");
+            // llama.cpp's mixtures: the K-quant, with Q6_K where `use_more_bits` says.
+            let (types, ftype) = match name.to_ascii_lowercase().as_str() {
+                "q4_k_m" => (mixture(GgmlDType::Q4K), 15),
+                "q5_k_m" => (mixture(GgmlDType::Q5K), 17),
+                _ => {
+                    let Some(matrices) = gguf::parse_dtype(name) else {
+                        bail!("--type {name:?} is not a GGML type kiln can write (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q4_k_m, q5_k_m)");
+                    };
+                    (GgufExportTypes::uniform(matrices), file_type(matrices))
+                }
             };
             let model_name = a
                 .model
@@ -117,10 +127,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "kiln".into());
             let mut md = gguf::llama_metadata(&w.config, &model_name);
-            md.push((
-                "general.file_type".into(),
-                GgufValue::U32(file_type(matrices)),
-            ));
+            md.push(("general.file_type".into(), GgufValue::U32(ftype)));
             md.push(("general.quantization_version".into(), GgufValue::U32(2)));
             md.extend(tokenizer_metadata(
                 &a.model,
@@ -132,16 +139,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
             }
-            gguf::write_gguf(
-                &a.out,
-                &w.config,
-                &w.params,
-                &md,
-                GgufExportTypes {
-                    matrices,
-                    vectors: GgmlDType::F32,
-                },
-            )?;
+            gguf::write_gguf(&a.out, &w.config, &w.params, &md, types)?;
         }
     }
     info!(
@@ -151,6 +149,14 @@ pub fn run(a: ExportArgs) -> Result<()> {
         "exported"
     );
     Ok(())
+}
+
+/// A `_M` mixture on `base` (see [`GgufExportTypes::more_bits`]).
+fn mixture(base: GgmlDType) -> GgufExportTypes {
+    GgufExportTypes {
+        more_bits: Some(GgmlDType::Q6K),
+        ..GgufExportTypes::uniform(base)
+    }
 }
 
 /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`) for the matrices' type.

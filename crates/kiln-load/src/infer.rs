@@ -91,6 +91,17 @@ pub fn load_model_with_adapter(
     })
 }
 
+/// The decoder itself (rather than [`LoadedModel`]'s `dyn CausalLm`), for whole-sequence
+/// logits: the model, its config and the description of its weights.
+pub fn load_llama(
+    path: &Path,
+    weights: Weights,
+    device: &Device,
+) -> Result<(Llama, ModelConfig, String), LoadError> {
+    let (model, config, _, desc) = build_llama(path, weights, device)?;
+    Ok((model, config, desc))
+}
+
 fn build_llama(
     path: &Path,
     weights: Weights,

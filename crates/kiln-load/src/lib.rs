@@ -34,7 +34,7 @@ pub use checkpoint::{
 pub use error::LoadError;
 pub use format::ModelFormat;
 pub use infer::{
-    load_inference, load_inference_with_adapter, load_model, load_model_with_adapter,
+    load_inference, load_inference_with_adapter, load_llama, load_model, load_model_with_adapter,
     InferenceModel, LoadedModel, Weights,
 };
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};

@@ -723,6 +723,61 @@ pub struct GgufExportTypes {
     pub matrices: GgmlDType,
     /// Norm weights (GGUF keeps them F32 by convention).
     pub vectors: GgmlDType,
+    /// llama.cpp's `_M` mixtures (Q4_K_M, Q5_K_M): this type for the output matrix (the
+    /// embedding when it is tied) and for `attn_v` and `ffn_down` in the layers llama.cpp's
+    /// `use_more_bits` picks. `None`: every matrix is `matrices`.
+    pub more_bits: Option<GgmlDType>,
+}
+
+impl GgufExportTypes {
+    /// Every matrix as `matrices`, vectors F32.
+    pub fn uniform(matrices: GgmlDType) -> Self {
+        Self {
+            matrices,
+            vectors: GgmlDType::F32,
+            more_bits: None,
+        }
+    }
+
+    /// The type of matrix `kiln` before any fallback for rows that are not whole blocks.
+    fn matrix_type(&self, cfg: &ModelConfig, kiln: &str) -> GgmlDType {
+        let Some(more) = self.more_bits else {
+            return self.matrices;
+        };
+        if kiln == "output.weight" || (cfg.tie_embeddings && kiln == "tok_embeddings.weight") {
+            return more;
+        }
+        let layer = kiln
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let mixed =
+            kiln.ends_with("attention.wv.weight") || kiln.ends_with("feed_forward.w2.weight");
+        match layer {
+            Some(i) if mixed && use_more_bits(i, cfg.n_layers) => more,
+            _ => self.matrices,
+        }
+    }
+}
+
+/// llama.cpp's choice of layers whose `attn_v` and `ffn_down` get more bits in the `_M`
+/// mixtures: the first and last eighth, and every third layer between.
+fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
+}
+
+/// What llama.cpp stores a K-quant matrix as when its rows are not whole 256-weight
+/// super-blocks (SmolLM2's 576-wide rows, for one): the 32-weight type of about the same
+/// size. (For Q2_K/Q3_K llama.cpp picks IQ4_NL, which kiln cannot write; Q4_0 is the
+/// nearest.)
+fn row_fallback(d: GgmlDType) -> GgmlDType {
+    match d {
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        _ => GgmlDType::F16,
+    }
 }
 
 /// The `llama.*` metadata for `cfg`, as llama.cpp's converter writes it.
@@ -775,8 +830,23 @@ pub fn llama_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, GgufValue)>
     m
 }
 
+/// The type tensor `kiln` of shape `dims` is written as.
+fn stored_type(cfg: &ModelConfig, kiln: &str, dims: &[usize], types: GgufExportTypes) -> GgmlDType {
+    let mut dtype = if dims.len() == 1 {
+        types.vectors
+    } else {
+        types.matrix_type(cfg, kiln)
+    };
+    let cols = dims.last().copied().unwrap_or(0);
+    while cols % dtype.block_size() != 0 {
+        dtype = row_fallback(dtype);
+    }
+    dtype
+}
+
 /// Quantises (or casts) one kiln tensor for a GGUF, applying llama.cpp's Q/K row permutation.
-/// Matrices whose rows are not a whole number of quantisation blocks fall back to F16.
+/// Matrices whose rows are not a whole number of quantisation blocks fall back as llama.cpp's
+/// do (Q4_K to Q5_0, Q6_K to Q8_0, ...; F16 when nothing else fits).
 pub fn export_tensor(
     cfg: &ModelConfig,
     kiln: &str,
@@ -793,17 +863,7 @@ pub fn export_tensor(
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .force_contiguous()?;
-    let mut dtype = if t.rank() == 1 {
-        types.vectors
-    } else {
-        types.matrices
-    };
-    if t.dims()
-        .last()
-        .is_some_and(|&d| d % dtype.block_size() != 0)
-    {
-        dtype = GgmlDType::F16;
-    }
+    let dtype = stored_type(cfg, kiln, t.dims(), types);
     let q = QTensor::quantize(&t, dtype)?;
     let q = match rope_heads(cfg, kiln) {
         Some(heads) => {
@@ -866,6 +926,37 @@ pub fn write_gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kiln's Q4_K_M on SmolLM2-135M's shapes picks what llama.cpp's `llama-quantize ...
+    /// Q4_K_M` wrote for the same model: 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0 matrices.
+    #[test]
+    fn q4_k_m_mixture_matches_llama_cpp_on_smollm2_shapes() {
+        let cfg = ModelConfig {
+            vocab_size: 49152,
+            dim: 576,
+            n_layers: 30,
+            n_heads: 9,
+            n_kv_heads: Some(3),
+            ffn_dim: Some(1536),
+            tie_embeddings: true,
+            ..ModelConfig::tiny()
+        };
+        let types = GgufExportTypes {
+            more_bits: Some(GgmlDType::Q6K),
+            ..GgufExportTypes::uniform(GgmlDType::Q4K)
+        };
+        let mut counts = std::collections::BTreeMap::new();
+        for (name, dims, _) in layout(&cfg) {
+            if dims.len() == 2 {
+                *counts
+                    .entry(dtype_name(stored_type(&cfg, &name, &dims, types)))
+                    .or_insert(0) += 1;
+            }
+        }
+        let want: std::collections::BTreeMap<&str, i32> =
+            [("Q4_K", 16), ("Q5_0", 166), ("Q6_K", 14), ("Q8_0", 15)].into();
+        assert_eq!(counts, want);
+    }
 
     #[test]
     fn names_round_trip() {

@@ -115,6 +115,11 @@ impl LinearWeight {
                 RawKind::Q4_1 => GgmlDType::Q4_1,
                 RawKind::Q8_0 => GgmlDType::Q8_0,
                 RawKind::F16 => GgmlDType::F16,
+                RawKind::Q5_0 => GgmlDType::Q5_0,
+                RawKind::Q5_1 => GgmlDType::Q5_1,
+                RawKind::Q4K => GgmlDType::Q4K,
+                RawKind::Q5K => GgmlDType::Q5K,
+                RawKind::Q6K => GgmlDType::Q6K,
             },
             LinearWeight::Quant(q) => q.dtype(),
         }

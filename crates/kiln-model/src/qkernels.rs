@@ -1,12 +1,18 @@
 //! CPU matmuls straight from GGML blocks: `y = x W^T` with `W (n, k)` stored as Q4_0, Q4_1,
-//! Q8_0 or F16 and `x (m, k)` in f32.
+//! Q5_0, Q5_1, Q8_0, F16 or one of the K-quants (Q4_K, Q5_K, Q6_K), and `x (m, k)` in f32.
 //!
-//! Each 32-weight block is expanded to exactly the f32 values dequantisation gives
-//! (`d * q`, `d * (q - 8)`, `d * q + m`) in registers and multiplied with f32 activations, so
-//! the result equals the dequantised model's up to summation order. (llama.cpp and candle
-//! instead round the activations to 8 bits and use integer dot products, which is cheaper
-//! but moves the logits by a few percent: enough to change a greedy answer.) A block is
-//! expanded once and used for up to 8 activation rows, so prefill reuses it from registers.
+//! Each 32-weight chunk is expanded to exactly the f32 values dequantisation gives
+//! (`d * q`, `d * (q - 8)`, `d * q + m`, `d * sc * q - dmin * m`, ...) in registers and
+//! multiplied with f32 activations, so the result equals the dequantised model's up to
+//! summation order and FMA rounding. (llama.cpp and candle instead round the activations to 8
+//! bits and use integer dot products, which is cheaper but moves the logits by a few percent:
+//! enough to change a greedy answer.) A block is expanded once and used for up to 8
+//! activation rows, so prefill reuses it from registers.
+//!
+//! The 5- and 6-bit types and the K-quants share one kernel: a chunk is first decoded to 32
+//! unsigned byte codes with AVX2 byte operations, then widened to f32 as `scale * code +
+//! offset`, with one (scale, offset) per 16 weights computed once per block. Q4_0, Q4_1, Q8_0
+//! and F16 keep their own decoders (and, on AVX-512, a two-weight-row kernel for prefill).
 //!
 //! Work is split over output rows with rayon; AVX-512, AVX2+FMA and portable scalar kernels
 //! are chosen at run time.
@@ -20,6 +26,11 @@ pub enum RawKind {
     Q4_1,
     Q8_0,
     F16,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl RawKind {
@@ -29,21 +40,50 @@ impl RawKind {
             0 => RawKind::Q4_0,
             1 => RawKind::Q4_1,
             2 => RawKind::Q8_0,
-            _ => RawKind::F16,
+            3 => RawKind::F16,
+            4 => RawKind::Q5_0,
+            5 => RawKind::Q5_1,
+            6 => RawKind::Q4K,
+            7 => RawKind::Q5K,
+            _ => RawKind::Q6K,
         }
     }
 
-    /// Bytes of one 32-element block.
+    /// Bytes of one block.
     pub fn block_bytes(self) -> usize {
         match self {
             RawKind::Q4_0 => 18,
             RawKind::Q4_1 => 20,
             RawKind::Q8_0 => 34,
             RawKind::F16 => 64,
+            RawKind::Q5_0 => 22,
+            RawKind::Q5_1 => 24,
+            RawKind::Q4K => 144,
+            RawKind::Q5K => 176,
+            RawKind::Q6K => 210,
         }
+    }
+
+    /// Weights in one block: 256 for the K-quants' super-blocks, 32 otherwise.
+    pub fn block_elems(self) -> usize {
+        match self {
+            RawKind::Q4K | RawKind::Q5K | RawKind::Q6K => 256,
+            _ => BLOCK,
+        }
+    }
+
+    /// Decoded through byte codes and per-16-weight (scale, offset) pairs (see the module
+    /// docs), rather than by a decoder of its own.
+    fn coded(self) -> bool {
+        matches!(
+            self,
+            RawKind::Q5_0 | RawKind::Q5_1 | RawKind::Q4K | RawKind::Q5K | RawKind::Q6K
+        )
     }
 }
 
+/// The weights one register-level decode step covers (a whole block for the 32-weight types,
+/// an eighth of a K-quant super-block).
 pub const BLOCK: usize = 32;
 
 /// A weight matrix `(n, k)` as GGML blocks, row by row.
@@ -60,14 +100,16 @@ fn f16(bytes: &[u8]) -> f32 {
 }
 
 impl RawQ {
-    /// `data` holds `n` rows of `k / 32` blocks (`k` must be a multiple of 32).
+    /// `data` holds `n` rows of `k / block_elems` blocks (`k` must be a multiple of the
+    /// block size).
     pub fn new(kind: RawKind, n: usize, k: usize, data: Vec<u8>) -> Option<Self> {
-        (k.is_multiple_of(BLOCK) && data.len() == n * k / BLOCK * kind.block_bytes())
+        let elems = kind.block_elems();
+        (k.is_multiple_of(elems) && data.len() == n * k / elems * kind.block_bytes())
             .then_some(Self { kind, n, k, data })
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.k / BLOCK * self.kind.block_bytes()
+        self.k / self.kind.block_elems() * self.kind.block_bytes()
     }
 
     /// Stacks matrices with the same kind and `k` along the rows (e.g. Q, K and V).
@@ -93,7 +135,7 @@ impl RawQ {
         let rb = self.row_bytes();
         let row = &self.data[r * rb..(r + 1) * rb];
         let bb = self.kind.block_bytes();
-        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+        for (b, o) in out.chunks_exact_mut(self.kind.block_elems()).enumerate() {
             let blk = &row[b * bb..(b + 1) * bb];
             dequant_block_scalar(self.kind, blk, o);
         }
@@ -119,6 +161,10 @@ impl RawQ {
         );
         let n = self.n;
         let level = simd_level();
+        #[cfg(target_arch = "x86_64")]
+        if m >= PANEL_MIN_ROWS && level == Level::Avx512 {
+            return self.panel_matmul(x, m);
+        }
         // Output rows per task: enough work per task, a few tasks per thread.
         let threads = rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(threads * 4).clamp(16, 256);
@@ -133,7 +179,8 @@ impl RawQ {
             let mut r = c * chunk;
             while r < end {
                 // Prefill: two weight rows at a time share every activation load.
-                let pair = m > 1 && r + 1 < end && level == Level::best_pairs();
+                let pair =
+                    m > 1 && r + 1 < end && level == Level::best_pairs() && !self.kind.coded();
                 let row = &self.data[r * rb..(r + 1) * rb];
                 let mut i = 0;
                 while i < m {
@@ -174,6 +221,69 @@ impl RawQ {
     }
 }
 
+/// From this many activation rows on (prefill), weight rows are decoded once into f32 panels
+/// and multiplied by a register-tiled kernel, rather than decoded again for every 6-8 rows.
+pub const PANEL_MIN_ROWS: usize = 16;
+/// Weight rows decoded at a time (a panel of `PANEL_ROWS x k` f32 stays in L2).
+const PANEL_ROWS: usize = 32;
+/// Activation rows per register tile of the panel kernel.
+const PANEL_TILE_ROWS: usize = 4;
+
+impl RawQ {
+    /// [`RawQ::matmul`] for many activation rows (AVX-512): each task decodes
+    /// [`PANEL_ROWS`] weight rows into f32 with the SIMD decoders, then computes every
+    /// activation row against them in 6 x 4 tiles of dot products.
+    #[cfg(target_arch = "x86_64")]
+    fn panel_matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut out = vec![0f32; m * n];
+        let dst = SyncPtr(out.as_mut_ptr());
+        let rb = self.row_bytes();
+        (0..n.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+            let dst = &dst;
+            let r0 = p * PANEL_ROWS;
+            let rows = PANEL_ROWS.min(n - r0);
+            // Rounded up to whole 4-row tiles; the padding rows stay zero and are not written.
+            let mut panel = vec![0f32; rows.next_multiple_of(4) * k];
+            // SAFETY: AVX-512 was detected (see `matmul`); the panel holds `rows` rows of k.
+            unsafe {
+                x86::decode_rows512(
+                    self.kind,
+                    &self.data[r0 * rb..(r0 + rows) * rb],
+                    k,
+                    &mut panel,
+                )
+            };
+            let mut i = 0;
+            while i < m {
+                let take = (m - i).min(PANEL_TILE_ROWS);
+                for w in (0..rows).step_by(4) {
+                    let mut tile = [[0f32; 6]; 4];
+                    // SAFETY: as above; the tile reads 4 panel rows and `take` rows of x.
+                    unsafe {
+                        x86::tile512(
+                            &panel[w * k..(w + 4) * k],
+                            &x[i * k..(i + take) * k],
+                            k,
+                            take,
+                            &mut tile,
+                        )
+                    };
+                    for (dw, t) in tile.iter().enumerate().take(rows - w) {
+                        for (j, v) in t.iter().enumerate().take(take) {
+                            // SAFETY: (i + j, r0 + w + dw) is in bounds and these columns
+                            // belong to this task alone.
+                            unsafe { *dst.0.add((i + j) * n + r0 + w + dw) = *v };
+                        }
+                    }
+                }
+                i += take;
+            }
+        });
+        out
+    }
+}
+
 /// A pointer the parallel tasks write disjoint elements through.
 struct SyncPtr(*mut f32);
 // SAFETY: only used for writes to disjoint elements, while the owner waits.
@@ -207,6 +317,130 @@ fn dequant_block_scalar(kind: RawKind, blk: &[u8], o: &mut [f32]) {
             for j in 0..32 {
                 o[j] = f16(&blk[2 * j..2 * j + 2]);
             }
+        }
+        // The rest straight from GGML's reference `dequantize_row_*`, one term per weight.
+        RawKind::Q5_0 | RawKind::Q5_1 => {
+            let five_0 = kind == RawKind::Q5_0;
+            let d = f16(&blk[0..2]);
+            let (m, at) = if five_0 {
+                (0.0, 2)
+            } else {
+                (f16(&blk[2..4]), 4)
+            };
+            let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+            let qs = &blk[at + 4..at + 20];
+            for j in 0..16 {
+                let lo = (qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4);
+                let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+                if five_0 {
+                    o[j] = d * (lo as f32 - 16.0);
+                    o[j + 16] = d * (hi as f32 - 16.0);
+                } else {
+                    o[j] = d * lo as f32 + m;
+                    o[j + 16] = d * hi as f32 + m;
+                }
+            }
+        }
+        RawKind::Q4K | RawKind::Q5K => {
+            let (d, dmin) = (f16(&blk[0..2]), f16(&blk[2..4]));
+            let scales = &blk[4..16];
+            let five = kind == RawKind::Q5K;
+            let (qh, qs) = if five {
+                (&blk[16..48], &blk[48..176])
+            } else {
+                (&blk[0..0], &blk[16..144])
+            };
+            for j in 0..4 {
+                let ql = &qs[32 * j..32 * j + 32];
+                for half in 0..2 {
+                    let sub = 2 * j + half;
+                    let (sc, mn) = k_scale_min(sub, scales);
+                    let (d1, m1) = (d * sc as f32, dmin * mn as f32);
+                    for l in 0..32 {
+                        let mut q = if half == 0 { ql[l] & 0x0F } else { ql[l] >> 4 };
+                        if five && qh[l] & (1 << sub) != 0 {
+                            q += 16;
+                        }
+                        o[32 * sub + l] = d1 * q as f32 - m1;
+                    }
+                }
+            }
+        }
+        RawKind::Q6K => {
+            let d = f16(&blk[208..210]);
+            for n in 0..2 {
+                let ql = &blk[64 * n..64 * n + 64];
+                let qh = &blk[128 + 32 * n..160 + 32 * n];
+                let sc = &blk[192 + 8 * n..200 + 8 * n];
+                let y = &mut o[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    let s = |i: usize| d * (sc[i] as i8) as f32;
+                    y[l] = s(is) * q1 as f32;
+                    y[l + 32] = s(is + 2) * q2 as f32;
+                    y[l + 64] = s(is + 4) * q3 as f32;
+                    y[l + 96] = s(is + 6) * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K super-block, packed in 12
+/// bytes: the first four pairs in the low 6 bits of bytes 0..8, the last four split between
+/// the nibbles of bytes 8..12 and the top 2 bits of bytes 0..8.
+#[inline(always)]
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The (scale, offset) of each 16 weights of a coded block, so that weight = scale * code +
+/// offset with the byte code of [`x86::codes`]: 2 pairs for the 32-weight types, 16 for the
+/// K-quants.
+#[inline(always)]
+fn coded_affine(kind: RawKind, blk: &[u8], scale: &mut [f32; 16], offset: &mut [f32; 16]) {
+    match kind {
+        RawKind::Q5_0 => {
+            let d = f16(&blk[0..2]);
+            scale[..2].fill(d);
+            offset[..2].fill(-16.0 * d);
+        }
+        RawKind::Q5_1 => {
+            scale[..2].fill(f16(&blk[0..2]));
+            offset[..2].fill(f16(&blk[2..4]));
+        }
+        RawKind::Q4K | RawKind::Q5K => {
+            let (d, dmin) = (f16(&blk[0..2]), f16(&blk[2..4]));
+            for sub in 0..8 {
+                let (sc, mn) = k_scale_min(sub, &blk[4..16]);
+                let (s, o) = (d * sc as f32, -(dmin * mn as f32));
+                scale[2 * sub] = s;
+                scale[2 * sub + 1] = s;
+                offset[2 * sub] = o;
+                offset[2 * sub + 1] = o;
+            }
+        }
+        RawKind::Q6K => {
+            let d = f16(&blk[208..210]);
+            for h in 0..16 {
+                let s = d * (blk[192 + h] as i8) as f32;
+                scale[h] = s;
+                offset[h] = -32.0 * s;
+            }
+        }
+        RawKind::Q4_0 | RawKind::Q4_1 | RawKind::Q8_0 | RawKind::F16 => {
+            unreachable!("{kind:?} has its own decoder")
         }
     }
 }
@@ -316,13 +550,14 @@ fn row_dots(level: Level, kind: RawKind, row: &[u8], xs: &[f32], k: usize, out: 
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::dots_avx2(kind, row, xs, k, out) },
         Level::Scalar => {
-            let mut w = [0f32; BLOCK];
-            let bb = kind.block_bytes();
+            let mut buf = [0f32; 256];
+            let (bb, elems) = (kind.block_bytes(), kind.block_elems());
+            let w = &mut buf[..elems];
             out.iter_mut().for_each(|o| *o = 0.0);
-            for b in 0..k / BLOCK {
-                dequant_block_scalar(kind, &row[b * bb..(b + 1) * bb], &mut w);
+            for b in 0..k / elems {
+                dequant_block_scalar(kind, &row[b * bb..(b + 1) * bb], w);
                 for (i, o) in out.iter_mut().enumerate() {
-                    let x = &xs[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
+                    let x = &xs[i * k + b * elems..i * k + (b + 1) * elems];
                     *o += w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
                 }
             }
@@ -332,8 +567,301 @@ fn row_dots(level: Level, kind: RawKind, row: &[u8], xs: &[f32], k: usize, out: 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{RawKind, BLOCK};
+    use super::{coded_affine, RawKind, BLOCK};
     use std::arch::x86_64::*;
+
+    /// Chunk `s` (weights `32 s .. 32 s + 32`) of a coded block at `p` as 32 unsigned byte
+    /// codes, lane `l` holding weight `32 s + l` (see [`coded_affine`] for the values).
+    #[inline(always)]
+    pub(super) unsafe fn codes(kind: RawKind, p: *const u8, s: usize) -> __m256i {
+        let low4 = _mm256_set1_epi8(0x0F);
+        // Low (even) or high (odd) nibbles of 32 bytes.
+        let nibbles = |b: __m256i, high: bool| {
+            if high {
+                _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)
+            } else {
+                _mm256_and_si256(b, low4)
+            }
+        };
+        let shift = |b: __m256i, n: usize| _mm256_srl_epi16(b, _mm_cvtsi32_si128(n as i32));
+        match kind {
+            RawKind::Q5_0 | RawKind::Q5_1 => {
+                let at = if kind == RawKind::Q5_0 { 2 } else { 4 };
+                // 16 bytes: weight j in the low nibble of byte j, weight j + 16 in its high one.
+                let q = _mm_loadu_si128(p.add(at + 4) as *const __m128i);
+                let lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+                let nib = _mm256_set_m128i(hi, lo);
+                // Bit j of `qh` is weight j's fifth bit: send byte j / 8 of it to lane j, keep
+                // bit j % 8, and turn a set one into 16.
+                let qh = std::ptr::read_unaligned(p.add(at) as *const u32);
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh as i32),
+                    _mm256_set_epi64x(
+                        0x0303_0303_0303_0303,
+                        0x0202_0202_0202_0202,
+                        0x0101_0101_0101_0101,
+                        0,
+                    ),
+                );
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+            }
+            RawKind::Q4K => {
+                let q = _mm256_loadu_si256(p.add(16 + 32 * (s / 2)) as *const __m256i);
+                nibbles(q, s % 2 == 1)
+            }
+            RawKind::Q5K => {
+                let q = _mm256_loadu_si256(p.add(48 + 32 * (s / 2)) as *const __m256i);
+                let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                // Bit s of qh[l] is the fifth bit of weight 32 s + l.
+                let h = _mm256_and_si256(shift(qh, s), _mm256_set1_epi8(1));
+                _mm256_or_si256(nibbles(q, s % 2 == 1), _mm256_slli_epi16(h, 4))
+            }
+            RawKind::Q6K => {
+                // Half n of the super-block, group g of its four 32-weight groups: low bits in
+                // the low (g < 2) or high nibbles of ql[32 (g % 2) ..], high bits in bits 2g,
+                // 2g + 1 of qh[l].
+                let (n, g) = (s / 4, s % 4);
+                let q = _mm256_loadu_si256(p.add(64 * n + 32 * (g % 2)) as *const __m256i);
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                let h = _mm256_and_si256(shift(qh, 2 * g), _mm256_set1_epi8(3));
+                _mm256_or_si256(nibbles(q, g >= 2), _mm256_slli_epi16(h, 4))
+            }
+            RawKind::Q4_0 | RawKind::Q4_1 | RawKind::Q8_0 | RawKind::F16 => {
+                unreachable!("{kind:?} has its own decoder")
+            }
+        }
+    }
+
+    /// [`dots512`] for the coded types: per block, the (scale, offset) pairs once, then each
+    /// 32-weight chunk as codes widened to 2 x 16 f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
+    unsafe fn coded_dots512<const R: usize, const K: u8>(
+        row: &[u8],
+        xs: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let kind = RawKind::from_id(K);
+        let (bb, elems) = (kind.block_bytes(), kind.block_elems());
+        let x = xs.as_ptr();
+        let mut a0 = [_mm512_setzero_ps(); R];
+        let mut a1 = [_mm512_setzero_ps(); R];
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for b in 0..k / elems {
+            let blk = &row[b * bb..(b + 1) * bb];
+            coded_affine(kind, blk, &mut scale, &mut offset);
+            for s in 0..elems / BLOCK {
+                let c = codes(kind, blk.as_ptr(), s);
+                let widen = |v: __m128i, h: usize| {
+                    _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)),
+                        _mm512_set1_ps(scale[h]),
+                        _mm512_set1_ps(offset[h]),
+                    )
+                };
+                let w0 = widen(_mm256_castsi256_si128(c), 2 * s);
+                let w1 = widen(_mm256_extracti128_si256::<1>(c), 2 * s + 1);
+                for i in 0..R {
+                    let xp = x.add(i * k + b * elems + s * BLOCK);
+                    a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a0[i]);
+                    a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a1[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+        }
+    }
+
+    /// [`coded_dots512`] with 8-lane registers.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn coded_dots256<const R: usize, const K: u8>(
+        row: &[u8],
+        xs: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let kind = RawKind::from_id(K);
+        let (bb, elems) = (kind.block_bytes(), kind.block_elems());
+        let x = xs.as_ptr();
+        let mut a0 = [_mm256_setzero_ps(); R];
+        let mut a1 = [_mm256_setzero_ps(); R];
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for b in 0..k / elems {
+            let blk = &row[b * bb..(b + 1) * bb];
+            coded_affine(kind, blk, &mut scale, &mut offset);
+            for s in 0..elems / BLOCK {
+                let c = codes(kind, blk.as_ptr(), s);
+                let (lo, hi) = (_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+                let widen = |v: __m128i, h: usize| {
+                    _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+                        _mm256_set1_ps(scale[h]),
+                        _mm256_set1_ps(offset[h]),
+                    )
+                };
+                let w = [
+                    widen(lo, 2 * s),
+                    widen(_mm_srli_si128::<8>(lo), 2 * s),
+                    widen(hi, 2 * s + 1),
+                    widen(_mm_srli_si128::<8>(hi), 2 * s + 1),
+                ];
+                for i in 0..R {
+                    let xp = x.add(i * k + b * elems + s * BLOCK);
+                    a0[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a0[i]);
+                    a1[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), a1[i]);
+                    a0[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), a0[i]);
+                    a1[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a1[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            let v = _mm256_add_ps(a0[i], a1[i]);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            out[i] = _mm_cvtss_f32(s);
+        }
+    }
+
+    /// Dequantises consecutive weight rows (`data`, each `k` weights) into `panel` (row-major
+    /// f32), with the same SIMD decoders the dot kernels use.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
+    pub(super) unsafe fn decode_rows512(kind: RawKind, data: &[u8], k: usize, panel: &mut [f32]) {
+        match kind {
+            RawKind::Q4_0 => decode_rows_k512::<0>(data, k, panel),
+            RawKind::Q4_1 => decode_rows_k512::<1>(data, k, panel),
+            RawKind::Q8_0 => decode_rows_k512::<2>(data, k, panel),
+            RawKind::F16 => decode_rows_k512::<3>(data, k, panel),
+            RawKind::Q5_0 => decode_rows_k512::<4>(data, k, panel),
+            RawKind::Q5_1 => decode_rows_k512::<5>(data, k, panel),
+            RawKind::Q4K => decode_rows_k512::<6>(data, k, panel),
+            RawKind::Q5K => decode_rows_k512::<7>(data, k, panel),
+            RawKind::Q6K => decode_rows_k512::<8>(data, k, panel),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
+    unsafe fn decode_rows_k512<const K: u8>(data: &[u8], k: usize, panel: &mut [f32]) {
+        let kind = RawKind::from_id(K);
+        let (bb, elems) = (kind.block_bytes(), kind.block_elems());
+        let blocks = data.len() / bb;
+        assert!(panel.len() >= blocks * elems && (blocks * elems).is_multiple_of(k));
+        let out = panel.as_mut_ptr();
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for b in 0..blocks {
+            let blk = &data[b * bb..(b + 1) * bb];
+            let o = out.add(b * elems);
+            if kind.coded() {
+                coded_affine(kind, blk, &mut scale, &mut offset);
+                for s in 0..elems / BLOCK {
+                    let c = codes(kind, blk.as_ptr(), s);
+                    let widen = |v: __m128i, h: usize| {
+                        _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)),
+                            _mm512_set1_ps(scale[h]),
+                            _mm512_set1_ps(offset[h]),
+                        )
+                    };
+                    _mm512_storeu_ps(o.add(s * BLOCK), widen(_mm256_castsi256_si128(c), 2 * s));
+                    _mm512_storeu_ps(
+                        o.add(s * BLOCK + 16),
+                        widen(_mm256_extracti128_si256::<1>(c), 2 * s + 1),
+                    );
+                }
+            } else {
+                let (w0, w1) = block512(kind, blk.as_ptr());
+                _mm512_storeu_ps(o, w0);
+                _mm512_storeu_ps(o.add(16), w1);
+            }
+        }
+    }
+
+    /// Dot products of 4 weight rows (`w`, 4 x k) with `rows` (1..=6) activation rows
+    /// (`xs`): `tile[wr][xr]`. 24 accumulators; each step loads 4 + 6 vectors for 24 FMAs.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
+    pub(super) unsafe fn tile512(
+        w: &[f32],
+        xs: &[f32],
+        k: usize,
+        rows: usize,
+        tile: &mut [[f32; 6]; 4],
+    ) {
+        match rows {
+            1 => tile_r512::<1>(w, xs, k, tile),
+            2 => tile_r512::<2>(w, xs, k, tile),
+            3 => tile_r512::<3>(w, xs, k, tile),
+            4 => tile_r512::<4>(w, xs, k, tile),
+            5 => tile_r512::<5>(w, xs, k, tile),
+            6 => tile_r512::<6>(w, xs, k, tile),
+            n => unreachable!("{n} rows per tile"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
+    unsafe fn tile_r512<const R: usize>(w: &[f32], xs: &[f32], k: usize, tile: &mut [[f32; 6]; 4]) {
+        assert!(w.len() >= 4 * k && xs.len() >= R * k && k.is_multiple_of(16));
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        // Four named accumulator rows (rather than one 2-D array) so that they stay in
+        // registers: 4 x 6 accumulators + 4 weight vectors + 1 activation vector of the 32.
+        let mut a0 = [_mm512_setzero_ps(); R];
+        let mut a1 = [_mm512_setzero_ps(); R];
+        let mut a2 = [_mm512_setzero_ps(); R];
+        let mut a3 = [_mm512_setzero_ps(); R];
+        let mut t = 0;
+        while t < k {
+            let w0 = _mm512_loadu_ps(wp.add(t));
+            let w1 = _mm512_loadu_ps(wp.add(k + t));
+            let w2 = _mm512_loadu_ps(wp.add(2 * k + t));
+            let w3 = _mm512_loadu_ps(wp.add(3 * k + t));
+            // Unrolled by hand (`R` is a constant, so the untaken arms vanish): as a loop,
+            // LLVM kept the accumulators on the stack.
+            macro_rules! row {
+                ($j:literal) => {
+                    if R > $j {
+                        let xv = _mm512_loadu_ps(xp.add($j * k + t));
+                        a0[$j] = _mm512_fmadd_ps(w0, xv, a0[$j]);
+                        a1[$j] = _mm512_fmadd_ps(w1, xv, a1[$j]);
+                        a2[$j] = _mm512_fmadd_ps(w2, xv, a2[$j]);
+                        a3[$j] = _mm512_fmadd_ps(w3, xv, a3[$j]);
+                    }
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            t += 16;
+        }
+        for j in 0..R {
+            tile[0][j] = _mm512_reduce_add_ps(a0[j]);
+            tile[1][j] = _mm512_reduce_add_ps(a1[j]);
+            tile[2][j] = _mm512_reduce_add_ps(a2[j]);
+            tile[3][j] = _mm512_reduce_add_ps(a3[j]);
+        }
+    }
+
+    /// Instantiates `$kernel::<R, K>` for the tile height `out.len()`.
+    macro_rules! by_rows {
+        ($kernel:ident, $k_id:expr, $row:expr, $xs:expr, $k:expr, $out:expr) => {
+            match $out.len() {
+                1 => $kernel::<1, { $k_id }>($row, $xs, $k, $out),
+                2 => $kernel::<2, { $k_id }>($row, $xs, $k, $out),
+                3 => $kernel::<3, { $k_id }>($row, $xs, $k, $out),
+                4 => $kernel::<4, { $k_id }>($row, $xs, $k, $out),
+                5 => $kernel::<5, { $k_id }>($row, $xs, $k, $out),
+                6 => $kernel::<6, { $k_id }>($row, $xs, $k, $out),
+                7 => $kernel::<7, { $k_id }>($row, $xs, $k, $out),
+                8 => $kernel::<8, { $k_id }>($row, $xs, $k, $out),
+                n => unreachable!("{n} rows per tile"),
+            }
+        };
+    }
 
     /// The f16 at `p` (unaligned), converted and broadcast to 16 lanes.
     #[inline(always)]
@@ -374,6 +902,7 @@ mod x86 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
                 _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i)),
             ),
+            _ => unreachable!("{kind:?} is decoded through codes"),
         }
     }
 
@@ -476,6 +1005,7 @@ mod x86 {
             RawKind::Q4_1 => rows2_512::<1>(row, row2, xs, k, out, out2),
             RawKind::Q8_0 => rows2_512::<2>(row, row2, xs, k, out, out2),
             RawKind::F16 => rows2_512::<3>(row, row2, xs, k, out, out2),
+            _ => unreachable!("no two-row kernel for {kind:?}"),
         }
     }
 
@@ -513,6 +1043,11 @@ mod x86 {
             RawKind::Q4_1 => rows512::<1>(row, xs, k, out),
             RawKind::Q8_0 => rows512::<2>(row, xs, k, out),
             RawKind::F16 => rows512::<3>(row, xs, k, out),
+            RawKind::Q5_0 => by_rows!(coded_dots512, 4, row, xs, k, out),
+            RawKind::Q5_1 => by_rows!(coded_dots512, 5, row, xs, k, out),
+            RawKind::Q4K => by_rows!(coded_dots512, 6, row, xs, k, out),
+            RawKind::Q5K => by_rows!(coded_dots512, 7, row, xs, k, out),
+            RawKind::Q6K => by_rows!(coded_dots512, 8, row, xs, k, out),
         }
     }
 
@@ -578,6 +1113,7 @@ mod x86 {
                 let f = |o: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(o) as *const __m128i));
                 [f(0), f(16), f(32), f(48)]
             }
+            _ => unreachable!("{kind:?} is decoded through codes"),
         }
     }
 
@@ -635,6 +1171,11 @@ mod x86 {
             RawKind::Q4_1 => rows256::<1>(row, xs, k, out),
             RawKind::Q8_0 => rows256::<2>(row, xs, k, out),
             RawKind::F16 => rows256::<3>(row, xs, k, out),
+            RawKind::Q5_0 => by_rows!(coded_dots256, 4, row, xs, k, out),
+            RawKind::Q5_1 => by_rows!(coded_dots256, 5, row, xs, k, out),
+            RawKind::Q4K => by_rows!(coded_dots256, 6, row, xs, k, out),
+            RawKind::Q5K => by_rows!(coded_dots256, 7, row, xs, k, out),
+            RawKind::Q6K => by_rows!(coded_dots256, 8, row, xs, k, out),
         }
     }
 
@@ -657,65 +1198,96 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    fn raw(kind: RawKind, d: GgmlDType, w: &Tensor) -> (RawQ, Vec<f32>) {
-        let q = QTensor::quantize(w, d).unwrap();
-        let (n, k) = w.dims2().unwrap();
-        let r = RawQ::new(kind, n, k, q.data().unwrap().to_vec()).unwrap();
-        let deq: Vec<f32> = q
+    const ALL: [(RawKind, GgmlDType); 9] = [
+        (RawKind::Q4_0, GgmlDType::Q4_0),
+        (RawKind::Q4_1, GgmlDType::Q4_1),
+        (RawKind::Q8_0, GgmlDType::Q8_0),
+        (RawKind::F16, GgmlDType::F16),
+        (RawKind::Q5_0, GgmlDType::Q5_0),
+        (RawKind::Q5_1, GgmlDType::Q5_1),
+        (RawKind::Q4K, GgmlDType::Q4K),
+        (RawKind::Q5K, GgmlDType::Q5K),
+        (RawKind::Q6K, GgmlDType::Q6K),
+    ];
+
+    /// Candle's dequantisation of the blocks: the independent reference.
+    fn candle_dequant(d: GgmlDType, data: &[u8], n: usize, k: usize) -> Vec<f32> {
+        ggml_file::qtensor_from_ggml(d, data, vec![n, k], &Device::Cpu)
+            .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
-            .unwrap();
-        (r, deq)
+            .unwrap()
     }
 
-    #[test]
-    fn kernels_equal_dequantised_matmul() {
-        let (n, k) = (70, 96);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        for (kind, d) in [
-            (RawKind::Q4_0, GgmlDType::Q4_0),
-            (RawKind::Q4_1, GgmlDType::Q4_1),
-            (RawKind::Q8_0, GgmlDType::Q8_0),
-            (RawKind::F16, GgmlDType::F16),
-        ] {
-            let (r, deq) = raw(kind, d, &w);
-            let mut row = vec![0f32; k];
-            r.dequantize_row(3, &mut row);
-            assert_eq!(row, deq[3 * k..4 * k], "{kind:?} dequantize_row");
-            let mut levels = vec![Level::Scalar];
-            #[cfg(target_arch = "x86_64")]
+    fn raw(kind: RawKind, d: GgmlDType, w: &Tensor) -> (RawQ, Vec<f32>) {
+        let q = QTensor::quantize(w, d).unwrap();
+        let (n, k) = w.dims2().unwrap();
+        let data = q.data().unwrap().to_vec();
+        let deq = candle_dequant(d, &data, n, k);
+        (RawQ::new(kind, n, k, data).unwrap(), deq)
+    }
+
+    fn levels() -> Vec<Level> {
+        let mut levels = vec![Level::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
             {
-                if is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
-                    levels.push(Level::Avx2);
-                }
+                levels.push(Level::Avx2);
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                     levels.push(Level::Avx512);
                 }
             }
-            let x: Vec<f32> = (0..5 * k)
-                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
-                .collect();
-            for level in levels {
-                let mut got = vec![0f32; 5];
+        }
+        levels
+    }
+
+    /// Every level's `row_dots` on the first weight row against the dequantised reference.
+    fn check_row_dots(kind: RawKind, r: &RawQ, deq: &[f32], what: &str) {
+        let k = r.k;
+        let x: Vec<f32> = (0..5 * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        for level in levels() {
+            for rows in [1, 2, 5] {
+                let mut got = vec![0f32; rows];
                 row_dots(level, kind, &r.data[..r.row_bytes()], &x, k, &mut got);
                 for (i, g) in got.iter().enumerate() {
                     let want: f32 = (0..k).map(|t| x[i * k + t] * deq[t]).sum();
+                    let scale: f32 = (0..k).map(|t| (x[i * k + t] * deq[t]).abs()).sum();
                     assert!(
-                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{kind:?} {level:?} row {i}: {g} vs {want}"
+                        (g - want).abs() <= 1e-5 * (1.0 + scale),
+                        "{kind:?} {what} {level:?} tile {rows} row {i}: {g} vs {want}"
                     );
                 }
             }
-            for m in [1, 3, 8, 11] {
+        }
+    }
+
+    #[test]
+    fn kernels_equal_dequantised_matmul() {
+        let (n, k) = (70, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        for (kind, d) in ALL {
+            let (r, deq) = raw(kind, d, &w);
+            let mut row = vec![0f32; k];
+            r.dequantize_row(3, &mut row);
+            for (t, (a, b)) in row.iter().zip(&deq[3 * k..4 * k]).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{kind:?} dequantize_row weight {t}: {a} vs {b}"
+                );
+            }
+            check_row_dots(kind, &r, &deq, "quantised randn");
+            for m in [1, 3, 8, 11, 17, 23] {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                     .collect();
@@ -730,6 +1302,56 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Random block bytes, every code and bit pattern the format allows, with the f16 scales
+    /// set to extremes: the largest finite f16, a subnormal, negative, zero.
+    #[test]
+    fn kernels_on_random_blocks_with_extreme_scales() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut byte = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        };
+        let k = 512;
+        for (kind, d) in ALL {
+            if kind == RawKind::F16 {
+                continue; // random bits would include NaN and infinity
+            }
+            // Byte offsets of the block's f16 scales.
+            let f16_at: &[usize] = match kind {
+                RawKind::Q4_0 | RawKind::Q8_0 | RawKind::Q5_0 => &[0],
+                RawKind::Q4_1 | RawKind::Q5_1 | RawKind::Q4K | RawKind::Q5K => &[0, 2],
+                RawKind::Q6K => &[208],
+                RawKind::F16 => unreachable!(),
+            };
+            for scale in [65504.0f32, -65504.0, 6.0e-8, -0.0137, 0.0, 1.0] {
+                let blocks = k / kind.block_elems();
+                let mut data: Vec<u8> = (0..blocks * kind.block_bytes()).map(|_| byte()).collect();
+                for blk in data.chunks_exact_mut(kind.block_bytes()) {
+                    for &at in f16_at {
+                        let bits = half::f16::from_f32(scale).to_bits().to_le_bytes();
+                        blk[at..at + 2].copy_from_slice(&bits);
+                    }
+                }
+                let deq = candle_dequant(d, &data, 1, k);
+                let r = RawQ::new(kind, 1, k, data).unwrap();
+                let mut row = vec![0f32; k];
+                r.dequantize_row(0, &mut row);
+                // The affine forms round once (an FMA) where the reference rounds twice, and
+                // `d sc q - dmin m` can cancel: compare against the row's magnitude.
+                let row_max = deq.iter().fold(0f32, |a, b| a.max(b.abs()));
+                for (t, (a, b)) in row.iter().zip(&deq).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * row_max,
+                        "{kind:?} scale {scale} weight {t}: {a} vs candle {b}"
+                    );
+                }
+                check_row_dots(kind, &r, &deq, &format!("scale {scale}"));
             }
         }
     }

@@ -121,6 +121,11 @@ fn raw_kind(d: GgmlDType) -> Option<RawKind> {
         GgmlDType::Q4_1 => Some(RawKind::Q4_1),
         GgmlDType::Q8_0 => Some(RawKind::Q8_0),
         GgmlDType::F16 => Some(RawKind::F16),
+        GgmlDType::Q5_0 => Some(RawKind::Q5_0),
+        GgmlDType::Q5_1 => Some(RawKind::Q5_1),
+        GgmlDType::Q4K => Some(RawKind::Q4K),
+        GgmlDType::Q5K => Some(RawKind::Q5K),
+        GgmlDType::Q6K => Some(RawKind::Q6K),
         _ => None,
     }
 }

@@ -124,10 +124,7 @@ fn tiny_gguf(dir: &Path, matrices: GgmlDType) -> (PathBuf, ModelConfig, Params) 
     let params = Params::init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
     let path = dir.join(format!("tiny-{matrices:?}.gguf"));
     let md = gguf::llama_metadata(&cfg, "tiny");
-    let types = GgufExportTypes {
-        matrices,
-        vectors: GgmlDType::F32,
-    };
+    let types = GgufExportTypes::uniform(matrices);
     gguf::write_gguf(&path, &cfg, &params, &md, types).unwrap();
     (path, cfg, params)
 }
@@ -233,10 +230,7 @@ fn broken_gguf_files_are_named_errors() {
     md[0].1 = gguf::GgufValue::String("gpt2".into());
     let g = tmp.path().join("arch.gguf");
     let params = Params::init(&cfg, 0, &Device::Cpu, DType::F32).unwrap();
-    let types = GgufExportTypes {
-        matrices: GgmlDType::F32,
-        vectors: GgmlDType::F32,
-    };
+    let types = GgufExportTypes::uniform(GgmlDType::F32);
     gguf::write_gguf(&g, &cfg, &params, &md, types).unwrap();
     let e = err(GgufFile::open(&g).unwrap().config());
     assert!(e.contains("arch.gguf") && e.contains("gpt2"), "{e}");
