@@ -72,13 +72,10 @@ impl RawKind {
         }
     }
 
-    /// Decoded through byte codes and per-16-weight (scale, offset) pairs (see the module
-    /// docs), rather than by a decoder of its own.
-    fn coded(self) -> bool {
-        matches!(
-            self,
-            RawKind::Q5_0 | RawKind::Q5_1 | RawKind::Q4K | RawKind::Q5K | RawKind::Q6K
-        )
+    /// Has a one-block AVX-512 decoder (`x86::block512`, with the two-weight-row prefill
+    /// kernel); the K-quants go through codes there too.
+    fn has_block512(self) -> bool {
+        !matches!(self, RawKind::Q4K | RawKind::Q5K | RawKind::Q6K)
     }
 }
 
@@ -179,8 +176,10 @@ impl RawQ {
             let mut r = c * chunk;
             while r < end {
                 // Prefill: two weight rows at a time share every activation load.
-                let pair =
-                    m > 1 && r + 1 < end && level == Level::best_pairs() && !self.kind.coded();
+                let pair = m > 1
+                    && r + 1 < end
+                    && level == Level::best_pairs()
+                    && self.kind.has_block512();
                 let row = &self.data[r * rb..(r + 1) * rb];
                 let mut i = 0;
                 while i < m {
@@ -755,7 +754,7 @@ mod x86 {
         for b in 0..blocks {
             let blk = &data[b * bb..(b + 1) * bb];
             let o = out.add(b * elems);
-            if kind.coded() {
+            if !kind.has_block512() {
                 coded_affine(kind, blk, &mut scale, &mut offset);
                 for s in 0..elems / BLOCK {
                     let c = codes(kind, blk.as_ptr(), s);
@@ -902,6 +901,26 @@ mod x86 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
                 _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32) as *const __m256i)),
             ),
+            RawKind::Q5_0 | RawKind::Q5_1 => {
+                let (d, m, at) = if kind == RawKind::Q5_0 {
+                    let d = bcast_f16_512(p);
+                    (d, _mm512_mul_ps(d, _mm512_set1_ps(-16.0)), 2)
+                } else {
+                    (bcast_f16_512(p), bcast_f16_512(p.add(2)), 4)
+                };
+                // Bit j of qh is weight j's fifth bit: used directly as a lane mask.
+                let qh = std::ptr::read_unaligned(p.add(at) as *const u32);
+                let q = _mm_loadu_si128(p.add(at + 4) as *const __m128i);
+                let lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, nib));
+                let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), nib));
+                let sixteen = _mm512_set1_epi32(16);
+                let lo = _mm512_mask_or_epi32(lo, qh as u16, lo, sixteen);
+                let hi = _mm512_mask_or_epi32(hi, (qh >> 16) as u16, hi, sixteen);
+                (
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+                )
+            }
             _ => unreachable!("{kind:?} is decoded through codes"),
         }
     }
@@ -1005,6 +1024,8 @@ mod x86 {
             RawKind::Q4_1 => rows2_512::<1>(row, row2, xs, k, out, out2),
             RawKind::Q8_0 => rows2_512::<2>(row, row2, xs, k, out, out2),
             RawKind::F16 => rows2_512::<3>(row, row2, xs, k, out, out2),
+            RawKind::Q5_0 => rows2_512::<4>(row, row2, xs, k, out, out2),
+            RawKind::Q5_1 => rows2_512::<5>(row, row2, xs, k, out, out2),
             _ => unreachable!("no two-row kernel for {kind:?}"),
         }
     }
@@ -1043,8 +1064,8 @@ mod x86 {
             RawKind::Q4_1 => rows512::<1>(row, xs, k, out),
             RawKind::Q8_0 => rows512::<2>(row, xs, k, out),
             RawKind::F16 => rows512::<3>(row, xs, k, out),
-            RawKind::Q5_0 => by_rows!(coded_dots512, 4, row, xs, k, out),
-            RawKind::Q5_1 => by_rows!(coded_dots512, 5, row, xs, k, out),
+            RawKind::Q5_0 => rows512::<4>(row, xs, k, out),
+            RawKind::Q5_1 => rows512::<5>(row, xs, k, out),
             RawKind::Q4K => by_rows!(coded_dots512, 6, row, xs, k, out),
             RawKind::Q5K => by_rows!(coded_dots512, 7, row, xs, k, out),
             RawKind::Q6K => by_rows!(coded_dots512, 8, row, xs, k, out),
