@@ -553,3 +553,50 @@ fn a_missing_or_empty_prompt_file_is_a_clear_error() {
         assert!(!o.status.success() && err.contains(want), "{err}");
     }
 }
+
+/// `export --type q4_k_m` of SmolLM2 writes llama.cpp's mixture (Q4_K where rows are whole
+/// super-blocks, Q6_K for the `use_more_bits` layers' ffn_down, the 32-weight fallbacks
+/// elsewhere), and `bench quant-accuracy` on it finds kiln's kernels equal to the dequantised
+/// model while 8-bit activations are not.
+#[test]
+fn q4_k_m_export_runs_on_kilns_kernels_with_the_dequantised_models_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q4_k_m.gguf");
+    let m = smollm2();
+    kiln(&[
+        "export",
+        "--model",
+        m.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--type",
+        "q4_k_m",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = kiln(&[
+        "bench",
+        "quant-accuracy",
+        "--model",
+        out.to_str().unwrap(),
+        "--tokens",
+        "64",
+        "--window",
+        "33",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let weights = r["weights"].as_str().unwrap();
+    assert!(
+        weights.contains(r#""Q4_K": 16, "Q5_0": 166, "Q6_K": 14, "Q8_0": 15"#),
+        "{weights}"
+    );
+    assert_eq!(r["positions"], 64);
+    assert_eq!(r["kiln"]["top1_agreement"], 1.0, "{r}");
+    assert!(r["kiln"]["mean_kl"].as_f64().unwrap() < 1e-6, "{r}");
+    let q8 = r["candle_q8_activations"]["mean_kl"].as_f64().unwrap();
+    assert!(
+        q8 > 1e-4,
+        "8-bit activations should move the predictions: {r}"
+    );
+}

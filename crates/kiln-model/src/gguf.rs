@@ -864,7 +864,14 @@ pub fn export_tensor(
         .to_device(&Device::Cpu)?
         .force_contiguous()?;
     let dtype = stored_type(cfg, kiln, t.dims(), types);
-    let q = QTensor::quantize(&t, dtype)?;
+    let q = if dtype == GgmlDType::Q6K {
+        // kiln's own quantiser: llama.cpp's algorithm, so the bytes match llama-quantize's.
+        let x: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let bytes = crate::quantize::quantize_q6k(&x);
+        ggml_file::qtensor_from_ggml(dtype, &bytes, t.dims().to_vec(), &Device::Cpu)?
+    } else {
+        QTensor::quantize(&t, dtype)?
+    };
     let q = match rope_heads(cfg, kiln) {
         Some(heads) => {
             let data = q.data()?;

@@ -15,6 +15,7 @@ mod model;
 mod params;
 pub mod qkernels;
 mod qmodel;
+pub mod quantize;
 mod rng;
 mod rope;
 

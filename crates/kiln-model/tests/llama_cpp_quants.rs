@@ -98,3 +98,82 @@ fn llama_cpp_blocks_dequantise_as_gguf_py_does_and_every_kernel_agrees() {
         "the fixture should hold every type llama.cpp's K-quant mixtures use"
     );
 }
+
+/// The same weights quantised by kiln and by `llama-quantize` give the same bytes: the fixture's
+/// rows came from SmolLM2's shipped Q4_1 (dequantised to f32 and requantised by llama.cpp), so
+/// quantising those f32 rows here must reproduce them. Q6_K is kiln's port of llama.cpp's
+/// quantiser; Q4_0, Q5_0, Q5_1 and Q8_0 are candle's. Q4_K and Q5_K (candle's, whose rounding
+/// differs in rare ties) must dequantise within one level step of llama.cpp's.
+#[test]
+fn kiln_quantises_smollm2_rows_as_llama_quantize_does() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            kiln_testutil::repo_root().join("tests/fixtures/llama_cpp_quants/blocks.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let path = kiln_testutil::smollm2_gguf();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    for b in fixture["blocks"].as_array().unwrap() {
+        let (name, tensor) = (b["type"].as_str().unwrap(), b["tensor"].as_str().unwrap());
+        let (rows, cols) = (
+            b["rows"].as_u64().unwrap() as usize,
+            b["cols"].as_u64().unwrap() as usize,
+        );
+        // The source rows as stored (llama-quantize keeps the file's row order).
+        let src = content
+            .tensor(&mut file, tensor, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .narrow(0, 0, rows)
+            .unwrap();
+        let x: Vec<f32> = src.flatten_all().unwrap().to_vec1().unwrap();
+        let want = hex(b["data"].as_str().unwrap());
+        let dtype = match name {
+            "Q4_0" => GgmlDType::Q4_0,
+            "Q5_0" => GgmlDType::Q5_0,
+            "Q5_1" => GgmlDType::Q5_1,
+            "Q8_0" => GgmlDType::Q8_0,
+            "Q4_K" => GgmlDType::Q4K,
+            "Q5_K" => GgmlDType::Q5K,
+            "Q6_K" => GgmlDType::Q6K,
+            other => panic!("unexpected type {other}"),
+        };
+        let got = if dtype == GgmlDType::Q6K {
+            kiln_model::quantize::quantize_q6k(&x)
+        } else {
+            let t = Tensor::from_vec(x.clone(), (rows, cols), &Device::Cpu).unwrap();
+            QTensor::quantize(&t, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec()
+        };
+        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K) {
+            let k = kind(name).unwrap();
+            let ours = RawQ::new(k, rows, cols, got).unwrap().dequantize();
+            let theirs = RawQ::new(k, rows, cols, want).unwrap().dequantize();
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(
+                worst <= amax / 8.0,
+                "{name}: {worst} (weights up to {amax})"
+            );
+        } else {
+            let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+            assert_eq!(
+                (same, got.len()),
+                (want.len(), want.len()),
+                "{name} ({tensor}): bytes differ from llama-quantize's"
+            );
+        }
+    }
+}
