@@ -14,6 +14,7 @@
 #   ppo   PPO on the same model, reward and prompts: 16 prompts a step, 4 epochs of 2
 #         minibatches, KL coefficient 0.15, a constant learning rate 2e-4, 50 steps.
 #   ppo-lr1e-4  (not in the default stages) the same at KL coefficient 0.1 and lr 1e-4, 60 steps.
+#   ppo-lr1.5e-4  (not in the default stages) the same at lr 1.5e-4, 60 steps.
 #   length  (not in the default stages) GRPO with length:16 and the missing-EOS penalty: a
 #         harder target (answers of about 16 tokens that end), 80 steps.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
@@ -69,6 +70,12 @@ if want ppo-lr1e-4; then
         --max-new-tokens 40 --set train.steps=60 --set train.batch_size=16 --set ppo.epochs=4 \
         --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1e-4 \
         --set optim.min_lr=1e-4 --set optim.warmup_steps=5 --set train.checkpoint_every=10
+fi
+if want ppo-lr1.5e-4; then
+    run ppo-smollm2-lr15 ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16 \
+        --max-new-tokens 40 --set train.steps=60 --set train.batch_size=16 --set ppo.epochs=4 \
+        --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1.5e-4 \
+        --set optim.min_lr=1.5e-4 --set optim.warmup_steps=5 --set train.checkpoint_every=10
 fi
 if want length; then
     run grpo-length-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 \

@@ -27,7 +27,8 @@ use crate::{Grads, ModelError, SplitMix64};
 pub enum LinearWeight {
     /// f32 (or f64 in gradient checks), on any device.
     Dense(Tensor),
-    /// GGML blocks with one of kiln's exact kernels (Q4_0, Q4_1, Q8_0, F16).
+    /// GGML blocks with one of kiln's exact kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_K,
+    /// Q5_K, Q6_K).
     Raw(Arc<RawQ>),
     /// Other GGML types, through candle's quantised matmul (8-bit activations).
     Quant(Arc<QTensor>),

@@ -6,16 +6,20 @@
 //! multiplied with f32 activations, so the result equals the dequantised model's up to
 //! summation order and FMA rounding. (llama.cpp and candle instead round the activations to 8
 //! bits and use integer dot products, which is cheaper but moves the logits by a few percent:
-//! enough to change a greedy answer.) A block is expanded once and used for up to 8
-//! activation rows, so prefill reuses it from registers.
+//! enough to change a greedy answer.)
 //!
-//! The 5- and 6-bit types and the K-quants share one kernel: a chunk is first decoded to 32
-//! unsigned byte codes with AVX2 byte operations, then widened to f32 as `scale * code +
-//! offset`, with one (scale, offset) per 16 weights computed once per block. Q4_0, Q4_1, Q8_0
-//! and F16 keep their own decoders (and, on AVX-512, a two-weight-row kernel for prefill).
+//! Decoding: Q4_0, Q4_1, Q8_0, F16, Q5_0 and Q5_1 have a one-block AVX-512 decoder. The
+//! K-quants (and, on AVX2, the Q5 types) are first decoded to 32 unsigned byte codes with AVX2
+//! byte operations, then widened to f32 as `scale * code + offset`, with one (scale, offset) per
+//! 16 weights computed once per block.
+//!
+//! Kernels: a weight row against up to 8 activation rows, each block expanded once per tile
+//! (decode, and prefill on AVX2/scalar); on AVX-512, two weight rows at a time for the types
+//! with a one-block decoder; and for prefill (at least [`PANEL_MIN_ROWS`] rows, AVX-512) weight
+//! rows decoded once into f32 panels and multiplied by a 4 x 4 register-tiled kernel.
 //!
 //! Work is split over output rows with rayon; AVX-512, AVX2+FMA and portable scalar kernels
-//! are chosen at run time.
+//! are chosen at run time ([`set_simd_choice`] forces one, for tests and comparisons).
 
 use rayon::prelude::*;
 

@@ -1,6 +1,7 @@
 //! Quantised inference: the same decoder ([`Llama`]), with each projection's weight kept as
-//! GGUF blocks. Q4_0, Q4_1, Q8_0 and F16 run through kiln's kernels, which compute exactly
-//! what the dequantised model computes; other types go through candle's quantised matmul.
+//! GGUF blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and Q4_K/Q5_K/Q6_K run through kiln's
+//! kernels, which compute exactly what the dequantised model computes; the rest (Q2_K, Q3_K,
+//! ...) go through candle's quantised matmul.
 //! Norms stay f32. Training loads dense [`Params`] instead (or keeps a quantised base frozen
 //! under LoRA).
 //!
