@@ -638,6 +638,30 @@ mod x86 {
         }
     }
 
+    /// Chunk `s` of the coded block at `p` as 2 x 16 f32: its byte codes widened as
+    /// `scale * code + offset` with the block's pairs (see [`coded_affine`]).
+    #[inline(always)]
+    unsafe fn coded_chunk512(
+        kind: RawKind,
+        p: *const u8,
+        s: usize,
+        scale: &[f32; 16],
+        offset: &[f32; 16],
+    ) -> (__m512, __m512) {
+        let c = codes(kind, p, s);
+        let widen = |v: __m128i, h: usize| {
+            _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)),
+                _mm512_set1_ps(scale[h]),
+                _mm512_set1_ps(offset[h]),
+            )
+        };
+        (
+            widen(_mm256_castsi256_si128(c), 2 * s),
+            widen(_mm256_extracti128_si256::<1>(c), 2 * s + 1),
+        )
+    }
+
     /// [`dots512`] for the coded types: per block, the (scale, offset) pairs once, then each
     /// 32-weight chunk as codes widened to 2 x 16 f32.
     #[target_feature(enable = "avx512f,avx512bw,avx2,f16c,fma")]
@@ -657,16 +681,7 @@ mod x86 {
             let blk = &row[b * bb..(b + 1) * bb];
             coded_affine(kind, blk, &mut scale, &mut offset);
             for s in 0..elems / BLOCK {
-                let c = codes(kind, blk.as_ptr(), s);
-                let widen = |v: __m128i, h: usize| {
-                    _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)),
-                        _mm512_set1_ps(scale[h]),
-                        _mm512_set1_ps(offset[h]),
-                    )
-                };
-                let w0 = widen(_mm256_castsi256_si128(c), 2 * s);
-                let w1 = widen(_mm256_extracti128_si256::<1>(c), 2 * s + 1);
+                let (w0, w1) = coded_chunk512(kind, blk.as_ptr(), s, &scale, &offset);
                 for i in 0..R {
                     let xp = x.add(i * k + b * elems + s * BLOCK);
                     a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a0[i]);
@@ -761,19 +776,9 @@ mod x86 {
             if !kind.has_block512() {
                 coded_affine(kind, blk, &mut scale, &mut offset);
                 for s in 0..elems / BLOCK {
-                    let c = codes(kind, blk.as_ptr(), s);
-                    let widen = |v: __m128i, h: usize| {
-                        _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)),
-                            _mm512_set1_ps(scale[h]),
-                            _mm512_set1_ps(offset[h]),
-                        )
-                    };
-                    _mm512_storeu_ps(o.add(s * BLOCK), widen(_mm256_castsi256_si128(c), 2 * s));
-                    _mm512_storeu_ps(
-                        o.add(s * BLOCK + 16),
-                        widen(_mm256_extracti128_si256::<1>(c), 2 * s + 1),
-                    );
+                    let (w0, w1) = coded_chunk512(kind, blk.as_ptr(), s, &scale, &offset);
+                    _mm512_storeu_ps(o.add(s * BLOCK), w0);
+                    _mm512_storeu_ps(o.add(s * BLOCK + 16), w1);
                 }
             } else {
                 let (w0, w1) = block512(kind, blk.as_ptr());
