@@ -266,39 +266,25 @@ fn compare_with_pytorch(
         script.display()
     );
     let threads = candle_core::utils::get_num_threads().to_string();
-    // The binary (not a library) may read the environment: PYTHON picks the interpreter
-    // that has torch.
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .args(["--preset", preset, "--threads", &threads, "--json"])
-        .args([
-            "--seq-len",
-            &kiln.seq_len.to_string(),
-            "--batch-size",
-            &kiln.batch_size.to_string(),
-        ])
-        .args([
-            "--warmup",
-            &warmup.to_string(),
-            "--steps",
-            &steps.to_string(),
-        ])
-        .output()
-        .map_err(|e| anyhow::anyhow!("running {python} {}: {e}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "the PyTorch benchmark failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_default();
-    let torch: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-        anyhow::anyhow!("unexpected output of the PyTorch benchmark ({e}): {stdout}")
-    })?;
+    let args: Vec<std::ffi::OsString> = [
+        "--preset",
+        preset,
+        "--threads",
+        &threads,
+        "--json",
+        "--seq-len",
+        &kiln.seq_len.to_string(),
+        "--batch-size",
+        &kiln.batch_size.to_string(),
+        "--warmup",
+        &warmup.to_string(),
+        "--steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let torch = run_python_json(script, &args, "the PyTorch benchmark")?;
     let torch_tps = torch["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let torch_mfu = kiln.flops_per_token * torch_tps / kiln.peak_flops;
     let ratio = kiln.tokens_per_s / torch_tps;

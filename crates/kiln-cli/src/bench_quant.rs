@@ -46,8 +46,8 @@ struct Agreement {
 impl Agreement {
     /// Adds the positions of one window: `reference` and `other` are `(t, v)` logits.
     fn add(&mut self, reference: &Tensor, other: &Tensor) -> Result<()> {
-        let lp = candle_nn_log_softmax(reference)?;
-        let lq = candle_nn_log_softmax(other)?;
+        let lp = log_softmax_f64(reference)?;
+        let lq = log_softmax_f64(other)?;
         // KL(p || q) = sum_v p (log p - log q), per position.
         let kl: Vec<f64> = (lp.exp()? * (&lp - &lq)?)?.sum(D::Minus1)?.to_vec1()?;
         let a: Vec<u32> = reference.argmax(D::Minus1)?.to_vec1()?;
@@ -71,7 +71,7 @@ impl Agreement {
 }
 
 /// `log_softmax` over the last dimension, in f64 so that tiny KLs are not rounding noise.
-fn candle_nn_log_softmax(logits: &Tensor) -> Result<Tensor> {
+fn log_softmax_f64(logits: &Tensor) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F64)?;
     let max = x.max_keepdim(D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;
@@ -90,6 +90,13 @@ fn load(a: &BenchQuantAccuracyArgs, weights: Weights, candle: bool) -> Result<(L
 pub fn run(a: BenchQuantAccuracyArgs) -> Result<()> {
     if a.window < 2 || a.tokens == 0 {
         bail!("--window must be at least 2 and --tokens at least 1");
+    }
+    if kiln_load::ModelFormat::detect(&a.model)? != kiln_load::ModelFormat::Gguf {
+        bail!(
+            "--model {} is not a GGUF file: quant-accuracy compares a GGUF's quantised weights \
+             with the same weights dequantised",
+            a.model.display()
+        );
     }
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading --text {}", a.text.display()))?;

@@ -599,4 +599,23 @@ fn q4_k_m_export_runs_on_kilns_kernels_with_the_dequantised_models_predictions()
         q8 > 1e-4,
         "8-bit activations should move the predictions: {r}"
     );
+
+    // Bad input: a model that is not a GGUF, a text too short for the positions asked for.
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "Too short.").unwrap();
+    let hf = hf_tiny();
+    for (model, extra, want) in [
+        (hf.to_str().unwrap(), vec![], "is not a GGUF file"),
+        (
+            out.to_str().unwrap(),
+            vec!["--text", short.to_str().unwrap()],
+            "windows of 256 need",
+        ),
+    ] {
+        let mut args = vec!["bench", "quant-accuracy", "--model", model];
+        args.extend(extra);
+        let o = kiln_in(&args, &root(), None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
 }
