@@ -13,7 +13,7 @@ use kiln_data::{
 use kiln_infer::{generate as generate_text, generate_batch, GenerateOptions, Sampler};
 use kiln_load::{InferenceModel, LoadedWeights, Weights};
 use kiln_model::{Llama, ModelConfig};
-use kiln_train::{evaluate_loss, RunConfig, Trainer};
+use kiln_train::{evaluate_loss, Observer, RunConfig, Silent, Trainer};
 use tracing::info;
 
 use crate::progress::Console;
@@ -72,11 +72,21 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     }
     let cfg = RunConfig::load(&a.config, &overrides)?;
     let run_dir = cfg.run_dir(Some(&a.config));
+    // Under mpirun each process is one rank; rank 0 alone draws progress and logs.
+    let group = crate::dist::join(&cfg.dist)?;
+    let main = group.as_ref().is_none_or(|g| g.is_main());
     let mut console = Console::new();
-    let mut trainer = Trainer::new(cfg, &run_dir, a.resume, &device(), &mut console)?;
+    let mut silent = Silent;
+    let obs: &mut dyn Observer = if main { &mut console } else { &mut silent };
+    let mut trainer = Trainer::new_with(cfg, &run_dir, a.resume, &device(), obs, group)?;
 
     let stop = stop_on_ctrl_c()?;
-    let summary = trainer.run(&mut console, &stop)?;
+    let summary = trainer.run(obs, &stop)?;
+    drop(trainer);
+    crate::dist::leave();
+    if !main {
+        return Ok(());
+    }
     console.finish();
     info!(
         steps = summary.steps,

@@ -16,6 +16,7 @@ mod bench_quant;
 mod bench_sft;
 mod chat;
 mod commands;
+mod dist;
 mod evaluate;
 mod export;
 mod fill_mask;
@@ -334,7 +335,12 @@ fn main() {
         Command::Scaling(c) => scaling::run(c),
     });
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        if dist::launched_as_rank() {
+            eprintln!("error (rank {}): {e:#}", dist::rank());
+            dist::abort_job(1); // the other ranks must not wait for this one
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(1);
     }
 }

@@ -58,7 +58,12 @@ impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for WithSliceMut<F> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("kiln-dist: not contiguous")
         };
-        let f = self.f.lock().expect("poisoned").take().expect("called once");
+        let f = self
+            .f
+            .lock()
+            .expect("poisoned")
+            .take()
+            .expect("called once");
         *self.result.lock().expect("poisoned") = Some(f(&mut data[start..end]));
         Ok(())
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 mod host;
 #[cfg(feature = "mpi")]
 mod mpi_backend;

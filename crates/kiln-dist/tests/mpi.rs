@@ -15,7 +15,13 @@ fn mpirun(test: &str, extra_env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new("mpirun");
     cmd.args(["-np", "2", "--oversubscribe"])
         .arg(exe)
-        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("KILN_MPI_WORKER", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -23,7 +29,8 @@ fn mpirun(test: &str, extra_env: &[(&str, &str)]) -> std::process::Output {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    cmd.output().expect("mpirun (apt-get install openmpi-bin: scripts/install-mpi.sh)")
+    cmd.output()
+        .expect("mpirun (apt-get install openmpi-bin: scripts/install-mpi.sh)")
 }
 
 #[test]
@@ -49,7 +56,9 @@ fn a_stalled_rank_is_named_after_the_timeout() {
     );
     assert!(!out.status.success(), "{text}");
     assert!(
-        text.contains("rank 0: all_reduce #1 did not complete within 2 s; rank 1 is not responding"),
+        text.contains(
+            "rank 0: all_reduce #1 did not complete within 2 s; rank 1 is not responding"
+        ),
         "{text}"
     );
     assert!(t0.elapsed() < Duration::from_secs(60), "{text}");
@@ -80,7 +89,11 @@ fn worker_collectives() {
         .unwrap();
     let out = Tensor::zeros(chunks[c.rank()], DType::F32, &dev).unwrap();
     c.reduce_scatter_sum(&input, &out, &chunks).unwrap();
-    let want: Vec<f32> = if c.rank() == 0 { vec![3., 6., 9.] } else { vec![12., 15.] };
+    let want: Vec<f32> = if c.rank() == 0 {
+        vec![3., 6., 9.]
+    } else {
+        vec![12., 15.]
+    };
     assert_eq!(out.to_vec1::<f32>().unwrap(), want);
     // all-gather back, and in place (a view of a larger buffer).
     let full = Tensor::zeros(5, DType::F32, &dev).unwrap();
@@ -92,12 +105,19 @@ fn worker_collectives() {
     let start = if c.rank() == 0 { 0 } else { 3 };
     view.slice_set(&mine, 0, start).unwrap();
     c.all_gather_in_place(&view, &chunks).unwrap();
-    assert_eq!(big.to_vec1::<f32>().unwrap(), vec![0., 0., 1., 1., 1., 2., 2.]);
+    assert_eq!(
+        big.to_vec1::<f32>().unwrap(),
+        vec![0., 0., 1., 1., 1., 2., 2.]
+    );
     // broadcasts and scalars.
     let b = Tensor::new(&[rank; 4], &dev).unwrap();
     c.broadcast(&b, 1).unwrap();
     assert_eq!(b.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
-    let mut bytes = if c.rank() == 0 { b"manifest".to_vec() } else { vec![] };
+    let mut bytes = if c.rank() == 0 {
+        b"manifest".to_vec()
+    } else {
+        vec![]
+    };
     c.broadcast_bytes(&mut bytes, 0).unwrap();
     assert_eq!(bytes, b"manifest");
     let mut v = [rank as f64 + 0.5, 2.0];

@@ -48,17 +48,13 @@ pub fn resolve_kiln(path: &Path) -> Result<ResolvedModel, LoadError> {
                 });
             };
             checkpoint::verify_checkpoint(&latest)?;
-            (
-                latest.clone(),
-                latest.join(MODEL_FILE),
-                Some((step, latest)),
-            )
+            (latest.clone(), weights_of(&latest), Some((step, latest)))
         }
         ModelFormat::KilnCheckpoint => {
             let manifest = checkpoint::verify_checkpoint(path)?;
             (
                 path.to_path_buf(),
-                path.join(MODEL_FILE),
+                weights_of(path),
                 Some((manifest.step, path.to_path_buf())),
             )
         }
@@ -117,6 +113,17 @@ pub fn resolve_kiln(path: &Path) -> Result<ResolvedModel, LoadError> {
             checkpoint: ckpt,
         },
     })
+}
+
+/// A checkpoint's weights: `model.safetensors`, or the manifest of a distributed run's
+/// per-rank shards (which `Params::load` assembles).
+fn weights_of(checkpoint: &Path) -> PathBuf {
+    let sharded = checkpoint.join(kiln_model::sharded::SHARD_MANIFEST);
+    if !checkpoint.join(MODEL_FILE).exists() && sharded.exists() {
+        sharded
+    } else {
+        checkpoint.join(MODEL_FILE)
+    }
 }
 
 /// A LoRA run (`kiln sft --lora-rank`) saves adapters, not a model: say how to load it.

@@ -271,6 +271,18 @@ impl Grads {
         Ok(())
     }
 
+    /// Zeroes every entry the backward did not write and marks it live, so the whole buffer
+    /// holds gradients (what a collective over the flat buffer needs).
+    pub fn make_all_live(&mut self) -> Result<(), ModelError> {
+        for (view, live) in self.views.iter().zip(self.live.iter_mut()) {
+            if !*live {
+                view.zero_set()?;
+                *live = true;
+            }
+        }
+        Ok(())
+    }
+
     /// The gradient of `name` (a view into the buffer), if it has one.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         let i = self.layout.position(name)?;

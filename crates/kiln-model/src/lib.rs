@@ -18,13 +18,14 @@ mod qmodel;
 pub mod quantize;
 mod rng;
 mod rope;
+pub mod sharded;
 
 pub use cache::KvCache;
 pub use config::{AttentionMode, ModelConfig, RopeScaling};
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
 pub use linear::{Linear, LinearWeight, Lora};
-pub use model::{Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
+pub use model::{LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
 pub use qkernels::{set_simd_choice, SimdChoice};
 pub use qmodel::{set_candle_qmatmul, CausalLm, QLlama};
@@ -42,6 +43,9 @@ pub enum ModelError {
     ContextOverflow { needed: usize, max_seq_len: usize },
     #[error("{path}: {msg}")]
     Weights { path: String, msg: String },
+    /// A [`LayerHooks`] callback failed (e.g. a collective of distributed training).
+    #[error("{0}")]
+    Hook(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -107,6 +107,19 @@ impl TokenBatch {
     }
 }
 
+/// Per-layer callbacks of the trunk's forward and backward
+/// ([`Llama::forward_hidden_hooked`], [`Llama::backward_hidden_hooked`]): fully sharded data
+/// parallelism materialises one layer's parameters at a time and reduces its gradients as soon
+/// as they are complete.
+pub trait LayerHooks {
+    /// Called before block `layer` reads its weights, in the forward and again in the backward.
+    fn before_layer(&mut self, layer: usize, backward: bool) -> Result<(), ModelError>;
+    /// The buffer block `layer`'s backward adds its gradients into.
+    fn layer_grads(&mut self, layer: usize) -> &mut Grads;
+    /// Called when block `layer`'s gradients are complete.
+    fn after_layer_backward(&mut self, layer: usize) -> Result<(), ModelError>;
+}
+
 /// What the trunk's forward keeps for [`Llama::backward_hidden`].
 pub struct Trunk {
     acts: Vec<BlockActs>,
@@ -549,6 +562,17 @@ impl Llama {
         batch: &TokenBatch,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<(Tensor, Trunk), ModelError> {
+        self.forward_hidden_hooked(batch, dropout_rng, None)
+    }
+
+    /// [`Llama::forward_hidden`] calling `hooks.before_layer(i, false)` before block `i` reads
+    /// its weights (FSDP gathers the layer's parameters there).
+    pub fn forward_hidden_hooked(
+        &self,
+        batch: &TokenBatch,
+        dropout_rng: Option<&mut SplitMix64>,
+        mut hooks: Option<&mut dyn LayerHooks>,
+    ) -> Result<(Tensor, Trunk), ModelError> {
         let m = self.detached();
         let (b, t) = batch.tokens.dims2()?;
         m.check_len(0, t)?;
@@ -556,7 +580,10 @@ impl Llama {
         let ids = batch.tokens.flatten_all()?;
         let mut x = m.embed(&batch.tokens)?.detach(); // (n, d)
         let mut acts = Vec::with_capacity(m.layers.len());
-        for block in &m.layers {
+        for (i, block) in m.layers.iter().enumerate() {
+            if let Some(h) = hooks.as_deref_mut() {
+                h.before_layer(i, false)?;
+            }
             let (out, a) = block.forward(&x, &mut pass, None, true)?;
             acts.push(a.expect("saved"));
             x = out;
@@ -584,6 +611,20 @@ impl Llama {
         d_hidden: &Tensor,
         grads: &mut Grads,
     ) -> Result<(), ModelError> {
+        self.backward_hidden_hooked(trunk, d_hidden, grads, None)
+    }
+
+    /// [`Llama::backward_hidden`] with per-layer hooks: block `i`'s backward runs after
+    /// `hooks.before_layer(i, true)`, writes into `hooks.layer_grads(i)` instead of `grads`,
+    /// and is followed by `hooks.after_layer_backward(i)` (FSDP re-gathers the layer, then
+    /// reduce-scatters its gradients). `grads` receives the rest (final norm, embedding).
+    pub fn backward_hidden_hooked(
+        &self,
+        trunk: Trunk,
+        d_hidden: &Tensor,
+        grads: &mut Grads,
+        mut hooks: Option<&mut dyn LayerHooks>,
+    ) -> Result<(), ModelError> {
         let m = self.detached();
         let pass = Pass {
             b: trunk.b,
@@ -602,8 +643,16 @@ impl Llama {
         if m.train_base {
             grads.accumulate("norm.weight", &d_norm)?;
         }
-        for (block, a) in m.layers.iter().zip(trunk.acts).rev() {
-            dx = block.backward(a, dx, &pass, grads)?;
+        for (i, (block, a)) in m.layers.iter().zip(trunk.acts).enumerate().rev() {
+            dx = match hooks.as_deref_mut() {
+                None => block.backward(a, dx, &pass, grads)?,
+                Some(h) => {
+                    h.before_layer(i, true)?;
+                    let dx = block.backward(a, dx, &pass, h.layer_grads(i))?;
+                    h.after_layer_backward(i)?;
+                    dx
+                }
+            };
         }
         if m.train_base {
             if let Embedding::Dense(_) = &m.embedding {

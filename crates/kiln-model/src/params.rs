@@ -205,7 +205,16 @@ impl Params {
     }
 
     /// Loads `model.safetensors`-style weights (kiln names) and checks them against `cfg`.
+    /// Reads a safetensors file of kiln names, or (given a `shards.json`) the sharded
+    /// checkpoint it describes.
     pub fn load(path: &Path, cfg: &ModelConfig, device: &Device) -> Result<Self, ModelError> {
+        if path.file_name() == Some(std::ffi::OsStr::new(crate::sharded::SHARD_MANIFEST)) {
+            // A distributed run's checkpoint: every rank's pieces, assembled.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let manifest = crate::sharded::read_manifest(dir)?;
+            let tensors = crate::sharded::read_sharded(dir, &manifest, "model", device)?;
+            return Self::from_tensors(cfg, tensors, &path.display().to_string());
+        }
         let tensors =
             candle_core::safetensors::load(path, device).map_err(|e| ModelError::Weights {
                 path: path.display().to_string(),

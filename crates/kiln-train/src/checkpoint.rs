@@ -38,7 +38,12 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-fn step_dir_name(step: u64) -> String {
+/// Where a checkpoint of `step` is written before it is renamed into place.
+pub fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".tmp-{}", step_dir_name(step)))
+}
+
+pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
@@ -71,17 +76,25 @@ pub fn save(
     if final_dir.join(STATE_FILE).exists() {
         return Ok(final_dir); // this step is already saved (e.g. Ctrl-C right after a save)
     }
-    let tmp = root.join(format!(".tmp-{}", step_dir_name(state.step)));
+    let tmp = tmp_dir(run_dir, state.step);
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?; // debris of an earlier crash
     }
     fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     write_files(&tmp)?;
     fs::write(tmp.join(CONFIG_FILE), config_toml).map_err(|e| io_err(&tmp, e))?;
-    for name in [MODEL_FILE, OPTIMIZER_FILE] {
-        let p = tmp.join(name);
+    // Every file written (model and optimizer, or every rank's shards and the manifest).
+    let mut names: Vec<String> = fs::read_dir(&tmp)
+        .map_err(|e| io_err(&tmp, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != CONFIG_FILE && n != STATE_FILE)
+        .collect();
+    names.sort();
+    for name in names {
+        let p = tmp.join(&name);
         fsync(&p)?;
-        state.files.insert(name.to_string(), digest(&p)?);
+        state.files.insert(name, digest(&p)?);
     }
     let state_path = tmp.join(STATE_FILE);
     let mut f = File::create(&state_path).map_err(|e| io_err(&state_path, e))?;

@@ -206,6 +206,54 @@ pub struct RunConfig {
     /// Masking options of `objective = "mlm"` (defaults when the section is absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlm: Option<MlmOptions>,
+    /// Distributed training (used when the run is launched on several ranks, e.g. by
+    /// `mpirun`; a single process ignores it).
+    #[serde(default)]
+    pub dist: DistConfig,
+}
+
+/// How the ranks of a distributed run share the work (`[dist]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Replicated parameters and optimizer; gradients all-reduced in buckets.
+    #[default]
+    Ddp,
+    /// Replicated parameters; gradients reduce-scattered, AdamW state and update sharded,
+    /// parameters all-gathered after the step.
+    Zero1,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Seconds one collective may wait for the other ranks before the run is ended with an
+    /// error naming the unresponsive ranks (plus a 5 s probe: detection within a minute).
+    #[serde(default = "d_dist_timeout")]
+    pub timeout_s: f64,
+    /// Gradient all-reduce bucket size (PyTorch DDP's default is 25 MB).
+    #[serde(default = "d_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            timeout_s: d_dist_timeout(),
+            bucket_mb: d_bucket_mb(),
+        }
+    }
+}
+
+fn d_dist_timeout() -> f64 {
+    45.0
+}
+
+fn d_bucket_mb() -> f64 {
+    25.0
 }
 
 /// Parses a `--set` value as TOML (numbers, booleans, arrays), falling back to a plain string.
@@ -262,9 +310,9 @@ impl RunConfig {
     /// Typed deserialisation section by section, so errors say which section.
     pub fn from_table(mut root: toml::Table) -> Result<Self, TrainError> {
         for key in root.keys() {
-            if !["model", "data", "optim", "train", "mlm"].contains(&key.as_str()) {
+            if !["model", "data", "optim", "train", "mlm", "dist"].contains(&key.as_str()) {
                 return Err(TrainError::Config(format!(
-                    "unknown section [{key}] (expected model, data, optim, train, mlm)"
+                    "unknown section [{key}] (expected model, data, optim, train, mlm, dist)"
                 )));
             }
         }
@@ -280,6 +328,7 @@ impl RunConfig {
         let data = section("data", true)?;
         let optim = section("optim", false)?;
         let train = section("train", true)?;
+        let dist = section("dist", false)?;
         let mlm = root.remove("mlm");
         fn typed<T: serde::de::DeserializeOwned>(
             name: &str,
@@ -295,6 +344,7 @@ impl RunConfig {
             optim: typed("optim", optim)?,
             train: typed("train", train)?,
             mlm: mlm.map(|v| typed("mlm", v)).transpose()?,
+            dist: typed("dist", dist)?,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 mod config;
 mod dataset;
+pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod perf;
@@ -11,8 +12,12 @@ pub mod plot;
 pub mod resolve;
 mod trainer;
 
-pub use config::{apply_override, DataConfig, Objective, OptimConfig, RunConfig, TrainConfig};
+pub use config::{
+    apply_override, DataConfig, DistConfig, Objective, OptimConfig, RunConfig, Strategy,
+    TrainConfig,
+};
 pub use dataset::ensure_dataset;
+pub use dist::DataParallel;
 pub use trainer::{
     evaluate_loss, evaluate_mlm, optimizer_step, optimizer_step_batches, write_atomic, EvalResult,
     Observer, RunInfo, RunSummary, Silent, StepResult, Trainer,
@@ -36,4 +41,6 @@ pub enum TrainError {
     Data(#[from] kiln_data::DataError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Dist(#[from] kiln_dist::DistError),
 }

@@ -32,6 +32,9 @@ pub struct AdamW {
     grads: Grads,
     /// Optimizer steps taken (bias correction uses `step + 1` for the next one).
     pub step: u64,
+    /// ZeRO-1: the element range of the gradient buffer this rank updates; m and v hold that
+    /// range only. `None`: every element (m and v in the gradients' layout).
+    shard: Option<Range<usize>>,
 }
 
 /// nanoGPT's rule: matrices decay; norms (1-D) and the embedding table do not, unless asked.
@@ -97,7 +100,36 @@ impl AdamW {
             grads: Grads::new(layout.clone(), dtype, device)?,
             layout,
             step: 0,
+            shard: None,
         })
+    }
+
+    /// ZeRO-1: from now on this optimizer keeps m and v for elements `range` of the gradient
+    /// buffer only, and [`AdamW::step`] updates the parameters of that range alone (the caller
+    /// has reduced the gradients of the range and gathers the parameters afterwards). Call
+    /// before the first step; the state is reset to zeros.
+    pub fn shard_to(&mut self, range: Range<usize>) -> Result<(), TrainError> {
+        if range.end > self.layout.total() {
+            return Err(TrainError::Config(format!(
+                "optimizer shard {range:?} is outside the {} trainable elements",
+                self.layout.total()
+            )));
+        }
+        let (dtype, device) = (self.m.dtype(), self.m.device().clone());
+        self.m = Tensor::zeros(range.len(), dtype, &device)?;
+        self.v = Tensor::zeros(range.len(), dtype, &device)?;
+        self.shard = Some(range);
+        Ok(())
+    }
+
+    /// The elements of the gradient buffer whose optimizer state this process holds.
+    pub fn state_range(&self) -> Range<usize> {
+        self.shard.clone().unwrap_or(0..self.layout.total())
+    }
+
+    /// Bytes of optimizer state (m and v) this process holds.
+    pub fn state_bytes(&self) -> usize {
+        2 * self.state_range().len() * self.m.dtype().size_in_bytes()
     }
 
     /// The layout of the gradients and of m and v.
@@ -198,7 +230,16 @@ impl AdamW {
         grad_scale: f64,
     ) -> Result<(), TrainError> {
         let flat = params.flat().as_detached_tensor();
+        let shard = self.state_range();
         for r in self.update_ranges(params, grads)? {
+            // Under ZeRO-1 only the part of the range inside this rank's shard.
+            let start = r.grad.start.max(shard.start);
+            let end = r.grad.end.min(shard.end);
+            if start >= end {
+                continue;
+            }
+            let skip = start - r.grad.start;
+            let state_start = r.state.start + skip - shard.start;
             let hp = AdamWParams {
                 lr,
                 beta1: self.cfg.beta1,
@@ -208,16 +249,48 @@ impl AdamW {
                 step: self.step,
                 grad_scale,
             };
-            let n = r.grad.len();
+            let n = end - start;
             adamw_step(
-                &flat.narrow(0, r.param.start, n)?,
-                &grads.flat().narrow(0, r.grad.start, n)?,
-                &self.m.narrow(0, r.state.start, n)?,
-                &self.v.narrow(0, r.state.start, n)?,
+                &flat.narrow(0, r.param.start + skip, n)?,
+                &grads.flat().narrow(0, start, n)?,
+                &self.m.narrow(0, state_start, n)?,
+                &self.v.narrow(0, state_start, n)?,
                 &hp,
             )?;
         }
         Ok(())
+    }
+
+    /// The moments of elements `range` of the gradient layout (inside [`AdamW::state_range`])
+    /// as pieces `m.NAME@START` / `v.NAME@START` (see `kiln_model::sharded`): what one rank
+    /// writes into a sharded checkpoint.
+    pub fn state_pieces(&self, range: Range<usize>) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let held = self.state_range();
+        if range.start < held.start || range.end > held.end {
+            return Err(TrainError::Checkpoint(format!(
+                "optimizer pieces {range:?} outside the state held here ({held:?})"
+            )));
+        }
+        let mut out = Vec::new();
+        for e in self.layout.entries() {
+            let (start, end) = (
+                e.offset.max(range.start),
+                (e.offset + e.numel).min(range.end),
+            );
+            if start >= end {
+                continue;
+            }
+            for (prefix, buf) in [("m", &self.m), ("v", &self.v)] {
+                out.push((
+                    kiln_model::sharded::piece_key(
+                        &format!("{prefix}.{}", e.name),
+                        start - e.offset,
+                    ),
+                    buf.narrow(0, start - held.start, end - start)?.copy()?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The moments of `name`: views into the m and v buffers.
@@ -231,6 +304,11 @@ impl AdamW {
     /// Writes the moments as `m.<name>` / `v.<name>` tensors (the format of per-tensor state,
     /// so checkpoints from before flat storage still load).
     pub fn save(&self, path: &Path) -> Result<(), TrainError> {
+        if self.shard.is_some() {
+            return Err(TrainError::Checkpoint(
+                "a ZeRO-1 optimizer holds a shard: save it as pieces (state_pieces)".into(),
+            ));
+        }
         let mut map = HashMap::new();
         for e in self.layout.entries() {
             let (m, v) = self.moments(e)?;
@@ -247,25 +325,38 @@ impl AdamW {
         }
         let loaded = candle_core::safetensors::load(path, self.m.device())
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        self.load_tensors(&loaded, &path.display().to_string(), step)
+    }
+
+    /// Restores m and v from whole tensors `m.NAME` / `v.NAME` (a checkpoint file, or the
+    /// pieces of a sharded one assembled), keeping only the shard under ZeRO-1.
+    pub fn load_tensors(
+        &mut self,
+        loaded: &HashMap<String, Tensor>,
+        source: &str,
+        step: u64,
+    ) -> Result<(), TrainError> {
+        let held = self.state_range();
         for e in self.layout.entries() {
+            let (start, end) = (e.offset.max(held.start), (e.offset + e.numel).min(held.end));
+            if start >= end {
+                continue;
+            }
             for (prefix, buf) in [("m", &self.m), ("v", &self.v)] {
                 let key = format!("{prefix}.{}", e.name);
                 let t = loaded.get(&key).ok_or_else(|| {
-                    TrainError::Checkpoint(format!(
-                        "{}: missing optimizer tensor {key:?}",
-                        path.display()
-                    ))
+                    TrainError::Checkpoint(format!("{source}: missing optimizer tensor {key:?}"))
                 })?;
                 if t.dims() != e.shape.as_slice() {
                     return Err(TrainError::Checkpoint(format!(
-                        "{}: optimizer tensor {key:?} has shape {:?}, expected {:?}",
-                        path.display(),
+                        "{source}: optimizer tensor {key:?} has shape {:?}, expected {:?}",
                         t.dims(),
                         e.shape
                     )));
                 }
-                let t = t.to_dtype(buf.dtype())?.flatten_all()?.contiguous()?;
-                buf.slice_set(&t, 0, e.offset)?;
+                let t = t.to_dtype(buf.dtype())?.flatten_all()?;
+                let part = t.narrow(0, start - e.offset, end - start)?.contiguous()?;
+                buf.slice_set(&part, 0, start - held.start)?;
             }
         }
         self.step = step;

@@ -11,9 +11,11 @@ use kiln_data::{
     WindowSampler, IGNORE_INDEX, VAL_MASK_SEED,
 };
 use kiln_kernels::{count_valid_targets, cross_entropy_sum};
+use kiln_model::sharded::{read_manifest, read_sharded, SHARD_MANIFEST};
 use kiln_model::{Llama, ModelConfig, Params, SplitMix64, TokenBatch};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::dist::DataParallel;
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::optim::{lr_at, AdamW};
 use crate::{Objective, RunConfig, TrainError};
@@ -76,6 +78,8 @@ pub struct Trainer {
     flops_per_token: f64,
     peak_flops: f64,
     config_toml: String,
+    /// The data-parallel group when the run has several ranks.
+    dist: Option<DataParallel>,
 }
 
 /// One evaluation: mean loss per predicted token and, for MLM, masked-token accuracy.
@@ -104,10 +108,38 @@ impl Trainer {
         device: &Device,
         obs: &mut dyn Observer,
     ) -> Result<Self, TrainError> {
+        Self::new_with(cfg, run_dir, resume, device, obs, None)
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel group (`dist`; `None`: one process).
+    /// Rank 0 prepares the dataset and writes the run's files; every rank trains on its rows
+    /// of each global batch.
+    pub fn new_with(
+        cfg: RunConfig,
+        run_dir: &Path,
+        resume: bool,
+        device: &Device,
+        obs: &mut dyn Observer,
+        dist: Option<DataParallel>,
+    ) -> Result<Self, TrainError> {
         cfg.validate()?;
+        let main = dist.as_ref().is_none_or(|d| d.is_main());
+        if let Some(d) = &dist {
+            d.check_batch(cfg.train.batch_size)?;
+        }
         std::fs::create_dir_all(run_dir)
             .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
-        let data = crate::dataset::ensure_dataset(&cfg, obs)?;
+        // Rank 0 prepares the dataset (when it does not exist yet); the others then open it.
+        let data = if main {
+            let data = crate::dataset::ensure_dataset(&cfg, obs)?;
+            if let Some(d) = &dist {
+                d.comm.barrier()?;
+            }
+            data
+        } else {
+            dist.as_ref().expect("not main").comm.barrier()?;
+            crate::dataset::ensure_dataset(&cfg, obs)?
+        };
         check_vocab(&cfg.model, data.meta.vocab_size, &data.dir)?;
         let mlm = match cfg.train.objective {
             Objective::Clm => None,
@@ -123,9 +155,11 @@ impl Trainer {
         }
         // The run directory is self-contained: config, tokenizer, metrics, checkpoints.
         let config_toml = cfg.to_toml();
-        write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        if main {
+            write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        }
         let tok_src = data.dir.join("tokenizer.json");
-        if tok_src.exists() {
+        if main && tok_src.exists() {
             std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
                 .map_err(|e| TrainError::Io(format!("{}: {e}", tok_src.display())))?;
         }
@@ -141,7 +175,10 @@ impl Trainer {
             None => Params::init(&cfg.model, cfg.train.seed, device, DType::F32)?,
         };
         let model = Llama::new(&cfg.model, &params)?;
-        let optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+        let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+        if let Some(d) = &dist {
+            d.setup(&params, &mut optimizer)?;
+        }
         let sampler = WindowSampler::new(cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len);
         let peak_flops = match cfg.train.peak_flops {
             Some(p) => p,
@@ -161,8 +198,9 @@ impl Trainer {
             mlm,
             peak_flops,
             config_toml,
+            dist,
         };
-        if trainer.cfg.train.save_init && !resume {
+        if trainer.cfg.train.save_init && !resume && main {
             trainer.params.save(&run_dir.join("init.safetensors"))?;
         }
         if resume {
@@ -214,11 +252,39 @@ impl Trainer {
         let batches: Vec<Batch> = (0..self.cfg.train.grad_accum)
             .map(|_| self.next_batch())
             .collect::<Result<_, _>>()?;
+        let lr = lr_at(self.optimizer.step, self.cfg.train.steps, &self.cfg.optim);
+        if let Some(d) = &self.dist {
+            // Every rank draws the same global batches and trains on its rows of each.
+            let n_valid = batches
+                .iter()
+                .map(|b| b.targets.iter().filter(|&&t| t != IGNORE_INDEX).count())
+                .sum();
+            let n_tokens = batches.iter().map(|b| b.inputs.len()).sum();
+            let local: Vec<(TokenBatch, Tensor)> = batches
+                .iter()
+                .map(|b| {
+                    let (i, t) = self.batch_tensors(&d.rows(b)?)?;
+                    Ok((TokenBatch::new(i), t))
+                })
+                .collect::<Result<_, TrainError>>()?;
+            let r = d.step(
+                &self.model,
+                &self.params,
+                &mut self.optimizer,
+                &local,
+                n_valid,
+                n_tokens,
+                lr,
+                self.cfg.optim.grad_clip,
+                Some(&mut self.dropout_rng),
+            )?;
+            self.tokens_seen += r.n_tokens as u64;
+            return Ok(r);
+        }
         let tensors: Vec<(Tensor, Tensor)> = batches
             .iter()
             .map(|b| self.batch_tensors(b))
             .collect::<Result<_, _>>()?;
-        let lr = lr_at(self.optimizer.step, self.cfg.train.steps, &self.cfg.optim);
         let r = optimizer_step(
             &self.model,
             &self.params,
@@ -252,6 +318,9 @@ impl Trainer {
             )));
         }
         let batches = eval_batches(shard, t.batch_size, t.seq_len, t.eval_batches);
+        if let Some(d) = &self.dist {
+            return self.evaluate_distributed(d, batches);
+        }
         match &self.mlm {
             Some(m) => evaluate_mlm(&self.model, m, batches),
             None => Ok(EvalResult {
@@ -261,7 +330,54 @@ impl Trainer {
         }
     }
 
+    /// Evaluation split over the ranks like training: each rank scores its rows of every
+    /// validation batch, and the sums are added over ranks.
+    fn evaluate_distributed(
+        &self,
+        d: &DataParallel,
+        batches: impl Iterator<Item = Batch>,
+    ) -> Result<EvalResult, TrainError> {
+        let device = self.model.device().clone();
+        // [loss sum, predicted tokens, correct (MLM)]
+        let mut sums = [0.0f64; 3];
+        for (k, b) in batches.enumerate() {
+            let b = match &self.mlm {
+                Some(m) => m.mask_batch(&b, mlm_seed(VAL_MASK_SEED, k as u64)),
+                None => b,
+            };
+            let b = d.rows(&b)?;
+            let inputs = Tensor::from_slice(&b.inputs, (b.batch_size, b.ctx), &device)?;
+            let targets = Tensor::from_slice(&b.targets, b.batch_size * b.ctx, &device)?;
+            let logits = self.model.forward_train(&inputs, None)?;
+            sums[0] += cross_entropy_sum(&logits, &targets)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            sums[1] += count_valid_targets(&targets)? as f64;
+            if self.mlm.is_some() {
+                let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                for (&label, &p) in b.targets.iter().zip(&predicted) {
+                    if label != IGNORE_INDEX && i64::from(p) == label {
+                        sums[2] += 1.0;
+                    }
+                }
+            }
+        }
+        d.comm.all_reduce_sum_f64(&mut sums)?;
+        if sums[1] == 0.0 {
+            return Err(TrainError::Config(
+                "evaluation data holds no target token".into(),
+            ));
+        }
+        Ok(EvalResult {
+            loss: sums[0] / sums[1],
+            accuracy: self.mlm.as_ref().map(|_| sums[2] / sums[1]),
+        })
+    }
+
     pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        if let Some(d) = &self.dist {
+            return self.save_sharded_checkpoint(d);
+        }
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step: self.step(),
@@ -282,12 +398,69 @@ impl Trainer {
         )
     }
 
+    /// Every rank writes its shards into the checkpoint's temporary directory; rank 0 writes
+    /// the manifest and state and renames the directory into place once all have written.
+    fn save_sharded_checkpoint(&self, d: &DataParallel) -> Result<PathBuf, TrainError> {
+        let step = self.step();
+        let final_dir =
+            checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(step));
+        if final_dir.join(checkpoint::STATE_FILE).exists() {
+            return Ok(final_dir); // already saved (every rank sees the same file system)
+        }
+        let tmp = checkpoint::tmp_dir(&self.run_dir, step);
+        if d.is_main() {
+            let state = CheckpointState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step,
+                tokens_seen: self.tokens_seen,
+                sampler: self.sampler.clone(),
+                dropout_rng: self.dropout_rng.clone(),
+                files: Default::default(),
+            };
+            let dir = checkpoint::save(
+                &self.run_dir,
+                state,
+                &self.config_toml,
+                |dir| {
+                    d.comm.barrier()?; // the directory exists: the others write
+                    d.write_shards(dir, &self.params, &self.optimizer)?;
+                    crate::dist::write_manifest(dir, &d.manifest(&self.params))?;
+                    d.comm.barrier()?; // every rank has written
+                    Ok(())
+                },
+                self.cfg.train.keep_checkpoints,
+            )?;
+            d.comm.barrier()?; // renamed into place
+            Ok(dir)
+        } else {
+            d.comm.barrier()?;
+            d.write_shards(&tmp, &self.params, &self.optimizer)?;
+            d.comm.barrier()?;
+            d.comm.barrier()?;
+            Ok(final_dir)
+        }
+    }
+
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
         let state = checkpoint::load_state(dir)?;
-        let loaded = Params::load(&dir.join(MODEL_FILE), &self.cfg.model, self.model.device())
+        let sharded = !dir.join(MODEL_FILE).exists() && dir.join(SHARD_MANIFEST).exists();
+        let model_file = if sharded {
+            dir.join(SHARD_MANIFEST)
+        } else {
+            dir.join(MODEL_FILE)
+        };
+        let loaded = Params::load(&model_file, &self.cfg.model, self.model.device())
             .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         self.params.copy_from(&loaded)?;
-        self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        if sharded {
+            // Written by any number of ranks: assemble the moments, keep what this rank holds.
+            let manifest = read_manifest(dir)?;
+            let moments = read_sharded(dir, &manifest, "optimizer", self.model.device())?;
+            self.optimizer
+                .load_tensors(&moments, &dir.display().to_string(), state.step)?;
+        } else {
+            self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        }
         if state.sampler.batch_size != self.cfg.train.batch_size
             || state.sampler.ctx != self.cfg.train.seq_len
         {
@@ -332,7 +505,16 @@ impl Trainer {
     ) -> Result<RunSummary, TrainError> {
         let t0 = Instant::now();
         let start_step = self.step();
-        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start_step)?;
+        let main = self.dist.as_ref().is_none_or(|d| d.is_main());
+        // Rank 0 alone writes metrics and plots.
+        let mut metrics = if main {
+            Some(MetricsWriter::open(
+                &self.run_dir.join("metrics.jsonl"),
+                start_step,
+            )?)
+        } else {
+            None
+        };
         obs.on_start(&self.info());
         let total = self.cfg.train.steps;
         let mut summary = RunSummary {
@@ -346,7 +528,12 @@ impl Trainer {
             last_checkpoint: None,
         };
         while self.step() < total {
-            if stop.load(Ordering::SeqCst) {
+            let mut stopping = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
+            if let Some(d) = &self.dist {
+                // Every rank stops at the same step (Ctrl-C reaches them at different times).
+                d.comm.all_reduce_max_f64(&mut stopping)?;
+            }
+            if stopping[0] > 0.0 {
                 summary.stopped_early = true;
                 break;
             }
@@ -369,15 +556,17 @@ impl Trainer {
                 });
             }
             let logged = self.cfg.train.logs_at(step);
-            if logged {
-                metrics.write(&row)?;
+            if let (true, Some(m)) = (logged, metrics.as_mut()) {
+                m.write(&row)?;
             }
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
             if self.cfg.train.evaluates_at(step) {
                 let eval = self.evaluate_metrics()?;
                 let row = MetricsRow::eval(step, self.tokens_seen, eval.loss, eval.accuracy);
-                metrics.write(&row)?;
+                if let Some(m) = metrics.as_mut() {
+                    m.write(&row)?;
+                }
                 summary.final_val_loss = Some(eval.loss);
                 summary.final_val_accuracy = eval.accuracy;
                 obs.on_eval(&row);
@@ -396,6 +585,10 @@ impl Trainer {
         summary.steps = self.step();
         summary.tokens = self.tokens_seen;
         summary.wall_s = t0.elapsed().as_secs_f64();
+        if !main {
+            return Ok(summary);
+        }
+        drop(metrics);
         crate::plot::plot_run(&self.run_dir)?;
         if self.mlm.is_some() && summary.final_val_accuracy.is_some() {
             let label = self

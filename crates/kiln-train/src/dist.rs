@@ -1,0 +1,301 @@
+//! Data-parallel training over a [`Collectives`] engine (MPI on CPUs), with the semantics of
+//! one process: `train.batch_size` is the global batch, each rank takes a fixed slice of every
+//! micro-batch's rows; the loss of every rank is a token sum divided by the valid-token count
+//! of the whole global step; gradients are summed over ranks; the clip uses the global norm.
+//! Replicas start from the same weights and apply the same update, so they stay equal.
+//!
+//! - DDP: the gradient buffer is all-reduced in buckets (`dist.bucket_mb`), then every rank
+//!   runs the same AdamW update.
+//! - ZeRO-1: the gradients are reduce-scattered, so each rank holds the summed gradients of its
+//!   contiguous shard of the flat buffer and AdamW's m and v for that shard only; it updates
+//!   its shard of the parameters, and the parameters are all-gathered.
+//!
+//! Checkpoints are sharded (`kiln_model::sharded`): each rank writes the parameter and
+//! optimizer pieces of its shard, rank 0 the manifest and state, and the directory is renamed
+//! into place only when every rank has written (barriers around the writes).
+
+use std::path::Path;
+use std::rc::Rc;
+
+use candle_core::Tensor;
+use kiln_data::Batch;
+use kiln_dist::{shard_range, shard_sizes, Collectives};
+use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT, SHARD_MANIFEST};
+use kiln_model::{Grads, Llama, Params, SplitMix64, TokenBatch};
+
+use crate::optim::AdamW;
+use crate::trainer::StepResult;
+use crate::{DistConfig, Strategy, TrainError};
+
+/// This process's place in a data-parallel group.
+#[derive(Clone)]
+pub struct DataParallel {
+    pub comm: Rc<dyn Collectives>,
+    pub cfg: DistConfig,
+}
+
+impl std::fmt::Debug for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DataParallel({} rank {}/{}, {:?})",
+            self.comm.engine(),
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.cfg.strategy
+        )
+    }
+}
+
+impl DataParallel {
+    pub fn new(comm: Rc<dyn Collectives>, cfg: DistConfig) -> Self {
+        Self { comm, cfg }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Checks that the global batch splits evenly over the ranks.
+    pub fn check_batch(&self, batch_size: usize) -> Result<(), TrainError> {
+        if batch_size % self.world() != 0 {
+            return Err(TrainError::Config(format!(
+                "train.batch_size = {batch_size} is the global batch and must split evenly over \
+                 the {} ranks (use a multiple of {})",
+                self.world(),
+                self.world()
+            )));
+        }
+        Ok(())
+    }
+
+    /// This rank's rows of a global batch: a contiguous slice of `batch_size / world` rows.
+    pub fn rows(&self, b: &Batch) -> Result<Batch, TrainError> {
+        self.check_batch(b.batch_size)?;
+        let per = b.batch_size / self.world();
+        let (start, n) = (self.rank() * per * b.ctx, per * b.ctx);
+        Ok(Batch {
+            inputs: b.inputs[start..start + n].to_vec(),
+            targets: b.targets[start..start + n].to_vec(),
+            batch_size: per,
+            ctx: b.ctx,
+        })
+    }
+
+    /// Prepares a replica's optimizer for the strategy: under ZeRO-1 it keeps the state of its
+    /// shard only. The parameters must start equal on every rank: rank 0's are broadcast.
+    pub fn setup(&self, params: &Params, optimizer: &mut AdamW) -> Result<(), TrainError> {
+        if self.cfg.strategy == Strategy::Zero1 {
+            trainable_base(params, optimizer)?;
+            let total = optimizer.layout().total();
+            optimizer.shard_to(shard_range(total, self.rank(), self.world()))?;
+        }
+        self.comm
+            .broadcast(&params.flat().as_detached_tensor(), 0)?;
+        Ok(())
+    }
+
+    /// One optimizer step on this rank's micro-batches (`n_valid_global`: the valid targets of
+    /// the whole global step, over every rank and micro-batch). Returns the global loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &self,
+        model: &Llama,
+        params: &Params,
+        optimizer: &mut AdamW,
+        local: &[(TokenBatch, Tensor)],
+        n_valid_global: usize,
+        n_tokens_global: usize,
+        lr: f64,
+        clip: f64,
+        mut dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<StepResult, TrainError> {
+        if n_valid_global == 0 {
+            return Err(TrainError::Config(
+                "a training step has no valid target tokens".into(),
+            ));
+        }
+        let scale = 1.0 / n_valid_global as f64;
+        let grads = optimizer.grads_mut();
+        grads.zero();
+        let mut loss_sum = 0.0;
+        for (batch, targets) in local {
+            loss_sum += model.forward_backward_batch(
+                batch,
+                targets,
+                scale,
+                grads,
+                dropout_rng.as_deref_mut(),
+            )?;
+        }
+        fill_missing(grads)?;
+        let flat = grads.flat().clone();
+        let total = flat.elem_count();
+        let mut sums = [loss_sum, 0.0];
+        match self.cfg.strategy {
+            Strategy::Ddp => {
+                let bucket = ((self.cfg.bucket_mb * 1e6 / 4.0) as usize).max(1);
+                let mut start = 0;
+                while start < total {
+                    let len = bucket.min(total - start);
+                    self.comm.all_reduce_sum(&flat.narrow(0, start, len)?)?;
+                    start += len;
+                }
+                sums[1] = grads.sum_of_squares()?;
+                self.comm.all_reduce_sum_f64(&mut sums[..1])?;
+            }
+            Strategy::Zero1 => {
+                let chunks = shard_sizes(total, self.world());
+                let mine = optimizer.state_range();
+                let reduced = Tensor::zeros(mine.len(), flat.dtype(), flat.device())?;
+                self.comm.reduce_scatter_sum(&flat, &reduced, &chunks)?;
+                flat.slice_set(&reduced, 0, mine.start)?;
+                sums[1] = kiln_kernels::sum_of_squares(&reduced)?;
+                self.comm.all_reduce_sum_f64(&mut sums)?;
+            }
+        }
+        let grad_norm = sums[1].sqrt();
+        let step = optimizer.step + 1;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                what: format!("gradient norm is {grad_norm}"),
+            });
+        }
+        let grad_scale = if clip > 0.0 {
+            (clip / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        optimizer.step(params, lr, grad_scale)?;
+        if self.cfg.strategy == Strategy::Zero1 {
+            let base = trainable_base(params, optimizer)?;
+            let trainable = params.flat().as_detached_tensor().narrow(0, base, total)?;
+            self.comm
+                .all_gather_in_place(&trainable, &shard_sizes(total, self.world()))?;
+        }
+        Ok(StepResult {
+            loss: sums[0] / n_valid_global as f64,
+            grad_norm,
+            lr,
+            n_tokens: n_tokens_global,
+        })
+    }
+
+    /// Writes this rank's pieces of a checkpoint into `dir` (the checkpoint's temporary
+    /// directory, which every rank sees): `model-RANK-of-N.safetensors` (its shard of the
+    /// parameters) and `optimizer-RANK-of-N.safetensors` (its shard of m and v).
+    pub fn write_shards(
+        &self,
+        dir: &Path,
+        params: &Params,
+        optimizer: &AdamW,
+    ) -> Result<(), TrainError> {
+        let (rank, world) = (self.rank(), self.world());
+        let mine = shard_range(params.layout().total(), rank, world);
+        let flat = params.flat().as_detached_tensor();
+        let mut pieces = Vec::new();
+        for e in params.layout().entries() {
+            let (start, end) = (e.offset.max(mine.start), (e.offset + e.numel).min(mine.end));
+            if start < end {
+                pieces.push((
+                    piece_key(&e.name, start - e.offset),
+                    flat.narrow(0, start, end - start)?.copy()?,
+                ));
+            }
+        }
+        write_pieces(
+            &dir.join(ShardManifest::file_name("model", rank, world)),
+            pieces,
+        )?;
+        let state = match self.cfg.strategy {
+            Strategy::Zero1 => optimizer.state_range(),
+            Strategy::Ddp => shard_range(optimizer.layout().total(), rank, world),
+        };
+        write_pieces(
+            &dir.join(ShardManifest::file_name("optimizer", rank, world)),
+            optimizer.state_pieces(state)?,
+        )?;
+        Ok(())
+    }
+
+    /// The manifest of a checkpoint written by every rank's [`DataParallel::write_shards`].
+    pub fn manifest(&self, params: &Params) -> ShardManifest {
+        let world = self.world();
+        let files = |prefix: &str| {
+            (0..world)
+                .map(|r| ShardManifest::file_name(prefix, r, world))
+                .collect::<Vec<_>>()
+        };
+        ShardManifest {
+            format: SHARD_FORMAT.into(),
+            world_size: world,
+            strategy: format!("{:?}", self.cfg.strategy).to_lowercase(),
+            tensors: params
+                .layout()
+                .entries()
+                .iter()
+                .map(|e| (e.name.clone(), e.shape.clone()))
+                .collect(),
+            files: [
+                ("model".to_string(), files("model")),
+                ("optimizer".to_string(), files("optimizer")),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+}
+
+/// Writes a checkpoint's `shards.json`.
+pub fn write_manifest(dir: &Path, manifest: &ShardManifest) -> Result<(), TrainError> {
+    let path = dir.join(SHARD_MANIFEST);
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(manifest).expect("invariant: manifest serialises"),
+    )
+    .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Entries the backward did not touch hold stale values (lazy zeroing): zero them, so a sum
+/// over ranks never reads them, and every rank's buffer has the same live entries.
+fn fill_missing(grads: &mut Grads) -> Result<(), TrainError> {
+    grads.make_all_live()?;
+    Ok(())
+}
+
+/// ZeRO-1 gathers the trainable parameters as one range of the flat parameter buffer: they
+/// must sit there contiguously, in the gradients' order (true of kiln's layout: the whole
+/// model, or the LoRA adapters first). Returns the range's start.
+fn trainable_base(params: &Params, optimizer: &AdamW) -> Result<usize, TrainError> {
+    let layout = optimizer.layout();
+    let Some(first) = layout.entries().first() else {
+        return Ok(0);
+    };
+    let base = params
+        .layout()
+        .entry(&first.name)
+        .map(|p| p.offset)
+        .unwrap_or(usize::MAX);
+    for e in layout.entries() {
+        match params.layout().entry(&e.name) {
+            Some(p) if p.offset == base + e.offset => {}
+            _ => {
+                return Err(TrainError::Config(format!(
+                    "dist.strategy = \"zero1\" needs the trainable tensors contiguous in the \
+                     parameter buffer; {:?} is not (use \"ddp\")",
+                    e.name
+                )))
+            }
+        }
+    }
+    Ok(base)
+}
