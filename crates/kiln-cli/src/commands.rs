@@ -79,6 +79,17 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let mut silent = Silent;
     let obs: &mut dyn Observer = if main { &mut console } else { &mut silent };
     let mut trainer = Trainer::new_with(cfg, &run_dir, a.resume, &device(), obs, group)?;
+    if let (true, Some(m)) = (main, trainer.fsdp_memory()) {
+        info!(
+            "fsdp: parameters + gradients + optimizer state per rank {} bytes (shards {} + \
+             unsharded root and block buffers {}) = {:.3}x one process's {} bytes",
+            m.total_bytes(),
+            m.sharded_bytes,
+            m.scratch_bytes,
+            m.ratio(),
+            m.single_process_bytes
+        );
+    }
 
     let stop = stop_on_ctrl_c()?;
     let summary = trainer.run(obs, &stop)?;

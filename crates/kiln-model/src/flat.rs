@@ -191,6 +191,12 @@ impl Grads {
         Self::over(layout, flat, false)
     }
 
+    /// A buffer over existing storage `flat` (e.g. a scratch shared by several layouts of the
+    /// same size): no entry live.
+    pub fn over_buffer(layout: Arc<FlatLayout>, flat: Tensor) -> Result<Self, ModelError> {
+        Self::over(layout, flat, false)
+    }
+
     /// Wraps an existing flat gradient (e.g. candle autograd's gradient of a flat parameter
     /// `Var`): every entry live.
     pub fn from_flat(layout: Arc<FlatLayout>, flat: Tensor) -> Result<Self, ModelError> {

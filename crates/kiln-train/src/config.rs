@@ -222,6 +222,9 @@ pub enum Strategy {
     /// Replicated parameters; gradients reduce-scattered, AdamW state and update sharded,
     /// parameters all-gathered after the step.
     Zero1,
+    /// Fully sharded: parameters, gradients and AdamW state sharded; each block's parameters
+    /// all-gathered for its forward and again for its backward, its gradients reduce-scattered.
+    Fsdp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

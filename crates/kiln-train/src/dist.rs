@@ -141,7 +141,8 @@ impl DataParallel {
         let total = flat.elem_count();
         let mut sums = [loss_sum, 0.0];
         match self.cfg.strategy {
-            Strategy::Ddp => {
+            // (FSDP steps go through `Fsdp::train_step`; its replicated fallback is DDP's.)
+            Strategy::Ddp | Strategy::Fsdp => {
                 let bucket = ((self.cfg.bucket_mb * 1e6 / 4.0) as usize).max(1);
                 let mut start = 0;
                 while start < total {
@@ -218,7 +219,7 @@ impl DataParallel {
         )?;
         let state = match self.cfg.strategy {
             Strategy::Zero1 => optimizer.state_range(),
-            Strategy::Ddp => shard_range(optimizer.layout().total(), rank, world),
+            Strategy::Ddp | Strategy::Fsdp => shard_range(optimizer.layout().total(), rank, world),
         };
         write_pieces(
             &dir.join(ShardManifest::file_name("optimizer", rank, world)),

@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod config;
 mod dataset;
 pub mod dist;
+pub mod fsdp;
 pub mod metrics;
 pub mod optim;
 pub mod perf;

@@ -16,8 +16,10 @@ use kiln_model::{Llama, ModelConfig, Params, SplitMix64, TokenBatch};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::dist::DataParallel;
+use crate::fsdp::{Fsdp, FsdpMemory};
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::optim::{lr_at, AdamW};
+use crate::Strategy;
 use crate::{Objective, RunConfig, TrainError};
 
 /// What the loop knows at start, for the console.
@@ -66,9 +68,7 @@ impl Observer for Silent {}
 pub struct Trainer {
     pub cfg: RunConfig,
     pub run_dir: PathBuf,
-    pub params: Params,
-    pub model: Llama,
-    pub optimizer: AdamW,
+    replica: Replica,
     pub sampler: WindowSampler,
     pub data: Dataset,
     pub tokens_seen: u64,
@@ -80,6 +80,17 @@ pub struct Trainer {
     config_toml: String,
     /// The data-parallel group when the run has several ranks.
     dist: Option<DataParallel>,
+}
+
+/// What one process holds of the model: all of it (one process, DDP, ZeRO-1: whose optimizer
+/// keeps a shard of the state), or its FSDP shards.
+enum Replica {
+    Full {
+        params: Params,
+        model: Llama,
+        optimizer: AdamW,
+    },
+    Sharded(Box<Fsdp>),
 }
 
 /// One evaluation: mean loss per predicted token and, for MLM, masked-token accuracy.
@@ -174,11 +185,38 @@ impl Trainer {
             }
             None => Params::init(&cfg.model, cfg.train.seed, device, DType::F32)?,
         };
-        let model = Llama::new(&cfg.model, &params)?;
-        let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
-        if let Some(d) = &dist {
-            d.setup(&params, &mut optimizer)?;
+        if main && cfg.train.save_init && !resume {
+            params.save(&run_dir.join("init.safetensors"))?;
         }
+        let replica = match &dist {
+            Some(d) if d.cfg.strategy == Strategy::Fsdp => {
+                if cfg.train.objective == Objective::Mlm {
+                    return Err(TrainError::Config(
+                        "dist.strategy = \"fsdp\" trains causal LMs; use \"ddp\" or \"zero1\" for train.objective = \"mlm\"".into(),
+                    ));
+                }
+                // Every rank holds the same initial weights; each keeps its shards of them.
+                d.comm.broadcast(&params.flat().as_detached_tensor(), 0)?;
+                Replica::Sharded(Box::new(Fsdp::new(
+                    &cfg.model,
+                    &params,
+                    &cfg.optim,
+                    d.comm.clone(),
+                )?))
+            }
+            _ => {
+                let model = Llama::new(&cfg.model, &params)?;
+                let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+                if let Some(d) = &dist {
+                    d.setup(&params, &mut optimizer)?;
+                }
+                Replica::Full {
+                    params,
+                    model,
+                    optimizer,
+                }
+            }
+        };
         let sampler = WindowSampler::new(cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len);
         let peak_flops = match cfg.train.peak_flops {
             Some(p) => p,
@@ -189,9 +227,7 @@ impl Trainer {
             dropout_rng: SplitMix64::new(cfg.train.seed ^ 0xD50F),
             cfg,
             run_dir: run_dir.to_path_buf(),
-            params,
-            model,
-            optimizer,
+            replica,
             sampler,
             data,
             tokens_seen: 0,
@@ -200,9 +236,6 @@ impl Trainer {
             config_toml,
             dist,
         };
-        if trainer.cfg.train.save_init && !resume && main {
-            trainer.params.save(&run_dir.join("init.safetensors"))?;
-        }
         if resume {
             match checkpoint::list(run_dir)?.last() {
                 Some((_, dir)) => {
@@ -222,7 +255,41 @@ impl Trainer {
 
     /// Optimizer steps completed.
     pub fn step(&self) -> u64 {
-        self.optimizer.step
+        match &self.replica {
+            Replica::Full { optimizer, .. } => optimizer.step,
+            Replica::Sharded(f) => f.step,
+        }
+    }
+
+    /// The whole parameters (`None` under FSDP, where this rank holds shards).
+    pub fn params(&self) -> Option<&Params> {
+        match &self.replica {
+            Replica::Full { params, .. } => Some(params),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    /// The model (`None` under FSDP).
+    pub fn model(&self) -> Option<&Llama> {
+        match &self.replica {
+            Replica::Full { model, .. } => Some(model),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    /// Under FSDP: this rank's bytes of parameters, gradients and optimizer state.
+    pub fn fsdp_memory(&self) -> Option<FsdpMemory> {
+        match &self.replica {
+            Replica::Sharded(f) => Some(f.memory()),
+            Replica::Full { .. } => None,
+        }
+    }
+
+    fn device(&self) -> Device {
+        match &self.replica {
+            Replica::Full { model, .. } => model.device().clone(),
+            Replica::Sharded(f) => f.device().clone(),
+        }
     }
 
     pub fn peak_flops(&self) -> f64 {
@@ -230,7 +297,7 @@ impl Trainer {
     }
 
     fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor, Tensor), TrainError> {
-        let device = self.model.device();
+        let device = &self.device();
         let inputs = Tensor::from_slice(&batch.inputs, (batch.batch_size, batch.ctx), device)?;
         let targets = Tensor::from_slice(&batch.targets, batch.batch_size * batch.ctx, device)?;
         Ok((inputs, targets))
@@ -252,7 +319,7 @@ impl Trainer {
         let batches: Vec<Batch> = (0..self.cfg.train.grad_accum)
             .map(|_| self.next_batch())
             .collect::<Result<_, _>>()?;
-        let lr = lr_at(self.optimizer.step, self.cfg.train.steps, &self.cfg.optim);
+        let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
         if let Some(d) = &self.dist {
             // Every rank draws the same global batches and trains on its rows of each.
             let n_valid = batches
@@ -267,17 +334,18 @@ impl Trainer {
                     Ok((TokenBatch::new(i), t))
                 })
                 .collect::<Result<_, TrainError>>()?;
-            let r = d.step(
-                &self.model,
-                &self.params,
-                &mut self.optimizer,
-                &local,
-                n_valid,
-                n_tokens,
-                lr,
-                self.cfg.optim.grad_clip,
-                Some(&mut self.dropout_rng),
-            )?;
+            let clip = self.cfg.optim.grad_clip;
+            let rng = Some(&mut self.dropout_rng);
+            let r = match &mut self.replica {
+                Replica::Full {
+                    params,
+                    model,
+                    optimizer,
+                } => d.step(
+                    model, params, optimizer, &local, n_valid, n_tokens, lr, clip, rng,
+                )?,
+                Replica::Sharded(f) => f.train_step(&local, n_valid, n_tokens, lr, clip, rng)?,
+            };
             self.tokens_seen += r.n_tokens as u64;
             return Ok(r);
         }
@@ -285,10 +353,18 @@ impl Trainer {
             .iter()
             .map(|b| self.batch_tensors(b))
             .collect::<Result<_, _>>()?;
+        let Replica::Full {
+            params,
+            model,
+            optimizer,
+        } = &mut self.replica
+        else {
+            unreachable!("FSDP runs with a data-parallel group")
+        };
         let r = optimizer_step(
-            &self.model,
-            &self.params,
-            &mut self.optimizer,
+            model,
+            params,
+            optimizer,
             &tensors,
             lr,
             self.cfg.optim.grad_clip,
@@ -299,13 +375,13 @@ impl Trainer {
     }
 
     /// Mean loss per token over the deterministic validation batches.
-    pub fn evaluate(&self) -> Result<f64, TrainError> {
+    pub fn evaluate(&mut self) -> Result<f64, TrainError> {
         Ok(self.evaluate_metrics()?.loss)
     }
 
     /// Validation loss and, for MLM, masked-token accuracy. MLM validation batches are masked
     /// with a fixed seed ([`VAL_MASK_SEED`]), so every evaluation scores the same positions.
-    pub fn evaluate_metrics(&self) -> Result<EvalResult, TrainError> {
+    pub fn evaluate_metrics(&mut self) -> Result<EvalResult, TrainError> {
         let t = &self.cfg.train;
         let shard = &self.data.val;
         if eval_batch_count(shard.len(), t.batch_size, t.seq_len, t.eval_batches) == 0 {
@@ -318,13 +394,17 @@ impl Trainer {
             )));
         }
         let batches = eval_batches(shard, t.batch_size, t.seq_len, t.eval_batches);
-        if let Some(d) = &self.dist {
-            return self.evaluate_distributed(d, batches);
+        if let Some(d) = self.dist.clone() {
+            let batches: Vec<Batch> = batches.collect();
+            return self.evaluate_distributed(&d, batches.into_iter());
         }
+        let Replica::Full { model, .. } = &self.replica else {
+            unreachable!("FSDP runs with a data-parallel group")
+        };
         match &self.mlm {
-            Some(m) => evaluate_mlm(&self.model, m, batches),
+            Some(m) => evaluate_mlm(model, m, batches),
             None => Ok(EvalResult {
-                loss: evaluate_loss(&self.model, batches)?,
+                loss: evaluate_loss(model, batches)?,
                 accuracy: None,
             }),
         }
@@ -333,11 +413,11 @@ impl Trainer {
     /// Evaluation split over the ranks like training: each rank scores its rows of every
     /// validation batch, and the sums are added over ranks.
     fn evaluate_distributed(
-        &self,
+        &mut self,
         d: &DataParallel,
         batches: impl Iterator<Item = Batch>,
     ) -> Result<EvalResult, TrainError> {
-        let device = self.model.device().clone();
+        let device = self.device();
         // [loss sum, predicted tokens, correct (MLM)]
         let mut sums = [0.0f64; 3];
         for (k, b) in batches.enumerate() {
@@ -348,7 +428,16 @@ impl Trainer {
             let b = d.rows(&b)?;
             let inputs = Tensor::from_slice(&b.inputs, (b.batch_size, b.ctx), &device)?;
             let targets = Tensor::from_slice(&b.targets, b.batch_size * b.ctx, &device)?;
-            let logits = self.model.forward_train(&inputs, None)?;
+            let model = match &mut self.replica {
+                Replica::Full { model, .. } => model,
+                Replica::Sharded(f) => {
+                    let (sum, n) = f.loss_sum(&TokenBatch::new(inputs), &targets)?;
+                    sums[0] += sum;
+                    sums[1] += n as f64;
+                    continue;
+                }
+            };
+            let logits = model.forward_train(&inputs, None)?;
             sums[0] += cross_entropy_sum(&logits, &targets)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
@@ -378,6 +467,12 @@ impl Trainer {
         if let Some(d) = &self.dist {
             return self.save_sharded_checkpoint(d);
         }
+        let Replica::Full {
+            params, optimizer, ..
+        } = &self.replica
+        else {
+            unreachable!("FSDP runs with a data-parallel group")
+        };
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step: self.step(),
@@ -391,8 +486,8 @@ impl Trainer {
             state,
             &self.config_toml,
             |dir| {
-                self.params.save(&dir.join(MODEL_FILE))?;
-                self.optimizer.save(&dir.join(OPTIMIZER_FILE))
+                params.save(&dir.join(MODEL_FILE))?;
+                optimizer.save(&dir.join(OPTIMIZER_FILE))
             },
             self.cfg.train.keep_checkpoints,
         )
@@ -423,8 +518,12 @@ impl Trainer {
                 &self.config_toml,
                 |dir| {
                     d.comm.barrier()?; // the directory exists: the others write
-                    d.write_shards(dir, &self.params, &self.optimizer)?;
-                    crate::dist::write_manifest(dir, &d.manifest(&self.params))?;
+                    self.write_shards(d, dir)?;
+                    let manifest = match &self.replica {
+                        Replica::Full { params, .. } => d.manifest(params),
+                        Replica::Sharded(f) => f.manifest(),
+                    };
+                    crate::dist::write_manifest(dir, &manifest)?;
                     d.comm.barrier()?; // every rank has written
                     Ok(())
                 },
@@ -434,10 +533,19 @@ impl Trainer {
             Ok(dir)
         } else {
             d.comm.barrier()?;
-            d.write_shards(&tmp, &self.params, &self.optimizer)?;
+            self.write_shards(d, &tmp)?;
             d.comm.barrier()?;
             d.comm.barrier()?;
             Ok(final_dir)
+        }
+    }
+
+    fn write_shards(&self, d: &DataParallel, dir: &Path) -> Result<(), TrainError> {
+        match &self.replica {
+            Replica::Full {
+                params, optimizer, ..
+            } => d.write_shards(dir, params, optimizer),
+            Replica::Sharded(f) => f.write_shards(dir),
         }
     }
 
@@ -449,17 +557,30 @@ impl Trainer {
         } else {
             dir.join(MODEL_FILE)
         };
-        let loaded = Params::load(&model_file, &self.cfg.model, self.model.device())
+        let device = self.device();
+        let loaded = Params::load(&model_file, &self.cfg.model, &device)
             .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        self.params.copy_from(&loaded)?;
-        if sharded {
-            // Written by any number of ranks: assemble the moments, keep what this rank holds.
+        // Written by any number of ranks (or one process): the moments whole, of which each
+        // rank keeps what it holds.
+        let moments = if sharded {
             let manifest = read_manifest(dir)?;
-            let moments = read_sharded(dir, &manifest, "optimizer", self.model.device())?;
-            self.optimizer
-                .load_tensors(&moments, &dir.display().to_string(), state.step)?;
+            read_sharded(dir, &manifest, "optimizer", &device)?
         } else {
-            self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+            candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &device).map_err(|e| {
+                TrainError::Checkpoint(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display()))
+            })?
+        };
+        match &mut self.replica {
+            Replica::Full {
+                params, optimizer, ..
+            } => {
+                params.copy_from(&loaded)?;
+                optimizer.load_tensors(&moments, &dir.display().to_string(), state.step)?;
+            }
+            Replica::Sharded(f) => {
+                f.load_params(&loaded)?;
+                f.load_moments(&moments, state.step)?;
+            }
         }
         if state.sampler.batch_size != self.cfg.train.batch_size
             || state.sampler.ctx != self.cfg.train.seq_len

@@ -1,0 +1,537 @@
+//! Fully sharded data parallelism (FSDP, "full shard"): every rank keeps only its shard of
+//! each unit's parameters, gradients and AdamW moments. A unit is one decoder block, or the
+//! root (embedding, final norm, LM head). Its parameters are all-gathered into an unsharded
+//! scratch buffer just before they are read (the root once per micro-batch, each block before
+//! its forward and again before its backward), and its gradients are reduce-scattered into the
+//! rank's gradient shard as soon as they are complete.
+//!
+//! The model is built once over the scratch buffers: every block's weight tensors are views of
+//! the same block-sized buffer, which holds whichever layer was gathered last (the forward and
+//! the backward each gather layer `i` right before block `i` runs, so a block always reads its
+//! own weights). Persistent memory per rank is `4 P / N` (parameters, gradients, m, v) plus two
+//! copies (parameters and gradients) of the root and of one block: see [`FsdpMemory`].
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_dist::{shard_range, shard_sizes, Collectives};
+use kiln_kernels::{adamw_step, AdamWParams};
+use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT};
+use kiln_model::{
+    FlatLayout, Grads, LayerHooks, Llama, ModelConfig, ModelError, Params, SplitMix64, TokenBatch,
+};
+
+use crate::optim::decays;
+use crate::trainer::StepResult;
+use crate::{OptimConfig, TrainError};
+
+/// One sharded unit: its tensors packed in a flat layout, and this rank's range of it.
+struct Unit {
+    layout: Arc<FlatLayout>,
+    chunks: Vec<usize>,
+    /// This rank's elements of the unit.
+    mine: Range<usize>,
+    /// Where they sit in the rank's shard buffers.
+    local: usize,
+}
+
+/// Bytes of parameters, gradients and optimizer state one rank holds under FSDP, next to one
+/// process's (parameters + gradients + m + v of the whole model, f32).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FsdpMemory {
+    /// Shards: parameters, gradients, m and v.
+    pub sharded_bytes: usize,
+    /// Unsharded scratch: the root's and one block's parameters and gradients, plus the
+    /// reduce-scatter output.
+    pub scratch_bytes: usize,
+    pub single_process_bytes: usize,
+}
+
+impl FsdpMemory {
+    pub fn total_bytes(&self) -> usize {
+        self.sharded_bytes + self.scratch_bytes
+    }
+
+    /// This rank's total over one process's.
+    pub fn ratio(&self) -> f64 {
+        self.total_bytes() as f64 / self.single_process_bytes as f64
+    }
+}
+
+/// The shards and scratch buffers (tensors are written in place, so `&self` suffices).
+struct Core {
+    comm: Rc<dyn Collectives>,
+    /// `units[0]` is the root, `units[1 + i]` layer i.
+    units: Vec<Unit>,
+    params: Tensor,
+    grads: Tensor,
+    m: Tensor,
+    v: Tensor,
+    root_scratch: Tensor,
+    block_scratch: Tensor,
+    /// Reduce-scatter output (the largest chunk of any unit).
+    reduced: Tensor,
+}
+
+pub struct Fsdp {
+    core: Core,
+    cfg: ModelConfig,
+    optim: OptimConfig,
+    root_grads: Grads,
+    /// One per layer, all over the same block-sized buffer.
+    block_grads: Vec<Grads>,
+    /// The model over the scratch buffers.
+    model: Llama,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Every parameter name with its shape, in kiln's order (for checkpoints).
+    names: Vec<(String, Vec<usize>)>,
+}
+
+fn unit_of(name: &str) -> usize {
+    match name.strip_prefix("layers.") {
+        Some(rest) => {
+            1 + rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .expect("invariant: layer names are layers.<i>.*")
+        }
+        None => 0,
+    }
+}
+
+fn hook_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Hook(e.to_string())
+}
+
+impl Fsdp {
+    /// Shards `full` (the same initial weights on every rank) and builds the model over the
+    /// scratch buffers. `full` can be dropped afterwards.
+    pub fn new(
+        cfg: &ModelConfig,
+        full: &Params,
+        optim: &OptimConfig,
+        comm: Rc<dyn Collectives>,
+    ) -> Result<Self, TrainError> {
+        if full
+            .layout()
+            .entries()
+            .iter()
+            .any(|e| kiln_model::is_lora_name(&e.name))
+        {
+            return Err(TrainError::Config(
+                "dist.strategy = \"fsdp\" trains every parameter; LoRA adapters are small \
+                 enough to replicate: use \"ddp\""
+                    .into(),
+            ));
+        }
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let device = full.flat().device().clone();
+        let names: Vec<(String, Vec<usize>)> = full
+            .layout()
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        let mut per_unit: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new(); cfg.n_layers + 1];
+        for (n, s) in &names {
+            per_unit[unit_of(n)].push((n.clone(), s.clone()));
+        }
+        let mut units = Vec::new();
+        let mut local = 0;
+        for tensors in per_unit {
+            let layout = Arc::new(FlatLayout::new(tensors)?);
+            let chunks = shard_sizes(layout.total(), world);
+            let mine = shard_range(layout.total(), rank, world);
+            units.push(Unit {
+                layout,
+                chunks,
+                mine: mine.clone(),
+                local,
+            });
+            local += mine.len();
+        }
+        let zeros = |n: usize| Tensor::zeros(n, DType::F32, &device);
+        let (params, grads, m, v) = (zeros(local)?, zeros(local)?, zeros(local)?, zeros(local)?);
+        let root_scratch = zeros(units[0].layout.total())?;
+        let block_total = units.get(1).map_or(0, |u| u.layout.total());
+        let block_scratch = zeros(block_total)?;
+        let root_grads =
+            Grads::over_buffer(units[0].layout.clone(), zeros(units[0].layout.total())?)?;
+        let block_grad_buf = zeros(block_total)?;
+        let block_grads = units[1..]
+            .iter()
+            .map(|u| Grads::over_buffer(u.layout.clone(), block_grad_buf.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let largest = units
+            .iter()
+            .map(|u| u.chunks.iter().copied().max().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let model = {
+            let root = units[0].layout.clone();
+            let block = units.get(1).map(|u| u.layout.clone());
+            let (rs, bs) = (root_scratch.clone(), block_scratch.clone());
+            Llama::over_tensors(cfg, move |name| {
+                let (buf, layout, key) = match name.strip_prefix("layers.") {
+                    None => (&rs, &root, name.to_string()),
+                    Some(rest) => {
+                        // The same offsets in every layer: layer 0's names locate them.
+                        let tail = rest.split_once('.').map_or("", |(_, t)| t);
+                        let l = block
+                            .as_ref()
+                            .expect("invariant: a layer implies a block unit");
+                        (&bs, l, format!("layers.0.{tail}"))
+                    }
+                };
+                let e = layout
+                    .entry(&key)
+                    .ok_or_else(|| ModelError::Input(format!("no parameter {name:?}")))?;
+                Ok(buf.narrow(0, e.offset, e.numel)?.reshape(e.shape.clone())?)
+            })?
+        };
+        let mut fsdp = Self {
+            core: Core {
+                comm,
+                units,
+                params,
+                grads,
+                m,
+                v,
+                root_scratch,
+                block_scratch,
+                reduced: zeros(largest)?,
+            },
+            cfg: cfg.clone(),
+            optim: optim.clone(),
+            root_grads,
+            block_grads,
+            model,
+            step: 0,
+            names,
+        };
+        fsdp.load_params(full)?;
+        Ok(fsdp)
+    }
+
+    /// Copies this rank's shards out of whole parameters (initialisation, resume).
+    pub fn load_params(&mut self, full: &Params) -> Result<(), TrainError> {
+        self.core.fill_from(&self.core.params, |name| {
+            full.tensor(name).map_err(Into::into)
+        })
+    }
+
+    /// Restores m and v from whole tensors `m.NAME` / `v.NAME`.
+    pub fn load_moments(
+        &mut self,
+        moments: &HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<(), TrainError> {
+        for (prefix, buf) in [("m", &self.core.m), ("v", &self.core.v)] {
+            self.core.fill_from(buf, |name| {
+                moments
+                    .get(&format!("{prefix}.{name}"))
+                    .cloned()
+                    .ok_or_else(|| {
+                        TrainError::Checkpoint(format!("missing optimizer tensor {prefix}.{name}"))
+                    })
+            })?;
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    /// One micro-batch's forward and backward (`scale`: 1 / the global step's valid targets),
+    /// gradients added into the shards. Returns the local loss sum.
+    fn forward_backward(
+        &mut self,
+        batch: &TokenBatch,
+        targets: &Tensor,
+        scale: f64,
+        dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<f64, TrainError> {
+        self.core.gather(0)?;
+        let mut hooks = Hooks {
+            core: &self.core,
+            block_grads: &mut self.block_grads,
+        };
+        let (hidden, trunk) =
+            self.model
+                .forward_hidden_hooked(batch, dropout_rng, Some(&mut hooks))?;
+        self.root_grads.zero();
+        let (loss_sum, d_hidden) =
+            self.model
+                .lm_loss_backward(&hidden, targets, scale, &mut self.root_grads)?;
+        drop(hidden);
+        self.model.backward_hidden_hooked(
+            trunk,
+            &d_hidden,
+            &mut self.root_grads,
+            Some(&mut hooks),
+        )?;
+        self.core.reduce(0, &mut self.root_grads)?;
+        Ok(loss_sum)
+    }
+
+    /// One optimizer step over this rank's micro-batches (see [`crate::DataParallel::step`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step(
+        &mut self,
+        local: &[(TokenBatch, Tensor)],
+        n_valid_global: usize,
+        n_tokens_global: usize,
+        lr: f64,
+        clip: f64,
+        mut dropout_rng: Option<&mut SplitMix64>,
+    ) -> Result<StepResult, TrainError> {
+        if n_valid_global == 0 {
+            return Err(TrainError::Config(
+                "a training step has no valid target tokens".into(),
+            ));
+        }
+        self.core.grads.zero_set()?;
+        let scale = 1.0 / n_valid_global as f64;
+        let mut loss_sum = 0.0;
+        for (batch, targets) in local {
+            loss_sum += self.forward_backward(batch, targets, scale, dropout_rng.as_deref_mut())?;
+        }
+        let mut sums = [loss_sum, kiln_kernels::sum_of_squares(&self.core.grads)?];
+        self.core.comm.all_reduce_sum_f64(&mut sums)?;
+        let grad_norm = sums[1].sqrt();
+        self.step += 1;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step: self.step,
+                what: format!("gradient norm is {grad_norm}"),
+            });
+        }
+        let grad_scale = if clip > 0.0 {
+            (clip / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let c = &self.core;
+        for u in &c.units {
+            for e in u.layout.entries() {
+                let (start, end) = (
+                    e.offset.max(u.mine.start),
+                    (e.offset + e.numel).min(u.mine.end),
+                );
+                if start >= end {
+                    continue;
+                }
+                let at = u.local + start - u.mine.start;
+                let n = end - start;
+                let hp = AdamWParams {
+                    lr,
+                    beta1: self.optim.beta1,
+                    beta2: self.optim.beta2,
+                    eps: self.optim.eps,
+                    weight_decay: if decays(&e.name, &e.shape, &self.optim) {
+                        self.optim.weight_decay
+                    } else {
+                        0.0
+                    },
+                    step: self.step,
+                    grad_scale,
+                };
+                adamw_step(
+                    &c.params.narrow(0, at, n)?,
+                    &c.grads.narrow(0, at, n)?,
+                    &c.m.narrow(0, at, n)?,
+                    &c.v.narrow(0, at, n)?,
+                    &hp,
+                )?;
+            }
+        }
+        Ok(StepResult {
+            loss: sums[0] / n_valid_global as f64,
+            grad_norm,
+            lr,
+            n_tokens: n_tokens_global,
+        })
+    }
+
+    /// The loss sum and target count of this rank's rows of one batch (no gradients).
+    pub fn loss_sum(
+        &mut self,
+        batch: &TokenBatch,
+        targets: &Tensor,
+    ) -> Result<(f64, usize), TrainError> {
+        self.core.gather(0)?;
+        let mut hooks = Hooks {
+            core: &self.core,
+            block_grads: &mut self.block_grads,
+        };
+        let (hidden, _) = self
+            .model
+            .forward_hidden_hooked(batch, None, Some(&mut hooks))?;
+        Ok(self.model.lm_loss_sum(&hidden, targets)?)
+    }
+
+    /// Bytes held for parameters, gradients and optimizer state (see [`FsdpMemory`]).
+    pub fn memory(&self) -> FsdpMemory {
+        let f = DType::F32.size_in_bytes();
+        let c = &self.core;
+        let total: usize = c.units.iter().map(|u| u.layout.total()).sum();
+        FsdpMemory {
+            sharded_bytes: 4 * c.params.elem_count() * f,
+            scratch_bytes: (2 * (c.root_scratch.elem_count() + c.block_scratch.elem_count())
+                + c.reduced.elem_count())
+                * f,
+            single_process_bytes: 4 * total * f,
+        }
+    }
+
+    /// This rank's pieces of a checkpoint: parameters into `model-RANK-of-N`, m and v into
+    /// `optimizer-RANK-of-N`.
+    pub fn write_shards(&self, dir: &Path) -> Result<(), TrainError> {
+        let c = &self.core;
+        let (rank, world) = (c.comm.rank(), c.comm.world_size());
+        let (mut model, mut optim) = (Vec::new(), Vec::new());
+        for u in &c.units {
+            for e in u.layout.entries() {
+                let (start, end) = (
+                    e.offset.max(u.mine.start),
+                    (e.offset + e.numel).min(u.mine.end),
+                );
+                if start >= end {
+                    continue;
+                }
+                let at = u.local + start - u.mine.start;
+                let key = |n: &str| piece_key(n, start - e.offset);
+                model.push((key(&e.name), c.params.narrow(0, at, end - start)?.copy()?));
+                for (p, buf) in [("m", &c.m), ("v", &c.v)] {
+                    optim.push((
+                        key(&format!("{p}.{}", e.name)),
+                        buf.narrow(0, at, end - start)?.copy()?,
+                    ));
+                }
+            }
+        }
+        write_pieces(
+            &dir.join(ShardManifest::file_name("model", rank, world)),
+            model,
+        )?;
+        write_pieces(
+            &dir.join(ShardManifest::file_name("optimizer", rank, world)),
+            optim,
+        )?;
+        Ok(())
+    }
+
+    pub fn manifest(&self) -> ShardManifest {
+        let world = self.core.comm.world_size();
+        let files = |prefix: &str| {
+            (0..world)
+                .map(|r| ShardManifest::file_name(prefix, r, world))
+                .collect::<Vec<_>>()
+        };
+        ShardManifest {
+            format: SHARD_FORMAT.into(),
+            world_size: world,
+            strategy: "fsdp".into(),
+            tensors: self.names.iter().cloned().collect(),
+            files: [
+                ("model".to_string(), files("model")),
+                ("optimizer".to_string(), files("optimizer")),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+}
+
+impl Core {
+    /// Writes this rank's part of every unit into `buf` (a shard buffer) from whole tensors.
+    fn fill_from(
+        &self,
+        buf: &Tensor,
+        tensor: impl Fn(&str) -> Result<Tensor, TrainError>,
+    ) -> Result<(), TrainError> {
+        for u in &self.units {
+            for e in u.layout.entries() {
+                let (start, end) = (
+                    e.offset.max(u.mine.start),
+                    (e.offset + e.numel).min(u.mine.end),
+                );
+                if start >= end {
+                    continue;
+                }
+                let whole = tensor(&e.name)?.to_dtype(DType::F32)?.flatten_all()?;
+                let part = whole
+                    .narrow(0, start - e.offset, end - start)?
+                    .contiguous()?;
+                buf.slice_set(&part, 0, u.local + start - u.mine.start)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn shard(&self, buf: &Tensor, u: usize) -> Result<Tensor, TrainError> {
+        let unit = &self.units[u];
+        Ok(buf.narrow(0, unit.local, unit.mine.len())?)
+    }
+
+    fn gather(&self, u: usize) -> Result<(), TrainError> {
+        let scratch = if u == 0 {
+            &self.root_scratch
+        } else {
+            &self.block_scratch
+        };
+        let shard = self.shard(&self.params, u)?;
+        self.comm
+            .all_gather(&shard, scratch, &self.units[u].chunks)?;
+        Ok(())
+    }
+
+    /// Sums unit `u`'s gradients (`full`, unsharded) over ranks into this rank's shard.
+    fn reduce(&self, u: usize, full: &mut Grads) -> Result<(), TrainError> {
+        full.make_all_live()?;
+        let unit = &self.units[u];
+        let out = self.reduced.narrow(0, 0, unit.mine.len())?;
+        self.comm
+            .reduce_scatter_sum(full.flat(), &out, &unit.chunks)?;
+        kiln_kernels::add_in_place(&self.shard(&self.grads, u)?, &out)?;
+        Ok(())
+    }
+}
+
+/// The per-layer gathers and reductions of one forward or backward.
+struct Hooks<'a> {
+    core: &'a Core,
+    block_grads: &'a mut [Grads],
+}
+
+impl LayerHooks for Hooks<'_> {
+    fn before_layer(&mut self, layer: usize, backward: bool) -> Result<(), ModelError> {
+        self.core.gather(1 + layer).map_err(hook_err)?;
+        if backward {
+            self.block_grads[layer].zero();
+        }
+        Ok(())
+    }
+
+    fn layer_grads(&mut self, layer: usize) -> &mut Grads {
+        &mut self.block_grads[layer]
+    }
+
+    fn after_layer_backward(&mut self, layer: usize) -> Result<(), ModelError> {
+        self.core
+            .reduce(1 + layer, &mut self.block_grads[layer])
+            .map_err(hook_err)
+    }
+}
