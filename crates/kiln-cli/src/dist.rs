@@ -64,6 +64,31 @@ fn engine(_cfg: &DistConfig) -> Result<Rc<dyn Collectives>> {
     )
 }
 
+/// The `[dist]` section of a run config file with `--set` overrides applied (defaults when
+/// absent), read before the trainer so that the group is joined with its timeout.
+pub fn config_of(file: Option<&std::path::Path>, overrides: &[String]) -> Result<DistConfig> {
+    let mut root: toml::Table = match file {
+        Some(p) => std::fs::read_to_string(p)?
+            .parse()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", p.display(), e.message()))?,
+        None => toml::Table::new(),
+    };
+    for o in overrides.iter().filter(|o| o.starts_with("dist.")) {
+        kiln_train::apply_override(&mut root, o)?;
+    }
+    let section = root
+        .remove("dist")
+        .unwrap_or_else(|| toml::Value::Table(Default::default()));
+    section
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("[dist] {}", e.message()))
+}
+
+/// The observer of ranks other than 0: nothing to show.
+pub struct Quiet;
+impl kiln_train::Observer for Quiet {}
+impl kiln_sft::SftObserver for Quiet {}
+
 /// This process's rank in a distributed run (0 alone).
 pub fn rank() -> usize {
     ACTIVE.with(|a| a.borrow().as_ref().map_or(0, |c| c.rank()))

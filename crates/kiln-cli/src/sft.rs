@@ -155,17 +155,28 @@ pub fn run(a: SftArgs) -> Result<()> {
         data: a.data.clone(),
         eval_data: a.eval_data.clone(),
     };
+    // Under mpirun each process is one rank; rank 0 alone draws progress and logs.
+    let group = crate::dist::join(&crate::dist::config_of(a.config.as_deref(), &overrides)?)?;
+    let main = group.as_ref().is_none_or(|g| g.is_main());
     let mut console = Console::new();
-    let mut trainer = SftTrainer::new(
+    let mut quiet = crate::dist::Quiet;
+    let obs: &mut dyn SftObserver = if main { &mut console } else { &mut quiet };
+    let mut trainer = SftTrainer::new_with(
         source,
         a.config.as_deref(),
         &overrides,
         &run_dir,
         a.resume,
-        &mut console,
+        obs,
+        group,
     )?;
     let stop = stop_on_ctrl_c()?;
-    let s = trainer.run(&mut console, &stop)?;
+    let s = trainer.run(obs, &stop)?;
+    drop(trainer);
+    crate::dist::leave();
+    if !main {
+        return Ok(());
+    }
     console.finish();
     let f = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_default();
     info!(

@@ -78,8 +78,11 @@ fn run_mpi(np: usize, args: &[&str], cwd: &Path) -> Output {
         .expect("mpirun (scripts/install-mpi.sh)")
 }
 
+/// `(step, loss)` pairs.
+type Curve = Vec<(u64, f64)>;
+
 /// `(step, loss)` of every train row and `(step, val_loss)` of every eval row.
-fn curve(run: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn curve(run: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {
@@ -341,4 +344,81 @@ fn a_stalled_rank_is_named_after_the_timeout() {
         e.contains("did not complete within 5 s; rank 1 is not responding (dead or stalled)"),
         "{o}{e}"
     );
+}
+
+#[test]
+fn sft_on_two_ranks_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let qa = [
+        ("color of sky", "blue"),
+        ("color of grass", "green"),
+        ("sound of cat", "meow"),
+        ("sound of dog", "woof"),
+        ("opposite of up", "down"),
+        ("opposite of hot", "cold"),
+        ("two plus two", "four"),
+        ("capital of France", "Paris"),
+        ("color of snow", "white"),
+        ("sound of cow", "moo"),
+        ("opposite of left", "right"),
+        ("three plus one", "four"),
+    ];
+    let text_rows: String = qa
+        .iter()
+        .map(|(q, a)| format!("{{\"instruction\": \"{q}\", \"output\": \"{a}\"}}\n"))
+        .collect();
+    std::fs::write(d.join("toy.jsonl"), text_rows).unwrap();
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf_tiny/model");
+    let model = model.to_str().unwrap().to_string();
+    // LoRA under ZeRO-1 and full fine-tuning under DDP, each against one process: every
+    // micro-batch's packed rows are split between the ranks.
+    for (strategy, extra) in [("zero1", vec!["--lora-rank", "4"]), ("ddp", vec![])] {
+        let mut args: Vec<String> = [
+            "sft",
+            "--model",
+            &model,
+            "--data",
+            "toy.jsonl",
+            "--set",
+            "train.steps=6",
+            "--set",
+            "optim.lr=1e-3",
+            "--set",
+            "train.seq_len=32",
+            "--set",
+            "sft.val_fraction=0.25",
+            "--set",
+            "train.peak_flops=1e11",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.eval_every=3",
+            "--set",
+            "train.batch_size=4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let with = |out: &str, more: &[&str]| {
+            let mut a = args.clone();
+            a.extend(["--out".to_string(), out.to_string()]);
+            a.extend(more.iter().map(|s| s.to_string()));
+            a
+        };
+        let one = with(&format!("one-{strategy}"), &[]);
+        let o = kiln(&one.iter().map(String::as_str).collect::<Vec<_>>(), d);
+        assert!(o.status.success(), "{}", text(&o).1);
+        let set = format!("dist.strategy={strategy}");
+        let two = with(&format!("two-{strategy}"), &["--set", &set]);
+        let o = run_mpi(2, &two.iter().map(String::as_str).collect::<Vec<_>>(), d);
+        assert!(o.status.success(), "{strategy}: {}", text(&o).1);
+        let (a_train, a_eval) = curve(&d.join(format!("one-{strategy}")));
+        let (b_train, b_eval) = curve(&d.join(format!("two-{strategy}")));
+        assert_eq!(a_train.len(), 6);
+        assert_same_curve(&a_train, &b_train, strategy);
+        assert_same_curve(&a_eval, &b_eval, strategy);
+    }
 }

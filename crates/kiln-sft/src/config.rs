@@ -138,6 +138,9 @@ pub struct SftConfig {
     pub sft: SftOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraOptions>,
+    /// Distributed training (`mpirun -np N kiln sft ...`): `ddp` or `zero1`.
+    #[serde(default)]
+    pub dist: kiln_train::DistConfig,
     /// Whether `optim.warmup_steps` was given (else it is 10% of the steps).
     #[serde(skip)]
     warmup_given: bool,
@@ -183,7 +186,7 @@ impl SftConfig {
             .unwrap_or_default();
         for key in root.keys() {
             match key.as_str() {
-                "train" | "optim" | "sft" | "lora" => {}
+                "train" | "optim" | "sft" | "lora" | "dist" => {}
                 k if extra.contains(&k) => {}
                 "model" | "data" => {
                     return Err(SftError::Config(format!(
@@ -191,7 +194,7 @@ impl SftConfig {
                     )))
                 }
                 other => {
-                    let mut expected = vec!["train", "optim", "sft", "lora"];
+                    let mut expected = vec!["train", "optim", "sft", "lora", "dist"];
                     expected.extend(extra);
                     return Err(SftError::Config(format!(
                         "{at}unknown section [{other}] (expected {})",
@@ -256,11 +259,17 @@ impl SftConfig {
         } else {
             None
         };
+        let dist: kiln_train::DistConfig = toml::Value::Table(section(&mut root, "dist"))
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                SftError::Config(format!("{at}[dist] {}", e.message()))
+            })?;
         let cfg = Self {
             train,
             optim,
             sft,
             lora,
+            dist,
             warmup_given,
         };
         cfg.validate()?;

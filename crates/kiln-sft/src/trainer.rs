@@ -18,7 +18,9 @@ use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
 use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use kiln_train::metrics::{MetricsRow, MetricsWriter};
 use kiln_train::optim::{lr_at, AdamW};
-use kiln_train::{optimizer_step_batches, write_atomic, Observer, RunInfo, TrainError};
+use kiln_train::{
+    optimizer_step_batches, write_atomic, DataParallel, Observer, RunInfo, Strategy, TrainError,
+};
 
 use crate::pack::IGNORE;
 use crate::{pack, read_records, split_held_out, ChatFormat, Row, SftConfig, SftError};
@@ -93,6 +95,42 @@ pub struct SftTrainer {
     /// gradient is computed) and the measured GEMM peak, for MFU.
     flops_per_token: f64,
     peak_flops: f64,
+    /// The data-parallel group when the run has several ranks.
+    dist: Option<DataParallel>,
+}
+
+/// The run directory's files besides checkpoints: config (with the model's shape for
+/// loaders), tokenizer with the template the run used (so `kiln chat` on the result renders
+/// the same way), and the held-out conversations.
+fn write_run_files(
+    run_dir: &Path,
+    config_toml: &str,
+    format: &ChatFormat,
+    model_config: &ModelConfig,
+    val_convs: &[crate::Conversation],
+) -> Result<(), SftError> {
+    write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+    let mut tok = format.tokenizer.clone();
+    tok.chat_template = Some(format.source.clone());
+    tok.save_hf(run_dir, model_config.max_seq_len)?;
+    write_atomic(
+        &run_dir.join("chat_template.jinja"),
+        format.source.as_bytes(),
+    )?;
+    // The held-out conversations, as messages JSONL, for evaluating the result later.
+    let held_out: String = val_convs
+        .iter()
+        .map(|c| {
+            let msgs: Vec<serde_json::Value> = c
+                .messages()
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .collect();
+            serde_json::json!({ "messages": msgs }).to_string() + "\n"
+        })
+        .collect();
+    write_atomic(&run_dir.join("held_out.jsonl"), held_out.as_bytes())?;
+    Ok(())
 }
 
 fn io(path: &Path, e: std::io::Error) -> SftError {
@@ -113,7 +151,23 @@ impl SftTrainer {
         resume: bool,
         obs: &mut dyn SftObserver,
     ) -> Result<Self, SftError> {
+        Self::new_with(source, config_file, overrides, run_dir, resume, obs, None)
+    }
+
+    /// [`SftTrainer::new`] as one rank of a data-parallel group (`dist.strategy` ddp or
+    /// zero1): rank 0 writes the run's files; each rank trains on its rows of every
+    /// micro-batch.
+    pub fn new_with(
+        source: SftSource,
+        config_file: Option<&Path>,
+        overrides: &[String],
+        run_dir: &Path,
+        resume: bool,
+        obs: &mut dyn SftObserver,
+        dist: Option<DataParallel>,
+    ) -> Result<Self, SftError> {
         let device = Device::Cpu;
+        let main = dist.as_ref().is_none_or(|d| d.is_main());
         if source.data.is_empty() {
             return Err(SftError::Config("no training data (--data FILE)".into()));
         }
@@ -199,8 +253,17 @@ impl SftTrainer {
             cfg.train.seed,
             &device,
         )?;
-        let optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+        let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
         let trainable = optimizer.layout().total();
+        if let Some(d) = &dist {
+            if d.cfg.strategy == Strategy::Fsdp {
+                return Err(SftError::Config(
+                    "kiln sft runs dist.strategy = \"ddp\" or \"zero1\" (FSDP is kiln pretrain's for now)"
+                        .into(),
+                ));
+            }
+            d.setup(&params, &mut optimizer)?;
+        }
         let info = SftInfo {
             mode,
             trainable_params: trainable,
@@ -226,28 +289,9 @@ impl SftTrainer {
         // template the run used (so `kiln chat` on the result renders the same way).
         std::fs::create_dir_all(run_dir).map_err(|e| io(run_dir, e))?;
         let config_toml = run_config_toml(&cfg, &model_config, &source, train.rows.len());
-        write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
-        let mut tok = format.tokenizer.clone();
-        tok.chat_template = Some(format.source.clone());
-        tok.save_hf(run_dir, model_config.max_seq_len)?;
-        write_atomic(
-            &run_dir.join("chat_template.jinja"),
-            format.source.as_bytes(),
-        )?;
-        // The held-out conversations, as messages JSONL, for evaluating the result later.
-        let held_out: String = val_convs
-            .iter()
-            .map(|c| {
-                let msgs: Vec<serde_json::Value> = c
-                    .messages()
-                    .iter()
-                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-                    .collect();
-                serde_json::json!({ "messages": msgs }).to_string() + "\n"
-            })
-            .collect();
-        write_atomic(&run_dir.join("held_out.jsonl"), held_out.as_bytes())?;
-
+        if main {
+            write_run_files(run_dir, &config_toml, &format, &model_config, &val_convs)?;
+        }
         let full = model_config.train_flops_per_token(cfg.train.seq_len);
         let flops_per_token = if lora.is_some() {
             // No weight gradients: forward (2N) + input gradients (2N) of the 6N.
@@ -277,6 +321,7 @@ impl SftTrainer {
             model_config,
             tokens_seen: 0,
             config_toml,
+            dist,
         };
         if resume {
             match checkpoint::list(run_dir)?.last() {
@@ -321,6 +366,9 @@ impl SftTrainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<kiln_train::StepResult, SftError> {
         let micro = self.step_rows(self.step());
+        if let Some(d) = self.dist.clone() {
+            return self.train_step_distributed(&d, &micro);
+        }
         let batches = micro
             .iter()
             .map(|ix| {
@@ -342,14 +390,60 @@ impl SftTrainer {
         Ok(r)
     }
 
-    /// Mean loss per assistant token over the held-out rows (`None` without held-out data).
-    pub fn evaluate(&self) -> Result<Option<f64>, SftError> {
-        evaluate_rows(
+    /// This rank's rows of each micro-batch: a contiguous share of the row indices (a short
+    /// last micro-batch may leave a rank none).
+    fn train_step_distributed(
+        &mut self,
+        d: &DataParallel,
+        micro: &[Vec<usize>],
+    ) -> Result<kiln_train::StepResult, SftError> {
+        let (mut n_valid, mut n_tokens) = (0, 0);
+        let mut local = Vec::new();
+        for ix in micro {
+            let rows: Vec<&Row> = ix.iter().map(|&i| &self.train_rows[i]).collect();
+            // The global batch's counts, as one process would see them.
+            let (whole, targets) = batch_of(&rows, self.cfg.train.seq_len, self.model.device())?;
+            n_valid += kiln_kernels::count_valid_targets(&targets)?;
+            n_tokens += whole.tokens.elem_count();
+            let mine = kiln_dist::shard_range(rows.len(), d.rank(), d.world());
+            if !mine.is_empty() {
+                local.push(batch_of(
+                    &rows[mine],
+                    self.cfg.train.seq_len,
+                    self.model.device(),
+                )?);
+            }
+        }
+        let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
+        let r = d.step(
             &self.model,
-            &self.val_rows,
-            self.cfg.train.batch_size,
-            self.cfg.train.seq_len,
-        )
+            &self.params,
+            &mut self.optimizer,
+            &local,
+            n_valid,
+            n_tokens,
+            lr,
+            self.cfg.optim.grad_clip,
+            Some(&mut self.dropout_rng),
+        )?;
+        self.tokens_seen += r.n_tokens as u64;
+        Ok(r)
+    }
+
+    /// Mean loss per assistant token over the held-out rows (`None` without held-out data);
+    /// split over the ranks of a distributed run.
+    pub fn evaluate(&self) -> Result<Option<f64>, SftError> {
+        let (bs, len) = (self.cfg.train.batch_size, self.cfg.train.seq_len);
+        let Some(d) = &self.dist else {
+            return evaluate_rows(&self.model, &self.val_rows, bs, len);
+        };
+        let mine = kiln_dist::shard_range(self.val_rows.len(), d.rank(), d.world());
+        let (sum, n) = loss_sums(&self.model, &self.val_rows[mine], bs, len)?;
+        let mut sums = [sum, n as f64];
+        d.comm
+            .all_reduce_sum_f64(&mut sums)
+            .map_err(TrainError::from)?;
+        Ok((sums[1] > 0.0).then(|| sums[0] / sums[1]))
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf, SftError> {
@@ -368,21 +462,58 @@ impl SftTrainer {
             files: Default::default(),
         };
         let base = self.source.model.display().to_string();
-        Ok(checkpoint::save(
-            &self.run_dir,
-            state,
-            &self.config_toml,
-            |dir| {
-                self.params.save(&dir.join(MODEL_FILE))?;
-                self.optimizer.save(&dir.join(OPTIMIZER_FILE))?;
-                if let Some(spec) = &self.lora {
-                    kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, &base)
-                        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-                }
-                Ok(())
-            },
-            self.cfg.train.keep_checkpoints,
-        )?)
+        let write_model = |dir: &Path| -> Result<(), TrainError> {
+            self.params.save(&dir.join(MODEL_FILE))?;
+            if let Some(spec) = &self.lora {
+                kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, &base)
+                    .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            }
+            Ok(())
+        };
+        let Some(d) = &self.dist else {
+            return Ok(checkpoint::save(
+                &self.run_dir,
+                state,
+                &self.config_toml,
+                |dir| {
+                    write_model(dir)?;
+                    self.optimizer.save(&dir.join(OPTIMIZER_FILE))
+                },
+                self.cfg.train.keep_checkpoints,
+            )?);
+        };
+        // Distributed: the weights are replicated (rank 0 writes them); each rank writes its
+        // shard of the optimizer state; the directory is renamed once all have written.
+        let final_dir =
+            checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(self.step()));
+        if final_dir.join(checkpoint::STATE_FILE).exists() {
+            return Ok(final_dir);
+        }
+        if d.is_main() {
+            let dir = checkpoint::save(
+                &self.run_dir,
+                state,
+                &self.config_toml,
+                |dir| {
+                    d.comm.barrier()?;
+                    write_model(dir)?;
+                    d.write_optimizer_shard(dir, &self.optimizer)?;
+                    kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(&self.optimizer))?;
+                    d.comm.barrier()?;
+                    Ok(())
+                },
+                self.cfg.train.keep_checkpoints,
+            )?;
+            d.comm.barrier().map_err(TrainError::from)?;
+            Ok(dir)
+        } else {
+            let tmp = checkpoint::tmp_dir(&self.run_dir, self.step());
+            d.comm.barrier().map_err(TrainError::from)?;
+            d.write_optimizer_shard(&tmp, &self.optimizer)?;
+            d.comm.barrier().map_err(TrainError::from)?;
+            d.comm.barrier().map_err(TrainError::from)?;
+            Ok(final_dir)
+        }
     }
 
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), SftError> {
@@ -412,7 +543,20 @@ impl SftTrainer {
             )));
         }
         self.params.assign_from_file(&dir.join(MODEL_FILE))?;
-        self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        if dir.join(kiln_model::sharded::SHARD_MANIFEST).exists() {
+            // A distributed run's: every rank's optimizer pieces, assembled.
+            let manifest = kiln_model::sharded::read_manifest(dir)?;
+            let moments = kiln_model::sharded::read_sharded(
+                dir,
+                &manifest,
+                "optimizer",
+                self.model.device(),
+            )?;
+            self.optimizer
+                .load_tensors(&moments, &dir.display().to_string(), state.step)?;
+        } else {
+            self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+        }
         self.dropout_rng = state.dropout_rng;
         self.tokens_seen = state.tokens_seen;
         Ok(())
@@ -427,7 +571,22 @@ impl SftTrainer {
     ) -> Result<SftSummary, SftError> {
         let t0 = Instant::now();
         let start = self.step();
-        let mut metrics = MetricsWriter::open(&self.run_dir.join("metrics.jsonl"), start)?;
+        let main = self.dist.as_ref().is_none_or(|d| d.is_main());
+        // Rank 0 alone writes metrics, the adapter and plots.
+        let mut metrics = if main {
+            Some(MetricsWriter::open(
+                &self.run_dir.join("metrics.jsonl"),
+                start,
+            )?)
+        } else {
+            None
+        };
+        let mut write_row = |row: &MetricsRow| -> Result<(), TrainError> {
+            match metrics.as_mut() {
+                Some(m) => m.write(row),
+                None => Ok(()),
+            }
+        };
         obs.on_sft_start(&self.info);
         obs.on_start(&RunInfo {
             run_dir: self.run_dir.clone(),
@@ -457,13 +616,20 @@ impl SftTrainer {
             if let Some(v) = self.evaluate()? {
                 summary.val_loss_before = Some(v);
                 let row = MetricsRow::eval(0, 0, v, None);
-                metrics.write(&row)?;
+                write_row(&row)?;
                 obs.on_eval(&row);
             }
         }
         let total = self.cfg.train.steps;
         while self.step() < total {
-            if stop.load(Ordering::SeqCst) {
+            let mut stopping = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
+            if let Some(d) = &self.dist {
+                // Every rank stops at the same step.
+                d.comm
+                    .all_reduce_max_f64(&mut stopping)
+                    .map_err(TrainError::from)?;
+            }
+            if stopping[0] > 0.0 {
                 summary.stopped_early = true;
                 break;
             }
@@ -488,14 +654,14 @@ impl SftTrainer {
             );
             let logged = self.cfg.train.logs_at(step);
             if logged {
-                metrics.write(&row)?;
+                write_row(&row)?;
             }
             summary.final_loss = Some(r.loss);
             obs.on_step(&row, logged);
             if self.cfg.train.evaluates_at(step) {
                 if let Some(v) = self.evaluate()? {
                     let row = MetricsRow::eval(step, self.tokens_seen, v, None);
-                    metrics.write(&row)?;
+                    write_row(&row)?;
                     summary.final_val_loss = Some(v);
                     obs.on_eval(&row);
                 }
@@ -510,6 +676,11 @@ impl SftTrainer {
             let dir = self.save_checkpoint()?;
             obs.on_checkpoint(&dir);
             summary.last_checkpoint = Some(dir);
+        }
+        summary.steps = self.step();
+        summary.wall_s = t0.elapsed().as_secs_f64();
+        if !main {
+            return Ok(summary);
         }
         if let Some(spec) = &self.lora {
             let dir = self.run_dir.join("adapter");
@@ -658,6 +829,17 @@ pub(crate) fn evaluate_rows(
     batch_size: usize,
     max_len: usize,
 ) -> Result<Option<f64>, SftError> {
+    let (sum, n) = loss_sums(model, rows, batch_size, max_len)?;
+    Ok((n > 0).then(|| sum / n as f64))
+}
+
+/// The summed loss over the assistant tokens of `rows`, and their count.
+fn loss_sums(
+    model: &Llama,
+    rows: &[Row],
+    batch_size: usize,
+    max_len: usize,
+) -> Result<(f64, usize), SftError> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
@@ -667,5 +849,5 @@ pub(crate) fn evaluate_rows(
         sum += s;
         n += k;
     }
-    Ok((n > 0).then(|| sum / n as f64))
+    Ok((sum, n))
 }

@@ -87,6 +87,7 @@ pub fn save(
     let mut names: Vec<String> = fs::read_dir(&tmp)
         .map_err(|e| io_err(&tmp, e))?
         .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n != CONFIG_FILE && n != STATE_FILE)
         .collect();

@@ -66,7 +66,7 @@ impl DataParallel {
 
     /// Checks that the global batch splits evenly over the ranks.
     pub fn check_batch(&self, batch_size: usize) -> Result<(), TrainError> {
-        if batch_size % self.world() != 0 {
+        if !batch_size.is_multiple_of(self.world()) {
             return Err(TrainError::Config(format!(
                 "train.batch_size = {batch_size} is the global batch and must split evenly over \
                  the {} ranks (use a multiple of {})",
@@ -226,6 +226,45 @@ impl DataParallel {
             optimizer.state_pieces(state)?,
         )?;
         Ok(())
+    }
+
+    /// Writes only this rank's optimizer pieces (`optimizer-RANK-of-N.safetensors`), for runs
+    /// whose weights rank 0 writes whole (SFT, where they may be LoRA adapters).
+    pub fn write_optimizer_shard(&self, dir: &Path, optimizer: &AdamW) -> Result<(), TrainError> {
+        let (rank, world) = (self.rank(), self.world());
+        let state = match self.cfg.strategy {
+            Strategy::Zero1 => optimizer.state_range(),
+            Strategy::Ddp | Strategy::Fsdp => shard_range(optimizer.layout().total(), rank, world),
+        };
+        write_pieces(
+            &dir.join(ShardManifest::file_name("optimizer", rank, world)),
+            optimizer.state_pieces(state)?,
+        )?;
+        Ok(())
+    }
+
+    /// The manifest of [`DataParallel::write_optimizer_shard`]'s files.
+    pub fn optimizer_manifest(&self, optimizer: &AdamW) -> ShardManifest {
+        let world = self.world();
+        ShardManifest {
+            format: SHARD_FORMAT.into(),
+            world_size: world,
+            strategy: format!("{:?}", self.cfg.strategy).to_lowercase(),
+            tensors: optimizer
+                .layout()
+                .entries()
+                .iter()
+                .map(|e| (e.name.clone(), e.shape.clone()))
+                .collect(),
+            files: [(
+                "optimizer".to_string(),
+                (0..world)
+                    .map(|r| ShardManifest::file_name("optimizer", r, world))
+                    .collect(),
+            )]
+            .into_iter()
+            .collect(),
+        }
     }
 
     /// The manifest of a checkpoint written by every rank's [`DataParallel::write_shards`].

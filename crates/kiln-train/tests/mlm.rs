@@ -200,7 +200,7 @@ fn tiny_encoder_learns_to_fill_masks_well_above_chance() {
     toy_corpus(&src, 8000);
     let cfg = mlm_config(&src, &dir.path().join("data"), &dir.path().join("run"), &[]);
     let t0 = std::time::Instant::now();
-    let trainer = train(cfg, false).unwrap();
+    let mut trainer = train(cfg, false).unwrap();
     let secs = t0.elapsed().as_secs_f64();
 
     // kiln trained the tokenizer itself, with the MLM special tokens.

@@ -336,25 +336,27 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     }
     // The resumed run ends with exactly the weights of the uninterrupted one.
     let weights = |t: &Trainer| -> Vec<f32> {
-        t.params
+        t.params()
+            .unwrap()
             .flat()
             .as_detached_tensor()
             .to_vec1::<f32>()
             .unwrap()
     };
     let (w_full, w_resumed) = (weights(&uninterrupted), weights(&resumed));
-    assert_eq!(w_full.len(), resumed.params.num_elements());
+    assert_eq!(w_full.len(), resumed.params().unwrap().num_elements());
     let differing = w_full
         .iter()
         .zip(&w_resumed)
         .filter(|(a, b)| a.to_bits() != b.to_bits())
         .count();
     assert_eq!(differing, 0, "{differing} weights differ after resume");
-    for (name, w) in uninterrupted.params.iter() {
+    for (name, w) in uninterrupted.params().unwrap().iter() {
         assert_eq!(
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             resumed
-                .params
+                .params()
+                .unwrap()
                 .tensor(name)
                 .unwrap()
                 .flatten_all()
