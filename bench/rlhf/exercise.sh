@@ -15,6 +15,9 @@
 #         minibatches, KL coefficient 0.15, a constant learning rate 2e-4, 50 steps.
 #   ppo-lr1e-4  (not in the default stages) the same at KL coefficient 0.1 and lr 1e-4, 60 steps.
 #   ppo-lr1.5e-4  (not in the default stages) the same at lr 1.5e-4, 60 steps.
+#   ppo-32  (not in the default stages) 32 prompts a step, 2 epochs of 2 minibatches (the same
+#         updates per step as 16 x 4 x 2), lr 2e-4, the adaptive KL controller (start 0.1,
+#         target 5 nats, horizon 320 samples: at most 2% a step), 45 steps.
 #   length  (not in the default stages) GRPO with length:16 and the missing-EOS penalty: a
 #         harder target (answers of about 16 tokens that end), 80 steps.
 #   rm    The SFT adapter of docs/sft-lora.md merged into SmolLM2, then a reward model (LoRA
@@ -76,6 +79,13 @@ if want ppo-lr1.5e-4; then
         --max-new-tokens 40 --set train.steps=60 --set train.batch_size=16 --set ppo.epochs=4 \
         --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=1.5e-4 \
         --set optim.min_lr=1.5e-4 --set optim.warmup_steps=5 --set train.checkpoint_every=10
+fi
+if want ppo-32; then
+    run ppo-smollm2-32 ppo --model $M --prompts $PROMPTS --reward-fn contains:with --lora-rank 16 \
+        --max-new-tokens 40 --set train.steps=45 --set train.batch_size=32 --set ppo.epochs=2 \
+        --set ppo.minibatches=2 --set ppo.penalize_missing_eos=false --set optim.lr=2e-4 \
+        --set optim.min_lr=2e-4 --set optim.warmup_steps=5 --set ppo.adaptive_kl=true \
+        --set ppo.kl_target=5 --set ppo.kl_horizon=320 --set train.checkpoint_every=5
 fi
 if want length; then
     run grpo-length-smollm2 grpo --model $M --prompts $PROMPTS --reward-fn length:16 \

@@ -22,6 +22,17 @@ use crate::{
 };
 
 pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        // One GPU per rank: the launcher's local rank picks it.
+        let local_rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        if let Ok(d) = Device::cuda_if_available(local_rank) {
+            return d;
+        }
+    }
     Device::Cpu
 }
 

@@ -53,7 +53,13 @@ pub fn join(cfg: &DistConfig) -> Result<Option<DataParallel>> {
 #[cfg(feature = "mpi")]
 fn engine(cfg: &DistConfig) -> Result<Rc<dyn Collectives>> {
     let timeout = std::time::Duration::from_secs_f64(cfg.timeout_s);
-    Ok(Rc::new(kiln_dist::MpiCollectives::init(timeout)?))
+    let mpi = kiln_dist::MpiCollectives::init(timeout)?;
+    #[cfg(feature = "cuda")]
+    if let d @ candle_core::Device::Cuda(_) = crate::commands::device() {
+        // GPU ranks: NCCL between the devices, MPI for the rest.
+        return Ok(Rc::new(kiln_dist::NcclCollectives::init(mpi, d)?));
+    }
+    Ok(Rc::new(mpi))
 }
 
 #[cfg(not(feature = "mpi"))]

@@ -21,8 +21,13 @@ mod host;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
 
+#[cfg(feature = "nccl")]
+mod nccl;
+
 #[cfg(feature = "mpi")]
 pub use mpi_backend::MpiCollectives;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollectives;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {

@@ -115,7 +115,7 @@ impl MpiCollectives {
     /// [`PROBE_WINDOW`]. Peers stuck in the same collective time out too and answer; a dead or
     /// stalled peer does not. The buffers are leaked: requests to silent peers stay pending
     /// until the job is aborted.
-    fn unresponsive_peers(&self) -> Vec<usize> {
+    pub(crate) fn unresponsive_peers(&self) -> Vec<usize> {
         let peers: Vec<usize> = (0..self.size).filter(|&p| p != self.rank).collect();
         let me: &'static [u8; 1] = Box::leak(Box::new([self.rank as u8]));
         let inbox: &'static mut [u8] = Box::leak(vec![0u8; peers.len()].into_boxed_slice());

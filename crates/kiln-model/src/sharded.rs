@@ -136,3 +136,76 @@ pub fn read_sharded(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(world: usize) -> ShardManifest {
+        ShardManifest {
+            format: SHARD_FORMAT.into(),
+            world_size: world,
+            strategy: "fsdp".into(),
+            tensors: [("w".to_string(), vec![2, 3]), ("b".to_string(), vec![3])]
+                .into_iter()
+                .collect(),
+            files: [(
+                "model".to_string(),
+                (0..world)
+                    .map(|r| ShardManifest::file_name("model", r, world))
+                    .collect(),
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    fn piece(values: &[f32]) -> Tensor {
+        Tensor::new(values, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn pieces_of_two_ranks_assemble_whole_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(2);
+        // w = 0..6 split 4 / 2, b whole on rank 1.
+        write_pieces(
+            &dir.path().join(&m.files["model"][0]),
+            vec![(piece_key("w", 0), piece(&[0., 1., 2., 3.]))],
+        )
+        .unwrap();
+        write_pieces(
+            &dir.path().join(&m.files["model"][1]),
+            vec![
+                (piece_key("w", 4), piece(&[4., 5.])),
+                (piece_key("b", 0), piece(&[7., 8., 9.])),
+            ],
+        )
+        .unwrap();
+        let t = read_sharded(dir.path(), &m, "model", &Device::Cpu).unwrap();
+        assert_eq!(
+            t["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
+        assert_eq!(t["b"].to_vec1::<f32>().unwrap(), vec![7., 8., 9.]);
+    }
+
+    #[test]
+    fn a_missing_piece_or_a_foreign_tensor_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manifest(1);
+        let file = dir.path().join(&m.files["model"][0]);
+        write_pieces(&file, vec![(piece_key("w", 0), piece(&[0., 1., 2., 3.]))]).unwrap();
+        let e = read_sharded(dir.path(), &m, "model", &Device::Cpu).unwrap_err();
+        assert!(
+            e.to_string().contains("hold 4 of the 6 elements of \"w\""),
+            "{e}"
+        );
+        write_pieces(&file, vec![(piece_key("z", 0), piece(&[0.]))]).unwrap();
+        let e = read_sharded(dir.path(), &m, "model", &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("which the manifest lacks"), "{e}");
+        write_pieces(&file, vec![(piece_key("b", 2), piece(&[0., 1.]))]).unwrap();
+        let e = read_sharded(dir.path(), &m, "model", &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("overrun"), "{e}");
+    }
+}

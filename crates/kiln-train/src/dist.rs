@@ -137,6 +137,8 @@ impl DataParallel {
             )?;
         }
         fill_missing(grads)?;
+        let comm_start = std::time::Instant::now();
+        let mut compute_s = 0.0; // time inside the communication phase that is not communication
         let flat = grads.flat().clone();
         let total = flat.elem_count();
         let mut sums = [loss_sum, 0.0];
@@ -150,7 +152,9 @@ impl DataParallel {
                     self.comm.all_reduce_sum(&flat.narrow(0, start, len)?)?;
                     start += len;
                 }
+                let t = std::time::Instant::now();
                 sums[1] = grads.sum_of_squares()?;
+                compute_s += t.elapsed().as_secs_f64();
                 self.comm.all_reduce_sum_f64(&mut sums[..1])?;
             }
             Strategy::Zero1 => {
@@ -176,7 +180,9 @@ impl DataParallel {
         } else {
             1.0
         };
+        let t = std::time::Instant::now();
         optimizer.step(params, lr, grad_scale)?;
+        compute_s += t.elapsed().as_secs_f64();
         if self.cfg.strategy == Strategy::Zero1 {
             let base = trainable_base(params, optimizer)?;
             let trainable = params.flat().as_detached_tensor().narrow(0, base, total)?;
@@ -188,6 +194,7 @@ impl DataParallel {
             grad_norm,
             lr,
             n_tokens: n_tokens_global,
+            comm_s: Some(comm_start.elapsed().as_secs_f64() - compute_s),
         })
     }
 

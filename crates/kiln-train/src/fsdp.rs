@@ -75,6 +75,8 @@ struct Core {
     block_scratch: Tensor,
     /// Reduce-scatter output (the largest chunk of any unit).
     reduced: Tensor,
+    /// Seconds spent in collectives since the step began.
+    comm_s: std::cell::Cell<f64>,
 }
 
 pub struct Fsdp {
@@ -206,6 +208,7 @@ impl Fsdp {
                 root_scratch,
                 block_scratch,
                 reduced: zeros(largest)?,
+                comm_s: std::cell::Cell::new(0.0),
             },
             cfg: cfg.clone(),
             optim: optim.clone(),
@@ -299,13 +302,15 @@ impl Fsdp {
             ));
         }
         self.core.grads.zero_set()?;
+        self.core.comm_s.set(0.0);
         let scale = 1.0 / n_valid_global as f64;
         let mut loss_sum = 0.0;
         for (batch, targets) in local {
             loss_sum += self.forward_backward(batch, targets, scale, dropout_rng.as_deref_mut())?;
         }
         let mut sums = [loss_sum, kiln_kernels::sum_of_squares(&self.core.grads)?];
-        self.core.comm.all_reduce_sum_f64(&mut sums)?;
+        self.core
+            .timed(|| self.core.comm.all_reduce_sum_f64(&mut sums))?;
         let grad_norm = sums[1].sqrt();
         self.step += 1;
         if !grad_norm.is_finite() {
@@ -358,6 +363,7 @@ impl Fsdp {
             grad_norm,
             lr,
             n_tokens: n_tokens_global,
+            comm_s: Some(self.core.comm_s.get()),
         })
     }
 
@@ -456,6 +462,15 @@ impl Fsdp {
 }
 
 impl Core {
+    /// Runs a collective, adding its wall time to the step's communication time.
+    fn timed<T>(&self, f: impl FnOnce() -> kiln_dist::Result<T>) -> kiln_dist::Result<T> {
+        let t = std::time::Instant::now();
+        let r = f();
+        self.comm_s
+            .set(self.comm_s.get() + t.elapsed().as_secs_f64());
+        r
+    }
+
     /// Writes this rank's part of every unit into `buf` (a shard buffer) from whole tensors.
     fn fill_from(
         &self,
@@ -493,8 +508,7 @@ impl Core {
             &self.block_scratch
         };
         let shard = self.shard(&self.params, u)?;
-        self.comm
-            .all_gather(&shard, scratch, &self.units[u].chunks)?;
+        self.timed(|| self.comm.all_gather(&shard, scratch, &self.units[u].chunks))?;
         Ok(())
     }
 
@@ -503,8 +517,10 @@ impl Core {
         full.make_all_live()?;
         let unit = &self.units[u];
         let out = self.reduced.narrow(0, 0, unit.mine.len())?;
-        self.comm
-            .reduce_scatter_sum(full.flat(), &out, &unit.chunks)?;
+        self.timed(|| {
+            self.comm
+                .reduce_scatter_sum(full.flat(), &out, &unit.chunks)
+        })?;
         kiln_kernels::add_in_place(&self.shard(&self.grads, u)?, &out)?;
         Ok(())
     }

@@ -29,6 +29,9 @@ pub struct MetricsRow {
     /// Masked-token accuracy on the validation split (MLM runs' eval rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_accuracy: Option<f64>,
+    /// Distributed runs: rank 0's seconds in collectives during the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
 }
 
 impl MetricsRow {
@@ -51,6 +54,7 @@ impl MetricsRow {
             grad_norm: Some(r.grad_norm),
             tokens_per_s: Some(tokens_per_s),
             mfu: Some(flops_per_token * tokens_per_s / peak_flops),
+            comm_s: r.comm_s,
             ..Default::default()
         }
     }

@@ -108,6 +108,9 @@ pub struct StepResult {
     pub grad_norm: f64,
     pub lr: f64,
     pub n_tokens: usize,
+    /// Distributed runs: seconds this rank spent in collectives (including waiting for the
+    /// slowest rank).
+    pub comm_s: Option<f64>,
 }
 
 impl Trainer {
@@ -803,6 +806,7 @@ pub fn optimizer_step_batches(
         grad_norm,
         lr,
         n_tokens,
+        comm_s: None,
     })
 }
 
