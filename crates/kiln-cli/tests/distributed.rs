@@ -372,9 +372,15 @@ fn sft_on_two_ranks_matches_one_process() {
     let model =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf_tiny/model");
     let model = model.to_str().unwrap().to_string();
-    // LoRA under ZeRO-1 and full fine-tuning under DDP, each against one process: every
-    // micro-batch's packed rows are split between the ranks.
-    for (strategy, extra) in [("zero1", vec!["--lora-rank", "4"]), ("ddp", vec![])] {
+    // LoRA under ZeRO-1, full fine-tuning under DDP and FSDP, each against one process:
+    // every micro-batch's rows are split between the ranks. Unpacked, the 9 training rows
+    // make micro-batches of 4, 4 and 1 rows: in the last, rank 1 has none (under FSDP it runs
+    // a row without targets, so that its gathers pair up with rank 0's).
+    for (strategy, extra) in [
+        ("zero1", vec!["--lora-rank", "4"]),
+        ("ddp", vec![]),
+        ("fsdp", vec![]),
+    ] {
         let mut args: Vec<String> = [
             "sft",
             "--model",
@@ -397,6 +403,8 @@ fn sft_on_two_ranks_matches_one_process() {
             "train.eval_every=3",
             "--set",
             "train.batch_size=4",
+            "--set",
+            "sft.packing=false",
         ]
         .iter()
         .map(|s| s.to_string())

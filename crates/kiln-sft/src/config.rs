@@ -138,7 +138,8 @@ pub struct SftConfig {
     pub sft: SftOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraOptions>,
-    /// Distributed training (`mpirun -np N kiln sft ...`): `ddp` or `zero1`.
+    /// Distributed training (`mpirun -np N kiln sft ...`): `ddp`, `zero1` or `fsdp` (full
+    /// fine-tuning only).
     #[serde(default)]
     pub dist: kiln_train::DistConfig,
     /// Whether `optim.warmup_steps` was given (else it is 10% of the steps).

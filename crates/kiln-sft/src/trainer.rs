@@ -16,10 +16,12 @@ use kiln_load::ModelFormat;
 use kiln_model::gguf::GgufFile;
 use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
 use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use kiln_train::fsdp::Fsdp;
 use kiln_train::metrics::{MetricsRow, MetricsWriter};
 use kiln_train::optim::{lr_at, AdamW};
 use kiln_train::{
-    optimizer_step_batches, write_atomic, DataParallel, Observer, RunInfo, Strategy, TrainError,
+    optimizer_step_batches, write_atomic, DataParallel, Observer, Replica, RunInfo, Strategy,
+    TrainError,
 };
 
 use crate::pack::IGNORE;
@@ -77,10 +79,9 @@ pub trait SftObserver: Observer {
 pub struct SftTrainer {
     pub cfg: SftConfig,
     pub run_dir: PathBuf,
-    pub model: Llama,
-    /// What trains: all weights, or the adapters alone.
-    pub params: Params,
-    pub optimizer: AdamW,
+    /// The model, what trains (all weights, or the adapters alone) and its optimizer; or,
+    /// under FSDP, this rank's shards.
+    replica: Replica,
     pub lora: Option<LoraSpec>,
     pub format: ChatFormat,
     pub train_rows: Vec<Row>,
@@ -97,6 +98,28 @@ pub struct SftTrainer {
     peak_flops: f64,
     /// The data-parallel group when the run has several ranks.
     dist: Option<DataParallel>,
+}
+
+/// This rank's rows of one global micro-batch, as a batch: a contiguous share of the rows.
+/// A rank left without rows gets nothing, or under FSDP (whose gathers must pair up across
+/// ranks) one row with no targets, which adds nothing to the loss or the gradients.
+fn rank_part(
+    d: &DataParallel,
+    rows: &[&Row],
+    max_len: usize,
+    device: &Device,
+    fsdp: bool,
+) -> Result<Option<(TokenBatch, Tensor)>, SftError> {
+    let mine = kiln_dist::shard_range(rows.len(), d.rank(), d.world());
+    if !mine.is_empty() {
+        return Ok(Some(batch_of(&rows[mine], max_len, device)?));
+    }
+    if !fsdp || rows.is_empty() {
+        return Ok(None);
+    }
+    let (batch, targets) = batch_of(&rows[..1], max_len, device)?;
+    let ignored = Tensor::full(IGNORE, targets.shape(), device)?;
+    Ok(Some((batch, ignored)))
 }
 
 /// The run directory's files besides checkpoints: config (with the model's shape for
@@ -154,9 +177,9 @@ impl SftTrainer {
         Self::new_with(source, config_file, overrides, run_dir, resume, obs, None)
     }
 
-    /// [`SftTrainer::new`] as one rank of a data-parallel group (`dist.strategy` ddp or
-    /// zero1): rank 0 writes the run's files; each rank trains on its rows of every
-    /// micro-batch.
+    /// [`SftTrainer::new`] as one rank of a data-parallel group (`dist.strategy` ddp, zero1,
+    /// or fsdp for full fine-tuning): rank 0 writes the run's files; each rank trains on its
+    /// rows of every micro-batch.
     pub fn new_with(
         source: SftSource,
         config_file: Option<&Path>,
@@ -253,17 +276,33 @@ impl SftTrainer {
             cfg.train.seed,
             &device,
         )?;
-        let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
-        let trainable = optimizer.layout().total();
-        if let Some(d) = &dist {
-            if d.cfg.strategy == Strategy::Fsdp {
-                return Err(SftError::Config(
-                    "kiln sft runs dist.strategy = \"ddp\" or \"zero1\" (FSDP is kiln pretrain's for now)"
-                        .into(),
-                ));
+        let trainable = model.grad_layout(&params)?.total();
+        let replica = match &dist {
+            Some(d) if d.cfg.strategy == Strategy::Fsdp => {
+                if lora.is_some() {
+                    return Err(SftError::Config(
+                        "dist.strategy = \"fsdp\" shards full fine-tuning; LoRA adapters are small enough to replicate: use \"ddp\" or \"zero1\"".into(),
+                    ));
+                }
+                // Every rank loaded the same weights; each keeps its shards.
+                d.comm
+                    .broadcast(&params.flat().as_detached_tensor(), 0)
+                    .map_err(TrainError::from)?;
+                let f = Fsdp::new(&model_config, &params, &cfg.optim, d.comm.clone())?;
+                Replica::Sharded(Box::new(f))
             }
-            d.setup(&params, &mut optimizer)?;
-        }
+            _ => {
+                let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
+                if let Some(d) = &dist {
+                    d.setup(&params, &mut optimizer)?;
+                }
+                Replica::Full {
+                    params,
+                    model,
+                    optimizer,
+                }
+            }
+        };
         let info = SftInfo {
             mode,
             trainable_params: trainable,
@@ -309,9 +348,7 @@ impl SftTrainer {
             dropout_rng: SplitMix64::new(cfg.train.seed ^ 0x5F7),
             cfg,
             run_dir: run_dir.to_path_buf(),
-            model,
-            params,
-            optimizer,
+            replica,
             lora,
             format,
             train_rows: train.rows,
@@ -341,7 +378,33 @@ impl SftTrainer {
     }
 
     pub fn step(&self) -> u64 {
-        self.optimizer.step
+        match &self.replica {
+            Replica::Full { optimizer, .. } => optimizer.step,
+            Replica::Sharded(f) => f.step,
+        }
+    }
+
+    /// The model (`None` under FSDP, where this rank holds shards).
+    pub fn model(&self) -> Option<&Llama> {
+        match &self.replica {
+            Replica::Full { model, .. } => Some(model),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    /// What trains: all weights, or the adapters alone (`None` under FSDP).
+    pub fn params(&self) -> Option<&Params> {
+        match &self.replica {
+            Replica::Full { params, .. } => Some(params),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    fn device(&self) -> Device {
+        match &self.replica {
+            Replica::Full { model, .. } => model.device().clone(),
+            Replica::Sharded(f) => f.device().clone(),
+        }
     }
 
     /// The rows of optimizer step `step` (0-based), as micro-batches of row indices.
@@ -373,14 +436,22 @@ impl SftTrainer {
             .iter()
             .map(|ix| {
                 let rows: Vec<&Row> = ix.iter().map(|&i| &self.train_rows[i]).collect();
-                batch_of(&rows, self.cfg.train.seq_len, self.model.device())
+                batch_of(&rows, self.cfg.train.seq_len, &self.device())
             })
             .collect::<Result<Vec<_>, _>>()?;
         let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
+        let Replica::Full {
+            model,
+            params,
+            optimizer,
+        } = &mut self.replica
+        else {
+            unreachable!("FSDP runs with a data-parallel group")
+        };
         let r = optimizer_step_batches(
-            &self.model,
-            &self.params,
-            &mut self.optimizer,
+            model,
+            params,
+            optimizer,
             &batches,
             lr,
             self.cfg.optim.grad_clip,
@@ -399,46 +470,64 @@ impl SftTrainer {
     ) -> Result<kiln_train::StepResult, SftError> {
         let (mut n_valid, mut n_tokens) = (0, 0);
         let mut local = Vec::new();
+        let device = self.device();
+        let fsdp = matches!(self.replica, Replica::Sharded(_));
         for ix in micro {
             let rows: Vec<&Row> = ix.iter().map(|&i| &self.train_rows[i]).collect();
             // The global batch's counts, as one process would see them.
-            let (whole, targets) = batch_of(&rows, self.cfg.train.seq_len, self.model.device())?;
+            let (whole, targets) = batch_of(&rows, self.cfg.train.seq_len, &device)?;
             n_valid += kiln_kernels::count_valid_targets(&targets)?;
             n_tokens += whole.tokens.elem_count();
-            let mine = kiln_dist::shard_range(rows.len(), d.rank(), d.world());
-            if !mine.is_empty() {
-                local.push(batch_of(
-                    &rows[mine],
-                    self.cfg.train.seq_len,
-                    self.model.device(),
-                )?);
+            if let Some(b) = rank_part(d, &rows, self.cfg.train.seq_len, &device, fsdp)? {
+                local.push(b);
             }
         }
         let lr = lr_at(self.step(), self.cfg.train.steps, &self.cfg.optim);
-        let r = d.step(
-            &self.model,
-            &self.params,
-            &mut self.optimizer,
-            &local,
-            n_valid,
-            n_tokens,
-            lr,
-            self.cfg.optim.grad_clip,
-            Some(&mut self.dropout_rng),
-        )?;
+        let (clip, rng) = (self.cfg.optim.grad_clip, Some(&mut self.dropout_rng));
+        let r = match &mut self.replica {
+            Replica::Full {
+                model,
+                params,
+                optimizer,
+            } => d.step(
+                model, params, optimizer, &local, n_valid, n_tokens, lr, clip, rng,
+            )?,
+            Replica::Sharded(f) => f.train_step(&local, n_valid, n_tokens, lr, clip, rng)?,
+        };
         self.tokens_seen += r.n_tokens as u64;
         Ok(r)
     }
 
     /// Mean loss per assistant token over the held-out rows (`None` without held-out data);
     /// split over the ranks of a distributed run.
-    pub fn evaluate(&self) -> Result<Option<f64>, SftError> {
+    pub fn evaluate(&mut self) -> Result<Option<f64>, SftError> {
         let (bs, len) = (self.cfg.train.batch_size, self.cfg.train.seq_len);
-        let Some(d) = &self.dist else {
-            return evaluate_rows(&self.model, &self.val_rows, bs, len);
+        let device = self.device();
+        let (sum, n) = match (&mut self.replica, &self.dist) {
+            (Replica::Full { model, .. }, None) => {
+                return evaluate_rows(model, &self.val_rows, bs, len)
+            }
+            (Replica::Full { model, .. }, Some(d)) => {
+                let mine = kiln_dist::shard_range(self.val_rows.len(), d.rank(), d.world());
+                loss_sums(model, &self.val_rows[mine], bs, len)?
+            }
+            (Replica::Sharded(f), Some(d)) => {
+                // Every rank runs a forward for every global batch (FSDP's gathers pair up),
+                // on its rows of it or on a row with no targets.
+                let (mut sum, mut n) = (0.0, 0);
+                for chunk in self.val_rows.chunks(bs.max(1)) {
+                    let rows: Vec<&Row> = chunk.iter().collect();
+                    let (batch, targets) =
+                        rank_part(d, &rows, len, &device, true)?.expect("FSDP always gets a batch");
+                    let (s, k) = f.loss_sum(&batch, &targets)?;
+                    sum += s;
+                    n += k;
+                }
+                (sum, n)
+            }
+            (Replica::Sharded(_), None) => unreachable!("FSDP runs with a data-parallel group"),
         };
-        let mine = kiln_dist::shard_range(self.val_rows.len(), d.rank(), d.world());
-        let (sum, n) = loss_sums(&self.model, &self.val_rows[mine], bs, len)?;
+        let d = self.dist.as_ref().expect("distributed");
         let mut sums = [sum, n as f64];
         d.comm
             .all_reduce_sum_f64(&mut sums)
@@ -462,28 +551,45 @@ impl SftTrainer {
             files: Default::default(),
         };
         let base = self.source.model.display().to_string();
-        let write_model = |dir: &Path| -> Result<(), TrainError> {
-            self.params.save(&dir.join(MODEL_FILE))?;
-            if let Some(spec) = &self.lora {
-                kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, &base)
-                    .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        // Rank 0's part (the weights and adapter, whole, unless FSDP shards them).
+        let write_main = |dir: &Path| -> Result<(), TrainError> {
+            match &self.replica {
+                Replica::Full { params, .. } => {
+                    params.save(&dir.join(MODEL_FILE))?;
+                    if let Some(spec) = &self.lora {
+                        kiln_load::save_adapter(&dir.join("adapter"), params, spec, &base)
+                            .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+                    }
+                    Ok(())
+                }
+                Replica::Sharded(f) => kiln_train::dist::write_manifest(dir, &f.manifest()),
             }
-            Ok(())
+        };
+        // Every rank's part in a distributed run.
+        let write_shards = |d: &DataParallel, dir: &Path| -> Result<(), TrainError> {
+            match &self.replica {
+                Replica::Full { optimizer, .. } => d.write_optimizer_shard(dir, optimizer),
+                Replica::Sharded(f) => f.write_shards(dir),
+            }
         };
         let Some(d) = &self.dist else {
+            let Replica::Full { optimizer, .. } = &self.replica else {
+                unreachable!("FSDP runs with a data-parallel group")
+            };
             return Ok(checkpoint::save(
                 &self.run_dir,
                 state,
                 &self.config_toml,
                 |dir| {
-                    write_model(dir)?;
-                    self.optimizer.save(&dir.join(OPTIMIZER_FILE))
+                    write_main(dir)?;
+                    optimizer.save(&dir.join(OPTIMIZER_FILE))
                 },
                 self.cfg.train.keep_checkpoints,
             )?);
         };
-        // Distributed: the weights are replicated (rank 0 writes them); each rank writes its
-        // shard of the optimizer state; the directory is renamed once all have written.
+        // Distributed: replicated weights are written by rank 0 and each rank writes its shard
+        // of the optimizer state (FSDP: of everything); the directory is renamed once all
+        // have written.
         let final_dir =
             checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(self.step()));
         if final_dir.join(checkpoint::STATE_FILE).exists() {
@@ -496,9 +602,11 @@ impl SftTrainer {
                 &self.config_toml,
                 |dir| {
                     d.comm.barrier()?;
-                    write_model(dir)?;
-                    d.write_optimizer_shard(dir, &self.optimizer)?;
-                    kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(&self.optimizer))?;
+                    write_main(dir)?;
+                    write_shards(d, dir)?;
+                    if let Replica::Full { optimizer, .. } = &self.replica {
+                        kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(optimizer))?;
+                    }
                     d.comm.barrier()?;
                     Ok(())
                 },
@@ -509,7 +617,7 @@ impl SftTrainer {
         } else {
             let tmp = checkpoint::tmp_dir(&self.run_dir, self.step());
             d.comm.barrier().map_err(TrainError::from)?;
-            d.write_optimizer_shard(&tmp, &self.optimizer)?;
+            write_shards(d, &tmp)?;
             d.comm.barrier().map_err(TrainError::from)?;
             d.comm.barrier().map_err(TrainError::from)?;
             Ok(final_dir)
@@ -542,20 +650,34 @@ impl SftTrainer {
                 self.train_rows.len()
             )));
         }
-        self.params.assign_from_file(&dir.join(MODEL_FILE))?;
-        if dir.join(kiln_model::sharded::SHARD_MANIFEST).exists() {
-            // A distributed run's: every rank's optimizer pieces, assembled.
+        let device = self.device();
+        let sharded = dir.join(kiln_model::sharded::SHARD_MANIFEST).exists();
+        // Optimizer moments whole (from every rank's pieces, or the one file), of which each
+        // rank keeps what it holds.
+        let moments = if sharded {
             let manifest = kiln_model::sharded::read_manifest(dir)?;
-            let moments = kiln_model::sharded::read_sharded(
-                dir,
-                &manifest,
-                "optimizer",
-                self.model.device(),
-            )?;
-            self.optimizer
-                .load_tensors(&moments, &dir.display().to_string(), state.step)?;
+            kiln_model::sharded::read_sharded(dir, &manifest, "optimizer", &device)?
         } else {
-            self.optimizer.load(&dir.join(OPTIMIZER_FILE), state.step)?;
+            candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &device).map_err(|e| {
+                TrainError::Checkpoint(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display()))
+            })?
+        };
+        match &mut self.replica {
+            Replica::Full {
+                params, optimizer, ..
+            } => {
+                params.assign_from_file(&dir.join(MODEL_FILE))?;
+                optimizer.load_tensors(&moments, &dir.display().to_string(), state.step)?;
+            }
+            Replica::Sharded(f) => {
+                let model_file = if dir.join(MODEL_FILE).exists() {
+                    dir.join(MODEL_FILE)
+                } else {
+                    dir.join(kiln_model::sharded::SHARD_MANIFEST)
+                };
+                f.load_params(&Params::load(&model_file, &self.model_config, &device)?)?;
+                f.load_moments(&moments, state.step)?;
+            }
         }
         self.dropout_rng = state.dropout_rng;
         self.tokens_seen = state.tokens_seen;
@@ -682,14 +804,9 @@ impl SftTrainer {
         if !main {
             return Ok(summary);
         }
-        if let Some(spec) = &self.lora {
+        if let (Some(spec), Some(params)) = (&self.lora, self.params()) {
             let dir = self.run_dir.join("adapter");
-            kiln_load::save_adapter(
-                &dir,
-                &self.params,
-                spec,
-                &self.source.model.display().to_string(),
-            )?;
+            kiln_load::save_adapter(&dir, params, spec, &self.source.model.display().to_string())?;
             summary.adapter_dir = Some(dir);
         }
         summary.steps = self.step();

@@ -431,10 +431,10 @@ fn resume_continues_exactly() {
     let mut second = trainer(dir.path(), "b", &common, true);
     assert_eq!(second.step(), 3);
     second.run(&mut Quiet, &AtomicBool::new(false)).unwrap();
-    for (n, t) in straight.params.iter() {
+    for (n, t) in straight.params().unwrap().iter() {
         assert_close(
             n,
-            &second.params.tensor(n).unwrap(),
+            &second.params().unwrap().tensor(n).unwrap(),
             t,
             Tol { rel: 0.0, abs: 0.0 },
         );

@@ -21,7 +21,7 @@ pub use dataset::ensure_dataset;
 pub use dist::DataParallel;
 pub use trainer::{
     evaluate_loss, evaluate_mlm, optimizer_step, optimizer_step_batches, write_atomic, EvalResult,
-    Observer, RunInfo, RunSummary, Silent, StepResult, Trainer,
+    Observer, Replica, RunInfo, RunSummary, Silent, StepResult, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -85,7 +85,7 @@ pub struct Trainer {
 /// What one process holds of the model: all of it (one process, DDP, ZeRO-1: whose optimizer
 /// keeps a shard of the state), or its FSDP shards.
 #[allow(clippy::large_enum_variant)] // one per trainer; the FSDP engine is boxed already
-enum Replica {
+pub enum Replica {
     Full {
         params: Params,
         model: Llama,
