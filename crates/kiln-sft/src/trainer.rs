@@ -378,33 +378,21 @@ impl SftTrainer {
     }
 
     pub fn step(&self) -> u64 {
-        match &self.replica {
-            Replica::Full { optimizer, .. } => optimizer.step,
-            Replica::Sharded(f) => f.step,
-        }
+        self.replica.step()
     }
 
     /// The model (`None` under FSDP, where this rank holds shards).
     pub fn model(&self) -> Option<&Llama> {
-        match &self.replica {
-            Replica::Full { model, .. } => Some(model),
-            Replica::Sharded(_) => None,
-        }
+        self.replica.model()
     }
 
     /// What trains: all weights, or the adapters alone (`None` under FSDP).
     pub fn params(&self) -> Option<&Params> {
-        match &self.replica {
-            Replica::Full { params, .. } => Some(params),
-            Replica::Sharded(_) => None,
-        }
+        self.replica.params()
     }
 
     fn device(&self) -> Device {
-        match &self.replica {
-            Replica::Full { model, .. } => model.device().clone(),
-            Replica::Sharded(f) => f.device().clone(),
-        }
+        self.replica.device()
     }
 
     /// The rows of optimizer step `step` (0-based), as micro-batches of row indices.
@@ -651,17 +639,8 @@ impl SftTrainer {
             )));
         }
         let device = self.device();
-        let sharded = dir.join(kiln_model::sharded::SHARD_MANIFEST).exists();
-        // Optimizer moments whole (from every rank's pieces, or the one file), of which each
-        // rank keeps what it holds.
-        let moments = if sharded {
-            let manifest = kiln_model::sharded::read_manifest(dir)?;
-            kiln_model::sharded::read_sharded(dir, &manifest, "optimizer", &device)?
-        } else {
-            candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &device).map_err(|e| {
-                TrainError::Checkpoint(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display()))
-            })?
-        };
+        // Written by any number of ranks (or one process).
+        let moments = checkpoint::load_moments(dir, &device)?;
         match &mut self.replica {
             Replica::Full {
                 params, optimizer, ..

@@ -38,6 +38,23 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// A checkpoint's AdamW moments as whole tensors `m.NAME` / `v.NAME`: assembled from every
+/// rank's pieces when the checkpoint is sharded (`shards.json`), else read from its one file.
+/// Each optimizer keeps what it holds of them (`AdamW::load_tensors`, `Fsdp::load_moments`).
+pub fn load_moments(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<std::collections::HashMap<String, candle_core::Tensor>, TrainError> {
+    use kiln_model::sharded::{read_manifest, read_sharded, SHARD_MANIFEST};
+    if dir.join(SHARD_MANIFEST).exists() {
+        let manifest = read_manifest(dir)?;
+        return Ok(read_sharded(dir, &manifest, "optimizer", device)?);
+    }
+    let file = dir.join(OPTIMIZER_FILE);
+    candle_core::safetensors::load(&file, device)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))
+}
+
 /// Where a checkpoint of `step` is written before it is renamed into place.
 pub fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(format!(".tmp-{}", step_dir_name(step)))

@@ -168,18 +168,7 @@ impl DataParallel {
             }
         }
         let grad_norm = sums[1].sqrt();
-        let step = optimizer.step + 1;
-        if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step,
-                what: format!("gradient norm is {grad_norm}"),
-            });
-        }
-        let grad_scale = if clip > 0.0 {
-            (clip / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let grad_scale = crate::trainer::clip_scale(grad_norm, clip, optimizer.step + 1)?;
         let t = std::time::Instant::now();
         optimizer.step(params, lr, grad_scale)?;
         compute_s += t.elapsed().as_secs_f64();
@@ -224,21 +213,15 @@ impl DataParallel {
             &dir.join(ShardManifest::file_name("model", rank, world)),
             pieces,
         )?;
-        let state = match self.cfg.strategy {
-            Strategy::Zero1 => optimizer.state_range(),
-            Strategy::Ddp | Strategy::Fsdp => shard_range(optimizer.layout().total(), rank, world),
-        };
-        write_pieces(
-            &dir.join(ShardManifest::file_name("optimizer", rank, world)),
-            optimizer.state_pieces(state)?,
-        )?;
-        Ok(())
+        self.write_optimizer_shard(dir, optimizer)
     }
 
-    /// Writes only this rank's optimizer pieces (`optimizer-RANK-of-N.safetensors`), for runs
-    /// whose weights rank 0 writes whole (SFT, where they may be LoRA adapters).
+    /// Writes this rank's optimizer pieces (`optimizer-RANK-of-N.safetensors`): part of
+    /// [`DataParallel::write_shards`], and alone for runs whose weights rank 0 writes whole
+    /// (SFT, where they may be LoRA adapters).
     pub fn write_optimizer_shard(&self, dir: &Path, optimizer: &AdamW) -> Result<(), TrainError> {
         let (rank, world) = (self.rank(), self.world());
+        // ZeRO-1 holds its shard of the state; replicated state is written 1/N per rank.
         let state = match self.cfg.strategy {
             Strategy::Zero1 => optimizer.state_range(),
             Strategy::Ddp | Strategy::Fsdp => shard_range(optimizer.layout().total(), rank, world),

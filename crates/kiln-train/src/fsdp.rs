@@ -22,7 +22,8 @@ use kiln_dist::{shard_range, shard_sizes, Collectives};
 use kiln_kernels::{adamw_step, AdamWParams};
 use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT};
 use kiln_model::{
-    FlatLayout, Grads, LayerHooks, Llama, ModelConfig, ModelError, Params, SplitMix64, TokenBatch,
+    FlatEntry, FlatLayout, Grads, LayerHooks, Llama, ModelConfig, ModelError, Params, SplitMix64,
+    TokenBatch,
 };
 
 use crate::optim::decays;
@@ -313,50 +314,35 @@ impl Fsdp {
             .timed(|| self.core.comm.all_reduce_sum_f64(&mut sums))?;
         let grad_norm = sums[1].sqrt();
         self.step += 1;
-        if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step: self.step,
-                what: format!("gradient norm is {grad_norm}"),
-            });
-        }
-        let grad_scale = if clip > 0.0 {
-            (clip / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let grad_scale = crate::trainer::clip_scale(grad_norm, clip, self.step)?;
         let c = &self.core;
-        for u in &c.units {
-            for e in u.layout.entries() {
-                let (start, end) = (
-                    e.offset.max(u.mine.start),
-                    (e.offset + e.numel).min(u.mine.end),
-                );
-                if start >= end {
-                    continue;
-                }
-                let at = u.local + start - u.mine.start;
-                let n = end - start;
-                let hp = AdamWParams {
-                    lr,
-                    beta1: self.optim.beta1,
-                    beta2: self.optim.beta2,
-                    eps: self.optim.eps,
-                    weight_decay: if decays(&e.name, &e.shape, &self.optim) {
-                        self.optim.weight_decay
-                    } else {
-                        0.0
-                    },
-                    step: self.step,
-                    grad_scale,
-                };
-                adamw_step(
-                    &c.params.narrow(0, at, n)?,
-                    &c.grads.narrow(0, at, n)?,
-                    &c.m.narrow(0, at, n)?,
-                    &c.v.narrow(0, at, n)?,
-                    &hp,
-                )?;
-            }
+        for Piece {
+            entry: e,
+            at,
+            len: n,
+            ..
+        } in c.pieces()
+        {
+            let hp = AdamWParams {
+                lr,
+                beta1: self.optim.beta1,
+                beta2: self.optim.beta2,
+                eps: self.optim.eps,
+                weight_decay: if decays(&e.name, &e.shape, &self.optim) {
+                    self.optim.weight_decay
+                } else {
+                    0.0
+                },
+                step: self.step,
+                grad_scale,
+            };
+            adamw_step(
+                &c.params.narrow(0, at, n)?,
+                &c.grads.narrow(0, at, n)?,
+                &c.m.narrow(0, at, n)?,
+                &c.v.narrow(0, at, n)?,
+                &hp,
+            )?;
         }
         Ok(StepResult {
             loss: sums[0] / n_valid_global as f64,
@@ -404,24 +390,20 @@ impl Fsdp {
         let c = &self.core;
         let (rank, world) = (c.comm.rank(), c.comm.world_size());
         let (mut model, mut optim) = (Vec::new(), Vec::new());
-        for u in &c.units {
-            for e in u.layout.entries() {
-                let (start, end) = (
-                    e.offset.max(u.mine.start),
-                    (e.offset + e.numel).min(u.mine.end),
-                );
-                if start >= end {
-                    continue;
-                }
-                let at = u.local + start - u.mine.start;
-                let key = |n: &str| piece_key(n, start - e.offset);
-                model.push((key(&e.name), c.params.narrow(0, at, end - start)?.copy()?));
-                for (p, buf) in [("m", &c.m), ("v", &c.v)] {
-                    optim.push((
-                        key(&format!("{p}.{}", e.name)),
-                        buf.narrow(0, at, end - start)?.copy()?,
-                    ));
-                }
+        for Piece {
+            entry: e,
+            start,
+            at,
+            len,
+        } in c.pieces()
+        {
+            let key = |n: &str| piece_key(n, start);
+            model.push((key(&e.name), c.params.narrow(0, at, len)?.copy()?));
+            for (p, buf) in [("m", &c.m), ("v", &c.v)] {
+                optim.push((
+                    key(&format!("{p}.{}", e.name)),
+                    buf.narrow(0, at, len)?.copy()?,
+                ));
             }
         }
         write_pieces(
@@ -461,7 +443,32 @@ impl Fsdp {
     }
 }
 
+/// Elements `start..start + len` of tensor `entry` are this rank's, at `at` in its shard
+/// buffers.
+struct Piece<'a> {
+    entry: &'a FlatEntry,
+    start: usize,
+    at: usize,
+    len: usize,
+}
+
 impl Core {
+    /// Every tensor piece this rank holds, unit by unit.
+    fn pieces(&self) -> impl Iterator<Item = Piece<'_>> {
+        self.units.iter().flat_map(|u| {
+            u.layout.entries().iter().filter_map(move |e| {
+                let start = e.offset.max(u.mine.start);
+                let end = (e.offset + e.numel).min(u.mine.end);
+                (start < end).then(|| Piece {
+                    entry: e,
+                    start: start - e.offset,
+                    at: u.local + start - u.mine.start,
+                    len: end - start,
+                })
+            })
+        })
+    }
+
     /// Runs a collective, adding its wall time to the step's communication time.
     fn timed<T>(&self, f: impl FnOnce() -> kiln_dist::Result<T>) -> kiln_dist::Result<T> {
         let t = std::time::Instant::now();
@@ -477,21 +484,15 @@ impl Core {
         buf: &Tensor,
         tensor: impl Fn(&str) -> Result<Tensor, TrainError>,
     ) -> Result<(), TrainError> {
-        for u in &self.units {
-            for e in u.layout.entries() {
-                let (start, end) = (
-                    e.offset.max(u.mine.start),
-                    (e.offset + e.numel).min(u.mine.end),
-                );
-                if start >= end {
-                    continue;
-                }
-                let whole = tensor(&e.name)?.to_dtype(DType::F32)?.flatten_all()?;
-                let part = whole
-                    .narrow(0, start - e.offset, end - start)?
-                    .contiguous()?;
-                buf.slice_set(&part, 0, u.local + start - u.mine.start)?;
-            }
+        for Piece {
+            entry: e,
+            start,
+            at,
+            len,
+        } in self.pieces()
+        {
+            let whole = tensor(&e.name)?.to_dtype(DType::F32)?.flatten_all()?;
+            buf.slice_set(&whole.narrow(0, start, len)?.contiguous()?, 0, at)?;
         }
         Ok(())
     }

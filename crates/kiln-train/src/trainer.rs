@@ -11,7 +11,7 @@ use kiln_data::{
     WindowSampler, IGNORE_INDEX, VAL_MASK_SEED,
 };
 use kiln_kernels::{count_valid_targets, cross_entropy_sum};
-use kiln_model::sharded::{read_manifest, read_sharded, SHARD_MANIFEST};
+use kiln_model::sharded::SHARD_MANIFEST;
 use kiln_model::{Llama, ModelConfig, Params, SplitMix64, TokenBatch};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
@@ -92,6 +92,39 @@ pub enum Replica {
         optimizer: AdamW,
     },
     Sharded(Box<Fsdp>),
+}
+
+impl Replica {
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        match self {
+            Replica::Full { optimizer, .. } => optimizer.step,
+            Replica::Sharded(f) => f.step,
+        }
+    }
+
+    /// The whole trainable parameters (`None` under FSDP, where this rank holds shards).
+    pub fn params(&self) -> Option<&Params> {
+        match self {
+            Replica::Full { params, .. } => Some(params),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    /// The model (`None` under FSDP).
+    pub fn model(&self) -> Option<&Llama> {
+        match self {
+            Replica::Full { model, .. } => Some(model),
+            Replica::Sharded(_) => None,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Replica::Full { model, .. } => model.device().clone(),
+            Replica::Sharded(f) => f.device().clone(),
+        }
+    }
 }
 
 /// One evaluation: mean loss per predicted token and, for MLM, masked-token accuracy.
@@ -259,26 +292,17 @@ impl Trainer {
 
     /// Optimizer steps completed.
     pub fn step(&self) -> u64 {
-        match &self.replica {
-            Replica::Full { optimizer, .. } => optimizer.step,
-            Replica::Sharded(f) => f.step,
-        }
+        self.replica.step()
     }
 
     /// The whole parameters (`None` under FSDP, where this rank holds shards).
     pub fn params(&self) -> Option<&Params> {
-        match &self.replica {
-            Replica::Full { params, .. } => Some(params),
-            Replica::Sharded(_) => None,
-        }
+        self.replica.params()
     }
 
     /// The model (`None` under FSDP).
     pub fn model(&self) -> Option<&Llama> {
-        match &self.replica {
-            Replica::Full { model, .. } => Some(model),
-            Replica::Sharded(_) => None,
-        }
+        self.replica.model()
     }
 
     /// Under FSDP: this rank's bytes of parameters, gradients and optimizer state.
@@ -290,10 +314,7 @@ impl Trainer {
     }
 
     fn device(&self) -> Device {
-        match &self.replica {
-            Replica::Full { model, .. } => model.device().clone(),
-            Replica::Sharded(f) => f.device().clone(),
-        }
+        self.replica.device()
     }
 
     pub fn peak_flops(&self) -> f64 {
@@ -564,16 +585,8 @@ impl Trainer {
         let device = self.device();
         let loaded = Params::load(&model_file, &self.cfg.model, &device)
             .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        // Written by any number of ranks (or one process): the moments whole, of which each
-        // rank keeps what it holds.
-        let moments = if sharded {
-            let manifest = read_manifest(dir)?;
-            read_sharded(dir, &manifest, "optimizer", &device)?
-        } else {
-            candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &device).map_err(|e| {
-                TrainError::Checkpoint(format!("{}: {e}", dir.join(OPTIMIZER_FILE).display()))
-            })?
-        };
+        // Written by any number of ranks (or one process).
+        let moments = checkpoint::load_moments(dir, &device)?;
         match &mut self.replica {
             Replica::Full {
                 params, optimizer, ..
@@ -783,19 +796,7 @@ pub fn optimizer_step_batches(
     }
     // One fused pass over the flat gradient buffer.
     let grad_norm = optimizer.grads().sum_of_squares()?.sqrt();
-    let step = optimizer.step + 1;
-    if !grad_norm.is_finite() {
-        return Err(TrainError::Diverged {
-            step,
-            what: format!("gradient norm is {grad_norm}"),
-        });
-    }
-    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above max_norm.
-    let grad_scale = if clip > 0.0 {
-        (clip / (grad_norm + 1e-6)).min(1.0)
-    } else {
-        1.0
-    };
+    let grad_scale = clip_scale(grad_norm, clip, optimizer.step + 1)?;
     optimizer.step(params, lr, grad_scale)?;
     let n_tokens = micro_batches
         .iter()
@@ -807,6 +808,23 @@ pub fn optimizer_step_batches(
         lr,
         n_tokens,
         comm_s: None,
+    })
+}
+
+/// The factor that clips gradients of global norm `grad_norm` to `clip` (0: no clipping), as
+/// `torch.nn.utils.clip_grad_norm_` does: `clip / (norm + 1e-6)` when above it. A non-finite
+/// norm ends the run (at optimizer step `step`).
+pub(crate) fn clip_scale(grad_norm: f64, clip: f64, step: u64) -> Result<f64, TrainError> {
+    if !grad_norm.is_finite() {
+        return Err(TrainError::Diverged {
+            step,
+            what: format!("gradient norm is {grad_norm}"),
+        });
+    }
+    Ok(if clip > 0.0 {
+        (clip / (grad_norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     })
 }
 
