@@ -93,7 +93,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     if let (true, Some(m)) = (main, trainer.fsdp_memory()) {
         info!(
             "fsdp: parameters + gradients + optimizer state per rank {} bytes (shards {} + \
-             unsharded root and block buffers {}) = {:.3}x one process's {} bytes",
+             unsharded working buffers {}) = {:.3}x one process's {} bytes",
             m.total_bytes(),
             m.sharded_bytes,
             m.scratch_bytes,

@@ -118,6 +118,16 @@ pub trait LayerHooks {
     fn layer_grads(&mut self, layer: usize) -> &mut Grads;
     /// Called when block `layer`'s gradients are complete.
     fn after_layer_backward(&mut self, layer: usize) -> Result<(), ModelError>;
+    /// Called after the last block's forward, before the final norm reads its weight.
+    fn before_head(&mut self) -> Result<(), ModelError> {
+        Ok(())
+    }
+    /// Called in the backward once the final norm's gradient is in `grads` and before the
+    /// first block's backward: every gradient of the head is complete (FSDP reduces them here,
+    /// freeing the buffer for the blocks).
+    fn before_blocks_backward(&mut self, _grads: &mut Grads) -> Result<(), ModelError> {
+        Ok(())
+    }
 }
 
 /// What the trunk's forward keeps for [`Llama::backward_hidden`].
@@ -588,6 +598,9 @@ impl Llama {
             acts.push(a.expect("saved"));
             x = out;
         }
+        if let Some(h) = hooks.as_deref_mut() {
+            h.before_head()?;
+        }
         let hidden = k::rms_norm(&x, &m.norm, m.cfg.norm_eps)?;
         Ok((
             hidden,
@@ -642,6 +655,9 @@ impl Llama {
             k::rms_norm_backward(&trunk.last, &m.norm, d_hidden, m.cfg.norm_eps)?;
         if m.train_base {
             grads.accumulate("norm.weight", &d_norm)?;
+        }
+        if let Some(h) = hooks.as_deref_mut() {
+            h.before_blocks_backward(grads)?;
         }
         for (i, (block, a)) in m.layers.iter().zip(trunk.acts).enumerate().rev() {
             dx = match hooks.as_deref_mut() {

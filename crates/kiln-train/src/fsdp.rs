@@ -5,11 +5,15 @@
 //! its forward and again before its backward), and its gradients are reduce-scattered into the
 //! rank's gradient shard as soon as they are complete.
 //!
-//! The model is built once over the scratch buffers: every block's weight tensors are views of
-//! the same block-sized buffer, which holds whichever layer was gathered last (the forward and
-//! the backward each gather layer `i` right before block `i` runs, so a block always reads its
-//! own weights). Persistent memory per rank is `4 P / N` (parameters, gradients, m, v) plus two
-//! copies (parameters and gradients) of the root and of one block: see [`FsdpMemory`].
+//! The model is built once over one parameter workspace, the size of the larger of the root
+//! and a block: the root's tensors and every block's are views of it, and it holds whichever
+//! unit was gathered last. Each unit is gathered right before it is read (the root before the
+//! embedding lookup and again before the final norm and head; block `i` before its forward and
+//! before its backward), so a reader always finds its own weights. Gradients share one
+//! workspace the same way: the head's (and final norm's) are reduced before the blocks'
+//! backward writes theirs, and the embedding's after it. A reduce-scatter's output goes into
+//! the parameter workspace, whose unit is no longer needed at that point. Memory per rank:
+//! `4 P / N` (parameters, gradients, m, v) plus the two workspaces: see [`FsdpMemory`].
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -46,8 +50,8 @@ struct Unit {
 pub struct FsdpMemory {
     /// Shards: parameters, gradients, m and v.
     pub sharded_bytes: usize,
-    /// Unsharded scratch: the root's and one block's parameters and gradients, plus the
-    /// reduce-scatter output.
+    /// Unsharded working buffers: parameters and gradients of the largest unit (the root or
+    /// a block).
     pub scratch_bytes: usize,
     pub single_process_bytes: usize,
 }
@@ -72,10 +76,8 @@ struct Core {
     grads: Tensor,
     m: Tensor,
     v: Tensor,
-    root_scratch: Tensor,
-    block_scratch: Tensor,
-    /// Reduce-scatter output (the largest chunk of any unit).
-    reduced: Tensor,
+    /// The gathered parameters of one unit (root or block), the largest unit's size.
+    workspace: Tensor,
     /// Seconds spent in collectives since the step began.
     comm_s: std::cell::Cell<f64>,
 }
@@ -161,35 +163,30 @@ impl Fsdp {
         }
         let zeros = |n: usize| Tensor::zeros(n, DType::F32, &device);
         let (params, grads, m, v) = (zeros(local)?, zeros(local)?, zeros(local)?, zeros(local)?);
-        let root_scratch = zeros(units[0].layout.total())?;
-        let block_total = units.get(1).map_or(0, |u| u.layout.total());
-        let block_scratch = zeros(block_total)?;
-        let root_grads =
-            Grads::over_buffer(units[0].layout.clone(), zeros(units[0].layout.total())?)?;
-        let block_grad_buf = zeros(block_total)?;
-        let block_grads = units[1..]
-            .iter()
-            .map(|u| Grads::over_buffer(u.layout.clone(), block_grad_buf.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let largest = units
-            .iter()
-            .map(|u| u.chunks.iter().copied().max().unwrap_or(0))
-            .max()
-            .unwrap_or(0);
+        let largest = units.iter().map(|u| u.layout.total()).max().unwrap_or(0);
+        let workspace = zeros(largest)?;
+        // Gradients: one buffer too, the root's and every block's layout over its start.
+        let grad_workspace = zeros(largest)?;
+        let over = |u: &Unit| {
+            let n = u.layout.total();
+            Grads::over_buffer(u.layout.clone(), grad_workspace.narrow(0, 0, n)?)
+        };
+        let root_grads = over(&units[0])?;
+        let block_grads = units[1..].iter().map(over).collect::<Result<Vec<_>, _>>()?;
         let model = {
             let root = units[0].layout.clone();
             let block = units.get(1).map(|u| u.layout.clone());
-            let (rs, bs) = (root_scratch.clone(), block_scratch.clone());
+            let buf = workspace.clone();
             Llama::over_tensors(cfg, move |name| {
-                let (buf, layout, key) = match name.strip_prefix("layers.") {
-                    None => (&rs, &root, name.to_string()),
+                let (layout, key) = match name.strip_prefix("layers.") {
+                    None => (&root, name.to_string()),
                     Some(rest) => {
                         // The same offsets in every layer: layer 0's names locate them.
                         let tail = rest.split_once('.').map_or("", |(_, t)| t);
                         let l = block
                             .as_ref()
                             .expect("invariant: a layer implies a block unit");
-                        (&bs, l, format!("layers.0.{tail}"))
+                        (l, format!("layers.0.{tail}"))
                     }
                 };
                 let e = layout
@@ -206,9 +203,7 @@ impl Fsdp {
                 grads,
                 m,
                 v,
-                root_scratch,
-                block_scratch,
-                reduced: zeros(largest)?,
+                workspace,
                 comm_s: std::cell::Cell::new(0.0),
             },
             cfg: cfg.clone(),
@@ -377,9 +372,8 @@ impl Fsdp {
         let total: usize = c.units.iter().map(|u| u.layout.total()).sum();
         FsdpMemory {
             sharded_bytes: 4 * c.params.elem_count() * f,
-            scratch_bytes: (2 * (c.root_scratch.elem_count() + c.block_scratch.elem_count())
-                + c.reduced.elem_count())
-                * f,
+            // The parameter workspace and the gradient workspace, the same size.
+            scratch_bytes: 2 * c.workspace.elem_count() * f,
             single_process_bytes: 4 * total * f,
         }
     }
@@ -502,27 +496,28 @@ impl Core {
         Ok(buf.narrow(0, unit.local, unit.mine.len())?)
     }
 
+    /// Unit `u`'s whole parameters into the workspace (the model's views of the unit read them).
     fn gather(&self, u: usize) -> Result<(), TrainError> {
-        let scratch = if u == 0 {
-            &self.root_scratch
-        } else {
-            &self.block_scratch
-        };
+        let unit = &self.units[u];
+        let into = self.workspace.narrow(0, 0, unit.layout.total())?;
         let shard = self.shard(&self.params, u)?;
-        self.timed(|| self.comm.all_gather(&shard, scratch, &self.units[u].chunks))?;
+        self.timed(|| self.comm.all_gather(&shard, &into, &unit.chunks))?;
         Ok(())
     }
 
-    /// Sums unit `u`'s gradients (`full`, unsharded) over ranks into this rank's shard.
+    /// Sums unit `u`'s gradients (`full`, unsharded) over ranks into this rank's shard, and
+    /// empties `full`. The reduced chunk lands in the parameter workspace: every caller is done
+    /// with the unit it holds.
     fn reduce(&self, u: usize, full: &mut Grads) -> Result<(), TrainError> {
         full.make_all_live()?;
         let unit = &self.units[u];
-        let out = self.reduced.narrow(0, 0, unit.mine.len())?;
+        let out = self.workspace.narrow(0, 0, unit.mine.len())?;
         self.timed(|| {
             self.comm
                 .reduce_scatter_sum(full.flat(), &out, &unit.chunks)
         })?;
         kiln_kernels::add_in_place(&self.shard(&self.grads, u)?, &out)?;
+        full.zero();
         Ok(())
     }
 }
@@ -550,5 +545,17 @@ impl LayerHooks for Hooks<'_> {
         self.core
             .reduce(1 + layer, &mut self.block_grads[layer])
             .map_err(hook_err)
+    }
+
+    /// The blocks' forward overwrote the root in the workspace: gather it again for the final
+    /// norm and the head.
+    fn before_head(&mut self) -> Result<(), ModelError> {
+        self.core.gather(0).map_err(hook_err)
+    }
+
+    /// The head's and the final norm's gradients are complete: reduce them now, so the blocks'
+    /// gradients can use the buffer (the embedding's arrive after the blocks, reduced then).
+    fn before_blocks_backward(&mut self, grads: &mut Grads) -> Result<(), ModelError> {
+        self.core.reduce(0, grads).map_err(hook_err)
     }
 }
