@@ -105,6 +105,9 @@ pub trait Collectives {
     /// Bytes from rank `root` to every rank (`bytes` is resized on the receivers).
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// A barrier that waits up to `timeout` instead of the backend's own: for ranks waiting
+    /// on one rank's long work (preparing a dataset, committing a checkpoint).
+    fn barrier_within(&self, timeout: Duration) -> Result<()>;
     /// Ends every process of the job with `code` (after a failure on this rank, so that no
     /// other rank waits for it). Never returns.
     fn abort(&self, code: i32) -> !;
@@ -172,6 +175,9 @@ impl Collectives for SingleProcess {
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn barrier_within(&self, _timeout: Duration) -> Result<()> {
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {

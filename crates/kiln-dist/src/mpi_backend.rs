@@ -77,7 +77,17 @@ impl MpiCollectives {
     }
 
     /// Waits for `req` until it completes or the timeout passes.
-    fn wait(&self, op: &'static str, mut req: ffi::MPI_Request) -> Result<()> {
+    fn wait(&self, op: &'static str, req: ffi::MPI_Request) -> Result<()> {
+        self.wait_for(op, req, self.timeout)
+    }
+
+    /// Waits for `req` until it completes or `timeout` passes.
+    fn wait_for(
+        &self,
+        op: &'static str,
+        mut req: ffi::MPI_Request,
+        timeout: Duration,
+    ) -> Result<()> {
         let seq = self.seq.get();
         self.seq.set(seq + 1);
         let start = Instant::now();
@@ -91,7 +101,7 @@ impl MpiCollectives {
                 return Ok(());
             }
             let waited = start.elapsed();
-            if waited >= self.timeout {
+            if waited >= timeout {
                 return Err(DistError::Timeout {
                     op,
                     seq,
@@ -395,11 +405,15 @@ impl Collectives for MpiCollectives {
     }
 
     fn barrier(&self) -> Result<()> {
+        self.barrier_within(self.timeout)
+    }
+
+    fn barrier_within(&self, timeout: Duration) -> Result<()> {
         let mut req = null_request();
         // SAFETY: a valid communicator.
         let code = unsafe { ffi::MPI_Ibarrier(self.comm.as_raw(), &mut req) };
         check("barrier", code)?;
-        self.wait("barrier", req)
+        self.wait_for("barrier", req, timeout)
     }
 
     fn abort(&self, code: i32) -> ! {

@@ -293,6 +293,12 @@ impl Collectives for NcclCollectives {
             .map_err(|e| nccl_err("barrier", e))?;
         self.host.barrier()
     }
+    fn barrier_within(&self, timeout: Duration) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| nccl_err("barrier", e))?;
+        self.host.barrier_within(timeout)
+    }
     fn abort(&self, code: i32) -> ! {
         self.host.abort(code)
     }

@@ -598,7 +598,7 @@ impl Llama {
             acts.push(a.expect("saved"));
             x = out;
         }
-        if let Some(h) = hooks.as_deref_mut() {
+        if let Some(h) = hooks {
             h.before_head()?;
         }
         let hidden = k::rms_norm(&x, &m.norm, m.cfg.norm_eps)?;

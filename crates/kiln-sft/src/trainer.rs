@@ -589,25 +589,25 @@ impl SftTrainer {
                 state,
                 &self.config_toml,
                 |dir| {
-                    d.comm.barrier()?;
+                    d.io_barrier()?;
                     write_main(dir)?;
                     write_shards(d, dir)?;
                     if let Replica::Full { optimizer, .. } = &self.replica {
                         kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(optimizer))?;
                     }
-                    d.comm.barrier()?;
+                    d.io_barrier()?;
                     Ok(())
                 },
                 self.cfg.train.keep_checkpoints,
             )?;
-            d.comm.barrier().map_err(TrainError::from)?;
+            d.io_barrier()?;
             Ok(dir)
         } else {
             let tmp = checkpoint::tmp_dir(&self.run_dir, self.step());
-            d.comm.barrier().map_err(TrainError::from)?;
+            d.io_barrier()?;
             write_shards(d, &tmp)?;
-            d.comm.barrier().map_err(TrainError::from)?;
-            d.comm.barrier().map_err(TrainError::from)?;
+            d.io_barrier()?;
+            d.io_barrier()?;
             Ok(final_dir)
         }
     }

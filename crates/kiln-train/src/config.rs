@@ -239,6 +239,10 @@ pub struct DistConfig {
     /// Gradient all-reduce bucket size (PyTorch DDP's default is 25 MB).
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
+    /// Seconds the other ranks wait for rank 0's long work: preparing the dataset, and
+    /// checksumming and renaming a checkpoint every rank has written.
+    #[serde(default = "d_io_timeout")]
+    pub io_timeout_s: f64,
 }
 
 impl Default for DistConfig {
@@ -247,6 +251,7 @@ impl Default for DistConfig {
             strategy: Strategy::default(),
             timeout_s: d_dist_timeout(),
             bucket_mb: d_bucket_mb(),
+            io_timeout_s: d_io_timeout(),
         }
     }
 }
@@ -257,6 +262,10 @@ fn d_dist_timeout() -> f64 {
 
 fn d_bucket_mb() -> f64 {
     25.0
+}
+
+fn d_io_timeout() -> f64 {
+    1800.0
 }
 
 /// Parses a `--set` value as TOML (numbers, booleans, arrays), falling back to a plain string.

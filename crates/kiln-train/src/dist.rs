@@ -64,6 +64,13 @@ impl DataParallel {
         self.rank() == 0
     }
 
+    /// A barrier around rank 0's long work (dataset preparation, checkpoint commit), with
+    /// `dist.io_timeout_s` instead of the collectives' timeout.
+    pub fn io_barrier(&self) -> Result<(), TrainError> {
+        let timeout = std::time::Duration::from_secs_f64(self.cfg.io_timeout_s);
+        Ok(self.comm.barrier_within(timeout)?)
+    }
+
     /// Checks that the global batch splits evenly over the ranks.
     pub fn check_batch(&self, batch_size: usize) -> Result<(), TrainError> {
         if !batch_size.is_multiple_of(self.world()) {

@@ -181,11 +181,11 @@ impl Trainer {
         let data = if main {
             let data = crate::dataset::ensure_dataset(&cfg, obs)?;
             if let Some(d) = &dist {
-                d.comm.barrier()?;
+                d.io_barrier()?;
             }
             data
         } else {
-            dist.as_ref().expect("not main").comm.barrier()?;
+            dist.as_ref().expect("not main").io_barrier()?;
             crate::dataset::ensure_dataset(&cfg, obs)?
         };
         check_vocab(&cfg.model, data.meta.vocab_size, &data.dir)?;
@@ -542,25 +542,25 @@ impl Trainer {
                 state,
                 &self.config_toml,
                 |dir| {
-                    d.comm.barrier()?; // the directory exists: the others write
+                    d.io_barrier()?; // the directory exists: the others write
                     self.write_shards(d, dir)?;
                     let manifest = match &self.replica {
                         Replica::Full { params, .. } => d.manifest(params),
                         Replica::Sharded(f) => f.manifest(),
                     };
                     crate::dist::write_manifest(dir, &manifest)?;
-                    d.comm.barrier()?; // every rank has written
+                    d.io_barrier()?; // every rank has written
                     Ok(())
                 },
                 self.cfg.train.keep_checkpoints,
             )?;
-            d.comm.barrier()?; // renamed into place
+            d.io_barrier()?; // renamed into place
             Ok(dir)
         } else {
-            d.comm.barrier()?;
+            d.io_barrier()?;
             self.write_shards(d, &tmp)?;
-            d.comm.barrier()?;
-            d.comm.barrier()?;
+            d.io_barrier()?;
+            d.io_barrier()?;
             Ok(final_dir)
         }
     }
