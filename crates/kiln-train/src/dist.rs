@@ -21,7 +21,7 @@ use candle_core::Tensor;
 use kiln_data::Batch;
 use kiln_dist::{shard_range, shard_sizes, Collectives};
 use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT, SHARD_MANIFEST};
-use kiln_model::{Grads, Llama, Params, SplitMix64, TokenBatch};
+use kiln_model::{Llama, Params, SplitMix64, TokenBatch};
 
 use crate::optim::AdamW;
 use crate::trainer::StepResult;
@@ -123,27 +123,19 @@ impl DataParallel {
         n_tokens_global: usize,
         lr: f64,
         clip: f64,
-        mut dropout_rng: Option<&mut SplitMix64>,
+        dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<StepResult, TrainError> {
         if n_valid_global == 0 {
             return Err(TrainError::Config(
                 "a training step has no valid target tokens".into(),
             ));
         }
-        let scale = 1.0 / n_valid_global as f64;
         let grads = optimizer.grads_mut();
-        grads.zero();
-        let mut loss_sum = 0.0;
-        for (batch, targets) in local {
-            loss_sum += model.forward_backward_batch(
-                batch,
-                targets,
-                scale,
-                grads,
-                dropout_rng.as_deref_mut(),
-            )?;
-        }
-        fill_missing(grads)?;
+        let loss_sum =
+            crate::trainer::accumulate_gradients(model, grads, local, n_valid_global, dropout_rng)?;
+        // Entries the backward did not touch hold stale values (lazy zeroing): zero them, so a
+        // sum over ranks never reads them and every rank has the same live entries.
+        grads.make_all_live()?;
         let comm_start = std::time::Instant::now();
         let mut compute_s = 0.0; // time inside the communication phase that is not communication
         let flat = grads.flat().clone();
@@ -300,13 +292,6 @@ pub fn write_manifest(dir: &Path, manifest: &ShardManifest) -> Result<(), TrainE
         serde_json::to_string_pretty(manifest).expect("invariant: manifest serialises"),
     )
     .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
-}
-
-/// Entries the backward did not touch hold stale values (lazy zeroing): zero them, so a sum
-/// over ranks never reads them, and every rank's buffer has the same live entries.
-fn fill_missing(grads: &mut Grads) -> Result<(), TrainError> {
-    grads.make_all_live()?;
-    Ok(())
 }
 
 /// ZeRO-1 gathers the trainable parameters as one range of the flat parameter buffer: they

@@ -770,7 +770,7 @@ pub fn optimizer_step_batches(
     micro_batches: &[(TokenBatch, Tensor)],
     lr: f64,
     clip: f64,
-    mut dropout_rng: Option<&mut SplitMix64>,
+    dropout_rng: Option<&mut SplitMix64>,
 ) -> Result<StepResult, TrainError> {
     let mut n_valid = 0;
     for (_, targets) in micro_batches {
@@ -781,19 +781,13 @@ pub fn optimizer_step_batches(
             "a training step has no valid target tokens".into(),
         ));
     }
-    let grads = optimizer.grads_mut();
-    grads.zero();
-    let mut loss_sum = 0.0;
-    for (batch, targets) in micro_batches {
-        let scale = 1.0 / n_valid as f64;
-        loss_sum += model.forward_backward_batch(
-            batch,
-            targets,
-            scale,
-            grads,
-            dropout_rng.as_deref_mut(),
-        )?;
-    }
+    let loss_sum = accumulate_gradients(
+        model,
+        optimizer.grads_mut(),
+        micro_batches,
+        n_valid,
+        dropout_rng,
+    )?;
     // One fused pass over the flat gradient buffer.
     let grad_norm = optimizer.grads().sum_of_squares()?.sqrt();
     let grad_scale = clip_scale(grad_norm, clip, optimizer.step + 1)?;
@@ -809,6 +803,31 @@ pub fn optimizer_step_batches(
         n_tokens,
         comm_s: None,
     })
+}
+
+/// Zeroes `grads`, then adds the gradients of every micro-batch's loss sum divided by
+/// `n_valid` (the valid targets of the whole step, over every micro-batch and rank); returns
+/// the summed loss of these micro-batches.
+pub(crate) fn accumulate_gradients(
+    model: &Llama,
+    grads: &mut kiln_model::Grads,
+    micro_batches: &[(TokenBatch, Tensor)],
+    n_valid: usize,
+    mut dropout_rng: Option<&mut SplitMix64>,
+) -> Result<f64, TrainError> {
+    grads.zero();
+    let scale = 1.0 / n_valid as f64;
+    let mut loss_sum = 0.0;
+    for (batch, targets) in micro_batches {
+        loss_sum += model.forward_backward_batch(
+            batch,
+            targets,
+            scale,
+            grads,
+            dropout_rng.as_deref_mut(),
+        )?;
+    }
+    Ok(loss_sum)
 }
 
 /// The factor that clips gradients of global norm `grad_norm` to `clip` (0: no clipping), as
