@@ -85,9 +85,11 @@ pub fn config_of(file: Option<&std::path::Path>, overrides: &[String]) -> Result
     let section = root
         .remove("dist")
         .unwrap_or_else(|| toml::Value::Table(Default::default()));
-    section
+    let cfg: DistConfig = section
         .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("[dist] {}", e.message()))
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("[dist] {}", e.message()))?;
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 /// The observer of ranks other than 0: nothing to show.

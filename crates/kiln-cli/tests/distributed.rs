@@ -178,6 +178,52 @@ fn two_ranks_match_one_process_for_every_strategy() {
         eprintln!("{strategy}: final weights within {diff:e} of one process's");
     }
 
+    // bf16 compute parameters (f32 masters and reduction): the curve of the f32 run within
+    // bf16's rounding (4.9e-4 measured), and visibly not equal to it.
+    let o = run_mpi(
+        2,
+        &[
+            "pretrain",
+            "--config",
+            "run.toml",
+            "--set",
+            "train.run_dir=run-fsdp-bf16",
+            "--set",
+            "dist.strategy=fsdp",
+            "--set",
+            "dist.param_dtype=bf16",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "fsdp bf16: {}", text(&o).1);
+    let (train, _) = curve(&d.join("run-fsdp-bf16"));
+    assert_eq!(train.len(), one_train.len());
+    let gaps: Vec<f64> = one_train
+        .iter()
+        .zip(&train)
+        .map(|((_, a), (_, b))| (a - b).abs())
+        .collect();
+    let widest = gaps.iter().cloned().fold(0.0, f64::max);
+    eprintln!("fsdp bf16: train losses within {widest:e} of one f32 process's");
+    assert!(widest < 5e-3, "bf16 curve off by {widest}: {gaps:?}");
+    assert!(widest > 1e-5, "bf16 rounding left no trace: {gaps:?}");
+    let masters = weights(&d.join("run-fsdp-bf16/checkpoints/step-00000012"));
+    let flat = masters.flat().as_detached_tensor();
+    let regridded = flat
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let off_grid = (&flat - &regridded)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(off_grid > 0.0, "the checkpoint keeps f32 master weights");
+
     // The 2-rank FSDP checkpoint of step 6 continues on one process along the same curve.
     let resumed = d.join("run-resumed");
     std::fs::create_dir_all(resumed.join("checkpoints")).unwrap();
@@ -263,6 +309,33 @@ fn fsdp_memory_per_rank_is_at_most_0_6x_of_one_process() {
     eprintln!("{line}");
     assert!(ratio <= 0.6, "{line}");
     assert!(ratio > 0.5, "the shards alone are half: {line}");
+}
+
+/// Mistakes in `[dist]` end the run before it starts, saying what to change.
+#[test]
+fn dist_config_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_config(d, 2);
+    let fails = |o: Output, want: &str| {
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{want}: {err}");
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+    };
+    let args = |kv: &'static str| ["pretrain", "--config", "run.toml", "--set", kv];
+    fails(
+        kiln(&args("dist.param_dtype=bf16"), d),
+        "dist.param_dtype = \"bf16\" applies to dist.strategy = \"fsdp\"",
+    );
+    fails(kiln(&args("dist.bucket=4"), d), "unknown field `bucket`");
+    fails(
+        kiln(&args("dist.timeout_s=0"), d),
+        "dist.timeout_s must be a positive number",
+    );
+    fails(
+        run_mpi(2, &args("train.batch_size=3"), d),
+        "train.batch_size = 3 is the global batch and must split evenly over the 2 ranks",
+    );
 }
 
 /// Starts a long 2-rank run, waits for its first steps, then does `act` to rank 1's process.

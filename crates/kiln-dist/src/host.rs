@@ -1,19 +1,62 @@
-//! Host (CPU) memory of tensors, for engines that take raw buffers: a contiguous f32 view is
-//! read through its storage's read guard and written through a candle in-place op, so the
-//! engine reads and writes the tensor's own memory (a view of a flat buffer included), no copy.
+//! Host (CPU) memory of tensors, for engines that take raw buffers: a contiguous f32 (or bf16)
+//! view is read through its storage's read guard and written through a candle in-place op, so
+//! the engine reads and writes the tensor's own memory (a view of a flat buffer included), no
+//! copy.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor};
+use half::bf16;
 
 use crate::{DistError, Result};
 
-fn f32_contiguous(op: &'static str, t: &Tensor) -> Result<()> {
-    if t.dtype() != DType::F32 || !t.is_contiguous() || !t.device().is_cpu() {
+/// An element type the engines move: f32 (every collective), bf16 (gathers of FSDP's compute
+/// parameters).
+pub(crate) trait HostElem: Copy + Send + 'static {
+    const DTYPE: DType;
+    fn view(storage: &CpuStorage) -> Option<&[Self]>;
+    fn view_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+impl HostElem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn view(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(d) => Some(d),
+            _ => None,
+        }
+    }
+    fn view_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F32(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+impl HostElem for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn view(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::BF16(d) => Some(d),
+            _ => None,
+        }
+    }
+    fn view_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::BF16(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+fn check_host<T: HostElem>(op: &'static str, t: &Tensor) -> Result<()> {
+    if t.dtype() != T::DTYPE || !t.is_contiguous() || !t.device().is_cpu() {
         return Err(DistError::Buffer {
             op,
             msg: format!(
-                "needs a contiguous f32 CPU tensor, got {:?} on {:?} (contiguous: {})",
+                "needs a contiguous {:?} CPU tensor, got {:?} on {:?} (contiguous: {})",
+                T::DTYPE,
                 t.dtype(),
                 t.device().location(),
                 t.is_contiguous()
@@ -24,36 +67,40 @@ fn f32_contiguous(op: &'static str, t: &Tensor) -> Result<()> {
 }
 
 /// Runs `f` on the elements of `t` (read only).
-pub(crate) fn with_slice<R>(
+pub(crate) fn with_slice<T: HostElem, R>(
     op: &'static str,
     t: &Tensor,
-    f: impl FnOnce(&[f32]) -> Result<R>,
+    f: impl FnOnce(&[T]) -> Result<R>,
 ) -> Result<R> {
-    f32_contiguous(op, t)?;
+    check_host::<T>(op, t)?;
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+    let Some(data) = (match &*storage {
+        Storage::Cpu(s) => T::view(s),
+        _ => None,
+    }) else {
         return Err(DistError::Buffer {
             op,
-            msg: "not f32 CPU storage".into(),
+            msg: format!("not {:?} CPU storage", T::DTYPE),
         });
     };
     let start = layout.start_offset();
     f(&data[start..start + t.elem_count()])
 }
 
-struct WithSliceMut<F> {
+struct WithSliceMut<F, T> {
     f: Mutex<Option<F>>,
     result: Mutex<Option<Result<()>>>,
+    elem: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for WithSliceMut<F> {
+impl<T: HostElem, F: FnOnce(&mut [T]) -> Result<()>> InplaceOp1 for WithSliceMut<F, T> {
     fn name(&self) -> &'static str {
         "kiln-dist-buffer"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("kiln-dist: not f32 storage")
+        let Some(data) = T::view_mut(storage) else {
+            candle_core::bail!("kiln-dist: not {:?} storage", T::DTYPE)
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("kiln-dist: not contiguous")
@@ -70,15 +117,16 @@ impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for WithSliceMut<F> {
 }
 
 /// Runs `f` on the elements of `t`, which it may overwrite.
-pub(crate) fn with_slice_mut(
+pub(crate) fn with_slice_mut<T: HostElem>(
     op: &'static str,
     t: &Tensor,
-    f: impl FnOnce(&mut [f32]) -> Result<()>,
+    f: impl FnOnce(&mut [T]) -> Result<()>,
 ) -> Result<()> {
-    f32_contiguous(op, t)?;
+    check_host::<T>(op, t)?;
     let call = WithSliceMut {
         f: Mutex::new(Some(f)),
         result: Mutex::new(None),
+        elem: std::marker::PhantomData::<fn() -> T>,
     };
     t.inplace_op1(&call)?;
     let result = call.result.lock().expect("poisoned").take();

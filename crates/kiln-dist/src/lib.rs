@@ -4,7 +4,7 @@
 //! process uses [`SingleProcess`], where every collective is the identity.
 //!
 //! The buffers are candle tensors (contiguous f32 views, such as a range of the flat gradient
-//! buffer), so a GPU backend can hand device memory to its engine; scalars (loss sums, token
+//! buffer; gathers also take bf16), so a GPU backend can hand device memory to its engine; scalars (loss sums, token
 //! counts, norms) travel as host `f64`s and small messages as bytes.
 //!
 //! Every collective waits at most the backend's timeout. A collective that does not complete
@@ -91,7 +91,7 @@ pub trait Collectives {
     /// (`input.len() == chunks.sum()`, `output.len() == chunks[rank]`; see [`shard_sizes`]).
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor, chunks: &[usize]) -> Result<()>;
     /// `output[chunks[r]] = input of rank r` for every r (`output` must not share storage
-    /// with `input`).
+    /// with `input`). f32 or bf16 (FSDP's compute parameters), `input` and `output` alike.
     fn all_gather(&self, input: &Tensor, output: &Tensor, chunks: &[usize]) -> Result<()>;
     /// `buf[chunks[r]]` comes from rank r, for every r: each rank has already written its own
     /// chunk in place (ZeRO-1's parameters after a sharded update).

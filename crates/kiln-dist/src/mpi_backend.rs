@@ -12,7 +12,8 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use half::bf16;
 use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::{Communicator, SimpleCommunicator};
@@ -231,26 +232,30 @@ impl MpiCollectives {
         Ok(())
     }
 
-    fn all_gather_raw(
+    /// `MPI_Iallgatherv` of elements of `datatype` (f32, or bf16 moved as 16-bit words: a
+    /// gather does no arithmetic).
+    fn all_gather_raw<T: Copy>(
         &self,
         op: &'static str,
-        mine: &[f32],
-        out: &mut [f32],
+        mine: &[T],
+        out: &mut [T],
         chunks: &[usize],
+        datatype: ffi::MPI_Datatype,
     ) -> Result<()> {
         let (counts, displs) = Self::counts(op, chunks)?;
         let send = mine.to_vec();
         let mut req = null_request();
-        // SAFETY: `send` holds chunks[rank] f32s, `out` sum(chunks); counts/displs describe it.
+        // SAFETY: `send` holds chunks[rank] elements, `out` sum(chunks), all of `datatype`'s
+        // size; counts/displs describe it.
         let code = unsafe {
             ffi::MPI_Iallgatherv(
                 send.as_ptr() as *const c_void,
                 send.len() as c_int,
-                ffi::RSMPI_FLOAT,
+                datatype,
                 out.as_mut_ptr() as *mut c_void,
                 counts.as_ptr(),
                 displs.as_ptr(),
-                ffi::RSMPI_FLOAT,
+                datatype,
                 self.comm.as_raw(),
                 &mut req,
             )
@@ -281,7 +286,7 @@ impl Collectives for MpiCollectives {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
-        with_slice_mut("all_reduce", t, |buf| {
+        with_slice_mut("all_reduce", t, |buf: &mut [f32]| {
             // SAFETY: extern constants of the MPI library.
             let (dt, op) = unsafe { (ffi::RSMPI_FLOAT, ffi::RSMPI_SUM) };
             self.all_reduce_raw("all_reduce", buf, dt, op)
@@ -292,8 +297,8 @@ impl Collectives for MpiCollectives {
         const OP: &str = "reduce_scatter";
         check_chunks(OP, input, output, chunks, self.rank)?;
         let (counts, _) = Self::counts(OP, chunks)?;
-        with_slice(OP, input, |inp| {
-            with_slice_mut(OP, output, |out| {
+        with_slice(OP, input, |inp: &[f32]| {
+            with_slice_mut(OP, output, |out: &mut [f32]| {
                 let mut req = null_request();
                 // SAFETY: `inp` holds sum(counts) f32s, `out` counts[rank]; both outlive the
                 // request (the caller aborts after a timeout).
@@ -317,9 +322,26 @@ impl Collectives for MpiCollectives {
     fn all_gather(&self, input: &Tensor, output: &Tensor, chunks: &[usize]) -> Result<()> {
         const OP: &str = "all_gather";
         check_chunks(OP, output, input, chunks, self.rank)?;
-        with_slice(OP, input, |mine| {
-            with_slice_mut(OP, output, |out| self.all_gather_raw(OP, mine, out, chunks))
-        })
+        match (input.dtype(), output.dtype()) {
+            (DType::F32, DType::F32) => with_slice(OP, input, |mine: &[f32]| {
+                with_slice_mut(OP, output, |out: &mut [f32]| {
+                    // SAFETY: an extern constant of the MPI library.
+                    let dt = unsafe { ffi::RSMPI_FLOAT };
+                    self.all_gather_raw(OP, mine, out, chunks, dt)
+                })
+            }),
+            (DType::BF16, DType::BF16) => with_slice(OP, input, |mine: &[bf16]| {
+                with_slice_mut(OP, output, |out: &mut [bf16]| {
+                    // SAFETY: an extern constant of the MPI library.
+                    let dt = unsafe { ffi::RSMPI_UINT16_T };
+                    self.all_gather_raw(OP, mine, out, chunks, dt)
+                })
+            }),
+            (a, b) => Err(DistError::Buffer {
+                op: OP,
+                msg: format!("gathers f32 or bf16 into the same dtype, not {a:?} into {b:?}"),
+            }),
+        }
     }
 
     fn all_gather_in_place(&self, buf: &Tensor, chunks: &[usize]) -> Result<()> {
@@ -335,15 +357,17 @@ impl Collectives for MpiCollectives {
             });
         }
         let start: usize = chunks[..self.rank].iter().sum();
-        with_slice_mut(OP, buf, |out| {
+        with_slice_mut(OP, buf, |out: &mut [f32]| {
             let mine = out[start..start + chunks[self.rank]].to_vec();
-            self.all_gather_raw(OP, &mine, out, chunks)
+            // SAFETY: an extern constant of the MPI library.
+            let dt = unsafe { ffi::RSMPI_FLOAT };
+            self.all_gather_raw(OP, &mine, out, chunks, dt)
         })
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         const OP: &str = "broadcast";
-        with_slice_mut(OP, t, |buf| {
+        with_slice_mut(OP, t, |buf: &mut [f32]| {
             for chunk in buf.chunks_mut(MAX_MESSAGE) {
                 let mut req = null_request();
                 // SAFETY: `chunk` outlives the request.

@@ -13,8 +13,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::cuda_backend::cudarc::driver::CudaStream;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 use std::sync::Arc;
 
@@ -100,6 +101,20 @@ impl NcclCollectives {
         }
     }
 
+    /// NCCL's all-gather of equal chunks `send` into `recv`, waited for.
+    fn gather_padded<T: DeviceElem>(&self, send: &Tensor, recv: &Tensor) -> Result<()> {
+        const OP: &str = "all_gather";
+        read_device(OP, send, |src: &CudaView<'_, T>| {
+            with_device_slice(OP, recv, |dst: &mut CudaViewMut<'_, T>| {
+                self.comm
+                    .all_gather(src, dst)
+                    .map_err(|e| nccl_err(OP, e))?;
+                Ok(())
+            })
+        })?;
+        self.wait(OP)
+    }
+
     /// `t` padded with zeros to `len` elements (a new device tensor).
     fn padded(&self, t: &Tensor, len: usize) -> Result<Tensor> {
         let t = t.flatten_all()?;
@@ -107,23 +122,37 @@ impl NcclCollectives {
         Ok(if n == len {
             t.copy()?
         } else {
-            Tensor::cat(&[&t, &Tensor::zeros(len - n, DType::F32, &self.device)?], 0)?
+            Tensor::cat(&[&t, &Tensor::zeros(len - n, t.dtype(), &self.device)?], 0)?
         })
     }
 }
 
-/// Runs `f` on the device memory of a contiguous f32 CUDA tensor.
-fn with_device_slice(
+/// An element type NCCL moves for kiln: f32 (every collective), bf16 (FSDP's compute
+/// parameters, gathered).
+trait DeviceElem: CudaDType + NcclType + 'static {
+    const DTYPE: DType;
+}
+impl DeviceElem for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl DeviceElem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+
+/// Runs `f` on the device memory of a contiguous CUDA tensor of `T`.
+fn with_device_slice<T: DeviceElem>(
     op: &'static str,
     t: &Tensor,
-    f: impl FnOnce(&mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>) -> Result<()>,
+    f: impl FnOnce(&mut CudaViewMut<'_, T>) -> Result<()>,
 ) -> Result<()> {
-    struct Visit<F>(Mutex<Option<F>>, Mutex<Option<Result<()>>>);
-    impl<F> InplaceOp1 for Visit<F>
+    struct Visit<F, T>(
+        Mutex<Option<F>>,
+        Mutex<Option<Result<()>>>,
+        std::marker::PhantomData<fn() -> T>,
+    );
+    impl<F, T: DeviceElem> InplaceOp1 for Visit<F, T>
     where
-        F: FnOnce(
-            &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
-        ) -> Result<()>,
+        F: FnOnce(&mut CudaViewMut<'_, T>) -> Result<()>,
     {
         fn name(&self) -> &'static str {
             "kiln-dist-nccl"
@@ -135,7 +164,7 @@ fn with_device_slice(
             let Some((start, end)) = l.contiguous_offsets() else {
                 candle_core::bail!("kiln-dist: not contiguous")
             };
-            let slice = s.as_cuda_slice_mut::<f32>()?;
+            let slice = s.as_cuda_slice_mut::<T>()?;
             let mut view = slice.slice_mut(start..end);
             let f = self
                 .0
@@ -147,13 +176,21 @@ fn with_device_slice(
             Ok(())
         }
     }
-    if t.dtype() != DType::F32 || !t.is_contiguous() {
+    if t.dtype() != T::DTYPE || !t.is_contiguous() {
         return Err(DistError::Buffer {
             op,
-            msg: "needs a contiguous f32 tensor".into(),
+            msg: format!(
+                "needs a contiguous {:?} tensor, got {:?}",
+                T::DTYPE,
+                t.dtype()
+            ),
         });
     }
-    let v = Visit(Mutex::new(Some(f)), Mutex::new(None));
+    let v = Visit(
+        Mutex::new(Some(f)),
+        Mutex::new(None),
+        std::marker::PhantomData,
+    );
     t.inplace_op1(&v)?;
     let r = v.1.lock().expect("poisoned").take();
     r.unwrap_or_else(|| {
@@ -164,11 +201,11 @@ fn with_device_slice(
     })
 }
 
-/// The device slice of a contiguous f32 CUDA tensor, read only.
-fn read_device<R>(
+/// The device slice of a contiguous CUDA tensor of `T`, read only.
+fn read_device<T: DeviceElem, R>(
     op: &'static str,
     t: &Tensor,
-    f: impl FnOnce(&candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>) -> Result<R>,
+    f: impl FnOnce(&CudaView<'_, T>) -> Result<R>,
 ) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
@@ -183,7 +220,7 @@ fn read_device<R>(
             msg: "not contiguous".into(),
         });
     };
-    let slice = s.as_cuda_slice::<f32>()?;
+    let slice = s.as_cuda_slice::<T>()?;
     f(&slice.slice(start..end))
 }
 
@@ -203,7 +240,7 @@ impl Collectives for NcclCollectives {
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
         const OP: &str = "all_reduce";
-        with_device_slice(OP, t, |buf| {
+        with_device_slice(OP, t, |buf: &mut CudaViewMut<'_, f32>| {
             self.comm
                 .all_reduce_in_place(buf, &ReduceOp::Sum)
                 .map_err(|e| nccl_err(OP, e))?;
@@ -225,8 +262,8 @@ impl Collectives for NcclCollectives {
         }
         let send = Tensor::cat(&parts, 0)?;
         let recv = Tensor::zeros(per, DType::F32, &self.device)?;
-        read_device(OP, &send, |src| {
-            with_device_slice(OP, &recv, |dst| {
+        read_device(OP, &send, |src: &CudaView<'_, f32>| {
+            with_device_slice(OP, &recv, |dst: &mut CudaViewMut<'_, f32>| {
                 self.comm
                     .reduce_scatter(src, dst, &ReduceOp::Sum)
                     .map_err(|e| nccl_err(OP, e))?;
@@ -241,18 +278,23 @@ impl Collectives for NcclCollectives {
     fn all_gather(&self, input: &Tensor, output: &Tensor, chunks: &[usize]) -> Result<()> {
         const OP: &str = "all_gather";
         crate::host::check_chunks(OP, output, input, chunks, self.rank())?;
+        if input.dtype() != output.dtype() {
+            return Err(DistError::Buffer {
+                op: OP,
+                msg: format!(
+                    "gathers into the same dtype, not {:?} into {:?}",
+                    input.dtype(),
+                    output.dtype()
+                ),
+            });
+        }
         let per = chunks.iter().copied().max().unwrap_or(0);
         let send = self.padded(input, per)?;
-        let recv = Tensor::zeros(per * chunks.len(), DType::F32, &self.device)?;
-        read_device(OP, &send, |src| {
-            with_device_slice(OP, &recv, |dst| {
-                self.comm
-                    .all_gather(src, dst)
-                    .map_err(|e| nccl_err(OP, e))?;
-                Ok(())
-            })
-        })?;
-        self.wait(OP)?;
+        let recv = Tensor::zeros(per * chunks.len(), input.dtype(), &self.device)?;
+        match input.dtype() {
+            DType::BF16 => self.gather_padded::<half::bf16>(&send, &recv)?,
+            _ => self.gather_padded::<f32>(&send, &recv)?,
+        }
         let mut at = 0;
         for (r, &c) in chunks.iter().enumerate() {
             output.slice_set(&recv.narrow(0, r * per, c)?, 0, at)?;
@@ -269,7 +311,7 @@ impl Collectives for NcclCollectives {
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         const OP: &str = "broadcast";
-        with_device_slice(OP, t, |buf| {
+        with_device_slice(OP, t, |buf: &mut CudaViewMut<'_, f32>| {
             self.comm
                 .broadcast_in_place(buf, root as i32)
                 .map_err(|e| nccl_err(OP, e))?;

@@ -99,6 +99,21 @@ fn worker_collectives() {
     let full = Tensor::zeros(5, DType::F32, &dev).unwrap();
     c.all_gather(&out, &full, &chunks).unwrap();
     assert_eq!(full.to_vec1::<f32>().unwrap(), vec![3., 6., 9., 12., 15.]);
+    // bf16 (FSDP's compute parameters) into a view: 16-bit words, bit for bit.
+    let halves = Tensor::zeros(7, DType::BF16, &dev).unwrap();
+    let mine = Tensor::new(&[1.0f32 / 3.0 + rank; 3][..chunks[c.rank()]], &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    c.all_gather(&mine, &halves.narrow(0, 1, 5).unwrap(), &chunks)
+        .unwrap();
+    let third = half::bf16::from_f32(1.0 / 3.0);
+    let four_thirds = half::bf16::from_f32(4.0 / 3.0);
+    let zero = half::bf16::ZERO;
+    assert_eq!(
+        halves.to_vec1::<half::bf16>().unwrap(),
+        vec![zero, third, third, third, four_thirds, four_thirds, zero]
+    );
     let big = Tensor::zeros(7, DType::F32, &dev).unwrap();
     let view = big.narrow(0, 2, 5).unwrap();
     let mine = Tensor::new(&[rank + 1.0; 3][..chunks[c.rank()]], &dev).unwrap();

@@ -2,7 +2,9 @@
 //!
 //! - [`add_in_place`]: `dst += src`, the gradient accumulation of a micro-batch;
 //! - [`index_add_rows`]: `dst[ids[i], :] += src[i, :]`, the embedding lookup's backward written
-//!   straight into the table's gradient, with no `(rows, d)` temporary.
+//!   straight into the table's gradient, with no `(rows, d)` temporary;
+//! - [`widen_into`]: `dst = src` from bf16 into f32, FSDP's gathered bf16 compute parameters
+//!   widened into the f32 workspace the kernels read, with no f32 temporary.
 //!
 //! `dst` may be any contiguous view (a `narrow` of a larger buffer: non-zero start offset). On
 //! the CPU in f32/f64 each is one pass with no allocation; elsewhere they compute the result
@@ -71,6 +73,61 @@ pub fn index_add_rows(dst: &Tensor, ids: &Tensor, src: &Tensor) -> Result<()> {
             .detach()
             .index_add(&ids, &src.to_dtype(dst.dtype())?, 0)?;
         write_back(dst, &sum)
+    }
+}
+
+/// `dst = src`, converted to `dst`'s dtype; `dst` contiguous (a view is fine), `src` of the
+/// same element count. On the CPU, bf16 into f32 is one pass with no allocation.
+pub fn widen_into(dst: &Tensor, src: &Tensor) -> Result<()> {
+    if dst.elem_count() != src.elem_count() {
+        bail!(
+            "widen_into: {} elements into {}",
+            src.elem_count(),
+            dst.elem_count()
+        )
+    }
+    if !dst.is_contiguous() {
+        bail!("widen_into: the destination must be contiguous")
+    }
+    let fused = dst.device().is_cpu()
+        && src.device().is_cpu()
+        && dst.dtype() == DType::F32
+        && src.dtype() == DType::BF16;
+    if fused {
+        dst.flatten_all()?
+            .inplace_op2(&src.flatten_all()?.contiguous()?, &Widen)
+    } else {
+        write_back(dst, &src.to_dtype(dst.dtype())?)
+    }
+}
+
+struct Widen;
+
+impl InplaceOp2 for Widen {
+    fn name(&self) -> &'static str {
+        "kiln-widen-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let name = InplaceOp2::name(self);
+        let (CpuStorage::F32(d), CpuStorage::BF16(s)) = (s1, s2) else {
+            bail!("{name}: expected an f32 destination and a bf16 source")
+        };
+        let (d, s) = (contiguous_mut(d, l1, name)?, contiguous(s, l2, name)?);
+        d.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(s.par_chunks(ELEMWISE_CHUNK))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = s.to_f32();
+                }
+            });
+        Ok(())
     }
 }
 

@@ -39,7 +39,7 @@ pub use cross_entropy::{
     count_valid_targets, cross_entropy_backward, cross_entropy_sum, reference_cross_entropy_sum,
     IGNORE_INDEX,
 };
-pub use inplace::{add_in_place, index_add_rows};
+pub use inplace::{add_in_place, index_add_rows, widen_into};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};
 pub use softmax::{masked_softmax, masked_softmax_backward, reference_masked_softmax};

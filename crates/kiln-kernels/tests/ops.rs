@@ -598,6 +598,31 @@ fn add_in_place_adds_into_a_view_and_nothing_else() {
     );
 }
 
+/// bf16 widened into an f32 view equals candle's `to_dtype`, bit for bit, and writes nothing
+/// outside the view; other dtype pairs take the fallback.
+#[test]
+fn widen_into_converts_into_a_view_and_nothing_else() {
+    let (rows, cols, off) = (300, 70, 17);
+    let total = off + rows * cols + 9;
+    for dst_dtype in [DType::F32, DType::F64] {
+        let (flat, view) = flat_and_view(95, total, off, rows, cols, dst_dtype);
+        let src = uniform_tensor(96, &[rows * cols], DType::F32)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let before = values(&flat);
+        widen_into(&view, &src).unwrap();
+        let want = src.to_dtype(dst_dtype).unwrap();
+        assert_eq!(values(&view.flatten_all().unwrap()), values(&want));
+        let after = values(&flat);
+        assert_eq!(before[..off], after[..off], "{dst_dtype:?}");
+        assert_eq!(before[off + rows * cols..], after[off + rows * cols..]);
+    }
+    let dst = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    let short = Tensor::zeros(3, DType::BF16, &Device::Cpu).unwrap();
+    assert!(widen_into(&dst, &short).is_err(), "element count mismatch");
+}
+
 /// The embedding backward written into a view equals candle's `zeros.index_add` (the
 /// allocation it replaces), bit for bit, repeated ids included; and it accumulates.
 #[test]

@@ -289,6 +289,7 @@ impl SftConfig {
     }
 
     fn validate(&self) -> Result<(), SftError> {
+        self.dist.validate()?;
         let t = &self.train;
         if t.batch_size == 0 || t.grad_accum == 0 || t.seq_len < 2 {
             return Err(SftError::Config(

@@ -288,7 +288,13 @@ impl SftTrainer {
                 d.comm
                     .broadcast(&params.flat().as_detached_tensor(), 0)
                     .map_err(TrainError::from)?;
-                let f = Fsdp::new(&model_config, &params, &cfg.optim, d.comm.clone())?;
+                let f = Fsdp::new(
+                    &model_config,
+                    &params,
+                    &cfg.optim,
+                    d.cfg.param_dtype,
+                    d.comm.clone(),
+                )?;
                 Replica::Sharded(Box::new(f))
             }
             _ => {

@@ -227,11 +227,27 @@ pub enum Strategy {
     Fsdp,
 }
 
+/// The dtype FSDP gathers parameters in for the forward and backward (`dist.param_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    #[default]
+    F32,
+    /// Each rank rounds its f32 shard to bf16 and the ranks gather bf16 (half the bytes); the
+    /// forward and backward see bf16 weights. Master weights, gradients, their reduction and
+    /// AdamW stay f32 (PyTorch FSDP's `MixedPrecision(param_dtype=bfloat16,
+    /// reduce_dtype=float32)`).
+    Bf16,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistConfig {
     #[serde(default)]
     pub strategy: Strategy,
+    /// FSDP only: the dtype of the gathered parameters the model computes with.
+    #[serde(default)]
+    pub param_dtype: ParamDtype,
     /// Seconds one collective may wait for the other ranks before the run is ended with an
     /// error naming the unresponsive ranks (plus a 5 s probe: detection within a minute).
     #[serde(default = "d_dist_timeout")]
@@ -249,10 +265,34 @@ impl Default for DistConfig {
     fn default() -> Self {
         Self {
             strategy: Strategy::default(),
+            param_dtype: ParamDtype::default(),
             timeout_s: d_dist_timeout(),
             bucket_mb: d_bucket_mb(),
             io_timeout_s: d_io_timeout(),
         }
+    }
+}
+
+impl DistConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        for (name, v) in [
+            ("timeout_s", self.timeout_s),
+            ("bucket_mb", self.bucket_mb),
+            ("io_timeout_s", self.io_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("dist.{name} must be a positive number, not {v}"));
+            }
+        }
+        if self.param_dtype != ParamDtype::F32 && self.strategy != Strategy::Fsdp {
+            return bad(format!(
+                "dist.param_dtype = \"bf16\" applies to dist.strategy = \"fsdp\" (parameters \
+                 gathered in bf16); the {:?} replicas keep f32 parameters",
+                self.strategy
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -364,6 +404,7 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<(), TrainError> {
         self.model.validate()?;
+        self.dist.validate()?;
         let t = &self.train;
         let bad = |m: String| Err(TrainError::Config(m));
         if t.batch_size == 0 || t.grad_accum == 0 || t.seq_len == 0 || t.steps == 0 {

@@ -14,6 +14,13 @@
 //! backward writes theirs, and the embedding's after it. A reduce-scatter's output goes into
 //! the parameter workspace, whose unit is no longer needed at that point. Memory per rank:
 //! `4 P / N` (parameters, gradients, m, v) plus the two workspaces: see [`FsdpMemory`].
+//!
+//! With `dist.param_dtype = "bf16"` each rank rounds its f32 shard to bf16 before the gather,
+//! the ranks gather bf16 (half the bytes) into a bf16 staging buffer, and it is widened into the
+//! f32 workspace the kernels read: the forward and backward see bf16 weights, while the master
+//! shards, the gradients, their reduce-scatter and AdamW stay f32 (PyTorch FSDP's
+//! `MixedPrecision(param_dtype=bfloat16, reduce_dtype=float32)`). Activations stay f32: kiln's
+//! CPU kernels compute in f32.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -32,7 +39,7 @@ use kiln_model::{
 
 use crate::optim::decays;
 use crate::trainer::StepResult;
-use crate::{OptimConfig, TrainError};
+use crate::{OptimConfig, ParamDtype, TrainError};
 
 /// One sharded unit: its tensors packed in a flat layout, and this rank's range of it.
 struct Unit {
@@ -51,7 +58,7 @@ pub struct FsdpMemory {
     /// Shards: parameters, gradients, m and v.
     pub sharded_bytes: usize,
     /// Unsharded working buffers: parameters and gradients of the largest unit (the root or
-    /// a block).
+    /// a block), and the bf16 staging buffer of `dist.param_dtype = "bf16"`.
     pub scratch_bytes: usize,
     pub single_process_bytes: usize,
 }
@@ -78,6 +85,8 @@ struct Core {
     v: Tensor,
     /// The gathered parameters of one unit (root or block), the largest unit's size.
     workspace: Tensor,
+    /// Under `param_dtype = "bf16"`: the gathered bf16 parameters, widened into `workspace`.
+    staging_bf16: Option<Tensor>,
     /// Seconds spent in collectives since the step began.
     comm_s: std::cell::Cell<f64>,
 }
@@ -116,11 +125,13 @@ fn hook_err(e: impl std::fmt::Display) -> ModelError {
 
 impl Fsdp {
     /// Shards `full` (the same initial weights on every rank) and builds the model over the
-    /// scratch buffers. `full` can be dropped afterwards.
+    /// scratch buffers; the model computes with parameters gathered in `param_dtype`. `full`
+    /// can be dropped afterwards.
     pub fn new(
         cfg: &ModelConfig,
         full: &Params,
         optim: &OptimConfig,
+        param_dtype: ParamDtype,
         comm: Rc<dyn Collectives>,
     ) -> Result<Self, TrainError> {
         if full
@@ -165,6 +176,10 @@ impl Fsdp {
         let (params, grads, m, v) = (zeros(local)?, zeros(local)?, zeros(local)?, zeros(local)?);
         let largest = units.iter().map(|u| u.layout.total()).max().unwrap_or(0);
         let workspace = zeros(largest)?;
+        let staging_bf16 = match param_dtype {
+            ParamDtype::F32 => None,
+            ParamDtype::Bf16 => Some(Tensor::zeros(largest, DType::BF16, &device)?),
+        };
         // Gradients: one buffer too, the root's and every block's layout over its start.
         let grad_workspace = zeros(largest)?;
         let over = |u: &Unit| {
@@ -204,6 +219,7 @@ impl Fsdp {
                 m,
                 v,
                 workspace,
+                staging_bf16,
                 comm_s: std::cell::Cell::new(0.0),
             },
             cfg: cfg.clone(),
@@ -370,10 +386,14 @@ impl Fsdp {
         let f = DType::F32.size_in_bytes();
         let c = &self.core;
         let total: usize = c.units.iter().map(|u| u.layout.total()).sum();
+        let staging = c
+            .staging_bf16
+            .as_ref()
+            .map_or(0, |t| t.elem_count() * DType::BF16.size_in_bytes());
         FsdpMemory {
             sharded_bytes: 4 * c.params.elem_count() * f,
             // The parameter workspace and the gradient workspace, the same size.
-            scratch_bytes: 2 * c.workspace.elem_count() * f,
+            scratch_bytes: 2 * c.workspace.elem_count() * f + staging,
             single_process_bytes: 4 * total * f,
         }
     }
@@ -496,12 +516,22 @@ impl Core {
         Ok(buf.narrow(0, unit.local, unit.mine.len())?)
     }
 
-    /// Unit `u`'s whole parameters into the workspace (the model's views of the unit read them).
+    /// Unit `u`'s whole parameters into the workspace (the model's views of the unit read them),
+    /// in f32 or through bf16.
     fn gather(&self, u: usize) -> Result<(), TrainError> {
         let unit = &self.units[u];
-        let into = self.workspace.narrow(0, 0, unit.layout.total())?;
+        let n = unit.layout.total();
+        let into = self.workspace.narrow(0, 0, n)?;
         let shard = self.shard(&self.params, u)?;
-        self.timed(|| self.comm.all_gather(&shard, &into, &unit.chunks))?;
+        match &self.staging_bf16 {
+            None => self.timed(|| self.comm.all_gather(&shard, &into, &unit.chunks))?,
+            Some(staging) => {
+                let mine = shard.to_dtype(DType::BF16)?;
+                let gathered = staging.narrow(0, 0, n)?;
+                self.timed(|| self.comm.all_gather(&mine, &gathered, &unit.chunks))?;
+                kiln_kernels::widen_into(&into, &gathered)?;
+            }
+        }
         Ok(())
     }
 
@@ -557,5 +587,122 @@ impl LayerHooks for Hooks<'_> {
     /// gradients can use the buffer (the embedding's arrive after the blocks, reduced then).
     fn before_blocks_backward(&mut self, grads: &mut Grads) -> Result<(), ModelError> {
         self.core.reduce(0, grads).map_err(hook_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamW;
+    use kiln_dist::SingleProcess;
+
+    fn loss_of(model: &Llama, batch: &TokenBatch, targets: &Tensor) -> f64 {
+        let (hidden, _) = model.forward_hidden(batch, None).unwrap();
+        model.lm_loss_sum(&hidden, targets).unwrap().0
+    }
+
+    fn master_params(fsdp: &Fsdp) -> HashMap<String, Tensor> {
+        let dir = tempfile::tempdir().unwrap();
+        fsdp.write_shards(dir.path()).unwrap();
+        kiln_model::sharded::read_sharded(dir.path(), &fsdp.manifest(), "model", &Device::Cpu)
+            .unwrap()
+    }
+
+    /// `param_dtype = "bf16"`: the forward sees the bf16-rounded weights (the loss of a model
+    /// built from them, not the f32 model's), and one step moves the f32 master weights by
+    /// exactly the update AdamW computes from the rounded model's gradients.
+    #[test]
+    fn bf16_params_compute_with_rounded_weights_and_update_f32_masters() {
+        let (cfg, dev) = (ModelConfig::tiny(), Device::Cpu);
+        let master = Params::init(&cfg, 11, &dev, DType::F32).unwrap();
+        let rounded = Params::init(&cfg, 11, &dev, DType::F32).unwrap();
+        let to_bf16 = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        rounded
+            .flat()
+            .set(&to_bf16(master.flat().as_tensor()).unwrap())
+            .unwrap();
+        let optim = OptimConfig {
+            weight_decay: 0.0,
+            ..OptimConfig::default()
+        };
+        let ids: Vec<u32> = (0..2 * 17).map(|i| (i * 37 + i * i) % 1000).collect();
+        let rows = Tensor::from_vec(ids, (2, 17), &dev).unwrap();
+        let inputs = rows.narrow(1, 0, 16).unwrap().contiguous().unwrap();
+        let targets = rows.narrow(1, 1, 16).unwrap().to_dtype(DType::I64).unwrap();
+        let batch = TokenBatch::new(inputs.clone());
+
+        let mut fsdp = Fsdp::new(
+            &cfg,
+            &master,
+            &optim,
+            ParamDtype::Bf16,
+            Rc::new(SingleProcess),
+        )
+        .unwrap();
+        let (loss_bf16, n_valid) = fsdp.loss_sum(&batch, &targets).unwrap();
+        let rounded_model = Llama::new(&cfg, &rounded).unwrap();
+        let loss_rounded = loss_of(&rounded_model, &batch, &targets);
+        let loss_f32 = loss_of(&Llama::new(&cfg, &master).unwrap(), &batch, &targets);
+        assert!(
+            (loss_bf16 - loss_rounded).abs() <= 1e-9 * loss_rounded.abs(),
+            "bf16 FSDP {loss_bf16} vs the rounded model {loss_rounded}"
+        );
+        assert!(
+            (loss_bf16 - loss_f32).abs() > 1e-6,
+            "the rounding must show: {loss_bf16} vs f32 {loss_f32}"
+        );
+
+        let (lr, clip) = (1e-3, 1.0);
+        let mut optimizer = AdamW::for_model(&rounded_model, &rounded, &optim).unwrap();
+        let before: HashMap<String, Tensor> = rounded
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.copy().unwrap()))
+            .collect();
+        let reference = crate::optimizer_step(
+            &rounded_model,
+            &rounded,
+            &mut optimizer,
+            &[(inputs, targets.clone())],
+            lr,
+            clip,
+            None,
+        )
+        .unwrap();
+        let step = fsdp
+            .train_step(&[(batch, targets)], n_valid, 32, lr, clip, None)
+            .unwrap();
+        assert!((step.loss - reference.loss).abs() <= 1e-9 * reference.loss);
+        assert!((step.grad_norm - reference.grad_norm).abs() <= 1e-5 * reference.grad_norm);
+        let after = master_params(&fsdp);
+        let mut off_bf16_grid = 0;
+        for (name, t) in after {
+            let moved = (&t - master.tensor(&name).unwrap()).unwrap();
+            let want = (rounded.tensor(&name).unwrap() - &before[&name]).unwrap();
+            let err = (&moved - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-6, "{name}: master update off by {err}");
+            let rounded_again = to_bf16(&t).unwrap();
+            off_bf16_grid += t
+                .ne(&rounded_again)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as usize;
+        }
+        assert!(
+            off_bf16_grid > 0,
+            "the master weights must keep f32 precision"
+        );
     }
 }

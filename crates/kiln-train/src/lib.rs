@@ -14,8 +14,8 @@ pub mod resolve;
 mod trainer;
 
 pub use config::{
-    apply_override, DataConfig, DistConfig, Objective, OptimConfig, RunConfig, Strategy,
-    TrainConfig,
+    apply_override, DataConfig, DistConfig, Objective, OptimConfig, ParamDtype, RunConfig,
+    Strategy, TrainConfig,
 };
 pub use dataset::ensure_dataset;
 pub use dist::DataParallel;

@@ -238,6 +238,7 @@ impl Trainer {
                     &cfg.model,
                     &params,
                     &cfg.optim,
+                    d.cfg.param_dtype,
                     d.comm.clone(),
                 )?))
             }
