@@ -128,6 +128,11 @@ pub trait LayerHooks {
     fn before_blocks_backward(&mut self, _grads: &mut Grads) -> Result<(), ModelError> {
         Ok(())
     }
+    /// The buffer the embedding's gradient goes into, when not the backward's `grads` (FSDP
+    /// keeps an untied embedding and the head in separate units, with separate buffers).
+    fn embedding_grads(&mut self) -> Option<&mut Grads> {
+        None
+    }
 }
 
 /// What the trunk's forward keeps for [`Llama::backward_hidden`].
@@ -630,7 +635,8 @@ impl Llama {
     /// [`Llama::backward_hidden`] with per-layer hooks: block `i`'s backward runs after
     /// `hooks.before_layer(i, true)`, writes into `hooks.layer_grads(i)` instead of `grads`,
     /// and is followed by `hooks.after_layer_backward(i)` (FSDP re-gathers the layer, then
-    /// reduce-scatters its gradients). `grads` receives the rest (final norm, embedding).
+    /// reduce-scatters its gradients). `grads` receives the rest (final norm, embedding), the
+    /// embedding's into `hooks.embedding_grads()` when that is given.
     pub fn backward_hidden_hooked(
         &self,
         trunk: Trunk,
@@ -674,7 +680,11 @@ impl Llama {
             if let Embedding::Dense(_) = &m.embedding {
                 // Embedding lookup: scatter-add the rows of dx into the table's gradient, in
                 // place (no (vocab, d) temporary).
-                grads.index_add_rows("tok_embeddings.weight", &trunk.ids, &dx)?;
+                let into = match hooks.and_then(|h| h.embedding_grads()) {
+                    Some(g) => g,
+                    None => grads,
+                };
+                into.index_add_rows("tok_embeddings.weight", &trunk.ids, &dx)?;
             }
         }
         Ok(())

@@ -1,19 +1,20 @@
 //! Fully sharded data parallelism (FSDP, "full shard"): every rank keeps only its shard of
-//! each unit's parameters, gradients and AdamW moments. A unit is one decoder block, or the
-//! root (embedding, final norm, LM head). Its parameters are all-gathered into an unsharded
-//! scratch buffer just before they are read (the root once per micro-batch, each block before
-//! its forward and again before its backward), and its gradients are reduce-scattered into the
-//! rank's gradient shard as soon as they are complete.
+//! each unit's parameters, gradients and AdamW moments. A unit is one decoder block, the
+//! embedding, or the head (final norm and LM head); a tied embedding is also the head, so it
+//! and the final norm make one unit. A unit's parameters are all-gathered into an unsharded
+//! scratch buffer just before they are read (each block before its forward and again before
+//! its backward), and its gradients are reduce-scattered into the rank's gradient shard as
+//! soon as they are complete.
 //!
-//! The model is built once over one parameter workspace, the size of the larger of the root
-//! and a block: the root's tensors and every block's are views of it, and it holds whichever
-//! unit was gathered last. Each unit is gathered right before it is read (the root before the
-//! embedding lookup and again before the final norm and head; block `i` before its forward and
-//! before its backward), so a reader always finds its own weights. Gradients share one
-//! workspace the same way: the head's (and final norm's) are reduced before the blocks'
-//! backward writes theirs, and the embedding's after it. A reduce-scatter's output goes into
-//! the parameter workspace, whose unit is no longer needed at that point. Memory per rank:
-//! `4 P / N` (parameters, gradients, m, v) plus the two workspaces: see [`FsdpMemory`].
+//! The model is built once over one parameter workspace, the size of the largest unit: every
+//! unit's tensors are views of it, and it holds whichever unit was gathered last. Each unit is
+//! gathered right before it is read (the embedding before the lookup, the head before the
+//! final norm, block `i` before its forward and before its backward), so a reader always finds
+//! its own weights. Gradients share one workspace the same way: the head's (and final norm's)
+//! are reduced before the blocks' backward writes theirs, and the embedding's after it. A
+//! reduce-scatter's output goes into the parameter workspace, whose unit is no longer needed
+//! at that point. Memory per rank: `4 P / N` (parameters, gradients, m, v) plus the two
+//! workspaces: see [`FsdpMemory`].
 //!
 //! With `dist.param_dtype = "bf16"` each rank rounds its f32 shard to bf16 before the gather,
 //! the ranks gather bf16 (half the bytes) into a bf16 staging buffer, and it is widened into the
@@ -57,8 +58,8 @@ struct Unit {
 pub struct FsdpMemory {
     /// Shards: parameters, gradients, m and v.
     pub sharded_bytes: usize,
-    /// Unsharded working buffers: parameters and gradients of the largest unit (the root or
-    /// a block), and the bf16 staging buffer of `dist.param_dtype = "bf16"`.
+    /// Unsharded working buffers: parameters and gradients of the largest unit (embedding,
+    /// head or block), and the bf16 staging buffer of `dist.param_dtype = "bf16"`.
     pub scratch_bytes: usize,
     pub single_process_bytes: usize,
 }
@@ -77,13 +78,14 @@ impl FsdpMemory {
 /// The shards and scratch buffers (tensors are written in place, so `&self` suffices).
 struct Core {
     comm: Rc<dyn Collectives>,
-    /// `units[0]` is the root, `units[1 + i]` layer i.
+    /// In the order of [`Units`].
     units: Vec<Unit>,
+    map: Units,
     params: Tensor,
     grads: Tensor,
     m: Tensor,
     v: Tensor,
-    /// The gathered parameters of one unit (root or block), the largest unit's size.
+    /// The gathered parameters of one unit, the largest unit's size.
     workspace: Tensor,
     /// Under `param_dtype = "bf16"`: the gathered bf16 parameters, widened into `workspace`.
     staging_bf16: Option<Tensor>,
@@ -95,8 +97,11 @@ pub struct Fsdp {
     core: Core,
     cfg: ModelConfig,
     optim: OptimConfig,
-    root_grads: Grads,
-    /// One per layer, all over the same block-sized buffer.
+    /// The final norm's and the LM head's gradients (and a tied embedding's).
+    head_grads: Grads,
+    /// An untied embedding's gradients.
+    embed_grads: Option<Grads>,
+    /// One per layer. All of them share one buffer with the head's and the embedding's.
     block_grads: Vec<Grads>,
     /// The model over the scratch buffers.
     model: Llama,
@@ -106,16 +111,49 @@ pub struct Fsdp {
     names: Vec<(String, Vec<usize>)>,
 }
 
-fn unit_of(name: &str) -> usize {
-    match name.strip_prefix("layers.") {
-        Some(rest) => {
-            1 + rest
-                .split('.')
-                .next()
-                .and_then(|i| i.parse::<usize>().ok())
-                .expect("invariant: layer names are layers.<i>.*")
+/// Where each unit sits in [`Core::units`]: the embedding, the head (the same unit when the
+/// embedding is tied: it is the head's weight too), then one unit per block.
+#[derive(Debug, Clone, Copy)]
+struct Units {
+    embed: usize,
+    head: usize,
+    first_block: usize,
+}
+
+impl Units {
+    fn for_model(cfg: &ModelConfig) -> Self {
+        if cfg.tie_embeddings {
+            Self {
+                embed: 0,
+                head: 0,
+                first_block: 1,
+            }
+        } else {
+            Self {
+                embed: 0,
+                head: 1,
+                first_block: 2,
+            }
         }
-        None => 0,
+    }
+
+    fn split(&self) -> bool {
+        self.embed != self.head
+    }
+
+    fn of(&self, name: &str) -> usize {
+        match name.strip_prefix("layers.") {
+            Some(rest) => {
+                self.first_block
+                    + rest
+                        .split('.')
+                        .next()
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .expect("invariant: layer names are layers.<i>.*")
+            }
+            None if name == "tok_embeddings.weight" => self.embed,
+            None => self.head,
+        }
     }
 }
 
@@ -154,9 +192,11 @@ impl Fsdp {
             .iter()
             .map(|e| (e.name.clone(), e.shape.clone()))
             .collect();
-        let mut per_unit: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new(); cfg.n_layers + 1];
+        let map = Units::for_model(cfg);
+        let mut per_unit: Vec<Vec<(String, Vec<usize>)>> =
+            vec![Vec::new(); map.first_block + cfg.n_layers];
         for (n, s) in &names {
-            per_unit[unit_of(n)].push((n.clone(), s.clone()));
+            per_unit[map.of(n)].push((n.clone(), s.clone()));
         }
         let mut units = Vec::new();
         let mut local = 0;
@@ -180,30 +220,30 @@ impl Fsdp {
             ParamDtype::F32 => None,
             ParamDtype::Bf16 => Some(Tensor::zeros(largest, DType::BF16, &device)?),
         };
-        // Gradients: one buffer too, the root's and every block's layout over its start.
+        // Gradients: one buffer too, every unit's layout over its start.
         let grad_workspace = zeros(largest)?;
         let over = |u: &Unit| {
             let n = u.layout.total();
             Grads::over_buffer(u.layout.clone(), grad_workspace.narrow(0, 0, n)?)
         };
-        let root_grads = over(&units[0])?;
-        let block_grads = units[1..].iter().map(over).collect::<Result<Vec<_>, _>>()?;
+        let head_grads = over(&units[map.head])?;
+        let embed_grads = map.split().then(|| over(&units[map.embed])).transpose()?;
+        let block_grads = units[map.first_block..]
+            .iter()
+            .map(over)
+            .collect::<Result<Vec<_>, _>>()?;
         let model = {
-            let root = units[0].layout.clone();
-            let block = units.get(1).map(|u| u.layout.clone());
+            let layouts: Vec<Arc<FlatLayout>> = units.iter().map(|u| u.layout.clone()).collect();
             let buf = workspace.clone();
             Llama::over_tensors(cfg, move |name| {
-                let (layout, key) = match name.strip_prefix("layers.") {
-                    None => (&root, name.to_string()),
+                // Every block has the same offsets: layer 0's names locate them.
+                let key = match name.strip_prefix("layers.") {
+                    None => name.to_string(),
                     Some(rest) => {
-                        // The same offsets in every layer: layer 0's names locate them.
-                        let tail = rest.split_once('.').map_or("", |(_, t)| t);
-                        let l = block
-                            .as_ref()
-                            .expect("invariant: a layer implies a block unit");
-                        (l, format!("layers.0.{tail}"))
+                        format!("layers.0.{}", rest.split_once('.').map_or("", |(_, t)| t))
                     }
                 };
+                let layout = &layouts[map.of(&key)];
                 let e = layout
                     .entry(&key)
                     .ok_or_else(|| ModelError::Input(format!("no parameter {name:?}")))?;
@@ -214,6 +254,7 @@ impl Fsdp {
             core: Core {
                 comm,
                 units,
+                map,
                 params,
                 grads,
                 m,
@@ -224,7 +265,8 @@ impl Fsdp {
             },
             cfg: cfg.clone(),
             optim: optim.clone(),
-            root_grads,
+            head_grads,
+            embed_grads,
             block_grads,
             model,
             step: 0,
@@ -274,26 +316,32 @@ impl Fsdp {
         scale: f64,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<f64, TrainError> {
-        self.core.gather(0)?;
+        let map = self.core.map;
+        self.core.gather(map.embed)?;
         let mut hooks = Hooks {
             core: &self.core,
             block_grads: &mut self.block_grads,
+            embed_grads: self.embed_grads.as_mut(),
         };
         let (hidden, trunk) =
             self.model
                 .forward_hidden_hooked(batch, dropout_rng, Some(&mut hooks))?;
-        self.root_grads.zero();
+        self.head_grads.zero();
         let (loss_sum, d_hidden) =
             self.model
-                .lm_loss_backward(&hidden, targets, scale, &mut self.root_grads)?;
+                .lm_loss_backward(&hidden, targets, scale, &mut self.head_grads)?;
         drop(hidden);
         self.model.backward_hidden_hooked(
             trunk,
             &d_hidden,
-            &mut self.root_grads,
+            &mut self.head_grads,
             Some(&mut hooks),
         )?;
-        self.core.reduce(0, &mut self.root_grads)?;
+        // The embedding's gradients are complete (tied: in the head's buffer).
+        match self.embed_grads.as_mut() {
+            Some(g) => self.core.reduce(map.embed, g)?,
+            None => self.core.reduce(map.head, &mut self.head_grads)?,
+        }
         Ok(loss_sum)
     }
 
@@ -370,10 +418,11 @@ impl Fsdp {
         batch: &TokenBatch,
         targets: &Tensor,
     ) -> Result<(f64, usize), TrainError> {
-        self.core.gather(0)?;
+        self.core.gather(self.core.map.embed)?;
         let mut hooks = Hooks {
             core: &self.core,
             block_grads: &mut self.block_grads,
+            embed_grads: self.embed_grads.as_mut(),
         };
         let (hidden, _) = self
             .model
@@ -556,11 +605,13 @@ impl Core {
 struct Hooks<'a> {
     core: &'a Core,
     block_grads: &'a mut [Grads],
+    embed_grads: Option<&'a mut Grads>,
 }
 
 impl LayerHooks for Hooks<'_> {
     fn before_layer(&mut self, layer: usize, backward: bool) -> Result<(), ModelError> {
-        self.core.gather(1 + layer).map_err(hook_err)?;
+        let unit = self.core.map.first_block + layer;
+        self.core.gather(unit).map_err(hook_err)?;
         if backward {
             self.block_grads[layer].zero();
         }
@@ -572,21 +623,29 @@ impl LayerHooks for Hooks<'_> {
     }
 
     fn after_layer_backward(&mut self, layer: usize) -> Result<(), ModelError> {
+        let unit = self.core.map.first_block + layer;
         self.core
-            .reduce(1 + layer, &mut self.block_grads[layer])
+            .reduce(unit, &mut self.block_grads[layer])
             .map_err(hook_err)
     }
 
-    /// The blocks' forward overwrote the root in the workspace: gather it again for the final
-    /// norm and the head.
+    /// The blocks' forward overwrote the workspace: gather the head (a tied embedding again)
+    /// for the final norm and the head.
     fn before_head(&mut self) -> Result<(), ModelError> {
-        self.core.gather(0).map_err(hook_err)
+        self.core.gather(self.core.map.head).map_err(hook_err)
     }
 
     /// The head's and the final norm's gradients are complete: reduce them now, so the blocks'
     /// gradients can use the buffer (the embedding's arrive after the blocks, reduced then).
     fn before_blocks_backward(&mut self, grads: &mut Grads) -> Result<(), ModelError> {
-        self.core.reduce(0, grads).map_err(hook_err)
+        self.core
+            .reduce(self.core.map.head, grads)
+            .map_err(hook_err)
+    }
+
+    /// An untied embedding's own buffer (over the same workspace, free again after the blocks).
+    fn embedding_grads(&mut self) -> Option<&mut Grads> {
+        self.embed_grads.as_deref_mut()
     }
 }
 
@@ -610,10 +669,20 @@ mod tests {
 
     /// `param_dtype = "bf16"`: the forward sees the bf16-rounded weights (the loss of a model
     /// built from them, not the f32 model's), and one step moves the f32 master weights by
-    /// exactly the update AdamW computes from the rounded model's gradients.
+    /// exactly the update AdamW computes from the rounded model's gradients. Both unit layouts:
+    /// an untied embedding and head in separate units, a tied one in one.
     #[test]
     fn bf16_params_compute_with_rounded_weights_and_update_f32_masters() {
-        let (cfg, dev) = (ModelConfig::tiny(), Device::Cpu);
+        for tie_embeddings in [false, true] {
+            bf16_step_matches_the_rounded_model(ModelConfig {
+                tie_embeddings,
+                ..ModelConfig::tiny()
+            });
+        }
+    }
+
+    fn bf16_step_matches_the_rounded_model(cfg: ModelConfig) {
+        let dev = Device::Cpu;
         let master = Params::init(&cfg, 11, &dev, DType::F32).unwrap();
         let rounded = Params::init(&cfg, 11, &dev, DType::F32).unwrap();
         let to_bf16 = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
@@ -688,7 +757,11 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(err < 1e-6, "{name}: master update off by {err}");
+            assert!(
+                err < 1e-6,
+                "{name} (tied: {}): master update off by {err}",
+                cfg.tie_embeddings
+            );
             let rounded_again = to_bf16(&t).unwrap();
             off_bf16_grid += t
                 .ne(&rounded_again)
