@@ -8,7 +8,7 @@ out = Path(sys.argv[1])
 print(f"| run | tokens/s | step (ms) | collectives (ms) | final loss |")
 print("|---|---:|---:|---:|---:|")
 base = None
-for name in ["one", "ddp", "zero1", "fsdp"]:
+for name in ["one", "ddp", "zero1", "fsdp", "fsdp-bf16"]:
     rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and r["step"] > 5]
     tps = statistics.median(r["tokens_per_s"] for r in steps)

@@ -170,6 +170,17 @@ fn two_ranks_match_one_process_for_every_strategy() {
         ] {
             assert!(ckpt.join(f).exists(), "{strategy}: no {f}");
         }
+        // Each rank sealed (fsynced and digested) its own shards; rank 0 folded their digests
+        // into state.json, which resume and --model verify, and removed the hand-over files.
+        let state = std::fs::read_to_string(ckpt.join("state.json")).unwrap();
+        assert!(
+            state.contains("optimizer-00001-of-00002.safetensors"),
+            "{state}"
+        );
+        for e in std::fs::read_dir(&ckpt).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "{strategy}: {name} left behind");
+        }
         // Float tolerance: summation order differs, and AdamW's m / sqrt(v) magnifies tiny
         // gradient differences where v is small. One process at batch 8 x 1 against 4 x 2
         // (the same global batch) ends 3.9e-5 apart on this run.

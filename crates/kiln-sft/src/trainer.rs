@@ -582,40 +582,22 @@ impl SftTrainer {
             )?);
         };
         // Distributed: replicated weights are written by rank 0 and each rank writes its shard
-        // of the optimizer state (FSDP: of everything); the directory is renamed once all
-        // have written.
-        let final_dir =
-            checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(self.step()));
-        if final_dir.join(checkpoint::STATE_FILE).exists() {
-            return Ok(final_dir);
-        }
-        if d.is_main() {
-            let dir = checkpoint::save(
-                &self.run_dir,
-                state,
-                &self.config_toml,
-                |dir| {
-                    d.io_barrier()?;
-                    write_main(dir)?;
-                    write_shards(d, dir)?;
-                    if let Replica::Full { optimizer, .. } = &self.replica {
-                        kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(optimizer))?;
-                    }
-                    d.io_barrier()?;
-                    Ok(())
-                },
-                self.cfg.train.keep_checkpoints,
-            )?;
-            d.io_barrier()?;
-            Ok(dir)
-        } else {
-            let tmp = checkpoint::tmp_dir(&self.run_dir, self.step());
-            d.io_barrier()?;
-            write_shards(d, &tmp)?;
-            d.io_barrier()?;
-            d.io_barrier()?;
-            Ok(final_dir)
-        }
+        // of the optimizer state (FSDP: of everything).
+        d.save_checkpoint(
+            &self.run_dir,
+            state,
+            &self.config_toml,
+            self.cfg.train.keep_checkpoints,
+            |dir| {
+                write_main(dir)?;
+                if let Replica::Full { optimizer, .. } = &self.replica {
+                    kiln_train::dist::write_manifest(dir, &d.optimizer_manifest(optimizer))?;
+                }
+                Ok(())
+            },
+            |dir| write_shards(d, dir),
+        )
+        .map_err(Into::into)
     }
 
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), SftError> {

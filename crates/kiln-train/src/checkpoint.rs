@@ -64,7 +64,7 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn digest(path: &Path) -> Result<FileDigest, TrainError> {
+pub(crate) fn digest(path: &Path) -> Result<FileDigest, TrainError> {
     Ok(kiln_load::file_digest(path)?)
 }
 
@@ -72,7 +72,7 @@ fn io_err(path: &Path, e: std::io::Error) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
-fn fsync(path: &Path) -> Result<(), TrainError> {
+pub(crate) fn fsync(path: &Path) -> Result<(), TrainError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| io_err(path, e))
@@ -82,9 +82,28 @@ fn fsync(path: &Path) -> Result<(), TrainError> {
 /// optimizer files; this function adds `state.json` and `config.toml`, fsyncs and renames.
 pub fn save(
     run_dir: &Path,
-    mut state: CheckpointState,
+    state: CheckpointState,
     config_toml: &str,
     write_files: impl FnOnce(&Path) -> Result<(), TrainError>,
+    keep_last: usize,
+) -> Result<PathBuf, TrainError> {
+    save_with(
+        run_dir,
+        state,
+        config_toml,
+        |dir| write_files(dir).map(|()| BTreeMap::new()),
+        keep_last,
+    )
+}
+
+/// [`save`] where `write_files` returns the digests of files it has already fsynced and
+/// digested (each rank of a distributed run seals its own shards): only the others are read
+/// again here.
+pub fn save_with(
+    run_dir: &Path,
+    mut state: CheckpointState,
+    config_toml: &str,
+    write_files: impl FnOnce(&Path) -> Result<BTreeMap<String, FileDigest>, TrainError>,
     keep_last: usize,
 ) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(run_dir);
@@ -98,7 +117,7 @@ pub fn save(
         fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?; // debris of an earlier crash
     }
     fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    write_files(&tmp)?;
+    let mut sealed = write_files(&tmp)?;
     fs::write(tmp.join(CONFIG_FILE), config_toml).map_err(|e| io_err(&tmp, e))?;
     // Every file written (model and optimizer, or every rank's shards and the manifest).
     let mut names: Vec<String> = fs::read_dir(&tmp)
@@ -110,9 +129,21 @@ pub fn save(
         .collect();
     names.sort();
     for name in names {
-        let p = tmp.join(&name);
-        fsync(&p)?;
-        state.files.insert(name, digest(&p)?);
+        let d = match sealed.remove(&name) {
+            Some(d) => d,
+            None => {
+                let p = tmp.join(&name);
+                fsync(&p)?;
+                digest(&p)?
+            }
+        };
+        state.files.insert(name, d);
+    }
+    if let Some(name) = sealed.keys().next() {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: {name} was reported written but is not there",
+            tmp.display()
+        )));
     }
     let state_path = tmp.join(STATE_FILE);
     let mut f = File::create(&state_path).map_err(|e| io_err(&state_path, e))?;

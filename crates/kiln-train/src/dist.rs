@@ -14,7 +14,8 @@
 //! optimizer pieces of its shard, rank 0 the manifest and state, and the directory is renamed
 //! into place only when every rank has written (barriers around the writes).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use candle_core::Tensor;
@@ -23,6 +24,7 @@ use kiln_dist::{shard_range, shard_sizes, Collectives};
 use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT, SHARD_MANIFEST};
 use kiln_model::{Llama, Params, SplitMix64, TokenBatch};
 
+use crate::checkpoint::{self, CheckpointState, FileDigest};
 use crate::optim::AdamW;
 use crate::trainer::StepResult;
 use crate::{DistConfig, Strategy, TrainError};
@@ -282,6 +284,99 @@ impl DataParallel {
             .collect(),
         }
     }
+}
+
+impl DataParallel {
+    /// Writes one checkpoint of a distributed run atomically. Every rank writes its own files
+    /// (`write_own`: its shards) into the checkpoint's temporary directory, then fsyncs and
+    /// digests them itself, so rank 0 never reads the other ranks' shards; rank 0 also writes
+    /// the shared files (`write_main`: whole weights, manifests), `state.json` and
+    /// `config.toml`, and renames the directory once every rank has written. Barriers wait up
+    /// to `dist.io_timeout_s`.
+    pub fn save_checkpoint(
+        &self,
+        run_dir: &Path,
+        state: CheckpointState,
+        config_toml: &str,
+        keep_last: usize,
+        write_main: impl FnOnce(&Path) -> Result<(), TrainError>,
+        write_own: impl FnOnce(&Path) -> Result<(), TrainError>,
+    ) -> Result<PathBuf, TrainError> {
+        let final_dir =
+            checkpoint::checkpoints_dir(run_dir).join(checkpoint::step_dir_name(state.step));
+        if final_dir.join(checkpoint::STATE_FILE).exists() {
+            return Ok(final_dir); // already saved (every rank sees the same file system)
+        }
+        if self.is_main() {
+            let dir = checkpoint::save_with(
+                run_dir,
+                state,
+                config_toml,
+                |dir| {
+                    self.io_barrier()?; // the directory exists: the others write
+                    write_main(dir)?;
+                    write_own(dir)?;
+                    let mut sealed = self.seal_own_files(dir)?;
+                    self.io_barrier()?; // every rank has written and sealed
+                    sealed.extend(self.collect_seals(dir)?);
+                    Ok(sealed)
+                },
+                keep_last,
+            )?;
+            self.io_barrier()?; // renamed into place
+            Ok(dir)
+        } else {
+            let tmp = checkpoint::tmp_dir(run_dir, state.step);
+            self.io_barrier()?;
+            write_own(&tmp)?;
+            let sealed = self.seal_own_files(&tmp)?;
+            let record = tmp.join(seal_record(self.rank()));
+            crate::write_atomic(
+                &record,
+                serde_json::to_string(&sealed)
+                    .expect("invariant: digests serialise")
+                    .as_bytes(),
+            )?;
+            self.io_barrier()?;
+            self.io_barrier()?;
+            Ok(final_dir)
+        }
+    }
+
+    /// Fsyncs and digests the files this rank wrote into `dir` (`*-RANK-of-N.safetensors`).
+    fn seal_own_files(&self, dir: &Path) -> Result<BTreeMap<String, FileDigest>, TrainError> {
+        let mut sealed = BTreeMap::new();
+        for prefix in ["model", "optimizer"] {
+            let name = ShardManifest::file_name(prefix, self.rank(), self.world());
+            let path = dir.join(&name);
+            if path.exists() {
+                checkpoint::fsync(&path)?;
+                sealed.insert(name, checkpoint::digest(&path)?);
+            }
+        }
+        Ok(sealed)
+    }
+
+    /// Rank 0: the other ranks' digests from their records, which are then removed.
+    fn collect_seals(&self, dir: &Path) -> Result<BTreeMap<String, FileDigest>, TrainError> {
+        let mut all = BTreeMap::new();
+        for rank in 1..self.world() {
+            let path = dir.join(seal_record(rank));
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+            let digests: BTreeMap<String, FileDigest> = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+            all.extend(digests);
+            std::fs::remove_file(&path)
+                .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        }
+        Ok(all)
+    }
+}
+
+/// The file in which rank `rank` hands rank 0 the digests of its shards.
+fn seal_record(rank: usize) -> String {
+    format!(".sealed-{rank:05}.json")
 }
 
 /// Writes a checkpoint's `shards.json`.

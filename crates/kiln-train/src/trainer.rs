@@ -522,48 +522,28 @@ impl Trainer {
     /// Every rank writes its shards into the checkpoint's temporary directory; rank 0 writes
     /// the manifest and state and renames the directory into place once all have written.
     fn save_sharded_checkpoint(&self, d: &DataParallel) -> Result<PathBuf, TrainError> {
-        let step = self.step();
-        let final_dir =
-            checkpoint::checkpoints_dir(&self.run_dir).join(checkpoint::step_dir_name(step));
-        if final_dir.join(checkpoint::STATE_FILE).exists() {
-            return Ok(final_dir); // already saved (every rank sees the same file system)
-        }
-        let tmp = checkpoint::tmp_dir(&self.run_dir, step);
-        if d.is_main() {
-            let state = CheckpointState {
-                format_version: checkpoint::FORMAT_VERSION,
-                step,
-                tokens_seen: self.tokens_seen,
-                sampler: self.sampler.clone(),
-                dropout_rng: self.dropout_rng.clone(),
-                files: Default::default(),
-            };
-            let dir = checkpoint::save(
-                &self.run_dir,
-                state,
-                &self.config_toml,
-                |dir| {
-                    d.io_barrier()?; // the directory exists: the others write
-                    self.write_shards(d, dir)?;
-                    let manifest = match &self.replica {
-                        Replica::Full { params, .. } => d.manifest(params),
-                        Replica::Sharded(f) => f.manifest(),
-                    };
-                    crate::dist::write_manifest(dir, &manifest)?;
-                    d.io_barrier()?; // every rank has written
-                    Ok(())
-                },
-                self.cfg.train.keep_checkpoints,
-            )?;
-            d.io_barrier()?; // renamed into place
-            Ok(dir)
-        } else {
-            d.io_barrier()?;
-            self.write_shards(d, &tmp)?;
-            d.io_barrier()?;
-            d.io_barrier()?;
-            Ok(final_dir)
-        }
+        let state = CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step(),
+            tokens_seen: self.tokens_seen,
+            sampler: self.sampler.clone(),
+            dropout_rng: self.dropout_rng.clone(),
+            files: Default::default(),
+        };
+        d.save_checkpoint(
+            &self.run_dir,
+            state,
+            &self.config_toml,
+            self.cfg.train.keep_checkpoints,
+            |dir| {
+                let manifest = match &self.replica {
+                    Replica::Full { params, .. } => d.manifest(params),
+                    Replica::Sharded(f) => f.manifest(),
+                };
+                crate::dist::write_manifest(dir, &manifest)
+            },
+            |dir| self.write_shards(d, dir),
+        )
     }
 
     fn write_shards(&self, d: &DataParallel, dir: &Path) -> Result<(), TrainError> {
