@@ -255,8 +255,8 @@ pub struct DistConfig {
     /// Gradient all-reduce bucket size (PyTorch DDP's default is 25 MB).
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
-    /// Seconds the other ranks wait for rank 0's long work: preparing the dataset, and
-    /// checksumming and renaming a checkpoint every rank has written.
+    /// Seconds the ranks wait at the barriers around long work: rank 0 preparing the dataset,
+    /// every rank writing and sealing its checkpoint shards, rank 0 renaming the checkpoint.
     #[serde(default = "d_io_timeout")]
     pub io_timeout_s: f64,
 }
