@@ -7,7 +7,7 @@
 //! step is a pure function of (seed, s), so a resumed run replays exactly the same rows.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -19,9 +19,10 @@ use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use kiln_train::fsdp::Fsdp;
 use kiln_train::metrics::{MetricsRow, MetricsWriter};
 use kiln_train::optim::{lr_at, AdamW};
+use kiln_train::run_loop::{run_steps, LoopSettings, Steps};
 use kiln_train::{
-    optimizer_step_batches, write_atomic, DataParallel, Observer, Replica, RunInfo, Strategy,
-    TrainError,
+    optimizer_step_batches, write_atomic, DataParallel, EvalResult, Observer, Replica, RunInfo,
+    StepResult, Strategy, TrainError,
 };
 
 use crate::pack::IGNORE;
@@ -670,12 +671,6 @@ impl SftTrainer {
         } else {
             None
         };
-        let mut write_row = |row: &MetricsRow| -> Result<(), TrainError> {
-            match metrics.as_mut() {
-                Some(m) => m.write(row),
-                None => Ok(()),
-            }
-        };
         obs.on_sft_start(&self.info);
         obs.on_start(&RunInfo {
             run_dir: self.run_dir.clone(),
@@ -691,83 +686,36 @@ impl SftTrainer {
             n_train_tokens: self.info.train_tokens as u64,
             n_val_tokens: self.val_rows.iter().map(Row::len).sum::<usize>() as u64,
         });
-        let mut summary = SftSummary {
-            steps: start,
-            final_loss: None,
-            val_loss_before: None,
-            final_val_loss: None,
-            wall_s: 0.0,
-            stopped_early: false,
-            adapter_dir: None,
-            last_checkpoint: None,
-        };
+        let mut val_loss_before = None;
         if start == 0 {
             if let Some(v) = self.evaluate()? {
-                summary.val_loss_before = Some(v);
+                val_loss_before = Some(v);
                 let row = MetricsRow::eval(0, 0, v, None);
-                write_row(&row)?;
+                if let Some(m) = metrics.as_mut() {
+                    m.write(&row)?;
+                }
                 obs.on_eval(&row);
             }
         }
-        let total = self.cfg.train.steps;
-        while self.step() < total {
-            let mut stopping = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
-            if let Some(d) = &self.dist {
-                // Every rank stops at the same step.
-                d.comm
-                    .all_reduce_max_f64(&mut stopping)
-                    .map_err(TrainError::from)?;
-            }
-            if stopping[0] > 0.0 {
-                summary.stopped_early = true;
-                break;
-            }
-            let ts = Instant::now();
-            let r = self.train_step()?;
-            let secs = ts.elapsed().as_secs_f64();
-            let step = self.step();
-            if !r.loss.is_finite() {
-                return Err(TrainError::Diverged {
-                    step,
-                    what: format!("loss is {}", r.loss),
-                }
-                .into());
-            }
-            let row = MetricsRow::train(
-                step,
-                self.tokens_seen,
-                &r,
-                secs,
-                self.flops_per_token,
-                self.peak_flops,
-            );
-            let logged = self.cfg.train.logs_at(step);
-            if logged {
-                write_row(&row)?;
-            }
-            summary.final_loss = Some(r.loss);
-            obs.on_step(&row, logged);
-            if self.cfg.train.evaluates_at(step) {
-                if let Some(v) = self.evaluate()? {
-                    let row = MetricsRow::eval(step, self.tokens_seen, v, None);
-                    write_row(&row)?;
-                    summary.final_val_loss = Some(v);
-                    obs.on_eval(&row);
-                }
-            }
-            if self.cfg.train.checkpoints_at(step) {
-                let dir = self.save_checkpoint()?;
-                obs.on_checkpoint(&dir);
-                summary.last_checkpoint = Some(dir);
-            }
-        }
-        if summary.stopped_early && self.step() > start {
-            let dir = self.save_checkpoint()?;
-            obs.on_checkpoint(&dir);
-            summary.last_checkpoint = Some(dir);
-        }
-        summary.steps = self.step();
-        summary.wall_s = t0.elapsed().as_secs_f64();
+        // The loop borrows the trainer mutably: it gets its own copies of the settings.
+        let (train, dist) = (self.cfg.train.clone(), self.dist.clone());
+        let settings = LoopSettings {
+            train: &train,
+            flops_per_token: self.flops_per_token,
+            peak_flops: self.peak_flops,
+            dist: dist.as_ref(),
+        };
+        let end = run_steps(self, &settings, &mut metrics, obs, stop)?;
+        let mut summary = SftSummary {
+            steps: self.step(),
+            final_loss: end.final_loss,
+            val_loss_before,
+            final_val_loss: end.final_val.map(|e| e.loss),
+            wall_s: t0.elapsed().as_secs_f64(),
+            stopped_early: end.stopped_early,
+            adapter_dir: None,
+            last_checkpoint: end.last_checkpoint,
+        };
         if !main {
             return Ok(summary);
         }
@@ -776,10 +724,31 @@ impl SftTrainer {
             kiln_load::save_adapter(&dir, params, spec, &self.source.model.display().to_string())?;
             summary.adapter_dir = Some(dir);
         }
-        summary.steps = self.step();
         summary.wall_s = t0.elapsed().as_secs_f64();
         kiln_train::plot::plot_run(&self.run_dir)?;
         Ok(summary)
+    }
+}
+
+impl Steps for SftTrainer {
+    type Error = SftError;
+    fn steps_done(&self) -> u64 {
+        self.step()
+    }
+    fn tokens_seen(&self) -> u64 {
+        self.tokens_seen
+    }
+    fn train_step(&mut self) -> Result<StepResult, SftError> {
+        SftTrainer::train_step(self)
+    }
+    fn evaluate(&mut self) -> Result<Option<EvalResult>, SftError> {
+        Ok(SftTrainer::evaluate(self)?.map(|loss| EvalResult {
+            loss,
+            accuracy: None,
+        }))
+    }
+    fn save_checkpoint(&self) -> Result<PathBuf, SftError> {
+        SftTrainer::save_checkpoint(self)
     }
 }
 

@@ -291,8 +291,8 @@ impl DataParallel {
     /// (`write_own`: its shards) into the checkpoint's temporary directory, then fsyncs and
     /// digests them itself, so rank 0 never reads the other ranks' shards; rank 0 also writes
     /// the shared files (`write_main`: whole weights, manifests), `state.json` and
-    /// `config.toml`, and renames the directory once every rank has written. Barriers wait up
-    /// to `dist.io_timeout_s`.
+    /// `config.toml`, and renames the directory once every rank has written. The barriers
+    /// after the writes wait up to `dist.io_timeout_s`.
     pub fn save_checkpoint(
         &self,
         run_dir: &Path,
@@ -313,7 +313,10 @@ impl DataParallel {
                 state,
                 config_toml,
                 |dir| {
-                    self.io_barrier()?; // the directory exists: the others write
+                    // The directory exists: the others write. Every rank arrives here straight
+                    // from the same step, so a rank that stalled is named after the collectives'
+                    // timeout; the writes that follow get the longer one.
+                    self.comm.barrier()?;
                     write_main(dir)?;
                     write_own(dir)?;
                     let mut sealed = self.seal_own_files(dir)?;
@@ -327,7 +330,7 @@ impl DataParallel {
             Ok(dir)
         } else {
             let tmp = checkpoint::tmp_dir(run_dir, state.step);
-            self.io_barrier()?;
+            self.comm.barrier()?;
             write_own(&tmp)?;
             let sealed = self.seal_own_files(&tmp)?;
             let record = tmp.join(seal_record(self.rank()));

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod perf;
 pub mod plot;
 pub mod resolve;
+pub mod run_loop;
 mod trainer;
 
 pub use config::{

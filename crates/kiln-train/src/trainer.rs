@@ -2,7 +2,7 @@
 //! micro-batches) → clip → AdamW, with evaluation, metrics, checkpoints and exact resume.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -19,6 +19,7 @@ use crate::dist::DataParallel;
 use crate::fsdp::{Fsdp, FsdpMemory};
 use crate::metrics::{MetricsRow, MetricsWriter};
 use crate::optim::{lr_at, AdamW};
+use crate::run_loop::{run_steps, LoopSettings, Steps};
 use crate::Strategy;
 use crate::{Objective, RunConfig, TrainError};
 
@@ -489,6 +490,18 @@ impl Trainer {
         })
     }
 
+    /// What a checkpoint records besides the tensors (the files' digests are added on save).
+    fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step(),
+            tokens_seen: self.tokens_seen,
+            sampler: self.sampler.clone(),
+            dropout_rng: self.dropout_rng.clone(),
+            files: Default::default(),
+        }
+    }
+
     pub fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
         if let Some(d) = &self.dist {
             return self.save_sharded_checkpoint(d);
@@ -499,17 +512,9 @@ impl Trainer {
         else {
             unreachable!("FSDP runs with a data-parallel group")
         };
-        let state = CheckpointState {
-            format_version: checkpoint::FORMAT_VERSION,
-            step: self.step(),
-            tokens_seen: self.tokens_seen,
-            sampler: self.sampler.clone(),
-            dropout_rng: self.dropout_rng.clone(),
-            files: Default::default(),
-        };
         checkpoint::save(
             &self.run_dir,
-            state,
+            self.checkpoint_state(),
             &self.config_toml,
             |dir| {
                 params.save(&dir.join(MODEL_FILE))?;
@@ -522,17 +527,9 @@ impl Trainer {
     /// Every rank writes its shards into the checkpoint's temporary directory; rank 0 writes
     /// the manifest and state and renames the directory into place once all have written.
     fn save_sharded_checkpoint(&self, d: &DataParallel) -> Result<PathBuf, TrainError> {
-        let state = CheckpointState {
-            format_version: checkpoint::FORMAT_VERSION,
-            step: self.step(),
-            tokens_seen: self.tokens_seen,
-            sampler: self.sampler.clone(),
-            dropout_rng: self.dropout_rng.clone(),
-            files: Default::default(),
-        };
         d.save_checkpoint(
             &self.run_dir,
-            state,
+            self.checkpoint_state(),
             &self.config_toml,
             self.cfg.train.keep_checkpoints,
             |dir| {
@@ -635,75 +632,25 @@ impl Trainer {
             None
         };
         obs.on_start(&self.info());
-        let total = self.cfg.train.steps;
-        let mut summary = RunSummary {
-            steps: start_step,
-            tokens: self.tokens_seen,
-            final_loss: None,
-            final_val_loss: None,
-            final_val_accuracy: None,
-            wall_s: 0.0,
-            stopped_early: false,
-            last_checkpoint: None,
+        // The loop borrows the trainer mutably: it gets its own copies of the settings.
+        let (train, dist) = (self.cfg.train.clone(), self.dist.clone());
+        let settings = LoopSettings {
+            train: &train,
+            flops_per_token: self.flops_per_token,
+            peak_flops: self.peak_flops,
+            dist: dist.as_ref(),
         };
-        while self.step() < total {
-            let mut stopping = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
-            if let Some(d) = &self.dist {
-                // Every rank stops at the same step (Ctrl-C reaches them at different times).
-                d.comm.all_reduce_max_f64(&mut stopping)?;
-            }
-            if stopping[0] > 0.0 {
-                summary.stopped_early = true;
-                break;
-            }
-            let t_step = Instant::now();
-            let r = self.train_step()?;
-            let secs = t_step.elapsed().as_secs_f64();
-            let step = self.step();
-            let row = MetricsRow::train(
-                step,
-                self.tokens_seen,
-                &r,
-                secs,
-                self.flops_per_token,
-                self.peak_flops,
-            );
-            if !r.loss.is_finite() {
-                return Err(TrainError::Diverged {
-                    step,
-                    what: format!("loss is {}", r.loss),
-                });
-            }
-            let logged = self.cfg.train.logs_at(step);
-            if let (true, Some(m)) = (logged, metrics.as_mut()) {
-                m.write(&row)?;
-            }
-            summary.final_loss = Some(r.loss);
-            obs.on_step(&row, logged);
-            if self.cfg.train.evaluates_at(step) {
-                let eval = self.evaluate_metrics()?;
-                let row = MetricsRow::eval(step, self.tokens_seen, eval.loss, eval.accuracy);
-                if let Some(m) = metrics.as_mut() {
-                    m.write(&row)?;
-                }
-                summary.final_val_loss = Some(eval.loss);
-                summary.final_val_accuracy = eval.accuracy;
-                obs.on_eval(&row);
-            }
-            if self.cfg.train.checkpoints_at(step) {
-                let dir = self.save_checkpoint()?;
-                obs.on_checkpoint(&dir);
-                summary.last_checkpoint = Some(dir);
-            }
-        }
-        if summary.stopped_early && self.step() > start_step {
-            let dir = self.save_checkpoint()?;
-            obs.on_checkpoint(&dir);
-            summary.last_checkpoint = Some(dir);
-        }
-        summary.steps = self.step();
-        summary.tokens = self.tokens_seen;
-        summary.wall_s = t0.elapsed().as_secs_f64();
+        let end = run_steps(self, &settings, &mut metrics, obs, stop)?;
+        let summary = RunSummary {
+            steps: self.step(),
+            tokens: self.tokens_seen,
+            final_loss: end.final_loss,
+            final_val_loss: end.final_val.map(|e| e.loss),
+            final_val_accuracy: end.final_val.and_then(|e| e.accuracy),
+            wall_s: t0.elapsed().as_secs_f64(),
+            stopped_early: end.stopped_early,
+            last_checkpoint: end.last_checkpoint,
+        };
         if !main {
             return Ok(summary);
         }
@@ -719,6 +666,25 @@ impl Trainer {
             crate::plot::plot_accuracy(&runs, &self.run_dir.join("accuracy.png"))?;
         }
         Ok(summary)
+    }
+}
+
+impl Steps for Trainer {
+    type Error = TrainError;
+    fn steps_done(&self) -> u64 {
+        self.step()
+    }
+    fn tokens_seen(&self) -> u64 {
+        self.tokens_seen
+    }
+    fn train_step(&mut self) -> Result<StepResult, TrainError> {
+        Trainer::train_step(self)
+    }
+    fn evaluate(&mut self) -> Result<Option<EvalResult>, TrainError> {
+        self.evaluate_metrics().map(Some)
+    }
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        Trainer::save_checkpoint(self)
     }
 }
 
