@@ -17,9 +17,9 @@ use kiln_model::gguf::GgufFile;
 use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
 use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use kiln_train::fsdp::Fsdp;
-use kiln_train::metrics::{MetricsRow, MetricsWriter};
+use kiln_train::metrics::MetricsRow;
 use kiln_train::optim::{lr_at, AdamW};
-use kiln_train::run_loop::{run_steps, LoopSettings, Steps};
+use kiln_train::run_loop::{metrics_writer, run_steps, LoopSettings, Steps};
 use kiln_train::{
     optimizer_step_batches, write_atomic, DataParallel, EvalResult, Observer, Replica, RunInfo,
     StepResult, Strategy, TrainError,
@@ -663,14 +663,7 @@ impl SftTrainer {
         let start = self.step();
         let main = self.dist.as_ref().is_none_or(|d| d.is_main());
         // Rank 0 alone writes metrics, the adapter and plots.
-        let mut metrics = if main {
-            Some(MetricsWriter::open(
-                &self.run_dir.join("metrics.jsonl"),
-                start,
-            )?)
-        } else {
-            None
-        };
+        let mut metrics = metrics_writer(&self.run_dir, start, self.dist.as_ref())?;
         obs.on_sft_start(&self.info);
         obs.on_start(&RunInfo {
             run_dir: self.run_dir.clone(),

@@ -3,7 +3,7 @@
 //! on the `[train]` schedule, and a last checkpoint when stopped early so the run resumes.
 //! What a step, an evaluation or a checkpoint is stays with each trainer ([`Steps`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -37,6 +37,19 @@ pub struct LoopEnd {
     pub final_val: Option<EvalResult>,
     pub stopped_early: bool,
     pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Rank 0's `metrics.jsonl` writer for a run continuing after `start_step` (earlier rows are
+/// kept, later ones dropped); the other ranks write none.
+pub fn metrics_writer(
+    run_dir: &Path,
+    start_step: u64,
+    dist: Option<&DataParallel>,
+) -> Result<Option<MetricsWriter>, TrainError> {
+    if dist.is_some_and(|d| !d.is_main()) {
+        return Ok(None);
+    }
+    MetricsWriter::open(&run_dir.join("metrics.jsonl"), start_step).map(Some)
 }
 
 /// Runs `trainer` to `train.steps`, or until `stop` is set on any rank (e.g. by Ctrl-C: every

@@ -17,9 +17,9 @@ use kiln_model::{Llama, ModelConfig, Params, SplitMix64, TokenBatch};
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::dist::DataParallel;
 use crate::fsdp::{Fsdp, FsdpMemory};
-use crate::metrics::{MetricsRow, MetricsWriter};
+use crate::metrics::MetricsRow;
 use crate::optim::{lr_at, AdamW};
-use crate::run_loop::{run_steps, LoopSettings, Steps};
+use crate::run_loop::{metrics_writer, run_steps, LoopSettings, Steps};
 use crate::Strategy;
 use crate::{Objective, RunConfig, TrainError};
 
@@ -623,14 +623,7 @@ impl Trainer {
         let start_step = self.step();
         let main = self.dist.as_ref().is_none_or(|d| d.is_main());
         // Rank 0 alone writes metrics and plots.
-        let mut metrics = if main {
-            Some(MetricsWriter::open(
-                &self.run_dir.join("metrics.jsonl"),
-                start_step,
-            )?)
-        } else {
-            None
-        };
+        let mut metrics = metrics_writer(&self.run_dir, start_step, self.dist.as_ref())?;
         obs.on_start(&self.info());
         // The loop borrows the trainer mutably: it gets its own copies of the settings.
         let (train, dist) = (self.cfg.train.clone(), self.dist.clone());
