@@ -32,6 +32,30 @@ impl ShardManifest {
     pub fn file_name(prefix: &str, rank: usize, world: usize) -> String {
         format!("{prefix}-{rank:05}-of-{world:05}.safetensors")
     }
+
+    /// The manifest of `tensors` written by `world` ranks, each into one file per prefix
+    /// ([`ShardManifest::file_name`]).
+    pub fn per_rank(
+        world: usize,
+        strategy: &str,
+        tensors: impl IntoIterator<Item = (String, Vec<usize>)>,
+        prefixes: &[&str],
+    ) -> Self {
+        let files = prefixes
+            .iter()
+            .map(|p| {
+                let names = (0..world).map(|r| Self::file_name(p, r, world)).collect();
+                (p.to_string(), names)
+            })
+            .collect();
+        Self {
+            format: SHARD_FORMAT.into(),
+            world_size: world,
+            strategy: strategy.into(),
+            tensors: tensors.into_iter().collect(),
+            files,
+        }
+    }
 }
 
 /// One piece of a tensor: elements `start..start + values.len()` of `name` (flattened).

@@ -21,8 +21,8 @@ use std::rc::Rc;
 use candle_core::Tensor;
 use kiln_data::Batch;
 use kiln_dist::{shard_range, shard_sizes, Collectives};
-use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT, SHARD_MANIFEST};
-use kiln_model::{Llama, Params, SplitMix64, TokenBatch};
+use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_MANIFEST};
+use kiln_model::{FlatLayout, Llama, Params, SplitMix64, TokenBatch};
 
 use crate::checkpoint::{self, CheckpointState, FileDigest};
 use crate::optim::AdamW;
@@ -236,57 +236,28 @@ impl DataParallel {
 
     /// The manifest of [`DataParallel::write_optimizer_shard`]'s files.
     pub fn optimizer_manifest(&self, optimizer: &AdamW) -> ShardManifest {
-        let world = self.world();
-        ShardManifest {
-            format: SHARD_FORMAT.into(),
-            world_size: world,
-            strategy: format!("{:?}", self.cfg.strategy).to_lowercase(),
-            tensors: optimizer
-                .layout()
-                .entries()
-                .iter()
-                .map(|e| (e.name.clone(), e.shape.clone()))
-                .collect(),
-            files: [(
-                "optimizer".to_string(),
-                (0..world)
-                    .map(|r| ShardManifest::file_name("optimizer", r, world))
-                    .collect(),
-            )]
-            .into_iter()
-            .collect(),
-        }
+        ShardManifest::per_rank(
+            self.world(),
+            &self.strategy_name(),
+            entries_of(optimizer.layout()),
+            &["optimizer"],
+        )
     }
 
     /// The manifest of a checkpoint written by every rank's [`DataParallel::write_shards`].
     pub fn manifest(&self, params: &Params) -> ShardManifest {
-        let world = self.world();
-        let files = |prefix: &str| {
-            (0..world)
-                .map(|r| ShardManifest::file_name(prefix, r, world))
-                .collect::<Vec<_>>()
-        };
-        ShardManifest {
-            format: SHARD_FORMAT.into(),
-            world_size: world,
-            strategy: format!("{:?}", self.cfg.strategy).to_lowercase(),
-            tensors: params
-                .layout()
-                .entries()
-                .iter()
-                .map(|e| (e.name.clone(), e.shape.clone()))
-                .collect(),
-            files: [
-                ("model".to_string(), files("model")),
-                ("optimizer".to_string(), files("optimizer")),
-            ]
-            .into_iter()
-            .collect(),
-        }
+        ShardManifest::per_rank(
+            self.world(),
+            &self.strategy_name(),
+            entries_of(params.layout()),
+            &["model", "optimizer"],
+        )
     }
-}
 
-impl DataParallel {
+    fn strategy_name(&self) -> String {
+        format!("{:?}", self.cfg.strategy).to_lowercase()
+    }
+
     /// Writes one checkpoint of a distributed run atomically. Every rank writes its own files
     /// (`write_own`: its shards) into the checkpoint's temporary directory, then fsyncs and
     /// digests them itself, so rank 0 never reads the other ranks' shards; rank 0 also writes
@@ -380,6 +351,14 @@ impl DataParallel {
 /// The file in which rank `rank` hands rank 0 the digests of its shards.
 fn seal_record(rank: usize) -> String {
     format!(".sealed-{rank:05}.json")
+}
+
+/// Every tensor of `layout` with its shape, for a manifest.
+fn entries_of(layout: &FlatLayout) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
+    layout
+        .entries()
+        .iter()
+        .map(|e| (e.name.clone(), e.shape.clone()))
 }
 
 /// Writes a checkpoint's `shards.json`.

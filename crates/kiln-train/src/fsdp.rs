@@ -32,7 +32,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use kiln_dist::{shard_range, shard_sizes, Collectives};
 use kiln_kernels::{adamw_step, AdamWParams};
-use kiln_model::sharded::{piece_key, write_pieces, ShardManifest, SHARD_FORMAT};
+use kiln_model::sharded::{piece_key, write_pieces, ShardManifest};
 use kiln_model::{
     FlatEntry, FlatLayout, Grads, LayerHooks, Llama, ModelConfig, ModelError, Params, SplitMix64,
     TokenBatch,
@@ -481,24 +481,12 @@ impl Fsdp {
     }
 
     pub fn manifest(&self) -> ShardManifest {
-        let world = self.core.comm.world_size();
-        let files = |prefix: &str| {
-            (0..world)
-                .map(|r| ShardManifest::file_name(prefix, r, world))
-                .collect::<Vec<_>>()
-        };
-        ShardManifest {
-            format: SHARD_FORMAT.into(),
-            world_size: world,
-            strategy: "fsdp".into(),
-            tensors: self.names.iter().cloned().collect(),
-            files: [
-                ("model".to_string(), files("model")),
-                ("optimizer".to_string(), files("optimizer")),
-            ]
-            .into_iter()
-            .collect(),
-        }
+        ShardManifest::per_rank(
+            self.core.comm.world_size(),
+            "fsdp",
+            self.names.iter().cloned(),
+            &["model", "optimizer"],
+        )
     }
 
     pub fn config(&self) -> &ModelConfig {
