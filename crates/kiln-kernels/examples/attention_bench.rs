@@ -52,6 +52,7 @@ fn fused(x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
     let mask = AttentionMask {
         causal: true,
         segment_ids: None,
+        window: None,
     };
     let (out, lse) = attention(&x.q, &x.k, &x.v, x.scale, mask)?;
     if !backward {

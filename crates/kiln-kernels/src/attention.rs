@@ -3,7 +3,8 @@
 //! Shapes: q (b, h, tq, hd); k, v (b, hkv, tk, hd) with `h % hkv == 0`; query head `i` reads kv
 //! head `i / (h / hkv)` (GQA). Query row `i` sits at absolute position `p_i = tk - tq + i`, and
 //! key `j` is visible to it iff `(!causal || j <= p_i) && seg[j] == seg[p_i]` (the segment test
-//! only with segment ids). With `s_ij = scale * q_i . k_j` over visible pairs:
+//! only with segment ids) and, with a sliding window `w`, `p_i - j < w` (Mistral's and Gemma's
+//! local layers). With `s_ij = scale * q_i . k_j` over visible pairs:
 //!
 //! ```text
 //! forward, key tiles T_1, T_2, ... in order (online softmax), per query row i:
@@ -49,6 +50,8 @@ pub struct AttentionMask<'a> {
     pub causal: bool,
     /// (b, tk) u32 segment ids; None = one segment per row.
     pub segment_ids: Option<&'a Tensor>,
+    /// Sliding window: query `p` sees only keys `j > p - window` (None = unlimited).
+    pub window: Option<usize>,
 }
 
 /// Query rows per block.
@@ -67,7 +70,8 @@ const BWD_MAX_CHUNKS: usize = 4;
 /// q (b, h, tq, hd); k, v (b, hkv, tk, hd) with h % hkv == 0: query head i uses kv head
 /// i / (h / hkv) (GQA). Query row i sits at absolute position p_i = tk - tq + i (tq == tk in
 /// training/prefill, tq < tk when decoding after a cache). Key j is visible to query i iff
-/// (!causal || j <= p_i) && (segment_ids is None || seg[b, j] == seg[b, p_i]).
+/// (!causal || j <= p_i) && (segment_ids is None || seg[b, j] == seg[b, p_i]) &&
+/// (window is None || p_i - j < window).
 /// Every query sees at least its own position, so no row is empty.
 /// Returns (out (b, h, tq, hd), lse (b, h, tq) f32: log-sum-exp of the scaled visible scores),
 /// in q's dtype for out.
@@ -88,6 +92,7 @@ pub fn attention(
             scale,
             causal: mask.causal,
             segment_ids: mask.segment_ids.cloned(),
+            window: mask.window,
             lse: slot.clone(),
         };
         let out = q.contiguous()?.apply_op3_arc(
@@ -144,7 +149,7 @@ pub fn attention_backward(
         )
     }
     if fused_ok(&[q, k, v, out, dout]) {
-        let vis = Visibility::new(&d, mask.causal, segment_vec(&mask)?.as_deref());
+        let vis = Visibility::new(&d, mask.causal, mask.window, segment_vec(&mask)?.as_deref());
         let lse = lse.flatten_all()?.to_vec1::<f32>()?;
         let ts: Vec<Tensor> = [q, k, v, out, dout]
             .iter()
@@ -271,6 +276,9 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &AttentionMask) -
     if !scale.is_finite() {
         bail!("attention: scale must be finite, got {scale}")
     }
+    if mask.window == Some(0) {
+        bail!("attention: a sliding window must hold at least one key")
+    }
     if let Some(seg) = mask.segment_ids {
         if seg.dims() != [b, tk] {
             bail!(
@@ -313,7 +321,7 @@ fn reference_parts(
     };
     let (kx, vx) = (expand(k)?, expand(v)?);
     let mut s = (q.contiguous()?.matmul(&kx.t()?)? * scale)?; // (b, h, tq, tk)
-    if mask.causal || mask.segment_ids.is_some() {
+    if mask.causal || mask.segment_ids.is_some() || mask.window.is_some() {
         let seg = segment_vec(mask)?;
         let mut bias = vec![0f32; d.b * d.tq * d.tk];
         for (bi, rows) in bias.chunks_mut(d.tq * d.tk).enumerate() {
@@ -323,7 +331,8 @@ fn reference_parts(
                     let same = seg
                         .as_ref()
                         .is_none_or(|s| s[bi * d.tk + j] == s[bi * d.tk + p]);
-                    if !same || (mask.causal && j > p) {
+                    let outside_window = mask.window.is_some_and(|w| p >= j + w);
+                    if !same || (mask.causal && j > p) || outside_window {
                         *x = f32::NEG_INFINITY;
                     }
                 }
@@ -349,6 +358,7 @@ struct FusedAttention {
     scale: f64,
     causal: bool,
     segment_ids: Option<Tensor>,
+    window: Option<usize>,
     lse: Arc<Mutex<Option<Tensor>>>,
 }
 
@@ -357,6 +367,7 @@ impl FusedAttention {
         AttentionMask {
             causal: self.causal,
             segment_ids: self.segment_ids.as_ref(),
+            window: self.window,
         }
     }
 }
@@ -389,7 +400,12 @@ impl CustomOp3 for FusedAttention {
             bail!("{name}: bad shapes q {q_dims:?} k {k_dims:?}")
         }
         let d = Dims::new(b, h, hkv, tq, tk, hd);
-        let vis = Visibility::new(&d, self.causal, segment_vec(&self.mask())?.as_deref());
+        let vis = Visibility::new(
+            &d,
+            self.causal,
+            self.window,
+            segment_vec(&self.mask())?.as_deref(),
+        );
         let (out, lse) = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 let (q, k, v) = (
@@ -567,7 +583,7 @@ struct Visibility {
 }
 
 impl Visibility {
-    fn new(d: &Dims, causal: bool, seg: Option<&[u32]>) -> Visibility {
+    fn new(d: &Dims, causal: bool, window: Option<usize>, seg: Option<&[u32]>) -> Visibility {
         let mut rows = Vec::with_capacity(d.b * d.tq);
         let mut any_inexact = false;
         for bi in 0..d.b {
@@ -589,6 +605,10 @@ impl Visibility {
                 }
                 if causal {
                     hi = hi.min(p + 1);
+                }
+                if let Some(w) = window {
+                    // A narrower range within one segment's span stays exact.
+                    lo = lo.max((p + 1).saturating_sub(w));
                 }
                 any_inexact |= !exact;
                 rows.push(RowVis {

@@ -12,10 +12,13 @@
 //! | [`masked_softmax`] | scores (b, h, tq, tk) -> same |
 //! | [`attention`] | q (b, h, tq, hd), k/v (b, hkv, tk, hd) -> out (b, h, tq, hd), lse (b, h, tq) |
 //! | [`swiglu`] | gate, up (any, equal) -> same |
+//! | [`gelu_tanh_gate`] | gate, up (any, equal) -> same (Gemma's GeGLU) |
 //! | [`cross_entropy_sum`] | logits (n, v), targets (n) i64 -> () |
 //! | [`adamw_step`] | in place on param / m / v (tensors or views of flat buffers) |
 //! | [`add_in_place`] | dst += src, in place (gradient accumulation into a view) |
 //! | [`index_add_rows`] | dst (r, d)[ids[i]] += src (n, d)[i], in place (embedding backward) |
+//!
+//! [`rows`] holds the same ops on plain `f32` rows for the single-token decode fast path.
 //!
 //! Each differentiable op also has an explicit `*_backward` function, for the model's
 //! hand-written backward pass (`kiln_model::Llama::forward_backward`), which avoids candle's
@@ -24,9 +27,11 @@
 mod adamw;
 mod attention;
 mod cross_entropy;
+mod geglu;
 mod inplace;
 mod rms_norm;
 mod rope;
+pub mod rows;
 mod softmax;
 mod swiglu;
 mod util;
@@ -39,6 +44,7 @@ pub use cross_entropy::{
     count_valid_targets, cross_entropy_backward, cross_entropy_sum, reference_cross_entropy_sum,
     IGNORE_INDEX,
 };
+pub use geglu::{gelu_tanh, gelu_tanh_gate, gelu_tanh_gate_backward};
 pub use inplace::{add_in_place, index_add_rows, widen_into};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};

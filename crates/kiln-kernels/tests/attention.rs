@@ -27,6 +27,8 @@ struct Case {
     causal: bool,
     /// (b, tk) segment ids.
     seg: Option<Vec<u32>>,
+    /// Sliding window (keys `j > p - window`).
+    window: Option<usize>,
 }
 
 impl Case {
@@ -51,7 +53,13 @@ impl Case {
             hd,
             causal,
             seg: None,
+            window: None,
         }
+    }
+
+    fn window(mut self, w: usize) -> Case {
+        self.window = Some(w);
+        self
     }
 
     fn seg(mut self, seg: Vec<u32>) -> Case {
@@ -124,6 +132,13 @@ fn cases() -> Vec<Case> {
         )
         .seg(rows3),
         Case::new("decode with segments", 1, 2, 2, 3, 90, 16, true).seg(packed(&[50, 40])),
+        // Sliding windows narrower and wider than a key tile, and across documents.
+        Case::new("window 5", 1, 2, 1, 130, 130, 16, true).window(5),
+        Case::new("window 70 gqa", 2, 4, 2, 150, 150, 32, true).window(70),
+        Case::new("window after cache", 1, 2, 1, 4, 100, 16, true).window(9),
+        Case::new("window 30 packed", 1, 2, 1, 150, 150, 32, true)
+            .seg(packed(&[40, 70, 40]))
+            .window(30),
     ]
 }
 
@@ -131,6 +146,7 @@ fn mask<'a>(c: &Case, seg: Option<&'a Tensor>) -> AttentionMask<'a> {
     AttentionMask {
         causal: c.causal,
         segment_ids: seg,
+        window: c.window,
     }
 }
 
@@ -148,6 +164,7 @@ fn naive_lse(c: &Case, q: &Tensor, k: &Tensor) -> Vec<f64> {
                 let scores: Vec<f64> = (0..c.tk)
                     .filter(|&j| {
                         (!c.causal || j <= p)
+                            && c.window.is_none_or(|w| p - j < w)
                             && c.seg
                                 .as_ref()
                                 .is_none_or(|s| s[b * c.tk + j] == s[b * c.tk + p])
@@ -323,6 +340,7 @@ fn segments_isolate_documents() {
             let alone = AttentionMask {
                 causal,
                 segment_ids: None,
+                window: None,
             };
             let (q1, k1, v1, do1) = (cut(&q), cut(&k), cut(&v), cut(&dout));
             let (out1, lse1) = attention(&q1, &k1, &v1, c.scale(), alone).unwrap();
@@ -387,6 +405,7 @@ fn non_contiguous_inputs() {
     let m = AttentionMask {
         causal: true,
         segment_ids: None,
+        window: None,
     };
     let (out, lse) = attention(&q, &k, &v, 0.25, m).unwrap();
     let c = |t: &Tensor| t.contiguous().unwrap();
@@ -452,6 +471,7 @@ fn rejects_bad_inputs() {
     let no_mask = AttentionMask {
         causal: true,
         segment_ids: None,
+        window: None,
     };
     let err = |r: Result<(Tensor, Tensor)>| r.expect_err("expected an error").to_string();
     let e = err(attention(
@@ -492,6 +512,7 @@ fn rejects_bad_inputs() {
     let m = AttentionMask {
         causal: false,
         segment_ids: Some(&seg_bad_shape),
+        window: None,
     };
     let e = err(attention(&q, &kv, &kv, 1.0, m));
     assert!(e.contains("segment_ids must be (b, tk)"), "{e}");
@@ -499,6 +520,7 @@ fn rejects_bad_inputs() {
     let m = AttentionMask {
         causal: false,
         segment_ids: Some(&seg_bad_dtype),
+        window: None,
     };
     let e = err(attention(&q, &kv, &kv, 1.0, m));
     assert!(e.contains("segment_ids must be u32"), "{e}");

@@ -70,6 +70,7 @@ fn peak_extra(t: usize) -> usize {
     let mask = AttentionMask {
         causal: true,
         segment_ids: None,
+        window: None,
     };
     let scale = 1.0 / (HD as f64).sqrt();
     let base = CURRENT.load(Ordering::SeqCst);

@@ -19,6 +19,17 @@ pub enum AttentionMode {
     Bidirectional,
 }
 
+/// The gated MLP's activation: `act(W1 x) ⊙ W3 x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU (LLaMA, Qwen, Mistral, Phi, SmolLM).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
 /// The blueprint of a LLaMA-style decoder. Derived sizes (`head_dim`, `ffn_dim` when not set) are
 /// methods, never stored twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +74,76 @@ pub struct ModelConfig {
     /// RoPE frequency scaling of a pretrained checkpoint (`rope_scaling` in HF configs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+
+    // Architecture switches. Each defaults to LLaMA's behaviour; the families that set them
+    // are named on each (see docs/pretrained.md for the table).
+    /// Biases on the Q, K and V projections (Qwen2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+    /// RMSNorm over each query and key head before RoPE, one `head_dim` weight each (Qwen3,
+    /// Gemma 3).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qk_norm: bool,
+    /// Embeddings multiplied by `sqrt(dim)` (Gemma).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub scale_embeddings: bool,
+    /// RMSNorms after attention and after the MLP, before each residual add (Gemma 2/3's
+    /// "sandwich" norms).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub post_norms: bool,
+    /// The gated MLP's activation.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub activation: Activation,
+    /// Attention scores scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2`
+    /// (Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Sliding-window attention: a query sees itself and the `sliding_window - 1` keys before
+    /// it (Mistral; Gemma's local layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// With a sliding window: every `n`-th layer (`i % n == n - 1`) is global and the others
+    /// slide (Gemma 2: 2, Gemma 3: 6). Unset: every layer slides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// RoPE base of the sliding layers, when it differs from `rope_theta` (Gemma 3: 10k local,
+    /// 1M global); those layers take no `rope_scaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f64>,
+    /// Leading dimensions of each head that RoPE rotates (Phi-3's `partial_rotary_factor`);
+    /// the rest pass through. Unset: the whole head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_dim: Option<usize>,
+    /// Layers that use no positional encoding at all (SmolLM3's "NoPE" layers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nope_layers: Vec<usize>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}
+
+/// How one layer attends: its window and its positional encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerAttention {
+    /// Sliding window (None = every earlier position).
+    pub window: Option<usize>,
+    pub rope: LayerRope,
+}
+
+/// Which RoPE tables a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRope {
+    /// `rope_theta` with `rope_scaling`.
+    Global,
+    /// `rope_local_theta`, unscaled (sliding layers of Gemma 3).
+    Local,
+    /// No positional encoding.
+    None,
 }
 
 /// RoPE frequency scaling, as transformers' `rope_scaling` (only the types that keep the
@@ -82,6 +163,15 @@ pub enum RopeScaling {
     /// Inverse frequency `i` divided by `factors[i]` (llama.cpp's `rope_freqs.weight`, how
     /// GGUF files store Llama 3.1's scaling).
     Factors { factors: Vec<f64> },
+    /// Phi-3's LongRoPE: inverse frequency `i` divided by `short_factor[i]` at positions below
+    /// `original_max_position_embeddings` and by `long_factor[i]` from there on, cos and sin
+    /// multiplied by `attention_factor`.
+    Longrope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 impl RopeScaling {
@@ -109,7 +199,11 @@ impl RopeScaling {
                     }
                 }
             }
-            RopeScaling::Factors { ref factors } => {
+            RopeScaling::Factors { ref factors }
+            | RopeScaling::Longrope {
+                short_factor: ref factors,
+                ..
+            } => {
                 for (f, s) in inv_freq.iter_mut().zip(factors) {
                     *f /= s;
                 }
@@ -165,6 +259,17 @@ impl ModelConfig {
             init_std: default_init_std(),
             head_dim: None,
             rope_scaling: None,
+            qkv_bias: false,
+            qk_norm: false,
+            scale_embeddings: false,
+            post_norms: false,
+            activation: Activation::Silu,
+            query_pre_attn_scalar: None,
+            sliding_window: None,
+            sliding_window_pattern: None,
+            rope_local_theta: None,
+            rotary_dim: None,
+            nope_layers: Vec::new(),
         }
     }
 
@@ -225,6 +330,40 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.dim / self.n_heads)
     }
 
+    /// The dimensions of each head RoPE rotates.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim())
+    }
+
+    /// The attention scale `1 / sqrt(query_pre_attn_scalar or head_dim)`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim() as f64)
+            .sqrt()
+    }
+
+    /// Whether layer `i` uses the sliding window.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_window_pattern.is_none_or(|n| i % n != n - 1)
+    }
+
+    /// How layer `i` attends.
+    pub fn layer_attention(&self, i: usize) -> LayerAttention {
+        let sliding = self.is_sliding(i);
+        let rope = if self.nope_layers.contains(&i) {
+            LayerRope::None
+        } else if sliding && self.rope_local_theta.is_some() {
+            LayerRope::Local
+        } else {
+            LayerRope::Global
+        };
+        LayerAttention {
+            window: if sliding { self.sliding_window } else { None },
+            rope,
+        }
+    }
+
     pub fn n_kv_heads(&self) -> usize {
         self.n_kv_heads.unwrap_or((self.n_heads / 4).max(1))
     }
@@ -275,6 +414,33 @@ impl ModelConfig {
                 self.head_dim()
             ));
         }
+        if let Some(r) = self.rotary_dim {
+            if r == 0 || !r.is_multiple_of(2) || r > self.head_dim() {
+                return bad(format!(
+                    "model.rotary_dim ({r}) must be even, positive and at most the head dim ({})",
+                    self.head_dim()
+                ));
+            }
+        }
+        if self.sliding_window == Some(0) || self.sliding_window_pattern == Some(0) {
+            return bad(
+                "model.sliding_window and model.sliding_window_pattern must be positive".into(),
+            );
+        }
+        if let Some(&i) = self.nope_layers.iter().find(|&&i| i >= self.n_layers) {
+            return bad(format!(
+                "model.nope_layers names layer {i}, but the model has {} layers",
+                self.n_layers
+            ));
+        }
+        for (name, v) in [
+            ("model.query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("model.rope_local_theta", self.rope_local_theta),
+        ] {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return bad(format!("{name} must be positive"));
+            }
+        }
         let kv = self.n_kv_heads();
         if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return bad(format!(
@@ -311,15 +477,29 @@ impl ModelConfig {
                         .into(),
                 )
             }
+            Some(RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                ..
+            }) if short_factor.len() != self.rotary_dim() / 2
+                || long_factor.len() != self.rotary_dim() / 2
+                || !(attention_factor.is_finite() && *attention_factor > 0.0) =>
+            {
+                return bad(format!(
+                    "model.rope_scaling: longrope needs {} short and long factors (rotary dim / 2) and a positive attention_factor",
+                    self.rotary_dim() / 2
+                ))
+            }
             Some(RopeScaling::Factors { factors })
-                if factors.len() != self.head_dim() / 2
+                if factors.len() != self.rotary_dim() / 2
                     || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) =>
             {
                 return bad(format!(
                     "model.rope_scaling: {} frequency factors for head dim {} (needs {} positive ones)",
                     factors.len(),
-                    self.head_dim(),
-                    self.head_dim() / 2
+                    self.rotary_dim(),
+                    self.rotary_dim() / 2
                 ))
             }
             _ => {}
@@ -330,10 +510,23 @@ impl ModelConfig {
     /// Parameter counts: `(total, non_embedding)`. Non-embedding excludes the token embedding
     /// table and, when untied, the output head (Kaplan et al. convention).
     pub fn param_counts(&self) -> (usize, usize) {
-        let per_layer = self.layer_matmul_params() + 2 * self.dim;
+        let per_layer = self.layer_matmul_params() + self.layer_vector_params();
         let non_embedding = self.n_layers * per_layer + self.dim;
         let embedding = self.vocab_size * self.dim * if self.tie_embeddings { 1 } else { 2 };
         (non_embedding + embedding, non_embedding)
+    }
+
+    /// Norm weights and biases of one layer.
+    fn layer_vector_params(&self) -> usize {
+        let (d, hd) = (self.dim, self.head_dim());
+        let norms = if self.post_norms { 4 * d } else { 2 * d };
+        let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
+        let bias = if self.qkv_bias {
+            (self.n_heads + 2 * self.n_kv_heads()) * hd
+        } else {
+            0
+        };
+        norms + qk_norm + bias
     }
 
     fn layer_matmul_params(&self) -> usize {

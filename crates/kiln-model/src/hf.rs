@@ -66,13 +66,155 @@ pub struct HfConfig {
     pub mlp_bias: Option<bool>,
     #[serde(default)]
     pub sliding_window: Option<serde_json::Value>,
+    /// Gemma: `gelu_pytorch_tanh`.
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2/3 and Qwen: `sliding_attention` / `full_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Phi-3 (older configs keep it here rather than in `rope_parameters`).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    /// SmolLM3: 1 = the layer uses RoPE, 0 = NoPE.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<u8>>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
 }
 
-const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
+/// The model families kiln reads from HF directories: one decoder, switched by the config
+/// (see [`ModelConfig`]'s architecture switches); each family differs only in its config keys,
+/// tensor names and stored conventions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+    Phi3,
+    SmolLm3,
+}
+
+impl Family {
+    pub const ALL: [Family; 7] = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::Phi3,
+        Family::SmolLm3,
+    ];
+
+    /// The `architectures` entry of `config.json`.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
+            Family::SmolLm3 => "SmolLM3ForCausalLM",
+        }
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
+            Family::SmolLm3 => "smollm3",
+        }
+    }
+
+    pub fn from_architecture(arch: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.architecture() == arch)
+    }
+
+    /// The family whose switches `cfg` has (what an export writes).
+    pub fn of(cfg: &ModelConfig) -> Family {
+        if cfg.post_norms {
+            Family::Gemma3
+        } else if cfg.qk_norm {
+            Family::Qwen3
+        } else if cfg.qkv_bias {
+            Family::Qwen2
+        } else if cfg.rotary_dim.is_some() {
+            Family::Phi3
+        } else if !cfg.nope_layers.is_empty() {
+            Family::SmolLm3
+        } else if cfg.sliding_window.is_some() {
+            Family::Mistral
+        } else {
+            Family::Llama
+        }
+    }
+
+    /// Gemma stores RMSNorm weights as `w` and scales by `1 + w`; kiln keeps `1 + w`.
+    pub fn norm_offset(self) -> f64 {
+        if self == Family::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// Phi-3 stores Q|K|V and gate|up as one matrix each; kiln keeps them apart.
+    pub fn fused_projections(self) -> bool {
+        self == Family::Phi3
+    }
+}
+
+/// Architectures kiln knows but cannot run yet, with what is missing (named before anything
+/// else is read, so the error is the first thing a user sees).
+const KNOWN_UNSUPPORTED: &[(&str, &str)] = &[
+    ("Gemma2ForCausalLM", "attention logit soft-capping"),
+    ("MixtralForCausalLM", "mixture-of-experts layers"),
+    ("Qwen2MoeForCausalLM", "mixture-of-experts layers"),
+    ("Qwen3MoeForCausalLM", "mixture-of-experts layers"),
+    ("Qwen3NextForCausalLM", "hybrid linear attention"),
+    ("Qwen3_5ForCausalLM", "hybrid linear attention"),
+    (
+        "Gemma3ForConditionalGeneration",
+        "the vision tower (use the text-only Gemma3ForCausalLM)",
+    ),
+    (
+        "PhiForCausalLM",
+        "LayerNorm with biases and a parallel block (Phi-1/2)",
+    ),
+];
+
+/// The list of supported architectures, for errors.
+pub fn supported_architectures() -> String {
+    Family::ALL
+        .iter()
+        .map(|f| f.architecture())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScaling>, String> {
     let obj = match v {
@@ -92,6 +234,27 @@ fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScalin
     };
     match ty {
         "default" => Ok(None),
+        "longrope" => {
+            let list = |k: &str| -> Result<Vec<f64>, String> {
+                obj.get(k)
+                    .and_then(|x| x.as_array())
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| format!("{what} (longrope) needs a list of numbers {k:?}"))
+            };
+            Ok(Some(RopeScaling::Longrope {
+                short_factor: list("short_factor")?,
+                long_factor: list("long_factor")?,
+                // Filled in by the caller, which knows the context lengths.
+                original_max_position_embeddings: obj
+                    .get("original_max_position_embeddings")
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or(0) as usize,
+                attention_factor: obj
+                    .get("attention_factor")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(0.0),
+            }))
+        }
         "linear" => Ok(Some(RopeScaling::Linear {
             factor: num("factor")?,
         })),
@@ -102,7 +265,7 @@ fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScalin
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
         other => Err(format!(
-            "{what}: RoPE type {other:?} is not supported (kiln supports default, linear and llama3)"
+            "{what}: RoPE type {other:?} is not supported (kiln supports default, linear, llama3 and longrope)"
         )),
     }
 }
@@ -118,64 +281,207 @@ impl HfConfig {
         serde_json::from_str(&text).map_err(|e| err(format!("not a model config: {e}")))
     }
 
+    /// The family of this checkpoint, or an error naming its architecture and what kiln runs.
+    pub fn family(&self, source: &Path) -> Result<Family, ModelError> {
+        let err = |msg: String| ModelError::Weights {
+            path: source.join(CONFIG_JSON).display().to_string(),
+            msg,
+        };
+        let arch = self.architectures.first().cloned().unwrap_or_default();
+        if let Some(f) = Family::from_architecture(&arch) {
+            return Ok(f);
+        }
+        let why = KNOWN_UNSUPPORTED
+            .iter()
+            .find(|(a, _)| *a == arch)
+            .map(|(_, why)| format!(" (kiln does not implement {why} yet)"))
+            .unwrap_or_default();
+        Err(err(format!(
+            "unsupported architecture {:?}{why} (config.json \"architectures\"); kiln loads {}",
+            if arch.is_empty() { "<none>" } else { &arch },
+            supported_architectures()
+        )))
+    }
+
     /// The kiln config of this checkpoint; unsupported variants are errors naming the field.
     pub fn to_model_config(&self, source: &Path) -> Result<ModelConfig, ModelError> {
         let err = |msg: String| ModelError::Weights {
             path: source.join(CONFIG_JSON).display().to_string(),
             msg,
         };
-        let arch = self.architectures.first().cloned().unwrap_or_default();
-        if !ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(err(format!(
-                "unsupported architecture {:?} (config.json \"architectures\"); kiln loads {}",
-                if arch.is_empty() { "<none>" } else { &arch },
-                ARCHITECTURES.join(", ")
-            )));
-        }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
+        let family = self.family(source)?;
+        let act = self.hidden_activation.as_ref().or(self.hidden_act.as_ref());
+        let activation = match act.map(String::as_str) {
+            None | Some("silu") => crate::Activation::Silu,
+            Some("gelu_pytorch_tanh" | "gelu_tanh") => crate::Activation::GeluTanh,
+            Some(other) => {
                 return Err(err(format!(
-                    "hidden_act {act:?} is not supported (kiln's FFN is SwiGLU, \"silu\")"
-                )));
+                    "hidden_act {other:?} is not supported (kiln's gated MLPs use \"silu\" or \"gelu_pytorch_tanh\")"
+                )))
             }
-        }
-        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
+        };
+        if self.mlp_bias == Some(true)
+            || (self.attention_bias == Some(true) && family != Family::Qwen2)
+        {
             return Err(err(
-                "attention_bias / mlp_bias = true is not supported (kiln's linears have no bias)"
+                "attention_bias / mlp_bias = true is not supported for this architecture (kiln's linears have biases only on Qwen2's Q/K/V)"
                     .into(),
             ));
         }
-        let mut max_seq_len = self.max_position_embeddings.unwrap_or(2048);
-        if let Some(w) = self.sliding_window.as_ref().and_then(|w| w.as_u64()) {
-            // Within the window, sliding-window attention is full causal attention.
-            if (w as usize) < max_seq_len {
-                max_seq_len = w as usize;
+        for (key, v) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if v.is_some() {
+                return Err(err(format!(
+                    "{key} is not supported yet (Gemma 2's soft-capping)"
+                )));
             }
         }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(err(
+                "use_bidirectional_attention: an encoder checkpoint (EmbeddingGemma) is not a causal LM"
+                    .into(),
+            ));
+        }
+        let max_seq_len = self.max_position_embeddings.unwrap_or(2048);
+        // Sliding windows: Mistral slides on every layer; Gemma by layer_types (or every
+        // pattern-th layer global); Qwen only with use_sliding_window (off in released models).
+        let window = self
+            .sliding_window
+            .as_ref()
+            .and_then(|w| w.as_u64())
+            .map(|w| w as usize)
+            .filter(|_| self.use_sliding_window != Some(false))
+            .filter(|&w| w < max_seq_len);
+        let mut sliding_window_pattern = None;
+        if let (Some(_), Some(types)) = (window, &self.layer_types) {
+            let sliding: Vec<bool> = types.iter().map(|t| t == "sliding_attention").collect();
+            if sliding.len() != self.num_hidden_layers {
+                return Err(err(format!(
+                    "layer_types has {} entries for {} layers",
+                    sliding.len(),
+                    self.num_hidden_layers
+                )));
+            }
+            if sliding.iter().any(|s| !s) {
+                let n = sliding.iter().position(|s| !s).expect("a global layer") + 1;
+                if sliding
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &s)| s != (i % n != n - 1))
+                {
+                    return Err(err(format!(
+                        "layer_types {types:?}: kiln supports one global layer every n layers"
+                    )));
+                }
+                sliding_window_pattern = Some(n);
+            }
+        } else if window.is_some() && family == Family::Gemma3 {
+            sliding_window_pattern = Some(self.sliding_window_pattern.unwrap_or(6));
+        }
+        let window = if self
+            .layer_types
+            .as_ref()
+            .is_some_and(|t| t.iter().all(|t| t == "full_attention"))
+        {
+            None
+        } else {
+            window
+        };
         let mut rope_theta = self.rope_theta;
+        let mut rope_local_theta = self.rope_local_base_freq;
         let mut rope_scaling = None;
+        let mut partial_rotary_factor = self.partial_rotary_factor;
         if let Some(rp) = &self.rope_parameters {
-            if let Some(t) = rp.get("rope_theta").and_then(|t| t.as_f64()) {
+            // Gemma 3 (transformers >= 5) keys its parameters by layer type.
+            let (global, local) = match (rp.get("full_attention"), rp.get("sliding_attention")) {
+                (Some(g), l) => (g, l),
+                _ => (rp, None),
+            };
+            if let Some(t) = global.get("rope_theta").and_then(|t| t.as_f64()) {
                 rope_theta = Some(t);
             }
-            rope_scaling = rope_from_json(rp, "rope_parameters").map_err(err)?;
+            if let Some(t) = local
+                .and_then(|l| l.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+            {
+                rope_local_theta = Some(t);
+            }
+            if let Some(f) = global.get("partial_rotary_factor").and_then(|f| f.as_f64()) {
+                partial_rotary_factor = Some(f);
+            }
+            rope_scaling = rope_from_json(global, "rope_parameters").map_err(err)?;
         }
         if let Some(rs) = &self.rope_scaling {
             rope_scaling = rope_from_json(rs, "rope_scaling").map_err(err)?;
         }
+        if let Some(RopeScaling::Longrope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        }) = &mut rope_scaling
+        {
+            // transformers: the original context and the attention factor come from the
+            // config when the scaling does not name them.
+            if *original_max_position_embeddings == 0 {
+                *original_max_position_embeddings =
+                    self.original_max_position_embeddings.unwrap_or(max_seq_len);
+            }
+            if *attention_factor == 0.0 {
+                let factor = max_seq_len as f64 / *original_max_position_embeddings as f64;
+                *attention_factor = if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (*original_max_position_embeddings as f64).ln()).sqrt()
+                };
+            }
+        }
         let d = self.hidden_size;
-        let head_dim = self
-            .head_dim
-            .filter(|&hd| self.num_attention_heads == 0 || hd != d / self.num_attention_heads);
+        let natural_head_dim = if self.num_attention_heads == 0 {
+            0
+        } else {
+            d / self.num_attention_heads
+        };
+        let head_dim = self.head_dim.filter(|&hd| hd != natural_head_dim);
+        let full_head_dim = head_dim.unwrap_or(natural_head_dim);
+        let rotary_dim = partial_rotary_factor
+            .filter(|&f| f < 1.0)
+            .map(|f| (full_head_dim as f64 * f) as usize);
+        let nope_layers = match (family, &self.no_rope_layers) {
+            (Family::SmolLm3, Some(uses)) => uses
+                .iter()
+                .enumerate()
+                .filter(|(_, &u)| u == 0)
+                .map(|(i, _)| i)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let gemma = family == Family::Gemma3;
         let cfg = ModelConfig {
             n_kv_heads: Some(self.num_key_value_heads.unwrap_or(self.num_attention_heads)),
             ffn_dim: Some(self.intermediate_size),
             max_seq_len,
-            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
             norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
-            tie_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            tie_embeddings: self.tie_word_embeddings.unwrap_or(gemma),
             head_dim,
             rope_scaling,
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            scale_embeddings: gemma,
+            post_norms: gemma,
+            activation,
+            query_pre_attn_scalar: self.query_pre_attn_scalar.filter(|_| gemma),
+            sliding_window: window,
+            sliding_window_pattern,
+            rope_local_theta: if gemma && window.is_some() {
+                Some(rope_local_theta.unwrap_or(10_000.0))
+            } else {
+                None
+            },
+            rotary_dim,
+            nope_layers,
             ..ModelConfig::base(
                 self.vocab_size,
                 d,
@@ -188,8 +494,49 @@ impl HfConfig {
     }
 }
 
+/// Where a kiln tensor lies in a family's checkpoint: a tensor of its own, or a block of rows
+/// of a fused one (Phi-3's `qkv_proj`, `gate_up_proj`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HfSource {
+    Whole(String),
+    Rows {
+        name: String,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// The HF source of kiln tensor `kiln` in `family`'s checkpoint for `cfg`.
+pub fn hf_source(family: Family, cfg: &ModelConfig, kiln: &str) -> Option<HfSource> {
+    let layer_tail = kiln.strip_prefix("layers.").and_then(|r| r.split_once('.'));
+    if let (true, Some((layer, tail))) = (family.fused_projections(), layer_tail) {
+        let (h, hkv, hd, f) = (cfg.n_heads, cfg.n_kv_heads(), cfg.head_dim(), cfg.ffn_dim());
+        let fused = match tail {
+            "attention.wq.weight" => Some(("self_attn.qkv_proj", 0, h * hd)),
+            "attention.wk.weight" => Some(("self_attn.qkv_proj", h * hd, hkv * hd)),
+            "attention.wv.weight" => Some(("self_attn.qkv_proj", (h + hkv) * hd, hkv * hd)),
+            "feed_forward.w1.weight" => Some(("mlp.gate_up_proj", 0, f)),
+            "feed_forward.w3.weight" => Some(("mlp.gate_up_proj", f, f)),
+            _ => None,
+        };
+        if let Some((name, start, len)) = fused {
+            return Some(HfSource::Rows {
+                name: format!("model.layers.{layer}.{name}.weight"),
+                start,
+                len,
+            });
+        }
+    }
+    hf_name_in(family, kiln).map(HfSource::Whole)
+}
+
 /// kiln's name → transformers' Llama name.
 pub fn hf_name(kiln: &str) -> Option<String> {
+    hf_name_in(Family::Llama, kiln)
+}
+
+/// kiln's name → the name in `family`'s checkpoints (unfused tensors).
+pub fn hf_name_in(family: Family, kiln: &str) -> Option<String> {
     let fixed = match kiln {
         "tok_embeddings.weight" => Some("model.embed_tokens.weight"),
         "norm.weight" => Some("model.norm.weight"),
@@ -208,6 +555,15 @@ pub fn hf_name(kiln: &str) -> Option<String> {
         "attention.wk.weight" => "self_attn.k_proj.weight",
         "attention.wv.weight" => "self_attn.v_proj.weight",
         "attention.wo.weight" => "self_attn.o_proj.weight",
+        "attention.wq.bias" => "self_attn.q_proj.bias",
+        "attention.wk.bias" => "self_attn.k_proj.bias",
+        "attention.wv.bias" => "self_attn.v_proj.bias",
+        "attention.q_norm.weight" => "self_attn.q_norm.weight",
+        "attention.k_norm.weight" => "self_attn.k_norm.weight",
+        // Gemma's sandwich: its post_attention_layernorm is on the attention output.
+        "ffn_norm.weight" if family == Family::Gemma3 => "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight" => "post_attention_layernorm.weight",
+        "post_ffn_norm.weight" => "post_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "feed_forward.w1.weight" => "mlp.gate_proj.weight",
         "feed_forward.w3.weight" => "mlp.up_proj.weight",
@@ -296,11 +652,16 @@ pub fn load_hf_weights(
             }
         }
     }
+    let family = HfConfig::load(dir)?.family(dir)?;
     let expected = layout(cfg);
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut tensors = HashMap::new();
     for (name, shape, _) in &expected {
-        let h = hf_name(name).expect("every kiln tensor has an HF name");
+        let source = hf_source(family, cfg, name)
+            .unwrap_or_else(|| panic!("invariant: kiln tensor {name:?} has an HF name"));
+        let h = match &source {
+            HfSource::Whole(h) | HfSource::Rows { name: h, .. } => h.clone(),
+        };
         let Some(&fi) = where_is.get(&h) else {
             return Err(ModelError::Weights {
                 path: dir.display().to_string(),
@@ -322,16 +683,36 @@ pub fn load_hf_weights(
                 view.dtype()
             )));
         }
-        if view.shape() != shape.as_slice() {
+        let want_shape = match &source {
+            HfSource::Whole(_) => shape.clone(),
+            HfSource::Rows { start, len, .. } => {
+                let rows = view.shape().first().copied().unwrap_or(0);
+                if rows < start + len || view.shape().get(1..) != shape.get(1..) {
+                    return Err(ferr(format!(
+                        "fused tensor {h:?} has shape {:?}, too small for kiln {name:?} (rows {start}..{})",
+                        view.shape(),
+                        start + len
+                    )));
+                }
+                view.shape().to_vec()
+            }
+        };
+        if view.shape() != want_shape.as_slice() {
             return Err(ferr(format!(
-                "tensor {h:?} has shape {:?} but config.json implies {shape:?}",
+                "tensor {h:?} has shape {:?} but config.json implies {want_shape:?}",
                 view.shape()
             )));
         }
-        let t = maps[fi]
+        let mut t = maps[fi]
             .load(&h, device)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
+        if let HfSource::Rows { start, len, .. } = source {
+            t = t.narrow(0, start, len)?.contiguous()?;
+        }
+        if family.norm_offset() != 0.0 && name.ends_with("norm.weight") {
+            t = (t + family.norm_offset())?;
+        }
         wanted.insert(h);
         tensors.insert(name.clone(), t);
     }
@@ -347,7 +728,10 @@ pub fn load_hf_weights(
         extra.sort();
         return Err(ModelError::Weights {
             path: dir.display().to_string(),
-            msg: format!("unexpected tensors for a Llama model: {extra:?}"),
+            msg: format!(
+                "unexpected tensors for a {} model: {extra:?}",
+                family.architecture()
+            ),
         });
     }
     Params::from_tensors(cfg, tensors, &dir.display().to_string())
@@ -375,12 +759,23 @@ pub fn hf_config_json(
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": original_max_position_embeddings,
         }),
+        Some(RopeScaling::Longrope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        }) => serde_json::json!({
+            "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "attention_factor": attention_factor,
+        }),
         // transformers has no per-frequency factors; save_hf_weights refuses these.
         Some(RopeScaling::Factors { .. }) => serde_json::Value::Null,
     };
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let family = Family::of(cfg);
+    let mut config = serde_json::json!({
+        "architectures": [family.architecture()],
+        "model_type": family.model_type(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim(),
@@ -402,7 +797,55 @@ pub fn hf_config_json(
         "eos_token_id": eos_token_id,
         "torch_dtype": torch_dtype,
         "use_cache": true,
-    })
+    });
+    let set = |config: &mut serde_json::Value, key: &str, v: serde_json::Value| {
+        config[key] = v;
+    };
+    if family == Family::Qwen2 {
+        set(&mut config, "attention_bias", true.into());
+    }
+    if family == Family::Gemma3 {
+        set(&mut config, "hidden_activation", "gelu_pytorch_tanh".into());
+        set(
+            &mut config,
+            "query_pre_attn_scalar",
+            cfg.query_pre_attn_scalar
+                .unwrap_or(cfg.head_dim() as f64)
+                .into(),
+        );
+        set(
+            &mut config,
+            "rope_local_base_freq",
+            cfg.rope_local_theta.unwrap_or(cfg.rope_theta).into(),
+        );
+        let types: Vec<&str> = (0..cfg.n_layers)
+            .map(|i| {
+                if cfg.is_sliding(i) {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        set(&mut config, "layer_types", types.into());
+    }
+    if let Some(w) = cfg.sliding_window {
+        set(&mut config, "sliding_window", w.into());
+    }
+    if let Some(r) = cfg.rotary_dim {
+        set(
+            &mut config,
+            "partial_rotary_factor",
+            (r as f64 / cfg.head_dim() as f64).into(),
+        );
+    }
+    if family == Family::SmolLm3 {
+        let uses: Vec<u8> = (0..cfg.n_layers)
+            .map(|i| u8::from(!cfg.nope_layers.contains(&i)))
+            .collect();
+        set(&mut config, "no_rope_layers", uses.into());
+    }
+    config
 }
 
 /// Writes `config.json` and `model.safetensors` (HF names, `dtype` F32/BF16/F16) into `dir`.
@@ -437,10 +880,26 @@ pub fn save_hf_weights(
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
+    let family = Family::of(cfg);
     let mut map: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut fused: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
     for (name, _, _) in layout(cfg) {
-        let t = params.tensor(&name)?.to_dtype(dtype)?.contiguous()?;
-        map.insert(hf_name(&name).expect("HF name"), t);
+        let mut t = params.tensor(&name)?;
+        if family.norm_offset() != 0.0 && name.ends_with("norm.weight") {
+            t = (t - family.norm_offset())?;
+        }
+        let t = t.to_dtype(dtype)?.contiguous()?;
+        match hf_source(family, cfg, &name).expect("HF name") {
+            HfSource::Whole(h) => {
+                map.insert(h, t);
+            }
+            HfSource::Rows { name, start, .. } => fused.entry(name).or_default().push((start, t)),
+        }
+    }
+    for (name, mut parts) in fused {
+        parts.sort_by_key(|(start, _)| *start);
+        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+        map.insert(name, Tensor::cat(&parts, 0)?);
     }
     let weights = dir.join(SINGLE_WEIGHTS);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();

@@ -5,7 +5,6 @@
 mod block;
 mod cache;
 mod config;
-mod decode;
 mod flat;
 pub mod gguf;
 pub mod heads;
@@ -21,7 +20,7 @@ mod rope;
 pub mod sharded;
 
 pub use cache::KvCache;
-pub use config::{AttentionMode, ModelConfig, RopeScaling};
+pub use config::{Activation, AttentionMode, LayerAttention, LayerRope, ModelConfig, RopeScaling};
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
 pub use linear::{Linear, LinearWeight, Lora};

@@ -86,6 +86,8 @@ pub struct Linear {
     /// Whether W gets a gradient (false for a frozen base under LoRA).
     pub trainable: bool,
     pub lora: Option<Lora>,
+    /// `(out)` bias added after the product (Qwen2's Q/K/V); it trains when W does.
+    pub bias: Option<Tensor>,
     /// Where the weight's gradient goes (the embedding's name for a tied output head).
     weight_grad_name: String,
 }
@@ -187,7 +189,26 @@ impl Linear {
             weight,
             trainable,
             lora: None,
+            bias: None,
             weight_grad_name: format!("{name}.weight"),
+        }
+    }
+
+    /// The same projection with a bias `(out)`.
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    pub fn bias_name(&self) -> String {
+        format!("{}.bias", self.name)
+    }
+
+    /// `y + b` (rows of `y (m, out)`), when there is a bias.
+    fn add_bias(&self, y: Tensor) -> Result<Tensor, ModelError> {
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => Ok(y.broadcast_add(b)?),
         }
     }
 
@@ -212,7 +233,7 @@ impl Linear {
 
     /// Inference forward (no dropout): `x (m, in)` → `(m, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = self.weight.matmul(x)?;
+        let y = self.add_bias(self.weight.matmul(x)?)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
@@ -230,7 +251,7 @@ impl Linear {
         x: &Tensor,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<(Tensor, LinearCtx), ModelError> {
-        let y = self.weight.matmul(x)?;
+        let y = self.add_bias(self.weight.matmul(x)?)?;
         let Some(l) = &self.lora else {
             return Ok((
                 y,
@@ -272,6 +293,9 @@ impl Linear {
     ) -> Result<Tensor, ModelError> {
         if self.trainable {
             grads.accumulate(&self.weight_grad_name, &dy.t()?.matmul(&ctx.x)?)?;
+            if self.bias.is_some() {
+                grads.accumulate(&self.bias_name(), &dy.sum(0)?)?;
+            }
         }
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.clone(),
@@ -297,6 +321,12 @@ impl Linear {
     /// Single-row or few-row forward on plain values (the decode fast path), adapter included.
     pub(crate) fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>, ModelError> {
         let mut y = self.weight.matmul_rows(x, m)?;
+        if let Some(b) = &self.bias {
+            let b = crate::model::vec_of(b)?;
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+            }
+        }
         if let Some(delta) = self.lora_delta_rows(x, m)? {
             for (y, d) in y.iter_mut().zip(delta) {
                 *y += d;
@@ -334,7 +364,8 @@ impl Linear {
         };
         let w = self.weight.dequantize()?.to_device(l.a.device())?;
         let w = (w.to_dtype(l.a.dtype())? + (l.b.matmul(&l.a)? * l.scale)?)?;
-        let mut out = Linear::new(&self.name, LinearWeight::Dense(w), self.trainable);
+        let mut out = Linear::new(&self.name, LinearWeight::Dense(w), self.trainable)
+            .with_bias(self.bias.clone());
         out.weight_grad_name = self.weight_grad_name.clone();
         Ok(out)
     }

@@ -22,9 +22,10 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use kiln_kernels as k;
 
-use crate::block::{Block, BlockActs, Heads, Pass, RopeAt};
+use crate::block::{Block, BlockActs, DecodeStep, Heads, Pass, PassRope, RopeAt};
 use crate::linear::{Linear, LinearWeight, Lora};
 use crate::qkernels::RawQ;
+use crate::rope::ModelRope;
 use crate::{
     AttentionMode, FlatLayout, Grads, KvCache, ModelConfig, ModelError, Params, SplitMix64,
 };
@@ -42,14 +43,10 @@ pub struct Llama {
     pub(crate) embedding: Embedding,
     pub(crate) layers: Vec<Block>,
     pub(crate) norm: Tensor, // (d)
-    pub(crate) norm_v: Vec<f32>,
     /// The LM head `(v, d)`: the embedding itself when tied.
     pub(crate) output: Linear,
-    pub(crate) rope_cos: Tensor, // (max_seq_len, hd/2)
-    pub(crate) rope_sin: Tensor, // (max_seq_len, hd/2)
-    /// The tables as plain values, for the decode fast path.
-    pub(crate) rope_cos_v: Arc<Vec<f32>>,
-    pub(crate) rope_sin_v: Arc<Vec<f32>>,
+    /// RoPE tables `(max_seq_len, rotary_dim/2)`: global, and local for Gemma 3's sliding layers.
+    pub(crate) rope: ModelRope,
     pub(crate) device: Device,
     /// Whether the base weights (norms, embedding, projections) train; false under LoRA.
     pub(crate) train_base: bool,
@@ -143,7 +140,7 @@ pub struct Trunk {
     last: Tensor,
     b: usize,
     t: usize,
-    rope: RopeAt,
+    rope: PassRope,
     segment_ids: Option<Tensor>,
 }
 
@@ -320,38 +317,50 @@ impl Llama {
                 lin("feed_forward.w3")?,
                 lin("feed_forward.w2")?,
             );
-            let attention_norm = dense(&name("attention_norm.weight"))?;
-            let ffn_norm = dense(&name("ffn_norm.weight"))?;
+            let (wq, wk, wv) = if cfg.qkv_bias {
+                let mut bias = |l: Linear| -> Result<Linear, ModelError> {
+                    let b = dense(&l.bias_name())?;
+                    Ok(l.with_bias(Some(b)))
+                };
+                (bias(wq)?, bias(wk)?, bias(wv)?)
+            } else {
+                (wq, wk, wv)
+            };
+            let mut optional = |on: bool, s: &str| -> Result<Option<Tensor>, ModelError> {
+                on.then(|| dense(&name(s))).transpose()
+            };
+            let q_norm = optional(cfg.qk_norm, "attention.q_norm.weight")?;
+            let k_norm = optional(cfg.qk_norm, "attention.k_norm.weight")?;
+            let post_attention_norm = optional(cfg.post_norms, "post_attention_norm.weight")?;
+            let post_ffn_norm = optional(cfg.post_norms, "post_ffn_norm.weight")?;
             let mut block = Block {
                 index: i,
-                attention_norm_v: vec_of(&attention_norm)?,
-                ffn_norm_v: vec_of(&ffn_norm)?,
-                attention_norm,
+                attn: cfg.layer_attention(i),
+                attention_norm: dense(&name("attention_norm.weight"))?,
                 wq,
                 wk,
                 wv,
+                q_norm,
+                k_norm,
                 wo,
-                ffn_norm,
+                post_attention_norm,
+                ffn_norm: dense(&name("ffn_norm.weight"))?,
                 w1,
                 w3,
                 w2,
+                post_ffn_norm,
                 fused: None,
             };
             block.fuse();
             layers.push(block);
         }
-        let (rope_cos, rope_sin) = crate::rope::tables(cfg, &device, rope_dtype)?;
         Ok(Self {
             cfg: cfg.clone(),
             embedding,
             layers,
-            norm_v: vec_of(&norm)?,
             norm,
             output,
-            rope_cos_v: Arc::new(vec_of(&rope_cos)?),
-            rope_sin_v: Arc::new(vec_of(&rope_sin)?),
-            rope_cos,
-            rope_sin,
+            rope: ModelRope::new(cfg, &device, rope_dtype)?,
             device,
             train_base: true,
         })
@@ -383,6 +392,9 @@ impl Llama {
         for l in linears {
             if l.trainable {
                 out.insert(l.weight_grad_name().to_string());
+                if l.bias.is_some() {
+                    out.insert(l.bias_name());
+                }
             }
             if l.lora.is_some() {
                 out.insert(l.lora_a_name());
@@ -391,8 +403,7 @@ impl Llama {
         }
         if self.train_base {
             for b in &self.layers {
-                out.insert(b.name("attention_norm.weight"));
-                out.insert(b.name("ffn_norm.weight"));
+                out.extend(b.norms().into_iter().map(|(name, _)| b.name(name)));
             }
         }
         out
@@ -434,8 +445,10 @@ impl Llama {
                 a.a = a.a.detach();
                 a.b = a.b.detach();
             }
+            l.bias = l.bias.as_ref().map(Tensor::detach);
             l
         };
+        let norm = |w: &Option<Tensor>| w.as_ref().map(Tensor::detach);
         Self {
             cfg: self.cfg.clone(),
             embedding: match &self.embedding {
@@ -447,27 +460,26 @@ impl Llama {
                 .iter()
                 .map(|b| Block {
                     index: b.index,
+                    attn: b.attn,
                     attention_norm: b.attention_norm.detach(),
                     wq: lin(&b.wq),
                     wk: lin(&b.wk),
                     wv: lin(&b.wv),
+                    q_norm: norm(&b.q_norm),
+                    k_norm: norm(&b.k_norm),
                     wo: lin(&b.wo),
+                    post_attention_norm: norm(&b.post_attention_norm),
                     ffn_norm: b.ffn_norm.detach(),
                     w1: lin(&b.w1),
                     w3: lin(&b.w3),
                     w2: lin(&b.w2),
+                    post_ffn_norm: norm(&b.post_ffn_norm),
                     fused: b.fused.clone(),
-                    attention_norm_v: b.attention_norm_v.clone(),
-                    ffn_norm_v: b.ffn_norm_v.clone(),
                 })
                 .collect(),
             norm: self.norm.detach(),
-            norm_v: self.norm_v.clone(),
             output: lin(&self.output),
-            rope_cos: self.rope_cos.clone(),
-            rope_sin: self.rope_sin.clone(),
-            rope_cos_v: self.rope_cos_v.clone(),
-            rope_sin_v: self.rope_sin_v.clone(),
+            rope: self.rope.clone(),
             device: self.device.clone(),
             train_base: self.train_base,
         }
@@ -511,7 +523,7 @@ impl Llama {
         let ids = tokens.flatten_all()?.to_dtype(DType::U32)?;
         let ids_v = ids.to_vec1::<u32>()?;
         self.check_ids(&ids_v)?;
-        Ok(match &self.embedding {
+        let x = match &self.embedding {
             Embedding::Dense(t) => t.index_select(&ids, 0)?,
             Embedding::Raw(r) => {
                 let mut out = vec![0f32; ids_v.len() * r.k];
@@ -521,7 +533,85 @@ impl Llama {
                 Tensor::from_vec(out, (ids_v.len(), r.k), &self.device)?
             }
             Embedding::Quant(q) => q.embedding(&ids)?,
-        })
+        };
+        match self.embedding_scale() {
+            Some(s) => Ok((x * s)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Gemma's `sqrt(dim)` on the embeddings (rounded to f32, as transformers does).
+    fn embedding_scale(&self) -> Option<f64> {
+        self.cfg
+            .scale_embeddings
+            .then(|| (self.cfg.dim as f32).sqrt() as f64)
+    }
+
+    /// Embedding rows of `ids` as plain values `(n, d)`, for the decode fast path.
+    fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let d = self.cfg.dim;
+        let mut x = vec![0f32; ids.len() * d];
+        for (o, &id) in x.chunks_exact_mut(d).zip(ids) {
+            match &self.embedding {
+                Embedding::Raw(r) => r.dequantize_row(id as usize, o),
+                Embedding::Dense(t) => o.copy_from_slice(&vec_of(&t.get(id as usize)?)?),
+                Embedding::Quant(q) => {
+                    o.copy_from_slice(&vec_of(&q.embedding(&Tensor::new(&[id], &Device::Cpu)?)?)?)
+                }
+            }
+        }
+        if let Some(s) = self.embedding_scale() {
+            x.iter_mut().for_each(|v| *v *= s as f32);
+        }
+        Ok(x)
+    }
+
+    /// See [`crate::CausalLm::decode_step`]: one token for each of `rows`, each at its own
+    /// position, through [`Block::decode_rows`]; the last position's logits `(m, v)`.
+    pub(crate) fn decode_rows(
+        &self,
+        rows: &[usize],
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let m = rows.len();
+        if m == 0 || tokens.len() != m {
+            return Err(ModelError::Input(format!(
+                "decode step: {} tokens for {m} rows (need one token per row, at least one row)",
+                tokens.len()
+            )));
+        }
+        let mut seen = rows.to_vec();
+        seen.sort_unstable();
+        if seen.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ModelError::Input("decode step: a row appears twice".into()));
+        }
+        self.check_ids(tokens)?;
+        cache.ensure(seen[m - 1] + 1, cfg.n_layers, cfg.n_kv_heads());
+        let positions: Vec<usize> = rows.iter().map(|&r| cache.row_len(r)).collect();
+        for &p in &positions {
+            self.check_len(p, 1)?;
+        }
+        let step = DecodeStep {
+            rows,
+            positions: &positions,
+            heads: self.heads(),
+            eps: cfg.norm_eps as f32,
+            scale: cfg.attention_scale() as f32,
+            activation: cfg.activation,
+            rope: &self.rope,
+        };
+        let mut x = self.embed_rows(tokens)?; // (m, d)
+        for block in &self.layers {
+            block.decode_rows(&mut x, &step, cache)?;
+        }
+        for &r in rows {
+            cache.advance(r, 1);
+        }
+        kiln_kernels::rows::rms_norm_rows(&mut x, &vec_of(&self.norm)?, step.eps);
+        let logits = self.output.forward_rows(&x, m)?;
+        Ok(Tensor::from_vec(logits, (m, cfg.vocab_size), &self.device)?)
     }
 
     /// The pass for `b` rows of `t` tokens starting at position `pos` (or at per-row
@@ -534,36 +624,31 @@ impl Llama {
         batch: Option<&TokenBatch>,
         dropout_rng: Option<&'a mut SplitMix64>,
     ) -> Result<Pass<'a>, ModelError> {
-        let rope = match batch.and_then(|x| x.positions.as_ref()) {
-            None => RopeAt::Shared(
-                self.rope_cos.narrow(0, pos, t)?,
-                self.rope_sin.narrow(0, pos, t)?,
-            ),
+        let positions = match batch.and_then(|x| x.positions.as_ref()) {
+            None => None,
             Some(p) => {
                 let p = p.to_dtype(DType::U32)?;
                 let max = p.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
                 self.check_len(max, 1)?;
-                let mut tables = Vec::with_capacity(b);
-                for r in 0..b {
-                    let row = p.get(r)?;
-                    tables.push((
-                        self.rope_cos.index_select(&row, 0)?,
-                        self.rope_sin.index_select(&row, 0)?,
-                    ));
-                }
-                RopeAt::PerRow(tables)
+                Some(p)
             }
         };
-        let dropout_p = self.cfg.dropout;
+        let at = |tables| RopeAt::new(tables, pos, t, positions.as_ref());
+        let rope = PassRope {
+            global: at(&self.rope.global)?,
+            local: self.rope.local.as_ref().map(at).transpose()?,
+        };
         Ok(Pass {
             b,
             t,
             heads: self.heads(),
             eps: self.cfg.norm_eps,
             causal: self.cfg.attention == AttentionMode::Causal,
+            scale: self.cfg.attention_scale(),
+            activation: self.cfg.activation,
             rope,
             segment_ids: batch.and_then(|x| x.segment_ids.clone()),
-            dropout_p,
+            dropout_p: self.cfg.dropout,
             dropout: dropout_rng,
             train_base: self.train_base,
         })
@@ -651,6 +736,8 @@ impl Llama {
             heads: m.heads(),
             eps: m.cfg.norm_eps,
             causal: m.cfg.attention == AttentionMode::Causal,
+            scale: m.cfg.attention_scale(),
+            activation: m.cfg.activation,
             rope: trunk.rope,
             segment_ids: trunk.segment_ids,
             dropout_p: 0.0,
@@ -683,6 +770,10 @@ impl Llama {
                 let into = match hooks.and_then(|h| h.embedding_grads()) {
                     Some(g) => g,
                     None => grads,
+                };
+                let dx = match m.embedding_scale() {
+                    Some(s) => (dx * s)?,
+                    None => dx,
                 };
                 into.index_add_rows("tok_embeddings.weight", &trunk.ids, &dx)?;
             }
@@ -861,6 +952,26 @@ impl Block {
         ]
     }
 
+    /// The block's norm weights with their names under `layers.{i}.`.
+    pub(crate) fn norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut out = vec![
+            ("attention_norm.weight", &self.attention_norm),
+            ("ffn_norm.weight", &self.ffn_norm),
+        ];
+        let optional = [
+            ("attention.q_norm.weight", &self.q_norm),
+            ("attention.k_norm.weight", &self.k_norm),
+            ("post_attention_norm.weight", &self.post_attention_norm),
+            ("post_ffn_norm.weight", &self.post_ffn_norm),
+        ];
+        out.extend(
+            optional
+                .into_iter()
+                .filter_map(|(n, w)| w.as_ref().map(|w| (n, w))),
+        );
+        out
+    }
+
     pub(crate) fn projections(&self) -> [&Linear; 7] {
         [
             &self.wq, &self.wk, &self.wv, &self.wo, &self.w1, &self.w3, &self.w2,
@@ -878,8 +989,18 @@ impl Block {
                     _ => None,
                 })
                 .collect();
-            RawQ::concat_rows(&parts?)
-                .map(|r| Linear::new("fused", LinearWeight::Raw(Arc::new(r)), false))
+            // Biases (Qwen2's Q/K/V) stack with their rows; all or none of the parts have one.
+            let bias = match ls.iter().filter(|l| l.bias.is_some()).count() {
+                0 => None,
+                n if n == ls.len() => {
+                    let parts: Vec<&Tensor> = ls.iter().filter_map(|l| l.bias.as_ref()).collect();
+                    Some(Tensor::cat(&parts, 0).ok()?)
+                }
+                _ => return None,
+            };
+            RawQ::concat_rows(&parts?).map(|r| {
+                Linear::new("fused", LinearWeight::Raw(Arc::new(r)), false).with_bias(bias)
+            })
         };
         self.fused = match (
             raw(&[&self.wq, &self.wk, &self.wv]),

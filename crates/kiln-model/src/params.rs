@@ -30,6 +30,7 @@ pub struct Params {
 /// How a parameter is initialised.
 #[derive(Clone, Copy)]
 pub(crate) enum Init {
+    Zeros,
     Ones,
     Normal(f64),
 }
@@ -86,6 +87,25 @@ pub(crate) fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                 vec![d, cfg.n_heads * hd],
                 Init::Normal(residual_std),
             ),
+        ]);
+        if cfg.qkv_bias {
+            let kv = cfg.n_kv_heads() * hd;
+            out.extend([
+                (l("attention.wq.bias"), vec![cfg.n_heads * hd], Init::Zeros),
+                (l("attention.wk.bias"), vec![kv], Init::Zeros),
+                (l("attention.wv.bias"), vec![kv], Init::Zeros),
+            ]);
+        }
+        if cfg.qk_norm {
+            out.extend([
+                (l("attention.q_norm.weight"), vec![hd], Init::Ones),
+                (l("attention.k_norm.weight"), vec![hd], Init::Ones),
+            ]);
+        }
+        if cfg.post_norms {
+            out.push((l("post_attention_norm.weight"), vec![d], Init::Ones));
+        }
+        out.extend([
             (l("ffn_norm.weight"), vec![d], Init::Ones),
             (l("feed_forward.w1.weight"), vec![f, d], Init::Normal(std)),
             (l("feed_forward.w3.weight"), vec![f, d], Init::Normal(std)),
@@ -95,6 +115,9 @@ pub(crate) fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                 Init::Normal(residual_std),
             ),
         ]);
+        if cfg.post_norms {
+            out.push((l("post_ffn_norm.weight"), vec![d], Init::Ones));
+        }
     }
     out.push(("norm.weight".to_string(), vec![d], Init::Ones));
     if !cfg.tie_embeddings {
@@ -129,6 +152,7 @@ impl Params {
                 .expect("invariant: every spec is laid out");
             let dst = &mut data[e.range()];
             match init {
+                Init::Zeros => dst.fill(0.0),
                 Init::Ones => dst.fill(1.0),
                 Init::Normal(std) => {
                     let mut rng = SplitMix64::new(seed ^ fnv1a(name.as_bytes()));

@@ -1,40 +1,98 @@
-//! RoPE cos/sin tables for a model config: the plain tables of `kiln_kernels::rope_tables`, or,
-//! for a checkpoint with `rope_scaling`, tables built from its rescaled inverse frequencies.
+//! RoPE cos/sin tables for a model config: `angle[p, i] = p * inv_freq[i]` with
+//! `inv_freq[i] = theta^(-2i / rotary_dim)`, rescaled by the checkpoint's `rope_scaling`.
+//! Sliding layers of Gemma 3 use their own base (`rope_local_theta`) and no scaling.
 
 use candle_core::{DType, Device, Tensor};
-use kiln_kernels as k;
 
-use crate::{ModelConfig, ModelError};
+use crate::config::LayerRope;
+use crate::{ModelConfig, ModelError, RopeScaling};
 
-/// `(cos, sin)`, each `(max_seq_len, head_dim / 2)`, in `dtype` on `device`.
-pub(crate) fn tables(
-    cfg: &ModelConfig,
-    device: &Device,
-    dtype: DType,
-) -> Result<(Tensor, Tensor), ModelError> {
-    let hd = cfg.head_dim();
-    let Some(scaling) = &cfg.rope_scaling else {
-        return Ok(k::rope_tables(
-            hd,
-            cfg.max_seq_len,
+/// `(cos, sin)`, each `(max_seq_len, rotary_dim / 2)`.
+#[derive(Clone)]
+pub(crate) struct RopeTables {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+}
+
+/// The tables a model needs: global (every model) and local (only with `rope_local_theta`).
+#[derive(Clone)]
+pub(crate) struct ModelRope {
+    pub(crate) global: RopeTables,
+    pub(crate) local: Option<RopeTables>,
+}
+
+impl ModelRope {
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let global = tables(
+            cfg,
             cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
             device,
             dtype,
-        )?);
-    };
-    let half = hd / 2;
-    let mut inv_freq: Vec<f64> = (0..half)
-        .map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / hd as f64))
+        )?;
+        let local = match cfg.rope_local_theta {
+            Some(theta) => Some(tables(cfg, theta, None, device, dtype)?),
+            None => None,
+        };
+        Ok(Self { global, local })
+    }
+
+    /// The tables of a layer, None for a layer without RoPE.
+    pub(crate) fn for_layer(&self, which: LayerRope) -> Option<&RopeTables> {
+        match which {
+            LayerRope::Global => Some(&self.global),
+            LayerRope::Local => self.local.as_ref(),
+            LayerRope::None => None,
+        }
+    }
+}
+
+fn tables(
+    cfg: &ModelConfig,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+    device: &Device,
+    dtype: DType,
+) -> Result<RopeTables, ModelError> {
+    let rot = cfg.rotary_dim();
+    let half = rot / 2;
+    let base: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-((2 * i) as f64) / rot as f64))
         .collect();
-    scaling.apply(&mut inv_freq);
+    let mut inv_freq = base.clone();
+    // LongRoPE switches to its long factors past the original context, and scales both.
+    let mut long = None;
+    let mut magnitude = 1.0;
+    if let Some(s) = scaling {
+        s.apply(&mut inv_freq);
+        if let RopeScaling::Longrope {
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = s
+        {
+            let freqs: Vec<f64> = base.iter().zip(long_factor).map(|(f, l)| f / l).collect();
+            long = Some((*original_max_position_embeddings, freqs));
+            magnitude = *attention_factor;
+        }
+    }
     let n = cfg.max_seq_len;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {
-        for &f in &inv_freq {
+        let freqs = match &long {
+            Some((original, freqs)) if p >= *original => freqs,
+            _ => &inv_freq,
+        };
+        for &f in freqs {
             let a = p as f64 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+            cos.push(a.cos() * magnitude);
+            sin.push(a.sin() * magnitude);
         }
     }
     let mk = |v: Vec<f64>| -> Result<Tensor, ModelError> {
@@ -42,5 +100,8 @@ pub(crate) fn tables(
             .to_dtype(dtype)?
             .to_device(device)?)
     };
-    Ok((mk(cos)?, mk(sin)?))
+    Ok(RopeTables {
+        cos: mk(cos)?,
+        sin: mk(sin)?,
+    })
 }

@@ -57,27 +57,15 @@ fn fd_check(
         .unwrap();
     let value = params.tensor(name).unwrap();
     let orig = value.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let eps = 1e-5;
-    let mut worst: f64 = 0.0;
-    for &i in elements {
-        let i = i % orig.len();
-        let at = |delta: f64| {
-            let mut v = orig.clone();
-            v[i] += delta;
-            params
-                .set(
-                    name,
-                    &Tensor::from_vec(v, value.shape(), &Device::Cpu).unwrap(),
-                )
-                .unwrap();
-            loss()
-        };
-        let num = (at(eps) - at(-eps)) / (2.0 * eps);
-        at(0.0);
-        let err = (g[i] - num).abs() / (g[i].abs() + num.abs()).max(1e-6);
-        worst = worst.max(err);
-    }
-    worst
+    let set = |v: &[f64]| {
+        params
+            .set(
+                name,
+                &Tensor::from_slice(v, value.shape(), &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+    };
+    kiln_testutil::finite_difference_error(&orig, &g, &set, loss, elements)
 }
 
 const CHECKED: [&str; 6] = [
