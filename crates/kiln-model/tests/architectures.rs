@@ -361,3 +361,48 @@ fn unknown_architectures_are_named_with_what_is_supported() {
         "{err}"
     );
 }
+
+#[test]
+fn gguf_export_reads_back_to_the_same_logits() {
+    use kiln_model::gguf::{self, GgufExportTypes, GgufFile};
+    for f in ["qwen2", "qwen3", "gemma3", "mistral"] {
+        let (cfg, params, r) = load(f);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.gguf");
+        let md = gguf::model_metadata(&cfg, f).unwrap();
+        let types = GgufExportTypes::uniform(GgmlDType::F32);
+        gguf::write_gguf(&path, &cfg, &params, &md, types).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let cfg2 = g.config().unwrap();
+        assert_eq!(Family::of(&cfg2), Family::of(&cfg), "{f}: family");
+        let params2 = g.load_params(&cfg2, &Device::Cpu).unwrap();
+        let x = Tensor::from_slice(&r.prompt_ids, (1, 20), &Device::Cpu).unwrap();
+        let a = rows_of(
+            &Llama::new(&cfg, &params)
+                .unwrap()
+                .forward_train(&x, None)
+                .unwrap(),
+        );
+        let b = rows_of(
+            &Llama::new(&cfg2, &params2)
+                .unwrap()
+                .forward_train(&x, None)
+                .unwrap(),
+        );
+        let worst = max_diff(&a[19], &b[19]);
+        assert!(
+            worst < 1e-4,
+            "{f}: GGUF round trip changed the logits by {worst}"
+        );
+        // The quantised model straight from the file decodes like its dense weights.
+        let q = Llama::from_gguf(&g, &cfg2).unwrap();
+        let (ids, _) = greedy(&q, &r.prompt_ids, 16);
+        assert_eq!(ids, r.greedy_ids, "{f}: greedy from the GGUF");
+    }
+    let (cfg, _, _) = load("phi3");
+    let err = gguf::model_metadata(&cfg, "x").unwrap_err().to_string();
+    assert!(
+        err.contains("Phi3ForCausalLM") && err.contains("--format hf"),
+        "{err}"
+    );
+}

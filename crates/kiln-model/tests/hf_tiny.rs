@@ -123,7 +123,7 @@ fn tiny_gguf(dir: &Path, matrices: GgmlDType) -> (PathBuf, ModelConfig, Params) 
     };
     let params = Params::init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
     let path = dir.join(format!("tiny-{matrices:?}.gguf"));
-    let md = gguf::llama_metadata(&cfg, "tiny");
+    let md = gguf::model_metadata(&cfg, "tiny").unwrap();
     let types = GgufExportTypes::uniform(matrices);
     gguf::write_gguf(&path, &cfg, &params, &md, types).unwrap();
     (path, cfg, params)
@@ -226,7 +226,7 @@ fn broken_gguf_files_are_named_errors() {
     assert!(e.contains("missing tensor") && e.contains("blk.2."), "{e}");
 
     // An architecture kiln does not run.
-    let mut md = gguf::llama_metadata(&cfg, "x");
+    let mut md = gguf::model_metadata(&cfg, "x").unwrap();
     md[0].1 = gguf::GgufValue::String("gpt2".into());
     let g = tmp.path().join("arch.gguf");
     let params = Params::init(&cfg, 0, &Device::Cpu, DType::F32).unwrap();

@@ -251,7 +251,7 @@ fn export_to_hf_and_gguf_and_back_gives_the_same_logits() {
 
     // GGUF F32: kiln writes llama.cpp's Q/K layout and reads it back to the same weights.
     let path = dir.path().join("m.gguf");
-    let md = gguf::llama_metadata(&cfg, "test");
+    let md = gguf::model_metadata(&cfg, "test").unwrap();
     let types = GgufExportTypes::uniform(GgmlDType::F32);
     gguf::write_gguf(&path, &cfg, &params, &md, types).unwrap();
     let g = GgufFile::open(&path).unwrap();
