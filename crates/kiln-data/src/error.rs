@@ -9,13 +9,13 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 /// Errors from tokenizers, dataset preparation, shards and the sampler.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// A filesystem operation failed on `path`.
-    #[error("{action} {path}: {source}")]
+    /// A filesystem operation failed on `path`. The OS error is part of the message and not
+    /// a `source`, so an error chain does not print it twice.
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// The `tokenizers` library failed (loading, saving, training, encoding or decoding).
@@ -154,7 +154,7 @@ impl DataError {
         DataError::Io {
             action,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

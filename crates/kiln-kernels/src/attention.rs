@@ -3,8 +3,8 @@
 //! Shapes: q (b, h, tq, hd); k, v (b, hkv, tk, hd) with `h % hkv == 0`; query head `i` reads kv
 //! head `i / (h / hkv)` (GQA). Query row `i` sits at absolute position `p_i = tk - tq + i`, and
 //! key `j` is visible to it iff `(!causal || j <= p_i) && seg[j] == seg[p_i]` (the segment test
-//! only with segment ids) and, with a sliding window `w`, `p_i - j < w` (Mistral's and Gemma's
-//! local layers). With `s_ij = scale * q_i . k_j` over visible pairs:
+//! only with segment ids) and, with a sliding window `w`, `|p_i - j| < w` (Mistral's and Gemma's
+//! local layers; both sides for bidirectional encoders such as EmbeddingGemma). With `s_ij = scale * q_i . k_j` over visible pairs:
 //!
 //! ```text
 //! forward, key tiles T_1, T_2, ... in order (online softmax), per query row i:
@@ -50,7 +50,8 @@ pub struct AttentionMask<'a> {
     pub causal: bool,
     /// (b, tk) u32 segment ids; None = one segment per row.
     pub segment_ids: Option<&'a Tensor>,
-    /// Sliding window: query `p` sees only keys `j > p - window` (None = unlimited).
+    /// Sliding window: query `p` sees only keys with `|p - j| < window` (None = unlimited;
+    /// causal attention has no keys after `p` anyway).
     pub window: Option<usize>,
 }
 
@@ -71,7 +72,7 @@ const BWD_MAX_CHUNKS: usize = 4;
 /// i / (h / hkv) (GQA). Query row i sits at absolute position p_i = tk - tq + i (tq == tk in
 /// training/prefill, tq < tk when decoding after a cache). Key j is visible to query i iff
 /// (!causal || j <= p_i) && (segment_ids is None || seg[b, j] == seg[b, p_i]) &&
-/// (window is None || p_i - j < window).
+/// (window is None || |p_i - j| < window).
 /// Every query sees at least its own position, so no row is empty.
 /// Returns (out (b, h, tq, hd), lse (b, h, tq) f32: log-sum-exp of the scaled visible scores),
 /// in q's dtype for out.
@@ -331,7 +332,9 @@ fn reference_parts(
                     let same = seg
                         .as_ref()
                         .is_none_or(|s| s[bi * d.tk + j] == s[bi * d.tk + p]);
-                    let outside_window = mask.window.is_some_and(|w| p >= j + w);
+                    let outside_window = mask
+                        .window
+                        .is_some_and(|w| p >= j + w || (!mask.causal && j >= p + w));
                     if !same || (mask.causal && j > p) || outside_window {
                         *x = f32::NEG_INFINITY;
                     }
@@ -609,6 +612,9 @@ impl Visibility {
                 if let Some(w) = window {
                     // A narrower range within one segment's span stays exact.
                     lo = lo.max((p + 1).saturating_sub(w));
+                    if !causal {
+                        hi = hi.min(p + w);
+                    }
                 }
                 any_inexact |= !exact;
                 rows.push(RowVis {

@@ -136,6 +136,7 @@ fn cases() -> Vec<Case> {
         Case::new("window 5", 1, 2, 1, 130, 130, 16, true).window(5),
         Case::new("window 70 gqa", 2, 4, 2, 150, 150, 32, true).window(70),
         Case::new("window after cache", 1, 2, 1, 4, 100, 16, true).window(9),
+        Case::new("window 20 bidirectional", 1, 2, 1, 130, 130, 16, false).window(20),
         Case::new("window 30 packed", 1, 2, 1, 150, 150, 32, true)
             .seg(packed(&[40, 70, 40]))
             .window(30),
@@ -164,7 +165,7 @@ fn naive_lse(c: &Case, q: &Tensor, k: &Tensor) -> Vec<f64> {
                 let scores: Vec<f64> = (0..c.tk)
                     .filter(|&j| {
                         (!c.causal || j <= p)
-                            && c.window.is_none_or(|w| p - j < w)
+                            && c.window.is_none_or(|w| p.abs_diff(j) < w)
                             && c.seg
                                 .as_ref()
                                 .is_none_or(|s| s[b * c.tk + j] == s[b * c.tk + p])

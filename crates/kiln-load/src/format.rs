@@ -25,10 +25,27 @@ impl ModelFormat {
         if !path.exists() {
             return Err(LoadError::NotFound(path.to_path_buf()));
         }
-        if kiln_model::gguf::is_gguf(path) {
+        // A `.gguf` file is GGUF even when it is empty or cut short: opening it then says so.
+        let gguf_name = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if kiln_model::gguf::is_gguf(path) || (path.is_file() && gguf_name) {
             return Ok(ModelFormat::Gguf);
         }
-        if kiln_model::hf::is_hf_dir(path) {
+        let hf_config = path.join(kiln_model::hf::CONFIG_JSON);
+        if path.is_dir() && hf_config.is_file() {
+            // The architecture first: an unsupported one is the thing to fix, not a missing file.
+            let config = kiln_model::hf::HfConfig::load(path)?;
+            config.family(path)?;
+            if !kiln_model::hf::is_hf_dir(path) {
+                return Err(LoadError::Unrecognised {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "an HF model directory (it has {}) without its weights: no {} or {}",
+                        kiln_model::hf::CONFIG_JSON,
+                        kiln_model::hf::SINGLE_WEIGHTS,
+                        kiln_model::hf::WEIGHTS_INDEX
+                    ),
+                });
+            }
             return Ok(ModelFormat::HfDir);
         }
         if !path.is_dir() {
