@@ -19,12 +19,15 @@ pub enum DataError {
     },
 
     /// The `tokenizers` library failed (loading, saving, training, encoding or decoding).
-    #[error("tokenizer error while {context}: {source}")]
+    #[error("tokenizer error while {context}: {cause}")]
     Tokenizer {
         context: String,
-        #[source]
-        source: tokenizers::Error,
+        cause: tokenizers::Error,
     },
+
+    /// A GGUF file's header cannot be read (truncated, not a GGUF, a malformed value).
+    #[error("{path}: {msg}")]
+    Gguf { path: PathBuf, msg: String },
 
     /// A source file given to `prepare_dataset` or `train_bpe` does not exist.
     #[error("source not found: {path}")]
@@ -161,7 +164,7 @@ impl DataError {
     pub(crate) fn tok(context: impl Into<String>, source: tokenizers::Error) -> Self {
         DataError::Tokenizer {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }

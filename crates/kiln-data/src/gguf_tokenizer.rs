@@ -99,7 +99,7 @@ impl<'a> Reader<'a> {
                 Ok(s)
             }
             None => Err(format!(
-                "truncated header: needs {n} bytes at offset {}, the file has {}",
+                "the file is truncated (or not a GGUF file): its header needs {n} bytes at offset {}, the file has {}",
                 self.pos,
                 self.buf.len()
             )),
@@ -168,11 +168,15 @@ pub fn read_gguf_metadata(path: &Path) -> Result<BTreeMap<String, MetaValue>> {
     // SAFETY: read-only map of a file we do not modify.
     let mmap =
         unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("mapping GGUF", path, e))?;
-    parse_metadata(&mmap).map_err(|msg| {
-        DataError::tok(
-            format!("reading the GGUF metadata of {}", path.display()),
-            msg.into(),
-        )
+    if mmap.is_empty() {
+        return Err(DataError::Gguf {
+            path: path.to_path_buf(),
+            msg: "the file is empty (an interrupted download?)".into(),
+        });
+    }
+    parse_metadata(&mmap).map_err(|msg| DataError::Gguf {
+        path: path.to_path_buf(),
+        msg: format!("reading the GGUF metadata: {msg}"),
     })
 }
 

@@ -26,7 +26,9 @@ impl ModelFormat {
             return Err(LoadError::NotFound(path.to_path_buf()));
         }
         // A `.gguf` file is GGUF even when it is empty or cut short: opening it then says so.
-        let gguf_name = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let gguf_name = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         if kiln_model::gguf::is_gguf(path) || (path.is_file() && gguf_name) {
             return Ok(ModelFormat::Gguf);
         }

