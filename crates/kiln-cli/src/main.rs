@@ -17,6 +17,7 @@ mod bench_sft;
 mod chat;
 mod commands;
 mod dist;
+mod embed;
 mod evaluate;
 mod export;
 mod fill_mask;
@@ -77,6 +78,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Top-k candidates with probabilities for each [MASK] in a text (MLM encoders).
     FillMask(fill_mask::FillMaskArgs),
+    /// Normalised sentence embeddings from a sentence-transformers model (EmbeddingGemma).
+    Embed(embed::EmbedArgs),
     /// Train or inspect tokenizers.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -327,6 +330,7 @@ fn main() {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Export(a) => export::run(a),
         Command::FillMask(a) => fill_mask::run(a),
+        Command::Embed(a) => embed::run(a),
         Command::Tokenizer(c) => commands::tokenizer(c),
         Command::Data(c) => commands::data(c),
         Command::Plot(a) => commands::plot(a),

@@ -67,6 +67,16 @@ impl KilnTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encodes text as the tokenizer's own post-processor frames it (e.g. `<bos> ... <eos>` for
+    /// EmbeddingGemma): what sentence-transformers feeds its encoder.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| DataError::tok("encoding", e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Encodes many texts in parallel; same result as calling [`encode`](Self::encode) on each.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let encs = self

@@ -137,6 +137,17 @@ fn cases() -> Vec<Case> {
         Case::new("window 70 gqa", 2, 4, 2, 150, 150, 32, true).window(70),
         Case::new("window after cache", 1, 2, 1, 4, 100, 16, true).window(9),
         Case::new("window 20 bidirectional", 1, 2, 1, 130, 130, 16, false).window(20),
+        Case::new(
+            "window 100 bidirectional long",
+            1,
+            3,
+            1,
+            350,
+            350,
+            32,
+            false,
+        )
+        .window(100),
         Case::new("window 30 packed", 1, 2, 1, 150, 150, 32, true)
             .seg(packed(&[40, 70, 40]))
             .window(30),

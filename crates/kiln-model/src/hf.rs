@@ -151,6 +151,10 @@ impl Family {
     }
 
     pub fn from_architecture(arch: &str) -> Option<Family> {
+        if arch == "Gemma3TextModel" {
+            // The trunk alone (EmbeddingGemma's encoder, loaded by `sentence`).
+            return Some(Family::Gemma3);
+        }
         Family::ALL.into_iter().find(|f| f.architecture() == arch)
     }
 
@@ -338,12 +342,7 @@ impl HfConfig {
                 )));
             }
         }
-        if self.use_bidirectional_attention == Some(true) {
-            return Err(err(
-                "use_bidirectional_attention: an encoder checkpoint (EmbeddingGemma) is not a causal LM"
-                    .into(),
-            ));
-        }
+        let bidirectional = self.use_bidirectional_attention == Some(true);
         let max_seq_len = self.max_position_embeddings.unwrap_or(2048);
         // Sliding windows: Mistral slides on every layer; Gemma by layer_types (or every
         // pattern-th layer global); Qwen only with use_sliding_window (off in released models).
@@ -386,6 +385,10 @@ impl HfConfig {
             .is_some_and(|t| t.iter().all(|t| t == "full_attention"))
         {
             None
+        } else if bidirectional {
+            // transformers' bidirectional Gemma 3 (EmbeddingGemma): a token sees `w/2` tokens
+            // on each side, `|i - j| < w/2 + 1`.
+            window.map(|w| w / 2 + 1)
         } else {
             window
         };
@@ -482,6 +485,11 @@ impl HfConfig {
             },
             rotary_dim,
             nope_layers,
+            attention: if bidirectional {
+                crate::AttentionMode::Bidirectional
+            } else {
+                crate::AttentionMode::Causal
+            },
             ..ModelConfig::base(
                 self.vocab_size,
                 d,
@@ -661,6 +669,13 @@ pub fn load_hf_weights(
             .unwrap_or_else(|| panic!("invariant: kiln tensor {name:?} has an HF name"));
         let h = match &source {
             HfSource::Whole(h) | HfSource::Rows { name: h, .. } => h.clone(),
+        };
+        // A bare trunk (`Gemma3TextModel`, as sentence-transformers saves it) has no `model.`.
+        let h = match h.strip_prefix("model.") {
+            Some(bare) if !where_is.contains_key(&h) && where_is.contains_key(bare) => {
+                bare.to_string()
+            }
+            _ => h,
         };
         let Some(&fi) = where_is.get(&h) else {
             return Err(ModelError::Weights {

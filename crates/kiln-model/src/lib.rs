@@ -17,6 +17,7 @@ mod qmodel;
 pub mod quantize;
 mod rng;
 mod rope;
+pub mod sentence;
 pub mod sharded;
 
 pub use cache::KvCache;
