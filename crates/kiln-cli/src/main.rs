@@ -301,8 +301,8 @@ fn main() {
     // them in): KILN_QKERNEL=scalar|avx2 picks the quantised-matmul SIMD level, and
     // KILN_QMATMUL=candle sends quantised matmuls through candle (8-bit activations).
     match std::env::var("KILN_QKERNEL").as_deref() {
-        Ok("scalar") => kiln_model::set_simd_choice(kiln_model::SimdChoice::Scalar),
-        Ok("avx2") => kiln_model::set_simd_choice(kiln_model::SimdChoice::Avx2),
+        Ok("scalar") => kiln_kernels::set_simd_choice(kiln_kernels::SimdChoice::Scalar),
+        Ok("avx2") => kiln_kernels::set_simd_choice(kiln_kernels::SimdChoice::Avx2),
         _ => {}
     }
     kiln_model::set_candle_qmatmul(std::env::var("KILN_QMATMUL").as_deref() == Ok("candle"));

@@ -5,6 +5,7 @@
 mod block;
 mod cache;
 mod config;
+mod decoding;
 mod flat;
 pub mod gguf;
 pub mod heads;
@@ -12,9 +13,8 @@ pub mod hf;
 pub mod linear;
 mod model;
 mod params;
-pub mod qkernels;
-mod qmodel;
 pub mod quantize;
+mod quantized;
 mod rng;
 mod rope;
 pub mod sentence;
@@ -22,13 +22,14 @@ pub mod sharded;
 
 pub use cache::KvCache;
 pub use config::{Activation, AttentionMode, LayerAttention, LayerRope, ModelConfig, RopeScaling};
+pub use decoding::CausalLm;
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
+pub use linear::set_candle_qmatmul;
 pub use linear::{Linear, LinearWeight, Lora};
 pub use model::{LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
-pub use qkernels::{set_simd_choice, SimdChoice};
-pub use qmodel::{set_candle_qmatmul, CausalLm, QLlama};
+pub use quantized::QLlama;
 pub use rng::SplitMix64;
 
 #[derive(Debug, thiserror::Error)]

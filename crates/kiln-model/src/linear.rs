@@ -14,13 +14,14 @@
 //! (and therefore no optimizer state). Gradient names follow PEFT: `<prefix>.weight`,
 //! `<prefix>.lora_A.weight`, `<prefix>.lora_B.weight`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::qkernels::{RawKind, RawQ};
 use crate::{Grads, ModelError, SplitMix64};
+use kiln_kernels::qkernels::{RawKind, RawQ};
 
 /// The weight of a projection, `(out, in)`.
 #[derive(Clone)]
@@ -379,4 +380,47 @@ pub(crate) fn dropout_mask(x: &Tensor, p: f64, rng: &mut SplitMix64) -> Result<T
         .map(|_| if rng.next_f64() < p { 0.0 } else { keep_scale })
         .collect();
     Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
+static CANDLE_QMATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide choice for quantised matmuls: `true` sends every quantised weight through
+/// candle's matmul (llama.cpp-style 8-bit activations) instead of kiln's exact kernels, for
+/// comparisons. Takes effect for models built afterwards.
+pub fn set_candle_qmatmul(on: bool) {
+    CANDLE_QMATMUL.store(on, Ordering::Relaxed);
+}
+
+fn raw_kind(d: GgmlDType) -> Option<RawKind> {
+    match d {
+        GgmlDType::Q4_0 => Some(RawKind::Q4_0),
+        GgmlDType::Q4_1 => Some(RawKind::Q4_1),
+        GgmlDType::Q8_0 => Some(RawKind::Q8_0),
+        GgmlDType::F16 => Some(RawKind::F16),
+        GgmlDType::Q5_0 => Some(RawKind::Q5_0),
+        GgmlDType::Q5_1 => Some(RawKind::Q5_1),
+        GgmlDType::Q4K => Some(RawKind::Q4K),
+        GgmlDType::Q5K => Some(RawKind::Q5K),
+        GgmlDType::Q6K => Some(RawKind::Q6K),
+        _ => None,
+    }
+}
+
+impl LinearWeight {
+    /// Wraps a GGML tensor `(out, in)`: F32/BF16 become dense f32; types with a kiln kernel
+    /// keep their blocks; the rest go through candle.
+    pub fn from_qtensor(q: QTensor) -> Result<Self, ModelError> {
+        let (n, k) = q.shape().dims2()?;
+        if let (Some(kind), false) = (raw_kind(q.dtype()), CANDLE_QMATMUL.load(Ordering::Relaxed)) {
+            if let Some(r) = RawQ::new(kind, n, k, q.data()?.into_owned()) {
+                return Ok(LinearWeight::Raw(Arc::new(r)));
+            }
+        }
+        Ok(match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                LinearWeight::Dense(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+            }
+            _ => LinearWeight::Quant(Arc::new(q)),
+        })
+    }
 }

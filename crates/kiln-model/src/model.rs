@@ -24,11 +24,11 @@ use kiln_kernels as k;
 
 use crate::block::{Block, BlockActs, DecodeStep, Heads, Pass, PassRope, RopeAt};
 use crate::linear::{Linear, LinearWeight, Lora};
-use crate::qkernels::RawQ;
 use crate::rope::ModelRope;
 use crate::{
     AttentionMode, FlatLayout, Grads, KvCache, ModelConfig, ModelError, Params, SplitMix64,
 };
+use kiln_kernels::qkernels::RawQ;
 
 /// The embedding table: dense, or GGML rows dequantised on lookup.
 #[derive(Clone)]

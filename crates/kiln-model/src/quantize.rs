@@ -135,7 +135,7 @@ pub fn quantize_q6k(x: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qkernels::{RawKind, RawQ};
+    use kiln_kernels::qkernels::{RawKind, RawQ};
 
     #[test]
     fn q6k_round_trips_within_its_step_and_reads_as_candle_reads_it() {

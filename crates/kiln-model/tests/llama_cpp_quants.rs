@@ -3,8 +3,8 @@
 //! gguf-py dequantises them to (`tests/fixtures/llama_cpp_quants/make_blocks.py`). kiln's
 //! dequantisation must equal gguf-py's, and each kernel path's matmul the dequantised one.
 
-use kiln_model::qkernels::{RawKind, RawQ};
-use kiln_model::{set_simd_choice, SimdChoice};
+use kiln_kernels::qkernels::{RawKind, RawQ};
+use kiln_kernels::{set_simd_choice, SimdChoice};
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())

@@ -1,0 +1,92 @@
+//! Decoding with a KV cache: [`CausalLm`] is what the generate loop needs (prefill a row, then
+//! one token for each of many rows per step), implemented by the one decoder for dense and
+//! quantised weights alike.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{KvCache, Llama, ModelConfig, ModelError};
+
+/// A model that can decode with a KV cache.
+pub trait CausalLm {
+    fn config(&self) -> &ModelConfig;
+    fn device(&self) -> &Device;
+    /// Feeds `tokens (b, t)` after the cached ones of rows `0..b` and returns the last
+    /// position's logits `(b, v)`.
+    fn forward_decode(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError>;
+    /// One token for each of `rows` (`tokens[i]` goes to row `rows[i]`, at that row's own
+    /// position): logits `(rows.len(), v)`. Every projection runs once over all rows.
+    fn decode_step(
+        &self,
+        rows: &[usize],
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError>;
+    /// Feeds `tokens` to row `row` alone (a ragged batch is prefilled row by row): the last
+    /// position's logits `(1, v)`.
+    fn prefill_row(
+        &self,
+        row: usize,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError>;
+}
+
+impl CausalLm for Llama {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward_decode(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        let (b, t) = tokens.dims2()?;
+        if t == 1 {
+            let ids = tokens
+                .flatten_all()?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?;
+            let rows: Vec<usize> = (0..b).collect();
+            return self.decode_step(&rows, &ids, cache);
+        }
+        in_pool(|| self.prefill(tokens, cache))
+    }
+
+    fn decode_step(
+        &self,
+        rows: &[usize],
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        in_pool(|| self.decode_rows(rows, tokens, cache))
+    }
+
+    fn prefill_row(
+        &self,
+        row: usize,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("empty token sequence".into()));
+        }
+        // Prefill a single row through a one-row cache view: move the row out and back.
+        let mut single = cache.take_row(row, self.cfg.n_layers, self.cfg.n_kv_heads());
+        let x = Tensor::from_slice(tokens, (1, tokens.len()), &self.device)?;
+        let out = self.forward_decode(&x, &mut single);
+        cache.put_row(row, single);
+        out
+    }
+}
+
+/// Runs `f` on a rayon worker: each matmul's parallel loop then splits work with the other
+/// workers directly, instead of the calling thread handing every one of them to the pool and
+/// sleeping until it is done (about 120 round trips per token).
+fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}

@@ -1,0 +1,112 @@
+//! Quantised inference: the same decoder ([`Llama`]), with each projection's weight kept as
+//! GGUF blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and Q4_K/Q5_K/Q6_K run through kiln's
+//! kernels (`kiln_kernels::qkernels`), which compute exactly what the dequantised model
+//! computes; the rest (Q2_K, Q3_K, ...) go through candle's quantised matmul.
+//! Norms stay f32. Training loads dense [`Params`] instead (or keeps a quantised base frozen
+//! under LoRA).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::gguf::GgufFile;
+use crate::linear::{Linear, LinearWeight};
+use crate::model::Embedding;
+use crate::{Llama, ModelConfig, ModelError, Params};
+
+/// The quantised model is the same type; the name stays for readability at call sites.
+pub type QLlama = Llama;
+
+impl Llama {
+    /// Builds the model over a GGUF's tensors as stored (Q/K rows un-permuted), quantised.
+    pub fn from_gguf(file: &GgufFile, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        file.check_tensors(cfg)?;
+        Self::build_quantised(cfg, |name| file.qtensor(cfg, name))
+    }
+
+    /// Quantises dense weights to `dtype` (matrices whose rows are not whole blocks stay
+    /// f32). `F32` gives a dense model running through the same code.
+    pub fn from_params(
+        cfg: &ModelConfig,
+        params: &Params,
+        dtype: GgmlDType,
+    ) -> Result<Self, ModelError> {
+        Self::build_quantised(cfg, |name| {
+            // A compact copy: candle's quantize reads the whole storage, not the view into
+            // the flat parameter buffer.
+            let t = params
+                .tensor(name)?
+                .to_dtype(DType::F32)?
+                .force_contiguous()?;
+            let d = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
+                dtype
+            } else {
+                GgmlDType::F32
+            };
+            Ok(QTensor::quantize(&t, d)?)
+        })
+    }
+
+    fn build_quantised(
+        cfg: &ModelConfig,
+        get: impl Fn(&str) -> Result<QTensor, ModelError>,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let device = Device::Cpu;
+        let dense = |name: &str| -> Result<Tensor, ModelError> {
+            Ok(get(name)?.dequantize(&device)?.to_dtype(DType::F32)?)
+        };
+        let embedding = match LinearWeight::from_qtensor(get("tok_embeddings.weight")?)? {
+            LinearWeight::Dense(t) => Embedding::Dense(t),
+            LinearWeight::Raw(r) => Embedding::Raw(r),
+            LinearWeight::Quant(q) => Embedding::Quant(q),
+        };
+        let output = if cfg.tie_embeddings {
+            let w = match &embedding {
+                Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+                Embedding::Raw(r) => LinearWeight::Raw(r.clone()),
+                Embedding::Quant(q) => LinearWeight::Quant(q.clone()),
+            };
+            Linear::new("output", w, false).with_weight_grad_name("tok_embeddings.weight")
+        } else {
+            Linear::new(
+                "output",
+                LinearWeight::from_qtensor(get("output.weight")?)?,
+                false,
+            )
+        };
+        let mut m = Self::assemble(
+            cfg,
+            embedding,
+            dense("norm.weight")?,
+            output,
+            |name| LinearWeight::from_qtensor(get(&format!("{name}.weight"))?),
+            dense,
+            Device::Cpu,
+            DType::F32,
+        )?;
+        // Quantised weights are frozen: only adapters could train on top of them.
+        m.train_base = false;
+        for b in &mut m.layers {
+            for l in b.projections_mut() {
+                l.trainable = !matches!(l.weight, LinearWeight::Raw(_) | LinearWeight::Quant(_));
+            }
+        }
+        Ok(m)
+    }
+
+    /// GGML types of the projections, for logs: e.g. `{"Q4_1": 210, "Q8_0": 1}`.
+    pub fn weight_types(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut add = |l: &Linear| {
+            *m.entry(crate::gguf::dtype_name(l.weight.ggml_dtype()))
+                .or_insert(0) += 1
+        };
+        for b in &self.layers {
+            for l in b.projections() {
+                add(l);
+            }
+        }
+        add(&self.output);
+        m
+    }
+}
