@@ -42,6 +42,14 @@ impl KilnTokenizer {
         let path = path.as_ref();
         // Read ourselves so that a missing file is an Io error naming the path.
         let bytes = std::fs::read(path).map_err(|e| DataError::io("reading tokenizer", path, e))?;
+        // Check the JSON syntax first: `tokenizers` panics (rather than erring) on some
+        // malformed JSON inside its `decoder` section (found by examples/fuzz_formats.rs).
+        let invalid =
+            |why: String| DataError::tok(format!("loading {}", path.display()), why.into());
+        let text =
+            std::str::from_utf8(&bytes).map_err(|e| invalid(format!("not UTF-8 text: {e}")))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| invalid(format!("not valid JSON: {e}")))?;
         let inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| DataError::tok(format!("loading {}", path.display()), e))?;
         Ok(Self { inner })

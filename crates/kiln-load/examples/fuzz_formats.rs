@@ -234,6 +234,13 @@ fn main() {
         };
         let target = &targets[t];
         let input = mutate(&target.seed, &mut rng, target.hot);
+        // The case being run, for when the process itself dies (an abort, the OOM killer).
+        std::fs::write(scratch.join("current.bin"), &input).unwrap();
+        std::fs::write(
+            scratch.join("current.txt"),
+            format!("{case} {}", target.name),
+        )
+        .unwrap();
         LARGEST.store(0, Ordering::Relaxed);
         let t0 = Instant::now();
         let outcome = std::panic::catch_unwind(|| (target.run)(&input, &scratch));

@@ -399,6 +399,23 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
+        // Bounds far above any real model, so a corrupt file's sizes are an error here rather
+        // than tables and layouts allocated from them.
+        for (name, value, most) in [
+            ("model.vocab_size", self.vocab_size, 1 << 24),
+            ("model.dim", self.dim, 1 << 17),
+            ("model.n_layers", self.n_layers, 1 << 12),
+            ("model.n_heads", self.n_heads, 1 << 12),
+            ("model.max_seq_len", self.max_seq_len, 1 << 21),
+            ("model.head_dim", self.head_dim.unwrap_or(0), 1 << 14),
+            ("model.ffn_dim", self.ffn_dim.unwrap_or(0), 1 << 20),
+        ] {
+            if value > most {
+                return bad(format!(
+                    "{name} = {value} is beyond any real model (at most {most}): a corrupt file?"
+                ));
+            }
+        }
         if self.head_dim == Some(0) {
             return bad("model.head_dim must be positive".into());
         }
@@ -412,6 +429,13 @@ impl ModelConfig {
             return bad(format!(
                 "head dim (model.head_dim or dim/n_heads) = {} must be even for RoPE",
                 self.head_dim()
+            ));
+        }
+        if self.max_seq_len.saturating_mul(self.rotary_dim() / 2) > 1 << 27 {
+            return bad(format!(
+                "model.max_seq_len ({}) x rotary dim ({}) makes RoPE tables beyond any real model: a corrupt file?",
+                self.max_seq_len,
+                self.rotary_dim()
             ));
         }
         if let Some(r) = self.rotary_dim {

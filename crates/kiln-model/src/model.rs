@@ -13,7 +13,7 @@
 //! and what [`Llama::backward_hidden`] needs; heads (LM + cross-entropy, per-token
 //! log-probabilities, a scalar reward/value head: heads.rs) each have their own backward that
 //! ends in `d_hidden`. The same struct holds dense weights (training) or GGUF blocks
-//! (quantised inference, qmodel.rs); every projection is a [`Linear`].
+//! (quantised inference, quantized.rs); every projection is a [`Linear`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
