@@ -90,6 +90,60 @@ is not redistributed (not in kiln's repository).
 TXT
 fi
 
+# --- llama.cpp's tokenizer test vectors: models/ggml-vocab-*.gguf with .inp/.out --------------
+# From the llama.cpp copy in the llama-cpp-python 0.3.36 sdist (76 MB, pinned; only the 21 files
+# below, 20 MB, are kept), for crates/kiln-data/tests/llama_cpp_vocab.rs.
+VOCAB_DIR="$DEST/llama-cpp-vocab"
+VOCAB_SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+VOCAB_SUMS="44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c  ggml-vocab-qwen2.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-qwen2.gguf.inp
+de785bb305cc6fa9d43908ed5da337f853c0b79e971348fcfb9f0915a39c5363  ggml-vocab-qwen2.gguf.out
+97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e  ggml-vocab-llama-bpe.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-llama-bpe.gguf.inp
+118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b  ggml-vocab-llama-bpe.gguf.out
+16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69  ggml-vocab-llama-spm.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-llama-spm.gguf.inp
+ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29  ggml-vocab-llama-spm.gguf.out
+967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326  ggml-vocab-phi-3.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-phi-3.gguf.inp
+ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29  ggml-vocab-phi-3.gguf.out
+cedc56ca6e2e89f63e781696d1fd76b4b1d49e6720dee86463e915f6e90016ac  ggml-vocab-gpt-2.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-gpt-2.gguf.inp
+48e8c4cb3ad5c37915b225f872222567c1c4dd4d66951aa53460c8d152ff6d60  ggml-vocab-gpt-2.gguf.out
+fedb892b4e1bd3c1f2fcdae356440b14fb458f4264d586e5c987ed93df4e174d  ggml-vocab-starcoder.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-starcoder.gguf.inp
+3ef12183c57ad076f9defd8e5eb454f509f5f0865cad35646abb4c4b2d2c5764  ggml-vocab-starcoder.gguf.out
+ac3ceda902fed91ccf74312b305d9b86c37e4f8e35fa9cc6ef3ce34fca7d4678  ggml-vocab-refact.gguf
+be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0  ggml-vocab-refact.gguf.inp
+c7e5c1c5dc1dfd3e0d56576bf699d2aca0b760b80779523ea9d323aad6cd1b88  ggml-vocab-refact.gguf.out"
+if (cd "$VOCAB_DIR" 2>/dev/null && echo "$VOCAB_SUMS" | sha256sum -c --quiet - >/dev/null 2>&1); then
+  say "$VOCAB_DIR is present and verified"
+else
+  tmp="$(mktemp -d "${TMPDIR:-/tmp}/kiln-vocab.XXXXXX")" || die "mktemp failed"
+  _WA_CLEANUP+=("$tmp")
+  say "downloading the llama-cpp-python==0.3.36 sdist (76 MB) for llama.cpp's tokenizer tests"
+  "$PYTHON" -m pip download --quiet --no-deps \
+      --disable-pip-version-check -d "$tmp" llama-cpp-python==0.3.36 >"$tmp/pip.log" 2>&1 \
+    || { [ -f "$tmp/llama_cpp_python-0.3.36.tar.gz" ] || { tail -n 20 "$tmp/pip.log" >&2; die "pip download of the llama-cpp-python sdist failed"; }; }
+  got="$(sha256 "$tmp/llama_cpp_python-0.3.36.tar.gz")"
+  [ "$got" = "$VOCAB_SDIST_SHA256" ] || die "llama_cpp_python-0.3.36.tar.gz has sha256 $got, expected $VOCAB_SDIST_SHA256"
+  mkdir -p "$tmp/out"
+  echo "$VOCAB_SUMS" | awk '{print $2}' | "$PYTHON" -c '
+import sys, tarfile
+names = set(l.strip() for l in sys.stdin if l.strip())
+prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+with tarfile.open(sys.argv[1]) as t:
+    for m in t.getmembers():
+        if m.name.startswith(prefix) and m.name[len(prefix):] in names:
+            with t.extractfile(m) as src, open(sys.argv[2] + "/" + m.name[len(prefix):], "wb") as dst:
+                dst.write(src.read())
+' "$tmp/llama_cpp_python-0.3.36.tar.gz" "$tmp/out" || die "cannot extract the vocabularies"
+  (cd "$tmp/out" && echo "$VOCAB_SUMS" | sha256sum -c --quiet -) || die "an extracted vocabulary does not match its pinned sha256"
+  rm -rf "$VOCAB_DIR" && mkdir -p "$(dirname "$VOCAB_DIR")" && mv "$tmp/out" "$VOCAB_DIR"
+  echo "llama.cpp's tokenizer test vocabularies (MIT), from the llama-cpp-python 0.3.36 sdist." > "$VOCAB_DIR/NOTICE"
+  say "installed $VOCAB_DIR"
+fi
+
 # --- EmbeddingGemma-300m: a sentence-transformers directory (its own script, 25 wheels) ---------
 "$ROOT/scripts/fetch-embeddinggemma.sh" "$DEST"
 
