@@ -66,7 +66,7 @@ fn mutate(seed: &[u8], rng: &mut SplitMix64, hot: usize) -> Vec<u8> {
             break;
         }
         // Most mutations land in the first `hot` bytes (the header), where the parsing is.
-        let span = if rng.next_u64() % 4 == 0 {
+        let span = if rng.next_u64().is_multiple_of(4) {
             b.len()
         } else {
             hot.min(b.len())

@@ -243,6 +243,15 @@ fn head_norm_backward(
     Ok((dy.reshape((n, width))?, dw))
 }
 
+/// An optional norm of the block in the backward: its name, weight, saved input, and whether
+/// it normalises each head separately (QK-norm).
+struct SavedNorm<'a> {
+    name: &'static str,
+    weight: Option<&'a Tensor>,
+    input: Option<Tensor>,
+    per_head: bool,
+}
+
 /// What one block's forward keeps for its backward.
 pub(crate) struct BlockActs {
     x: Tensor, // (n, d) block input
@@ -418,24 +427,21 @@ impl Block {
     /// Backward of an optional norm: the gradient of its input, its weight's gradient added.
     fn norm_backward(
         &self,
-        name: &str,
-        w: Option<&Tensor>,
-        input: Option<Tensor>,
+        norm: SavedNorm,
         d: Tensor,
-        per_head: bool,
         pass: &Pass,
         grads: &mut Grads,
     ) -> Result<Tensor, ModelError> {
-        let (Some(w), Some(input)) = (w, input) else {
+        let (Some(w), Some(input)) = (norm.weight, norm.input) else {
             return Ok(d);
         };
-        let (dx, dw) = if per_head {
+        let (dx, dw) = if norm.per_head {
             head_norm_backward(&input, w, &d, pass.eps)?
         } else {
             k::rms_norm_backward(&input, w, &d, pass.eps)?
         };
         if pass.train_base {
-            grads.accumulate(&self.name(name), &dw)?;
+            grads.accumulate(&self.name(norm.name), &dw)?;
         }
         Ok(dx)
     }
@@ -458,11 +464,13 @@ impl Block {
             None => dout.clone(),
         };
         let dffn = self.norm_backward(
-            "post_ffn_norm.weight",
-            self.post_ffn_norm.as_ref(),
-            a.down_pre_norm,
+            SavedNorm {
+                name: "post_ffn_norm.weight",
+                weight: self.post_ffn_norm.as_ref(),
+                input: a.down_pre_norm,
+                per_head: false,
+            },
             dffn,
-            false,
             pass,
             grads,
         )?;
@@ -482,11 +490,13 @@ impl Block {
             None => dh.clone(),
         };
         let dattn_out = self.norm_backward(
-            "post_attention_norm.weight",
-            self.post_attention_norm.as_ref(),
-            a.o_pre_norm,
+            SavedNorm {
+                name: "post_attention_norm.weight",
+                weight: self.post_attention_norm.as_ref(),
+                input: a.o_pre_norm,
+                per_head: false,
+            },
             dattn_out,
-            false,
             pass,
             grads,
         )?;
@@ -506,20 +516,24 @@ impl Block {
         let dk = pass.merge_heads(&pass.rope(&dk, &self.attn, true)?)?;
         debug_assert_eq!(dk.dim(1)?, hkv * pass.heads.hd);
         let dq = self.norm_backward(
-            "attention.q_norm.weight",
-            self.q_norm.as_ref(),
-            a.q_pre_norm,
+            SavedNorm {
+                name: "attention.q_norm.weight",
+                weight: self.q_norm.as_ref(),
+                input: a.q_pre_norm,
+                per_head: true,
+            },
             dq,
-            true,
             pass,
             grads,
         )?;
         let dk = self.norm_backward(
-            "attention.k_norm.weight",
-            self.k_norm.as_ref(),
-            a.k_pre_norm,
+            SavedNorm {
+                name: "attention.k_norm.weight",
+                weight: self.k_norm.as_ref(),
+                input: a.k_pre_norm,
+                per_head: true,
+            },
             dk,
-            true,
             pass,
             grads,
         )?;

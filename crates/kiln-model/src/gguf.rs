@@ -333,15 +333,13 @@ pub fn is_gguf(path: &Path) -> bool {
 }
 
 /// The file's header ([`kiln_gguf::read_header`]) with every tensor's type and extent checked.
-fn scan_tensors(
-    buf: &[u8],
-) -> Result<
-    (
-        BTreeMap<String, GgufValue>,
-        BTreeMap<String, GgufTensorInfo>,
-    ),
-    String,
-> {
+/// A file's metadata and its checked tensor table.
+type ScannedHeader = (
+    BTreeMap<String, GgufValue>,
+    BTreeMap<String, GgufTensorInfo>,
+);
+
+fn scan_tensors(buf: &[u8]) -> Result<ScannedHeader, String> {
     let header = kiln_gguf::read_header(buf).map_err(|e| e.0)?;
     let data_start = header.data_start;
     let raw = header

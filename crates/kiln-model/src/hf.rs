@@ -441,11 +441,7 @@ impl HfConfig {
             }
         }
         let d = self.hidden_size;
-        let natural_head_dim = if self.num_attention_heads == 0 {
-            0
-        } else {
-            d / self.num_attention_heads
-        };
+        let natural_head_dim = d.checked_div(self.num_attention_heads).unwrap_or(0);
         let head_dim = self.head_dim.filter(|&hd| hd != natural_head_dim);
         let full_head_dim = head_dim.unwrap_or(natural_head_dim);
         let rotary_dim = partial_rotary_factor

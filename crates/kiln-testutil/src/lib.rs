@@ -264,6 +264,34 @@ pub fn test_asset(relative: &str) -> std::path::PathBuf {
     p
 }
 
+/// Central differences of `loss` at a few `elements` of one parameter tensor (its values
+/// `original`, written back through `set`), against the `analytic` gradient. Returns the worst
+/// symmetric relative error `|g - num| / max(|g| + |num|, 1e-6)`; the parameter is restored.
+pub fn finite_difference_error(
+    original: &[f64],
+    analytic: &[f64],
+    set: &dyn Fn(&[f64]),
+    loss: &dyn Fn() -> f64,
+    elements: &[usize],
+) -> f64 {
+    let eps = 1e-5;
+    let mut worst: f64 = 0.0;
+    for &i in elements {
+        let i = i % original.len();
+        let at = |delta: f64| {
+            let mut v = original.to_vec();
+            v[i] += delta;
+            set(&v);
+            loss()
+        };
+        let num = (at(eps) - at(-eps)) / (2.0 * eps);
+        set(original);
+        let err = (analytic[i] - num).abs() / (analytic[i].abs() + num.abs()).max(1e-6);
+        worst = worst.max(err);
+    }
+    worst
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,32 +333,4 @@ mod tests {
         let err = gradcheck(|xs| xs[0].sqr()?.detach().add(&xs[0]), &[x], &[0], 1e-6).unwrap();
         assert!(err > 1e-2, "err {err}");
     }
-}
-
-/// Central differences of `loss` at a few `elements` of one parameter tensor (its values
-/// `original`, written back through `set`), against the `analytic` gradient. Returns the worst
-/// symmetric relative error `|g - num| / max(|g| + |num|, 1e-6)`; the parameter is restored.
-pub fn finite_difference_error(
-    original: &[f64],
-    analytic: &[f64],
-    set: &dyn Fn(&[f64]),
-    loss: &dyn Fn() -> f64,
-    elements: &[usize],
-) -> f64 {
-    let eps = 1e-5;
-    let mut worst: f64 = 0.0;
-    for &i in elements {
-        let i = i % original.len();
-        let at = |delta: f64| {
-            let mut v = original.to_vec();
-            v[i] += delta;
-            set(&v);
-            loss()
-        };
-        let num = (at(eps) - at(-eps)) / (2.0 * eps);
-        set(original);
-        let err = (analytic[i] - num).abs() / (analytic[i].abs() + num.abs()).max(1e-6);
-        worst = worst.max(err);
-    }
-    worst
 }
