@@ -18,11 +18,15 @@ pub enum LoadError {
     ModelSection(String),
     #[error("{}: {msg}", .path.display())]
     Checkpoint { path: PathBuf, msg: String },
-    #[error("{}: {source}", .path.display())]
+    /// The OS error is part of the message, not a `source`, so a chain prints it once.
+    #[error("{}: {cause}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+    /// An export option that cannot be carried out (a type kiln cannot write, ...).
+    #[error("{0}")]
+    Export(String),
     #[error("no tokenizer found for {}; looked for {}", .model.display(), .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     NoTokenizer {
         model: PathBuf,
@@ -48,7 +52,7 @@ impl LoadError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         LoadError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }
     }
 }

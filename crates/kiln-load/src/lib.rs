@@ -18,6 +18,7 @@
 pub mod adapter;
 pub mod checkpoint;
 mod error;
+pub mod export;
 mod format;
 mod infer;
 mod resolve;
