@@ -3,6 +3,7 @@
 
     cargo build --release && scripts/fetch-test-assets.sh && bench/reference/build-llama-cpp.sh
     python3 bench/reference/compare_llama_bench.py [--threads 2] [--rounds 3] [--batches 1,4,16]
+    python3 bench/reference/compare_llama_bench.py --models A.gguf,B.gguf    (any files, as they are)
 
 Makes the files into .cache/bench/ from the shipped SmolLM2-135M-Instruct Q4_1: Q4_K_M with
 llama.cpp's `llama-quantize --allow-requantize` (what the issue measured), Q8_0 and F16 with
@@ -71,10 +72,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--only", default="", help="comma-separated substrings of the file names to run")
+    ap.add_argument("--models", default="",
+                    help="comma-separated GGUF files to compare as they are, instead of the SmolLM2 set")
     a = ap.parse_args()
     cache = os.path.join(ROOT, ".cache", "bench")
     os.makedirs(cache, exist_ok=True)
-    files = make_files(cache)
+    if a.models:
+        files = {os.path.basename(p): p for p in a.models.split(",")}
+    else:
+        files = make_files(cache)
     if a.only:
         files = {k: v for k, v in files.items() if any(s in k for s in a.only.split(","))}
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
