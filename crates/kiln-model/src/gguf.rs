@@ -237,12 +237,42 @@ pub fn gguf_architecture(cfg: &ModelConfig) -> Option<&'static str> {
         Family::Qwen2 => Some("qwen2"),
         Family::Qwen3 => Some("qwen3"),
         Family::Gemma3 => Some("gemma3"),
-        Family::Phi3 | Family::SmolLm3 => None,
+        Family::Phi3 => Some("phi3"),
+        Family::SmolLm3 => None,
     }
 }
 
 /// The architectures kiln reads from GGUF.
-pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
+pub const GGUF_ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "gemma3", "phi3"];
+
+/// Where kiln tensor `kiln` lies in a GGUF of `cfg`'s architecture: its tensor name and, for
+/// Phi-3's fused `attn_qkv` (Q|K|V) and `ffn_up` (gate|up), the block of rows that is it.
+pub fn gguf_source(cfg: &ModelConfig, kiln: &str) -> Option<(String, Option<(usize, usize)>)> {
+    if gguf_architecture(cfg) == Some("phi3") {
+        if let Some((layer, tail)) = kiln.strip_prefix("layers.").and_then(|r| r.split_once('.')) {
+            let (h, hkv, hd, f) = (cfg.n_heads, cfg.n_kv_heads(), cfg.head_dim(), cfg.ffn_dim());
+            let fused = match tail {
+                "attention.wq.weight" => Some(("attn_qkv", 0, h * hd)),
+                "attention.wk.weight" => Some(("attn_qkv", h * hd, hkv * hd)),
+                "attention.wv.weight" => Some(("attn_qkv", (h + hkv) * hd, hkv * hd)),
+                "feed_forward.w1.weight" => Some(("ffn_up", 0, f)),
+                "feed_forward.w3.weight" => Some(("ffn_up", f, f)),
+                _ => None,
+            };
+            if let Some((name, start, len)) = fused {
+                return Some((format!("blk.{layer}.{name}.weight"), Some((start, len))));
+            }
+        }
+    }
+    gguf_name(kiln).map(|g| (g, None))
+}
+
+/// Tensors that carry RoPE scaling rather than weights.
+const ROPE_TENSORS: [&str; 3] = [
+    "rope_freqs.weight",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+];
 
 /// The number of heads whose rows llama.cpp permutes in this (kiln-named) tensor, if any. Only
 /// its `llama` architecture is converted to the interleaved RoPE layout; Qwen and Gemma keep
@@ -523,7 +553,7 @@ impl GgufFile {
         };
         let hd = head_dim.unwrap_or(dim / n_heads.max(1));
         if let Some(rope_dim) = self.meta_u64(&key("rope.dimension_count"))? {
-            if rope_dim as usize != hd && arch != "gemma3" {
+            if rope_dim as usize != hd && !matches!(arch.as_str(), "gemma3" | "phi3") {
                 return Err(self.err(format!(
                     "{} = {rope_dim} but the head size is {hd}: partial rotary embeddings are not supported",
                     key("rope.dimension_count")
@@ -619,41 +649,93 @@ impl GgufFile {
                     .unwrap_or(1e-6),
                 ..cfg
             },
+            // Phi-3: partial rotary, LongRoPE from its two factor tensors, a window on every
+            // layer (Phi-3-mini-4k); Q|K|V and gate|up are fused in the file (gguf_source).
+            "phi3" => {
+                let rot = self
+                    .meta_u64(&key("rope.dimension_count"))?
+                    .map(|r| r as usize)
+                    .filter(|&r| r != cfg.head_dim());
+                let long = self.vector("rope_factors_long.weight")?;
+                let short = self.vector("rope_factors_short.weight")?;
+                let rope_scaling = match (long, short) {
+                    (Some(long_factor), Some(short_factor)) => Some(RopeScaling::Longrope {
+                        short_factor,
+                        long_factor,
+                        original_max_position_embeddings: self
+                            .meta_u64(&key("rope.scaling.original_context_length"))?
+                            .map_or(max_seq_len, |v| v as usize),
+                        attention_factor: self
+                            .meta_f64(&key("rope.scaling.attn_factor"))?
+                            .unwrap_or(1.0),
+                    }),
+                    (None, None) => cfg.rope_scaling.clone(),
+                    _ => {
+                        return Err(self
+                            .err("a Phi-3 file with only one of rope_factors_long/short.weight"))
+                    }
+                };
+                ModelConfig {
+                    rotary_dim: rot,
+                    rope_scaling,
+                    sliding_window: window,
+                    ..cfg
+                }
+            }
             _ => cfg,
         };
         cfg.validate().map_err(|e| self.err(e.to_string()))?;
         Ok(cfg)
     }
 
+    /// A 1-D tensor's values (RoPE factors), None when the file has no such tensor.
+    fn vector(&self, name: &str) -> Result<Option<Vec<f64>>, ModelError> {
+        let Some(info) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let bytes = &self.mmap[info.start..info.start + info.n_bytes];
+        let v = ggml_file::qtensor_from_ggml(info.dtype, bytes, info.shape.clone(), &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| self.err(format!("tensor {name:?}: {e}")))?;
+        Ok(Some(v.into_iter().map(f64::from).collect()))
+    }
+
     /// Checks that the file's tensors are exactly the ones `cfg` needs, with its shapes.
     pub fn check_tensors(&self, cfg: &ModelConfig) -> Result<(), ModelError> {
         let expected = layout(cfg);
+        let mut known = std::collections::BTreeSet::new();
         for (name, shape, _) in &expected {
-            let g = gguf_name(name).expect("every kiln tensor has a GGUF name");
-            match self.tensors.get(&g) {
-                None => return Err(self.err(format!("missing tensor {g:?} (kiln {name:?})"))),
-                Some(t) if &t.shape != shape => {
-                    return Err(self.err(format!(
-                        "tensor {g:?} has shape {:?} but the config needs {shape:?}",
-                        t.shape
-                    )))
+            let (g, rows) = gguf_source(cfg, name).expect("every kiln tensor has a GGUF name");
+            let Some(t) = self.tensors.get(&g) else {
+                return Err(self.err(format!("missing tensor {g:?} (kiln {name:?})")));
+            };
+            let fits = match rows {
+                None => &t.shape == shape,
+                Some((start, len)) => {
+                    t.shape.len() == 2
+                        && t.shape[0] >= start + len
+                        && t.shape[1] == shape[1]
+                        && len == shape[0]
                 }
-                Some(_) => {}
+            };
+            if !fits {
+                return Err(self.err(format!(
+                    "tensor {g:?} has shape {:?} but the config needs {shape:?}{}",
+                    t.shape,
+                    rows.map(|(s, l)| format!(" in rows {s}..{}", s + l))
+                        .unwrap_or_default()
+                )));
             }
+            known.insert(g);
         }
-        if self.tensors.len() != expected.len() {
-            let known: std::collections::BTreeSet<String> = expected
-                .iter()
-                .filter_map(|(n, _, _)| gguf_name(n))
-                .collect();
-            let extra: Vec<&String> = self
-                .tensors
-                .keys()
-                .filter(|k| !known.contains(*k) && k.as_str() != "rope_freqs.weight")
-                .collect();
-            if !extra.is_empty() {
-                return Err(self.err(format!("unexpected tensors for this config: {extra:?}")));
-            }
+        let extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !known.contains(*k) && !ROPE_TENSORS.contains(&k.as_str()))
+            .collect();
+        if !extra.is_empty() {
+            return Err(self.err(format!("unexpected tensors for this config: {extra:?}")));
         }
         Ok(())
     }
@@ -661,20 +743,28 @@ impl GgufFile {
     /// One tensor, still quantised, under its kiln name and in kiln's layout (Q/K rows
     /// un-permuted). Call [`check_tensors`](Self::check_tensors) first.
     pub fn qtensor(&self, cfg: &ModelConfig, kiln: &str) -> Result<QTensor, ModelError> {
-        let g = gguf_name(kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
+        let (g, rows) =
+            gguf_source(cfg, kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
         let info = self
             .tensors
             .get(&g)
             .ok_or_else(|| self.err(format!("missing tensor {g:?}")))?;
-        let bytes = &self.mmap[info.start..info.start + info.n_bytes];
+        let mut bytes = &self.mmap[info.start..info.start + info.n_bytes];
+        let mut shape = info.shape.clone();
+        if let Some((start, len)) = rows {
+            // Blocks run along rows, so a block of rows is a byte range, quantised or not.
+            let row_bytes = info.n_bytes / info.shape[0];
+            bytes = &bytes[start * row_bytes..(start + len) * row_bytes];
+            shape[0] = len;
+        }
         let data = match rope_heads(cfg, kiln) {
             Some(heads) => {
-                let rows = info.shape[0];
-                std::borrow::Cow::Owned(permute_rope_rows(bytes, heads, info.n_bytes / rows, true))
+                let rows = shape[0];
+                std::borrow::Cow::Owned(permute_rope_rows(bytes, heads, bytes.len() / rows, true))
             }
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        ggml_file::qtensor_from_ggml(info.dtype, &data, info.shape.clone(), &Device::Cpu)
+        ggml_file::qtensor_from_ggml(info.dtype, &data, shape, &Device::Cpu)
             .map_err(|e| self.err(format!("tensor {g:?}: {e}")))
     }
 
@@ -809,6 +899,21 @@ pub fn model_metadata(
             GgufValue::F32((1.0 / q.sqrt()) as f32),
         ));
     }
+    if let Some(RopeScaling::Longrope {
+        original_max_position_embeddings,
+        attention_factor,
+        ..
+    }) = cfg.rope_scaling
+    {
+        m.push((
+            key("rope.scaling.original_context_length"),
+            u32v(original_max_position_embeddings),
+        ));
+        m.push((
+            key("rope.scaling.attn_factor"),
+            GgufValue::F32(attention_factor as f32),
+        ));
+    }
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
         m.push((key("rope.scaling.type"), GgufValue::String("linear".into())));
         m.push((key("rope.scaling.factor"), GgufValue::F32(factor as f32)));
@@ -884,9 +989,37 @@ pub fn write_gguf(
         msg,
     };
     let mut tensors = Vec::new();
+    // Phi-3's fused tensors: their row blocks, gathered by file name.
+    let mut fused: BTreeMap<String, Vec<(usize, String, Tensor)>> = BTreeMap::new();
     for (name, _, _) in layout(cfg) {
         let t = params.tensor(&name)?;
-        tensors.push(export_tensor(cfg, &name, &t, types)?);
+        match gguf_source(cfg, &name) {
+            Some((g, Some((start, _)))) => fused.entry(g).or_default().push((start, name, t)),
+            _ => tensors.push(export_tensor(cfg, &name, &t, types)?),
+        }
+    }
+    for (g, mut parts) in fused {
+        parts.sort_by_key(|(start, _, _)| *start);
+        let first = parts[0].1.clone();
+        let whole: Vec<Tensor> = parts.into_iter().map(|(_, _, t)| t).collect();
+        let (_, q) = export_tensor(cfg, &first, &Tensor::cat(&whole, 0)?, types)?;
+        tensors.push((g, q));
+    }
+    if let Some(RopeScaling::Longrope {
+        short_factor,
+        long_factor,
+        ..
+    }) = &cfg.rope_scaling
+    {
+        for (name, f) in [
+            ("rope_factors_long.weight", long_factor),
+            ("rope_factors_short.weight", short_factor),
+        ] {
+            let v: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+            let n = v.len();
+            let t = Tensor::from_vec(v, n, &Device::Cpu)?;
+            tensors.push((name.into(), QTensor::quantize(&t, GgmlDType::F32)?));
+        }
     }
     // Llama 3.1-style scaling (and factors read from a GGUF) go in llama.cpp's tensor.
     if let Some(rs @ (RopeScaling::Llama3 { .. } | RopeScaling::Factors { .. })) = &cfg.rope_scaling
