@@ -172,12 +172,68 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f64,
     },
+    /// YaRN (Peng et al. 2023, transformers' `_compute_yarn_parameters`): low frequencies
+    /// interpolated (divided by `factor`), high ones kept, a linear ramp between the dimensions
+    /// that turn `beta_fast` and `beta_slow` times over the original context; cos and sin
+    /// multiplied by `attention_factor` (`0.1 ln(factor) + 1` by default).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        /// Round the ramp's ends to whole dimensions (transformers' default).
+        truncate: bool,
+    },
 }
 
 impl RopeScaling {
-    /// The scaled inverse frequencies (transformers' `_compute_*_parameters`).
-    pub fn apply(&self, inv_freq: &mut [f64]) {
+    /// The factor on cos and sin (LongRoPE's and YaRN's attention factor; 1 otherwise).
+    pub fn magnitude(&self) -> f64 {
         match *self {
+            RopeScaling::Longrope {
+                attention_factor, ..
+            }
+            | RopeScaling::Yarn {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The scaled inverse frequencies (transformers' `_compute_*_parameters`) of a RoPE with
+    /// base `theta` over `2 * inv_freq.len()` dimensions.
+    pub fn apply(&self, inv_freq: &mut [f64], theta: f64) {
+        match *self {
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                let dim = (2 * inv_freq.len()) as f64;
+                let original = original_max_position_embeddings as f64;
+                // The dimension whose wavelength turns `rotations` times over the context.
+                let dim_of = |rotations: f64| {
+                    dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (dim_of(beta_fast), dim_of(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp; // extrapolation: the frequency unchanged
+                    *f = *f / factor * (1.0 - keep) + *f * keep;
+                }
+            }
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Llama3 {
                 factor,
@@ -218,7 +274,7 @@ impl RopeScaling {
             .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
             .collect();
         let mut scaled = base.clone();
-        self.apply(&mut scaled);
+        self.apply(&mut scaled, theta);
         base.iter().zip(&scaled).map(|(b, s)| b / s).collect()
     }
 }
@@ -514,6 +570,24 @@ impl ModelConfig {
                     "model.rope_scaling: longrope needs {} short and long factors (rotary dim / 2) and a positive attention_factor",
                     self.rotary_dim() / 2
                 ))
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            }) if *factor <= 0.0
+                || *original_max_position_embeddings == 0
+                || beta_fast <= beta_slow
+                || *beta_slow <= 0.0
+                || !(attention_factor.is_finite() && *attention_factor > 0.0) =>
+            {
+                return bad(
+                    "model.rope_scaling: yarn needs factor > 0, an original context, beta_fast > beta_slow > 0 and a positive attention_factor"
+                        .into(),
+                )
             }
             Some(RopeScaling::Factors { factors })
                 if factors.len() != self.rotary_dim() / 2

@@ -861,6 +861,20 @@ pub fn model_metadata(
             Family::of(cfg).architecture()
         ))
     })?;
+    match &cfg.rope_scaling {
+        Some(RopeScaling::Yarn { .. }) => {
+            return Err(ModelError::Config(
+                "kiln does not write YaRN RoPE scaling to GGUF yet (export with --format hf)"
+                    .into(),
+            ))
+        }
+        Some(RopeScaling::Longrope { .. }) if arch != "phi3" => {
+            return Err(ModelError::Config(format!(
+                "LongRoPE scaling has no GGUF form for {arch} (llama.cpp reads it for phi3 only)"
+            )))
+        }
+        _ => {}
+    }
     let u32v = |x: usize| GgufValue::U32(x as u32);
     let key = |k: &str| format!("{arch}.{k}");
     let mut m = vec![

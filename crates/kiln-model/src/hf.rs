@@ -220,6 +220,15 @@ pub fn supported_architectures() -> String {
         .join(", ")
 }
 
+/// YaRN's default attention factor (transformers' `yarn_get_mscale`).
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
 fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScaling>, String> {
     let obj = match v {
         serde_json::Value::Null => return Ok(None),
@@ -238,6 +247,25 @@ fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScalin
     };
     match ty {
         "default" => Ok(None),
+        "yarn" => {
+            let factor = num("factor")?;
+            let opt = |k: &str| obj.get(k).and_then(|x| x.as_f64());
+            Ok(Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: num("original_max_position_embeddings")?
+                    as usize,
+                beta_fast: opt("beta_fast").unwrap_or(32.0),
+                beta_slow: opt("beta_slow").unwrap_or(1.0),
+                attention_factor: match (opt("attention_factor"), opt("mscale"), opt("mscale_all_dim")) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                        yarn_mscale(factor, m) / yarn_mscale(factor, all)
+                    }
+                    _ => yarn_mscale(factor, 1.0),
+                },
+                truncate: obj.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
+            }))
+        }
         "longrope" => {
             let list = |k: &str| -> Result<Vec<f64>, String> {
                 obj.get(k)
@@ -269,7 +297,7 @@ fn rope_from_json(v: &serde_json::Value, what: &str) -> Result<Option<RopeScalin
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
         other => Err(format!(
-            "{what}: RoPE type {other:?} is not supported (kiln supports default, linear, llama3 and longrope)"
+            "{what}: RoPE type {other:?} is not supported (kiln supports default, linear, llama3, longrope and yarn)"
         )),
     }
 }
@@ -779,6 +807,19 @@ pub fn hf_config_json(
             "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
             "original_max_position_embeddings": original_max_position_embeddings,
             "attention_factor": attention_factor,
+        }),
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => serde_json::json!({
+            "rope_type": "yarn", "factor": factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "beta_fast": beta_fast, "beta_slow": beta_slow,
+            "attention_factor": attention_factor, "truncate": truncate,
         }),
         // transformers has no per-frequency factors; save_hf_weights refuses these.
         Some(RopeScaling::Factors { .. }) => serde_json::Value::Null,

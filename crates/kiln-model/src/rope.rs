@@ -1,5 +1,6 @@
 //! RoPE cos/sin tables for a model config: `angle[p, i] = p * inv_freq[i]` with
-//! `inv_freq[i] = theta^(-2i / rotary_dim)`, rescaled by the checkpoint's `rope_scaling`.
+//! `inv_freq[i] = theta^(-2i / rotary_dim)`, rescaled by the checkpoint's `rope_scaling` (and
+//! cos/sin multiplied by LongRoPE's or YaRN's attention factor).
 //! Sliding layers of Gemma 3 use their own base (`rope_local_theta`) and no scaling.
 
 use candle_core::{DType, Device, Tensor};
@@ -68,17 +69,16 @@ fn tables(
     let mut long = None;
     let mut magnitude = 1.0;
     if let Some(s) = scaling {
-        s.apply(&mut inv_freq);
+        s.apply(&mut inv_freq, theta);
+        magnitude = s.magnitude();
         if let RopeScaling::Longrope {
             long_factor,
             original_max_position_embeddings,
-            attention_factor,
             ..
         } = s
         {
             let freqs: Vec<f64> = base.iter().zip(long_factor).map(|(f, l)| f / l).collect();
             long = Some((*original_max_position_embeddings, freqs));
-            magnitude = *attention_factor;
         }
     }
     let n = cfg.max_seq_len;

@@ -16,7 +16,15 @@ use kiln_model::hf::{load_hf_dir, save_hf_weights, Family, HfConfig};
 use kiln_model::{CausalLm, KvCache, Llama, LoraSpec, ModelConfig, Params};
 use serde::Deserialize;
 
-const FAMILIES: [&str; 6] = ["qwen2", "qwen3", "gemma3", "mistral", "phi3", "smollm3"];
+const FAMILIES: [&str; 7] = [
+    "qwen2",
+    "qwen3",
+    "qwen3_yarn",
+    "gemma3",
+    "mistral",
+    "phi3",
+    "smollm3",
+];
 
 #[derive(Deserialize)]
 struct Reference {
@@ -417,4 +425,31 @@ fn gguf_export_reads_back_to_the_same_logits() {
         err.contains("SmolLM3ForCausalLM") && err.contains("--format hf"),
         "{err}"
     );
+}
+
+#[test]
+fn yarn_frequencies_and_attention_factor_are_transformers() {
+    let d = dir("qwen3_yarn");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let (cfg, _) = load_hf_dir(&d, &Device::Cpu).unwrap();
+    let scaling = cfg.rope_scaling.clone().expect("yarn");
+    let want: Vec<f64> = serde_json::from_value(r["rope_inv_freq"].clone()).unwrap();
+    let half = cfg.rotary_dim() / 2;
+    let mut inv: Vec<f64> = (0..half)
+        .map(|i| {
+            cfg.rope_theta
+                .powf(-((2 * i) as f64) / cfg.rotary_dim() as f64)
+        })
+        .collect();
+    scaling.apply(&mut inv, cfg.rope_theta);
+    for (i, (a, b)) in inv.iter().zip(&want).enumerate() {
+        // transformers computes in f32.
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "inv_freq[{i}]: kiln {a}, transformers {b}"
+        );
+    }
+    let factor = r["rope_attention_scaling"].as_f64().unwrap();
+    assert!((scaling.magnitude() - factor).abs() < 1e-12);
 }
