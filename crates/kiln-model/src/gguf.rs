@@ -229,26 +229,30 @@ pub fn kiln_name(gguf: &str) -> Option<String> {
     Some(format!("layers.{i}.{k}"))
 }
 
-/// llama.cpp's `general.architecture` for a config, None for a family kiln does not write
-/// to GGUF yet.
-pub fn gguf_architecture(cfg: &ModelConfig) -> Option<&'static str> {
+/// llama.cpp's `general.architecture` for a config (what a GGUF export writes).
+pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
     match Family::of(cfg) {
-        Family::Llama | Family::Mistral => Some("llama"),
-        Family::Qwen2 => Some("qwen2"),
-        Family::Qwen3 => Some("qwen3"),
-        Family::Gemma3 => Some("gemma3"),
-        Family::Phi3 => Some("phi3"),
-        Family::SmolLm3 => None,
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+        Family::Gemma3 => "gemma3",
+        Family::Phi3 => "phi3",
+        Family::SmolLm3 => "smollm3",
     }
 }
 
+/// llama.cpp's SmolLM3: no RoPE on every 4th layer (`(i + 1) % 4 == 0`), fixed in its code.
+fn smollm3_nope_layers(n_layers: usize) -> Vec<usize> {
+    (0..n_layers).filter(|i| (i + 1) % 4 == 0).collect()
+}
+
 /// The architectures kiln reads from GGUF.
-pub const GGUF_ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "gemma3", "phi3"];
+pub const GGUF_ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3"];
 
 /// Where kiln tensor `kiln` lies in a GGUF of `cfg`'s architecture: its tensor name and, for
 /// Phi-3's fused `attn_qkv` (Q|K|V) and `ffn_up` (gate|up), the block of rows that is it.
 pub fn gguf_source(cfg: &ModelConfig, kiln: &str) -> Option<(String, Option<(usize, usize)>)> {
-    if gguf_architecture(cfg) == Some("phi3") {
+    if gguf_architecture(cfg) == "phi3" {
         if let Some((layer, tail)) = kiln.strip_prefix("layers.").and_then(|r| r.split_once('.')) {
             let (h, hkv, hd, f) = (cfg.n_heads, cfg.n_kv_heads(), cfg.head_dim(), cfg.ffn_dim());
             let fused = match tail {
@@ -278,7 +282,7 @@ const ROPE_TENSORS: [&str; 3] = [
 /// its `llama` architecture is converted to the interleaved RoPE layout; Qwen and Gemma keep
 /// HF's half-split rows (llama.cpp's NEOX RoPE).
 fn rope_heads(cfg: &ModelConfig, kiln: &str) -> Option<usize> {
-    if gguf_architecture(cfg) != Some("llama") {
+    if !matches!(gguf_architecture(cfg), "llama" | "smollm3") {
         None
     } else if kiln.ends_with("attention.wq.weight") {
         Some(cfg.n_heads)
@@ -511,7 +515,6 @@ impl GgufFile {
             let why = match arch.as_str() {
                 "gemma2" => " (kiln does not implement attention logit soft-capping yet)",
                 "phi3" => " (kiln reads Phi-3 from its HF directory; not from GGUF yet)",
-                "smollm3" => " (kiln reads SmolLM3 from its HF directory; not from GGUF yet)",
                 a if a.contains("moe") || a == "mixtral" => " (mixture-of-experts layers)",
                 _ => "",
             };
@@ -682,6 +685,10 @@ impl GgufFile {
                     ..cfg
                 }
             }
+            "smollm3" => ModelConfig {
+                nope_layers: smollm3_nope_layers(cfg.n_layers),
+                ..cfg
+            },
             _ => cfg,
         };
         cfg.validate().map_err(|e| self.err(e.to_string()))?;
@@ -855,18 +862,19 @@ pub fn model_metadata(
     cfg: &ModelConfig,
     name: &str,
 ) -> Result<Vec<(String, GgufValue)>, ModelError> {
-    let arch = gguf_architecture(cfg).ok_or_else(|| {
-        ModelError::Config(format!(
-            "kiln cannot write {} models to GGUF yet (export them with --format hf)",
-            Family::of(cfg).architecture()
-        ))
-    })?;
+    let arch = gguf_architecture(cfg);
     match &cfg.rope_scaling {
         Some(RopeScaling::Yarn { .. }) => {
             return Err(ModelError::Config(
                 "kiln does not write YaRN RoPE scaling to GGUF yet (export with --format hf)"
                     .into(),
             ))
+        }
+        _ if arch == "smollm3" && cfg.nope_layers != smollm3_nope_layers(cfg.n_layers) => {
+            return Err(ModelError::Config(format!(
+                "llama.cpp's smollm3 has no RoPE on every 4th layer only; this model's NoPE layers are {:?} (export with --format hf)",
+                cfg.nope_layers
+            )))
         }
         Some(RopeScaling::Longrope { .. }) if arch != "phi3" => {
             return Err(ModelError::Config(format!(
