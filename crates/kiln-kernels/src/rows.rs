@@ -89,3 +89,26 @@ pub fn gelu_tanh_gate_rows(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .map(|(&g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u)
         .collect()
 }
+
+/// Runs `f` on the values of `t` (any shape, read in row-major order) as `f32`: borrowed
+/// straight from the storage of a contiguous f32 CPU tensor (norm weights, biases, a RoPE table
+/// row), so the decode loop copies nothing; converted into a temporary otherwise.
+pub fn with_values<R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(f(&v))
+}

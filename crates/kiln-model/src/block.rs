@@ -22,7 +22,6 @@ use kiln_kernels::rows;
 
 use crate::config::{Activation, LayerAttention};
 use crate::linear::{dropout_mask, Linear, LinearCtx};
-use crate::model::vec_of;
 use crate::rope::RopeTables;
 use crate::{Grads, KvCache, ModelError, SplitMix64};
 use kiln_kernels::{attention, attention_backward, AttentionMask};
@@ -562,7 +561,9 @@ impl Block {
         let Heads { h, hkv, hd } = step.heads;
         let group = h / hkv;
         let mut xn = x.to_vec();
-        rows::rms_norm_rows(&mut xn, &vec_of(&self.attention_norm)?, step.eps);
+        rows::with_values(&self.attention_norm, |w| {
+            rows::rms_norm_rows(&mut xn, w, step.eps)
+        })?;
         let (mut q, mut k, v) = match &self.fused {
             Some((qkv, _)) => {
                 let y = qkv.forward_rows(&xn, m)?;
@@ -583,22 +584,22 @@ impl Block {
             ),
         };
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            rows::rms_norm_rows(&mut q, &vec_of(qn)?, step.eps);
-            rows::rms_norm_rows(&mut k, &vec_of(kn)?, step.eps);
+            rows::with_values(qn, |w| rows::rms_norm_rows(&mut q, w, step.eps))?;
+            rows::with_values(kn, |w| rows::rms_norm_rows(&mut k, w, step.eps))?;
         }
         let tables = step.rope.for_layer(self.attn.rope);
         for (i, &pos) in step.positions.iter().enumerate() {
             if let Some(t) = tables {
-                let cos = vec_of(&t.cos.get(pos)?)?;
-                let sin = vec_of(&t.sin.get(pos)?)?;
-                rows::rope_row(&mut q[i * h * hd..(i + 1) * h * hd], h, hd, &cos, &sin);
-                rows::rope_row(
+                let (q_row, k_row) = (
+                    &mut q[i * h * hd..(i + 1) * h * hd],
                     &mut k[i * hkv * hd..(i + 1) * hkv * hd],
-                    hkv,
-                    hd,
-                    &cos,
-                    &sin,
                 );
+                rows::with_values(&t.cos.get(pos)?, |cos| {
+                    rows::with_values(&t.sin.get(pos)?, |sin| {
+                        rows::rope_row(q_row, h, hd, cos, sin);
+                        rows::rope_row(k_row, hkv, hd, cos, sin);
+                    })
+                })??;
             }
             let layer = cache.layer_mut(step.rows[i], self.index);
             for g in 0..hkv {
@@ -630,11 +631,13 @@ impl Block {
         }
         let mut o = self.wo.forward_rows(&att, m)?;
         if let Some(w) = &self.post_attention_norm {
-            rows::rms_norm_rows(&mut o, &vec_of(w)?, step.eps);
+            rows::with_values(w, |w| rows::rms_norm_rows(&mut o, w, step.eps))?;
         }
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         let mut xn = x.to_vec();
-        rows::rms_norm_rows(&mut xn, &vec_of(&self.ffn_norm)?, step.eps);
+        rows::with_values(&self.ffn_norm, |w| {
+            rows::rms_norm_rows(&mut xn, w, step.eps)
+        })?;
         let (gate, up) = match &self.fused {
             Some((_, w13)) => {
                 let y = w13.forward_rows(&xn, m)?;
@@ -655,7 +658,7 @@ impl Block {
         };
         let mut down = self.w2.forward_rows(&act, m)?;
         if let Some(w) = &self.post_ffn_norm {
-            rows::rms_norm_rows(&mut down, &vec_of(w)?, step.eps);
+            rows::with_values(w, |w| rows::rms_norm_rows(&mut down, w, step.eps))?;
         }
         x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
         Ok(())

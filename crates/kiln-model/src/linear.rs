@@ -323,10 +323,11 @@ impl Linear {
     pub(crate) fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>, ModelError> {
         let mut y = self.weight.matmul_rows(x, m)?;
         if let Some(b) = &self.bias {
-            let b = crate::model::vec_of(b)?;
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
-            }
+            kiln_kernels::rows::with_values(b, |b| {
+                for row in y.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            })?;
         }
         if let Some(delta) = self.lora_delta_rows(x, m)? {
             for (y, d) in y.iter_mut().zip(delta) {

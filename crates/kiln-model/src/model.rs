@@ -609,7 +609,9 @@ impl Llama {
         for &r in rows {
             cache.advance(r, 1);
         }
-        kiln_kernels::rows::rms_norm_rows(&mut x, &vec_of(&self.norm)?, step.eps);
+        kiln_kernels::rows::with_values(&self.norm, |w| {
+            kiln_kernels::rows::rms_norm_rows(&mut x, w, step.eps)
+        })?;
         let logits = self.output.forward_rows(&x, m)?;
         Ok(Tensor::from_vec(logits, (m, cfg.vocab_size), &self.device)?)
     }
