@@ -451,3 +451,80 @@ fn yarn_frequencies_and_attention_factor_are_transformers() {
     let factor = r["rope_attention_scaling"].as_f64().unwrap();
     assert!((scaling.magnitude() - factor).abs() < 1e-12);
 }
+
+#[test]
+fn config_mistakes_are_named() {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("gemma3").join("config.json")).unwrap())
+            .unwrap();
+    let err_for = |edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = base.clone();
+        edit(&mut c);
+        std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+        HfConfig::load(tmp.path())
+            .unwrap()
+            .to_model_config(tmp.path())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err_for(&|c| c["hidden_activation"] = "relu".into());
+    assert!(
+        e.contains("\"relu\"") && e.contains("gelu_pytorch_tanh"),
+        "{e}"
+    );
+    let e = err_for(&|c| c["attn_logit_softcapping"] = 50.0.into());
+    assert!(e.contains("attn_logit_softcapping"), "{e}");
+    let e = err_for(&|c| {
+        c["layer_types"].as_array_mut().unwrap().pop();
+    });
+    assert!(e.contains("layer_types has 5 entries for 6 layers"), "{e}");
+    let e = err_for(&|c| c["layer_types"][1] = "full_attention".into());
+    assert!(e.contains("one global layer every n layers"), "{e}");
+    let e = err_for(&|c| c["rope_parameters"]["full_attention"]["rope_type"] = "dynamic".into());
+    assert!(e.contains("\"dynamic\"") && e.contains("yarn"), "{e}");
+}
+
+#[test]
+fn sentence_transformers_modules_kiln_cannot_run_are_named() {
+    use kiln_model::sentence::SentenceEncoder;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir("gemma3").join(f), d.join(f)).unwrap();
+    }
+    let modules = r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+        {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#;
+    std::fs::write(d.join("modules.json"), modules).unwrap();
+    std::fs::create_dir(d.join("1_Pooling")).unwrap();
+    let pooling = |cls: bool| {
+        format!(
+            r#"{{"pooling_mode_mean_tokens": {}, "pooling_mode_cls_token": {cls}}}"#,
+            !cls
+        )
+    };
+    std::fs::write(d.join("1_Pooling/config.json"), pooling(true)).unwrap();
+    let e = SentenceEncoder::load(d).err().unwrap().to_string();
+    assert!(
+        e.contains("1_Pooling") && e.contains("mean over tokens"),
+        "{e}"
+    );
+    // Mean pooling loads, and embeds to the trunk's width.
+    std::fs::write(d.join("1_Pooling/config.json"), pooling(false)).unwrap();
+    let enc = SentenceEncoder::load(d).unwrap();
+    assert_eq!(enc.embed(&[1, 5, 9]).unwrap().len(), 64);
+    // A dense layer with a bias is refused, naming its folder.
+    let modules = modules.replace(
+        "]",
+        r#",{"idx":2,"name":"2","path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#,
+    );
+    std::fs::write(d.join("modules.json"), modules).unwrap();
+    std::fs::create_dir(d.join("2_Dense")).unwrap();
+    std::fs::write(
+        d.join("2_Dense/config.json"),
+        r#"{"in_features": 64, "out_features": 8, "bias": true}"#,
+    )
+    .unwrap();
+    let e = SentenceEncoder::load(d).err().unwrap().to_string();
+    assert!(e.contains("2_Dense") && e.contains("bias = true"), "{e}");
+}
