@@ -53,6 +53,7 @@ fn fused(x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
         causal: true,
         segment_ids: None,
         window: None,
+        softcap: None,
     };
     let (out, lse) = attention(&x.q, &x.k, &x.v, x.scale, mask)?;
     if !backward {

@@ -4,7 +4,9 @@
 //! head `i / (h / hkv)` (GQA). Query row `i` sits at absolute position `p_i = tk - tq + i`, and
 //! key `j` is visible to it iff `(!causal || j <= p_i) && seg[j] == seg[p_i]` (the segment test
 //! only with segment ids) and, with a sliding window `w`, `|p_i - j| < w` (Mistral's and Gemma's
-//! local layers; both sides for bidirectional encoders such as EmbeddingGemma). With `s_ij = scale * q_i . k_j` over visible pairs:
+//! local layers; both sides for bidirectional encoders such as EmbeddingGemma). With `s_ij = scale * q_i . k_j` over visible pairs
+//! (soft-capped to `c tanh(s_ij / c)` when a cap `c` is set, Gemma 2; the backward then scales
+//! `g_ij` by `1 - tanh^2(s_ij / c)`, the derivative of the cap):
 //!
 //! ```text
 //! forward, key tiles T_1, T_2, ... in order (online softmax), per query row i:
@@ -53,6 +55,10 @@ pub struct AttentionMask<'a> {
     /// Sliding window: query `p` sees only keys with `|p - j| < window` (None = unlimited;
     /// causal attention has no keys after `p` anyway).
     pub window: Option<usize>,
+    /// Score soft-capping `s -> c tanh(s / c)` before the softmax (Gemma 2's
+    /// `attn_logit_softcapping`); None = plain scores. Not a mask, but it travels with one:
+    /// every caller that builds a mask for a layer knows its cap.
+    pub softcap: Option<f64>,
 }
 
 /// Query rows per block.
@@ -94,6 +100,7 @@ pub fn attention(
             causal: mask.causal,
             segment_ids: mask.segment_ids.cloned(),
             window: mask.window,
+            softcap: mask.softcap,
             lse: slot.clone(),
         };
         let out = q.contiguous()?.apply_op3_arc(
@@ -158,8 +165,8 @@ pub fn attention_backward(
             .collect::<Result<_>>()?;
         let shapes = (q.shape().clone(), k.shape().clone());
         match q.dtype() {
-            DType::F32 => backward_tensors::<f32>(&ts, &lse, &d, scale, &vis, shapes),
-            _ => backward_tensors::<f64>(&ts, &lse, &d, scale, &vis, shapes),
+            DType::F32 => backward_tensors::<f32>(&ts, &lse, &d, scale, mask.softcap, &vis, shapes),
+            _ => backward_tensors::<f64>(&ts, &lse, &d, scale, mask.softcap, &vis, shapes),
         }
     } else {
         let g = autograd_vjp(
@@ -280,6 +287,12 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &AttentionMask) -
     if mask.window == Some(0) {
         bail!("attention: a sliding window must hold at least one key")
     }
+    if mask.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+        bail!(
+            "attention: a soft cap must be positive and finite, got {:?}",
+            mask.softcap
+        )
+    }
     if let Some(seg) = mask.segment_ids {
         if seg.dims() != [b, tk] {
             bail!(
@@ -322,6 +335,9 @@ fn reference_parts(
     };
     let (kx, vx) = (expand(k)?, expand(v)?);
     let mut s = (q.contiguous()?.matmul(&kx.t()?)? * scale)?; // (b, h, tq, tk)
+    if let Some(cap) = mask.softcap {
+        s = ((s / cap)?.tanh()? * cap)?;
+    }
     if mask.causal || mask.segment_ids.is_some() || mask.window.is_some() {
         let seg = segment_vec(mask)?;
         let mut bias = vec![0f32; d.b * d.tq * d.tk];
@@ -362,6 +378,7 @@ struct FusedAttention {
     causal: bool,
     segment_ids: Option<Tensor>,
     window: Option<usize>,
+    softcap: Option<f64>,
     lse: Arc<Mutex<Option<Tensor>>>,
 }
 
@@ -371,6 +388,7 @@ impl FusedAttention {
             causal: self.causal,
             segment_ids: self.segment_ids.as_ref(),
             window: self.window,
+            softcap: self.softcap,
         }
     }
 }
@@ -416,7 +434,7 @@ impl CustomOp3 for FusedAttention {
                     contiguous(k, l2, name)?,
                     contiguous(v, l3, name)?,
                 );
-                let (out, lse) = forward_cpu(q, k, v, &d, self.scale, &vis, true);
+                let (out, lse) = forward_cpu(q, k, v, &d, self.scale, self.softcap, &vis, true);
                 (CpuStorage::F32(out), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
@@ -425,7 +443,7 @@ impl CustomOp3 for FusedAttention {
                     contiguous(k, l2, name)?,
                     contiguous(v, l3, name)?,
                 );
-                let (out, lse) = forward_cpu(q, k, v, &d, self.scale, &vis, true);
+                let (out, lse) = forward_cpu(q, k, v, &d, self.scale, self.softcap, &vis, true);
                 (
                     CpuStorage::F64(out),
                     lse.into_iter().map(|x| x as f32).collect(),
@@ -471,6 +489,7 @@ fn backward_tensors<T: Elem + WithDType>(
     lse: &[f32],
     d: &Dims,
     scale: f64,
+    softcap: Option<f64>,
     vis: &Visibility,
     (q_shape, k_shape): (Shape, Shape),
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -479,7 +498,7 @@ fn backward_tensors<T: Elem + WithDType>(
         .iter()
         .map(|(st, l)| cpu_slice::<T>(st, l))
         .collect::<Result<_>>()?;
-    let (dq, dk, dv) = backward_cpu(s[0], s[1], s[2], s[3], lse, s[4], d, scale, vis);
+    let (dq, dk, dv) = backward_cpu(s[0], s[1], s[2], s[3], lse, s[4], d, scale, softcap, vis);
     let dev = ts[0].device();
     Ok((
         Tensor::from_vec(dq, q_shape, dev)?,
@@ -499,6 +518,7 @@ trait Elem: Float {
     /// `exp`, written to vectorise where that is accurate enough.
     fn exp_fast<const F: bool>(self) -> Self;
     fn ln(self) -> Self;
+    fn tanh(self) -> Self;
 }
 
 impl Elem for f32 {
@@ -542,6 +562,10 @@ impl Elem for f32 {
     fn ln(self) -> f32 {
         f32::ln(self)
     }
+    #[inline(always)]
+    fn tanh(self) -> f32 {
+        f32::tanh(self)
+    }
 }
 
 impl Elem for f64 {
@@ -561,6 +585,10 @@ impl Elem for f64 {
     #[inline(always)]
     fn ln(self) -> f64 {
         f64::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
     }
 }
 
@@ -900,6 +928,8 @@ fn pt_times_rows<T: Elem, const F: bool, const W: bool>(
 struct Fwd<'a, T> {
     d: Dims,
     scale: T,
+    /// Soft cap of the scaled scores (see [`AttentionMask::softcap`]).
+    softcap: Option<T>,
     q: &'a [T],
     /// (b, hkv, hd, tk_pad)
     kt: &'a [T],
@@ -961,6 +991,11 @@ fn fwd_block<T: Elem, const F: bool, const W: bool>(
             let vis = &mut row[a..b];
             for x in vis.iter_mut() {
                 *x = *x * c.scale;
+            }
+            if let Some(cap) = c.softcap {
+                for x in vis.iter_mut() {
+                    *x = cap * (*x / cap).tanh();
+                }
             }
             if !rows[r].exact {
                 if let Some(ks) = key_seg {
@@ -1057,6 +1092,7 @@ fn forward_cpu<T: Elem>(
     v: &[T],
     d: &Dims,
     scale: f64,
+    softcap: Option<f64>,
     vis: &Visibility,
     with_out: bool,
 ) -> (Vec<T>, Vec<T>) {
@@ -1069,6 +1105,7 @@ fn forward_cpu<T: Elem>(
     let c = Fwd {
         d: *d,
         scale: T::from_f64(scale),
+        softcap: softcap.map(T::from_f64),
         q,
         kt: &kt,
         v: &vp,
@@ -1103,6 +1140,7 @@ fn forward_cpu<T: Elem>(
 struct Bwd<'a, T> {
     d: Dims,
     scale: T,
+    softcap: Option<T>,
     /// (b, h, tq, hd): A operand of the scores.
     q: &'a [T],
     /// (b, h, tq, hd_pad): B operand of dk.
@@ -1149,6 +1187,8 @@ fn bwd_tiles<T: Elem, const F: bool, const W: bool>(
 
     let mut p = vec![T::ZERO; BQ * BK];
     let mut gd = vec![T::ZERO; BQ * BK];
+    // d(capped score)/d(score) = 1 - tanh^2 of one row's visible keys (soft cap only).
+    let mut dcap = vec![T::ONE; BK];
     let mut dk = vec![T::ZERO; BK * d.hd_pad];
     let mut dv = vec![T::ZERO; BK * d.hd_pad];
     let (mut ra, mut rb) = ([0usize; BQ], [0usize; BQ]);
@@ -1205,8 +1245,19 @@ fn bwd_tiles<T: Elem, const F: bool, const W: bool>(
                         continue;
                     }
                     let (lse, dd) = (c.lse[bh * d.tq + i0 + r], c.dd[bh * d.tq + i0 + r]);
-                    for x in &mut prow[a..b] {
-                        *x = T::fma::<F>(*x, c.scale, -lse).exp_fast::<F>();
+                    match c.softcap {
+                        None => {
+                            for x in &mut prow[a..b] {
+                                *x = T::fma::<F>(*x, c.scale, -lse).exp_fast::<F>();
+                            }
+                        }
+                        Some(cap) => {
+                            for (x, dc) in prow[a..b].iter_mut().zip(&mut dcap[a..b]) {
+                                let t = (*x * c.scale / cap).tanh();
+                                *dc = T::ONE - t * t;
+                                *x = T::fma::<F>(cap, t, -lse).exp_fast::<F>();
+                            }
+                        }
                     }
                     if !rows[r].exact {
                         if let Some(ks) = key_seg {
@@ -1219,6 +1270,11 @@ fn bwd_tiles<T: Elem, const F: bool, const W: bool>(
                     }
                     for (g, &pv) in grow[a..b].iter_mut().zip(&prow[a..b]) {
                         *g = pv * (*g - dd);
+                    }
+                    if c.softcap.is_some() {
+                        for (g, &dc) in grow[a..b].iter_mut().zip(&dcap[a..b]) {
+                            *g = *g * dc;
+                        }
                     }
                     prow[..a].fill(T::ZERO);
                     prow[b..].fill(T::ZERO);
@@ -1262,10 +1318,11 @@ fn backward_cpu<T: Elem>(
     dout: &[T],
     d: &Dims,
     scale: f64,
+    softcap: Option<f64>,
     vis: &Visibility,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let lse: Vec<T> = if T::REFINE_LSE {
-        forward_cpu(q, k, v, d, scale, vis, false).1
+        forward_cpu(q, k, v, d, scale, softcap, vis, false).1
     } else {
         lse.iter().map(|&x| T::from_f64(x as f64)).collect()
     };
@@ -1287,6 +1344,7 @@ fn backward_cpu<T: Elem>(
     let c = Bwd {
         d: *d,
         scale: T::from_f64(scale),
+        softcap: softcap.map(T::from_f64),
         q,
         qp: &qp,
         kt: &kt,

@@ -43,22 +43,38 @@ pub fn rope_row(x: &mut [f32], n: usize, hd: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Which cached keys one decoding query sees and how its scores are shaped: the row form of
+/// [`crate::AttentionMask`] (the query is the newest position, so causality is implied).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CachedMask {
+    /// Only the last `window` positions (sliding-window layers).
+    pub window: Option<usize>,
+    /// Gemma 2's score soft cap.
+    pub softcap: Option<f32>,
+}
+
 /// One query head over cached keys and values (`t` positions of `hd` values each), the last
-/// `window` of them when sliding: `out = softmax(scale q.k_j) . v`, added into `out`.
+/// `window` of them when sliding: `out = softmax(s) . v` with `s_j = scale q.k_j` (soft-capped
+/// to `c tanh(s_j / c)` with a cap), added into `out`.
 pub fn attend_cached(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     scale: f32,
-    window: Option<usize>,
+    mask: CachedMask,
     out: &mut [f32],
 ) {
     let hd = q.len();
     let t_all = keys.len() / hd;
-    let first = window.map_or(0, |w| t_all.saturating_sub(w));
+    let first = mask.window.map_or(0, |w| t_all.saturating_sub(w));
     let mut p: Vec<f32> = (first..t_all)
         .map(|t| dot(q, &keys[t * hd..(t + 1) * hd]) * scale)
         .collect();
+    if let Some(cap) = mask.softcap {
+        for s in p.iter_mut() {
+            *s = cap * (*s / cap).tanh();
+        }
+    }
     let mx = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut z = 0f32;
     for s in p.iter_mut() {

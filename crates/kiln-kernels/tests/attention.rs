@@ -29,6 +29,8 @@ struct Case {
     seg: Option<Vec<u32>>,
     /// Sliding window (keys `j > p - window`).
     window: Option<usize>,
+    /// Score soft cap (Gemma 2).
+    softcap: Option<f64>,
 }
 
 impl Case {
@@ -54,11 +56,18 @@ impl Case {
             causal,
             seg: None,
             window: None,
+            softcap: None,
         }
     }
 
     fn window(mut self, w: usize) -> Case {
         self.window = Some(w);
+        self
+    }
+
+    /// A cap small enough that it bends most scores (q is scaled up in `inputs`).
+    fn softcap(mut self, c: f64) -> Case {
+        self.softcap = Some(c);
         self
     }
 
@@ -151,6 +160,13 @@ fn cases() -> Vec<Case> {
         Case::new("window 30 packed", 1, 2, 1, 150, 150, 32, true)
             .seg(packed(&[40, 70, 40]))
             .window(30),
+        Case::new("softcap causal gqa multi-tile", 2, 4, 2, 130, 130, 24, true).softcap(1.5),
+        Case::new("softcap window 20 decode", 1, 2, 1, 3, 90, 16, true)
+            .window(20)
+            .softcap(2.0),
+        Case::new("softcap bidirectional packed", 1, 2, 2, 80, 80, 8, false)
+            .seg(packed(&[30, 50]))
+            .softcap(1.0),
     ]
 }
 
@@ -159,6 +175,7 @@ fn mask<'a>(c: &Case, seg: Option<&'a Tensor>) -> AttentionMask<'a> {
         causal: c.causal,
         segment_ids: seg,
         window: c.window,
+        softcap: c.softcap,
     }
 }
 
@@ -183,7 +200,8 @@ fn naive_lse(c: &Case, q: &Tensor, k: &Tensor) -> Vec<f64> {
                     })
                     .map(|j| {
                         let kj = &k[((b * c.hkv + h / g) * c.tk + j) * c.hd..][..c.hd];
-                        c.scale() * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>()
+                        let s = c.scale() * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+                        c.softcap.map_or(s, |cap| cap * (s / cap).tanh())
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -321,6 +339,10 @@ fn fused_backward_gradcheck() {
         Case::new("segments bidirectional", 1, 2, 1, 7, 7, 4, false).seg(vec![0, 0, 1, 1, 1, 0, 2]),
         // Spans two key tiles and two query blocks (64), with a padded head dim.
         Case::new("multi-tile", 1, 2, 1, 67, 67, 3, true),
+        Case::new("softcap multi-tile", 1, 2, 1, 67, 67, 3, true).softcap(1.2),
+        Case::new("softcap gqa window decode", 1, 4, 2, 3, 9, 4, true)
+            .window(4)
+            .softcap(1.3),
     ];
     for c in &small {
         let seg = c.seg_tensor();
@@ -353,6 +375,7 @@ fn segments_isolate_documents() {
                 causal,
                 segment_ids: None,
                 window: None,
+                softcap: None,
             };
             let (q1, k1, v1, do1) = (cut(&q), cut(&k), cut(&v), cut(&dout));
             let (out1, lse1) = attention(&q1, &k1, &v1, c.scale(), alone).unwrap();
@@ -418,6 +441,7 @@ fn non_contiguous_inputs() {
         causal: true,
         segment_ids: None,
         window: None,
+        softcap: None,
     };
     let (out, lse) = attention(&q, &k, &v, 0.25, m).unwrap();
     let c = |t: &Tensor| t.contiguous().unwrap();
@@ -484,6 +508,7 @@ fn rejects_bad_inputs() {
         causal: true,
         segment_ids: None,
         window: None,
+        softcap: None,
     };
     let err = |r: Result<(Tensor, Tensor)>| r.expect_err("expected an error").to_string();
     let e = err(attention(
@@ -525,6 +550,7 @@ fn rejects_bad_inputs() {
         causal: false,
         segment_ids: Some(&seg_bad_shape),
         window: None,
+        softcap: None,
     };
     let e = err(attention(&q, &kv, &kv, 1.0, m));
     assert!(e.contains("segment_ids must be (b, tk)"), "{e}");
@@ -533,6 +559,7 @@ fn rejects_bad_inputs() {
         causal: false,
         segment_ids: Some(&seg_bad_dtype),
         window: None,
+        softcap: None,
     };
     let e = err(attention(&q, &kv, &kv, 1.0, m));
     assert!(e.contains("segment_ids must be u32"), "{e}");

@@ -71,6 +71,7 @@ fn peak_extra(t: usize) -> usize {
         causal: true,
         segment_ids: None,
         window: None,
+        softcap: None,
     };
     let scale = 1.0 / (HD as f64).sqrt();
     let base = CURRENT.load(Ordering::SeqCst);

@@ -70,14 +70,25 @@ fn rope_row_equals_the_tensor_kernel_including_partial_rotary() {
 }
 
 #[test]
-fn attend_cached_equals_the_attention_kernel_with_and_without_a_window() {
+fn attend_cached_equals_the_attention_kernel_with_windows_and_a_soft_cap() {
     let (t, hd) = (23, 16);
     let q = vals(4, hd);
     let keys = vals(5, t * hd);
     let values = vals(6, t * hd);
-    for window in [None, Some(5), Some(40)] {
+    let masks = [None, Some(5), Some(40)]
+        .into_iter()
+        .map(|window| rows::CachedMask {
+            window,
+            softcap: None,
+        })
+        .chain([rows::CachedMask {
+            window: Some(7),
+            softcap: Some(0.5),
+        }]);
+    for m in masks {
+        let (window, softcap) = (m.window, m.softcap);
         let mut got = vec![0f32; hd];
-        rows::attend_cached(&q, &keys, &values, 0.25, window, &mut got);
+        rows::attend_cached(&q, &keys, &values, 0.25, m, &mut got);
         let qt = Tensor::from_slice(&q, (1, 1, 1, hd), &Device::Cpu).unwrap();
         let kt = Tensor::from_slice(&keys, (1, 1, t, hd), &Device::Cpu).unwrap();
         let vt = Tensor::from_slice(&values, (1, 1, t, hd), &Device::Cpu).unwrap();
@@ -85,13 +96,14 @@ fn attend_cached_equals_the_attention_kernel_with_and_without_a_window() {
             causal: true,
             segment_ids: None,
             window,
+            softcap: softcap.map(f64::from),
         };
         let (want, _) = kiln_kernels::attention(&qt, &kt, &vt, 0.25, mask).unwrap();
         close(
             &got,
             &tensor_values(&want),
             1e-5,
-            &format!("window {window:?}"),
+            &format!("window {window:?} softcap {softcap:?}"),
         );
     }
 }

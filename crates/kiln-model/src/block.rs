@@ -142,6 +142,8 @@ pub(crate) struct Pass<'a> {
     pub(crate) causal: bool,
     /// The attention scale (`1/sqrt(hd)` or Gemma's `1/sqrt(query_pre_attn_scalar)`).
     pub(crate) scale: f64,
+    /// Gemma 2's attention score soft cap.
+    pub(crate) softcap: Option<f64>,
     pub(crate) activation: Activation,
     pub(crate) rope: PassRope,
     /// `(b, t)` u32 segment ids of packed rows.
@@ -160,6 +162,7 @@ impl Pass<'_> {
             causal: self.causal,
             segment_ids: self.segment_ids.as_ref(),
             window: attn.window,
+            softcap: self.softcap,
         }
     }
 
@@ -616,7 +619,11 @@ impl Block {
             let layer = &cache_ro.row(step.rows[i]).layers[self.index];
             let qh = &q[(i * h + hh) * hd..(i * h + hh + 1) * hd];
             let (keys, values) = (&layer.k[hh / group], &layer.v[hh / group]);
-            rows::attend_cached(qh, keys, values, step.scale, self.attn.window, out);
+            let mask = rows::CachedMask {
+                window: self.attn.window,
+                softcap: step.softcap,
+            };
+            rows::attend_cached(qh, keys, values, step.scale, mask, out);
         };
         let work: usize = step.positions.iter().map(|p| p + 1).sum::<usize>() * h * hd;
         if work >= 1 << 16 {
@@ -673,6 +680,7 @@ pub(crate) struct DecodeStep<'a> {
     pub(crate) heads: Heads,
     pub(crate) eps: f32,
     pub(crate) scale: f32,
+    pub(crate) softcap: Option<f32>,
     pub(crate) activation: Activation,
     pub(crate) rope: &'a crate::rope::ModelRope,
 }

@@ -117,6 +117,12 @@ pub struct ModelConfig {
     /// Layers that use no positional encoding at all (SmolLM3's "NoPE" layers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nope_layers: Vec<usize>,
+    /// Attention scores soft-capped to `c tanh(s / c)` before the softmax (Gemma 2: 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Output logits soft-capped to `c tanh(z / c)` (Gemma 2: 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -326,6 +332,8 @@ impl ModelConfig {
             rope_local_theta: None,
             rotary_dim: None,
             nope_layers: Vec::new(),
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
         }
     }
 
@@ -499,6 +507,17 @@ impl ModelConfig {
                 return bad(format!(
                     "model.rotary_dim ({r}) must be even, positive and at most the head dim ({})",
                     self.head_dim()
+                ));
+            }
+        }
+        for (key, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if cap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+                return bad(format!(
+                    "model.{key} must be a positive number, got {}",
+                    cap.unwrap_or_default()
                 ));
             }
         }

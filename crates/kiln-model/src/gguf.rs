@@ -235,6 +235,7 @@ pub fn gguf_architecture(cfg: &ModelConfig) -> &'static str {
         Family::Llama | Family::Mistral => "llama",
         Family::Qwen2 => "qwen2",
         Family::Qwen3 => "qwen3",
+        Family::Gemma2 => "gemma2",
         Family::Gemma3 => "gemma3",
         Family::Phi3 => "phi3",
         Family::SmolLm3 => "smollm3",
@@ -247,7 +248,20 @@ fn smollm3_nope_layers(n_layers: usize) -> Vec<usize> {
 }
 
 /// The architectures kiln reads from GGUF.
-pub const GGUF_ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3"];
+pub const GGUF_ARCHITECTURES: [&str; 7] = [
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3",
+];
+
+/// llama.cpp's Gemma 2 attention scale: `query_pre_attn_scalar` is not in its files, so it
+/// fixes it by size (the 27B, the only 46-layer one, scales by `dim / heads`, the others by
+/// the head dim).
+fn gemma2_query_pre_attn_scalar(cfg: &ModelConfig) -> f64 {
+    if cfg.n_layers == 46 {
+        (cfg.dim / cfg.n_heads.max(1)) as f64
+    } else {
+        cfg.head_dim() as f64
+    }
+}
 
 /// Where kiln tensor `kiln` lies in a GGUF of `cfg`'s architecture: its tensor name and, for
 /// Phi-3's fused `attn_qkv` (Q|K|V) and `ffn_up` (gate|up), the block of rows that is it.
@@ -513,7 +527,6 @@ impl GgufFile {
         let arch = self.architecture()?;
         if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
             let why = match arch.as_str() {
-                "gemma2" => " (kiln does not implement attention logit soft-capping yet)",
                 "phi3" => " (kiln reads Phi-3 from its HF directory; not from GGUF yet)",
                 a if a.contains("moe") || a == "mixtral" => " (mixture-of-experts layers)",
                 _ => "",
@@ -689,6 +702,37 @@ impl GgufFile {
                 nope_layers: smollm3_nope_layers(cfg.n_layers),
                 ..cfg
             },
+            // llama.cpp's Gemma 2: even layers slide (4096 unless the file says), one RoPE
+            // base, soft caps 50 / 30 unless the file says; norms hold `1 + w` as for Gemma 3.
+            "gemma2" => {
+                let window = self
+                    .meta_u64(&key("attention.sliding_window"))?
+                    .map_or(4096, |w| w as usize);
+                let cfg = ModelConfig {
+                    post_norms: true,
+                    scale_embeddings: true,
+                    activation: crate::Activation::GeluTanh,
+                    sliding_window: (window < max_seq_len).then_some(window),
+                    sliding_window_pattern: Some(2),
+                    attn_logit_softcapping: Some(
+                        self.meta_f64(&key("attn_logit_softcapping"))?
+                            .unwrap_or(50.0),
+                    ),
+                    final_logit_softcapping: Some(
+                        self.meta_f64(&key("final_logit_softcapping"))?
+                            .unwrap_or(30.0),
+                    ),
+                    norm_eps: self
+                        .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
+                        .unwrap_or(1e-6),
+                    ..cfg
+                };
+                let scalar = gemma2_query_pre_attn_scalar(&cfg);
+                ModelConfig {
+                    query_pre_attn_scalar: (scalar != cfg.head_dim() as f64).then_some(scalar),
+                    ..cfg
+                }
+            }
             _ => cfg,
         };
         cfg.validate().map_err(|e| self.err(e.to_string()))?;
@@ -906,7 +950,29 @@ pub fn model_metadata(
             GgufValue::F32(cfg.norm_eps as f32),
         ),
     ];
-    if cfg.head_dim.is_some() || arch == "gemma3" {
+    if arch == "gemma2" {
+        let scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim() as f64);
+        if scalar != gemma2_query_pre_attn_scalar(cfg) {
+            return Err(ModelError::Config(format!(
+                "llama.cpp's gemma2 fixes query_pre_attn_scalar at {} for this shape; this model's is {scalar} (export with --format hf)",
+                gemma2_query_pre_attn_scalar(cfg)
+            )));
+        }
+        for (k, cap) in [
+            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
+            ("final_logit_softcapping", cfg.final_logit_softcapping),
+        ] {
+            match cap {
+                Some(c) => m.push((key(k), GgufValue::F32(c as f32))),
+                None => {
+                    return Err(ModelError::Config(format!(
+                        "llama.cpp's gemma2 always soft-caps; this model has no {k} (export with --format hf)"
+                    )))
+                }
+            }
+        }
+    }
+    if cfg.head_dim.is_some() || matches!(arch, "gemma2" | "gemma3") {
         m.push((key("attention.key_length"), u32v(cfg.head_dim())));
         m.push((key("attention.value_length"), u32v(cfg.head_dim())));
     }
@@ -914,6 +980,9 @@ pub fn model_metadata(
     // files); kiln reads it back on both.
     if let Some(w) = cfg.sliding_window {
         m.push((key("attention.sliding_window"), u32v(w)));
+    } else if arch == "gemma2" {
+        // llama.cpp's gemma2 slides 4096 unless told; a window as long as the context is none.
+        m.push((key("attention.sliding_window"), u32v(cfg.max_seq_len)));
     }
     if let Some(q) = cfg.query_pre_attn_scalar {
         m.push((

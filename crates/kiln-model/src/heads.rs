@@ -6,6 +6,9 @@
 //!   `logp_i = (h_i W^T)[y_i] - logsumexp(h_i W^T)`, with `d logits_i = g_i (onehot(y_i) - p_i)`;
 //! - a scalar head read at one position per row (reward and value models):
 //!   `r_b = h_{last(b)} · w`.
+//!
+//! With Gemma 2's final soft cap the LM logits are `z = c tanh(h W^T / c)`, and each backward
+//! multiplies `d z` by `1 - (z / c)^2` before the projection's backward.
 
 use candle_core::{DType, Device, Tensor, D};
 use kiln_kernels as k;
@@ -16,7 +19,37 @@ use crate::{Grads, Llama, ModelError, SplitMix64};
 impl Llama {
     /// LM logits of hidden states: `(n, d)` → `(n, v)`.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        self.output.forward(hidden)
+        self.cap_logits(self.output.forward(hidden)?)
+    }
+
+    /// The final soft cap `z = c tanh(x / c)` of the LM logits (Gemma 2's
+    /// `final_logit_softcapping`); the identity without one.
+    pub(crate) fn cap_logits(&self, x: Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.cfg.final_logit_softcapping {
+            None => x,
+            Some(c) => ((x / c)?.tanh()? * c)?,
+        })
+    }
+
+    /// [`Llama::cap_logits`] on rows held as plain values (the decode fast path).
+    pub(crate) fn cap_logit_values(&self, x: &mut [f32]) {
+        if let Some(c) = self.cfg.final_logit_softcapping {
+            let c = c as f32;
+            for v in x {
+                *v = c * (*v / c).tanh();
+            }
+        }
+    }
+
+    /// The gradient through the cap from the capped logits `z`: `d x = d z (1 - (z / c)^2)`.
+    fn cap_logits_backward(&self, z: &Tensor, dz: Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.cfg.final_logit_softcapping {
+            None => dz,
+            Some(c) => {
+                let slope = (1.0 - (z.to_dtype(dz.dtype())? / c)?.sqr()?)?;
+                (dz * slope)?
+            }
+        })
     }
 
     /// LM head + cross-entropy: forward and backward of `loss_scale * sum(CE)` over the
@@ -45,10 +78,12 @@ impl Llama {
         for (start, len) in logit_chunks(h.dim(0)?, self.cfg.vocab_size) {
             let (h, t) = (h.narrow(0, start, len)?, t.narrow(0, start, len)?);
             let (logits, ctx) = output.forward_saving(&h, None)?; // (len, v)
+            let logits = self.cap_logits(logits)?;
             loss_sum += k::cross_entropy_sum(&logits, &t)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
             let dlogits = k::cross_entropy_backward(&logits, &t, loss_scale)?;
+            let dlogits = self.cap_logits_backward(&logits, dlogits)?;
             drop(logits);
             d_parts.push(output.backward(ctx, &dlogits, grads)?);
         }
@@ -80,7 +115,7 @@ impl Llama {
         let output = self.output_detached();
         let mut sum = 0.0;
         for (start, len) in logit_chunks(n, self.cfg.vocab_size) {
-            let logits = output.forward(&h.narrow(0, start, len)?)?;
+            let logits = self.cap_logits(output.forward(&h.narrow(0, start, len)?)?)?;
             sum += k::cross_entropy_sum(&logits, &t.narrow(0, start, len)?)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
@@ -114,7 +149,8 @@ impl Llama {
         let output = self.output_detached();
         let (mut lps, mut ents) = (Vec::new(), Vec::new());
         for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
-            let logits = (output.forward(&hidden.narrow(0, start, len)?)? / temperature)?;
+            let logits =
+                (self.cap_logits(output.forward(&hidden.narrow(0, start, len)?)?)? / temperature)?;
             let logp_all = log_softmax_rows(&logits)?;
             let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
             let idx = targets
@@ -145,7 +181,7 @@ impl Llama {
         let output = self.output_detached();
         let (mut lps, mut best) = (Vec::new(), Vec::new());
         for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
-            let logits = output.forward(&hidden.narrow(0, start, len)?)?;
+            let logits = self.cap_logits(output.forward(&hidden.narrow(0, start, len)?)?)?;
             let logp_all = log_softmax_rows(&logits)?;
             let idx = targets
                 .narrow(0, start, len)?
@@ -185,10 +221,11 @@ impl Llama {
         for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
             let h = hidden.narrow(0, start, len)?;
             let (logits, ctx) = output.forward_saving(&h, None)?;
+            let logits = self.cap_logits(logits)?;
             // logp = -CE(z / T), so d z = -(g / T) (softmax(z / T) - onehot): the fused
             // cross-entropy backward at z / T, each row scaled by -g / T.
             let dce = k::cross_entropy_backward(
-                &(logits / temperature)?,
+                &(&logits / temperature)?,
                 &targets.narrow(0, start, len)?,
                 1.0,
             )?;
@@ -197,7 +234,7 @@ impl Llama {
                 .reshape((len, 1))?
                 .to_dtype(dce.dtype())?
                 / -temperature)?;
-            let dlogits = dce.broadcast_mul(&g)?;
+            let dlogits = self.cap_logits_backward(&logits, dce.broadcast_mul(&g)?)?;
             d_parts.push(output.backward(ctx, &dlogits, grads)?);
         }
         if d_parts.len() == 1 {

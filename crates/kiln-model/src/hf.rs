@@ -109,17 +109,19 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma2,
     Gemma3,
     Phi3,
     SmolLm3,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
         Family::Qwen3,
+        Family::Gemma2,
         Family::Gemma3,
         Family::Phi3,
         Family::SmolLm3,
@@ -132,6 +134,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::SmolLm3 => "SmolLM3ForCausalLM",
@@ -144,6 +147,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
             Family::SmolLm3 => "smollm3",
@@ -160,8 +164,10 @@ impl Family {
 
     /// The family whose switches `cfg` has (what an export writes).
     pub fn of(cfg: &ModelConfig) -> Family {
-        if cfg.post_norms {
+        if cfg.post_norms && cfg.qk_norm {
             Family::Gemma3
+        } else if cfg.post_norms {
+            Family::Gemma2
         } else if cfg.qk_norm {
             Family::Qwen3
         } else if cfg.qkv_bias {
@@ -177,9 +183,14 @@ impl Family {
         }
     }
 
+    /// Gemma 2 and 3: sandwich norms, GELU-tanh, scaled embeddings, `1 + w` norms.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
     /// Gemma stores RMSNorm weights as `w` and scales by `1 + w`; kiln keeps `1 + w`.
     pub fn norm_offset(self) -> f64 {
-        if self == Family::Gemma3 {
+        if self.is_gemma() {
             1.0
         } else {
             0.0
@@ -195,7 +206,6 @@ impl Family {
 /// Architectures kiln knows but cannot run yet, with what is missing (named before anything
 /// else is read, so the error is the first thing a user sees).
 const KNOWN_UNSUPPORTED: &[(&str, &str)] = &[
-    ("Gemma2ForCausalLM", "attention logit soft-capping"),
     ("MixtralForCausalLM", "mixture-of-experts layers"),
     ("Qwen2MoeForCausalLM", "mixture-of-experts layers"),
     ("Qwen3MoeForCausalLM", "mixture-of-experts layers"),
@@ -364,9 +374,10 @@ impl HfConfig {
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
         ] {
-            if v.is_some() {
+            if v.is_some() && !family.is_gemma() {
                 return Err(err(format!(
-                    "{key} is not supported yet (Gemma 2's soft-capping)"
+                    "{key} is set, but kiln soft-caps only Gemma 2/3 models (a {} config with it is not one transformers defines)",
+                    family.architecture()
                 )));
             }
         }
@@ -406,6 +417,9 @@ impl HfConfig {
             }
         } else if window.is_some() && family == Family::Gemma3 {
             sliding_window_pattern = Some(self.sliding_window_pattern.unwrap_or(6));
+        } else if window.is_some() && family == Family::Gemma2 {
+            // Older Gemma 2 configs have no layer_types: even layers slide, odd ones are global.
+            sliding_window_pattern = Some(2);
         }
         let window = if self
             .layer_types
@@ -484,12 +498,16 @@ impl HfConfig {
                 .collect(),
             _ => Vec::new(),
         };
-        let gemma = family == Family::Gemma3;
+        let gemma = family.is_gemma();
         let cfg = ModelConfig {
             n_kv_heads: Some(self.num_key_value_heads.unwrap_or(self.num_attention_heads)),
             ffn_dim: Some(self.intermediate_size),
             max_seq_len,
-            rope_theta: rope_theta.unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_theta: rope_theta.unwrap_or(if family == Family::Gemma3 {
+                1_000_000.0
+            } else {
+                10_000.0
+            }),
             norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             tie_embeddings: self.tie_word_embeddings.unwrap_or(gemma),
             head_dim,
@@ -502,13 +520,15 @@ impl HfConfig {
             query_pre_attn_scalar: self.query_pre_attn_scalar.filter(|_| gemma),
             sliding_window: window,
             sliding_window_pattern,
-            rope_local_theta: if gemma && window.is_some() {
+            rope_local_theta: if family == Family::Gemma3 && window.is_some() {
                 Some(rope_local_theta.unwrap_or(10_000.0))
             } else {
                 None
             },
             rotary_dim,
             nope_layers,
+            attn_logit_softcapping: self.attn_logit_softcapping,
+            final_logit_softcapping: self.final_logit_softcapping,
             attention: if bidirectional {
                 crate::AttentionMode::Bidirectional
             } else {
@@ -593,7 +613,7 @@ pub fn hf_name_in(family: Family, kiln: &str) -> Option<String> {
         "attention.q_norm.weight" => "self_attn.q_norm.weight",
         "attention.k_norm.weight" => "self_attn.k_norm.weight",
         // Gemma's sandwich: its post_attention_layernorm is on the attention output.
-        "ffn_norm.weight" if family == Family::Gemma3 => "pre_feedforward_layernorm.weight",
+        "ffn_norm.weight" if family.is_gemma() => "pre_feedforward_layernorm.weight",
         "post_attention_norm.weight" => "post_attention_layernorm.weight",
         "post_ffn_norm.weight" => "post_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
@@ -856,7 +876,7 @@ pub fn hf_config_json(
     if family == Family::Qwen2 {
         set(&mut config, "attention_bias", true.into());
     }
-    if family == Family::Gemma3 {
+    if family.is_gemma() {
         set(&mut config, "hidden_activation", "gelu_pytorch_tanh".into());
         set(
             &mut config,
@@ -865,11 +885,19 @@ pub fn hf_config_json(
                 .unwrap_or(cfg.head_dim() as f64)
                 .into(),
         );
-        set(
-            &mut config,
-            "rope_local_base_freq",
-            cfg.rope_local_theta.unwrap_or(cfg.rope_theta).into(),
-        );
+        if family == Family::Gemma3 {
+            set(
+                &mut config,
+                "rope_local_base_freq",
+                cfg.rope_local_theta.unwrap_or(cfg.rope_theta).into(),
+            );
+        }
+        for (key, cap) in [
+            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
+            ("final_logit_softcapping", cfg.final_logit_softcapping),
+        ] {
+            set(&mut config, key, cap.into());
+        }
         let types: Vec<&str> = (0..cfg.n_layers)
             .map(|i| {
                 if cfg.is_sliding(i) {

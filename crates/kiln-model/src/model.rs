@@ -599,6 +599,7 @@ impl Llama {
             heads: self.heads(),
             eps: cfg.norm_eps as f32,
             scale: cfg.attention_scale() as f32,
+            softcap: cfg.attn_logit_softcapping.map(|c| c as f32),
             activation: cfg.activation,
             rope: &self.rope,
         };
@@ -612,7 +613,8 @@ impl Llama {
         kiln_kernels::rows::with_values(&self.norm, |w| {
             kiln_kernels::rows::rms_norm_rows(&mut x, w, step.eps)
         })?;
-        let logits = self.output.forward_rows(&x, m)?;
+        let mut logits = self.output.forward_rows(&x, m)?;
+        self.cap_logit_values(&mut logits);
         Ok(Tensor::from_vec(logits, (m, cfg.vocab_size), &self.device)?)
     }
 
@@ -647,6 +649,7 @@ impl Llama {
             eps: self.cfg.norm_eps,
             causal: self.cfg.attention == AttentionMode::Causal,
             scale: self.cfg.attention_scale(),
+            softcap: self.cfg.attn_logit_softcapping,
             activation: self.cfg.activation,
             rope,
             segment_ids: batch.and_then(|x| x.segment_ids.clone()),
@@ -739,6 +742,7 @@ impl Llama {
             eps: m.cfg.norm_eps,
             causal: m.cfg.attention == AttentionMode::Causal,
             scale: m.cfg.attention_scale(),
+            softcap: m.cfg.attn_logit_softcapping,
             activation: m.cfg.activation,
             rope: trunk.rope,
             segment_ids: trunk.segment_ids,
@@ -837,7 +841,7 @@ impl Llama {
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<Tensor, ModelError> {
         let h = self.trunk_forward(batch, dropout_rng)?;
-        self.output.forward(&h) // (b*t, v)
+        self.lm_logits(&h) // (b*t, v)
     }
 
     /// The trunk's final hidden states `(b*t, d)` without keeping anything for a backward and
@@ -899,7 +903,7 @@ impl Llama {
             .narrow(1, t - 1, 1)?
             .squeeze(1)?; // (b, d)
         let last = k::rms_norm(&last, &self.norm, self.cfg.norm_eps)?;
-        self.output.forward(&last) // (b, v)
+        self.lm_logits(&last) // (b, v)
     }
 
     /// Scoring after a shared prefix: feeds `tokens (b, t)` after the positions already

@@ -16,10 +16,11 @@ use kiln_model::hf::{load_hf_dir, save_hf_weights, Family, HfConfig};
 use kiln_model::{CausalLm, KvCache, Llama, LoraSpec, ModelConfig, Params};
 use serde::Deserialize;
 
-const FAMILIES: [&str; 7] = [
+const FAMILIES: [&str; 8] = [
     "qwen2",
     "qwen3",
     "qwen3_yarn",
+    "gemma2",
     "gemma3",
     "mistral",
     "phi3",
@@ -113,6 +114,22 @@ fn each_family_loads_with_its_switches() {
     assert_eq!((g.rope_theta, g.rope_local_theta), (1e6, Some(1e4)));
     assert_eq!(g.query_pre_attn_scalar, Some(24.0));
     assert!(g.is_sliding(4) && !g.is_sliding(5));
+    assert_eq!(
+        (g.attn_logit_softcapping, g.final_logit_softcapping),
+        (None, None)
+    );
+    let g2 = want("gemma2");
+    assert!(g2.post_norms && g2.scale_embeddings && !g2.qk_norm);
+    assert_eq!(
+        (g2.attn_logit_softcapping, g2.final_logit_softcapping),
+        (Some(3.0), Some(8.0))
+    );
+    assert_eq!(
+        (g2.sliding_window, g2.sliding_window_pattern),
+        (Some(6), Some(2))
+    );
+    assert!(g2.is_sliding(0) && !g2.is_sliding(1) && g2.is_sliding(2));
+    assert_eq!(g2.rope_local_theta, None);
     let m = want("mistral");
     assert!(m.sliding_window == Some(6) && (0..4).all(|i| m.is_sliding(i)));
     assert_eq!(want("phi3").rotary_dim, Some(8));
@@ -391,6 +408,7 @@ fn gguf_export_reads_back_to_the_same_logits() {
     for f in [
         "qwen2",
         "qwen3",
+        "gemma2",
         "gemma3",
         "mistral",
         "phi3",
@@ -473,8 +491,22 @@ fn config_mistakes_are_named() {
         e.contains("\"relu\"") && e.contains("gelu_pytorch_tanh"),
         "{e}"
     );
-    let e = err_for(&|c| c["attn_logit_softcapping"] = 50.0.into());
-    assert!(e.contains("attn_logit_softcapping"), "{e}");
+    // Soft caps belong to Gemma; on another family they are a config kiln would misread.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut qwen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("qwen2").join("config.json")).unwrap())
+            .unwrap();
+    qwen["attn_logit_softcapping"] = 50.0.into();
+    std::fs::write(tmp.path().join("config.json"), qwen.to_string()).unwrap();
+    let e = HfConfig::load(tmp.path())
+        .unwrap()
+        .to_model_config(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("attn_logit_softcapping") && e.contains("Gemma"),
+        "{e}"
+    );
     let e = err_for(&|c| {
         c["layer_types"].as_array_mut().unwrap().pop();
     });
