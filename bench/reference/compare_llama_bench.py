@@ -4,6 +4,10 @@
     cargo build --release && scripts/fetch-test-assets.sh && bench/reference/build-llama-cpp.sh
     python3 bench/reference/compare_llama_bench.py [--threads 2] [--rounds 3] [--batches 1,4,16]
     python3 bench/reference/compare_llama_bench.py --models A.gguf,B.gguf    (any files, as they are)
+    python3 bench/reference/compare_llama_bench.py --isa avx2    (after build-llama-cpp.sh avx2)
+
+`--isa avx2` compares AVX2 with AVX2 on any x86 machine: kiln runs with `--isa avx2` and
+llama.cpp is the build without AVX-512 (`build-llama-cpp.sh avx2`, into bin-avx2/).
 
 Makes the files into .cache/bench/ from the shipped SmolLM2-135M-Instruct Q4_1: Q4_K_M with
 llama.cpp's `llama-quantize --allow-requantize` (what the issue measured), Q8_0 and F16 with
@@ -33,8 +37,12 @@ def run_json(cmd):
     return json.loads(out.strip().splitlines()[-1] if out.lstrip().startswith("{") else out)
 
 
+def llama_bin(a):
+    return LLAMA_BIN + ("-avx2" if a.isa == "avx2" else "")
+
+
 def llama_bench(path, a):
-    runs = run_json([os.path.join(LLAMA_BIN, "llama-bench"), "-m", path, "-p", str(a.prompt_tokens),
+    runs = run_json([os.path.join(llama_bin(a), "llama-bench"), "-m", path, "-p", str(a.prompt_tokens),
                      "-n", str(a.new_tokens), "-t", str(a.threads), "-o", "json"])
     pp = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r["avg_ts"] for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
@@ -42,10 +50,11 @@ def llama_bench(path, a):
 
 
 def kiln_bench(path, a, batch=1):
-    r = run_json([KILN, "--threads", str(a.threads), "bench", "generate", "--model", path, "--json",
+    r = run_json([KILN, "--threads", str(a.threads), "--isa", a.isa, "bench", "generate", "--model", path, "--json",
                   "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                   "--batch", str(batch)])
-    return {"pp": r["prefill_tokens_per_s"], "tg": r["decode_tokens_per_s"], "weights": r.get("weights")}
+    return {"pp": r["prefill_tokens_per_s"], "tg": r["decode_tokens_per_s"], "weights": r.get("weights"),
+            "isa": r.get("isa"), "cpu_features": r.get("cpu_features")}
 
 
 def make_files(cache):
@@ -71,6 +80,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--isa", default="auto", choices=["auto", "avx2"],
+                    help="avx2: kiln forced to AVX2 against llama.cpp built without AVX-512")
     ap.add_argument("--only", default="", help="comma-separated substrings of the file names to run")
     ap.add_argument("--models", default="",
                     help="comma-separated GGUF files to compare as they are, instead of the SmolLM2 set")
@@ -83,9 +94,13 @@ def main():
         files = make_files(cache)
     if a.only:
         files = {k: v for k, v in files.items() if any(s in k for s in a.only.split(","))}
+    probe = kiln_bench(next(iter(files.values())), argparse.Namespace(**{**vars(a), "new_tokens": 1,
+                                                                         "prompt_tokens": 16}))
+    features = " ".join(probe["cpu_features"] or [])
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"{os.cpu_count()} CPUs, {a.threads} threads, pp{a.prompt_tokens} / tg{a.new_tokens}, "
-          f"best of {a.rounds} alternated rounds\n")
+          f"{os.cpu_count()} CPUs ({features}), {a.threads} threads, pp{a.prompt_tokens} / tg{a.new_tokens}, "
+          f"best of {a.rounds} alternated rounds; kiln kernels {probe['isa']}, llama.cpp from "
+          f"{os.path.relpath(llama_bin(a), ROOT)}\n")
     print("| file | kiln prefill | llama.cpp prefill | ratio | kiln decode | llama.cpp decode | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     q4km = None

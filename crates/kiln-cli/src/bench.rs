@@ -173,6 +173,7 @@ fn bench_train(
                 "gemm_peak_gflops": peak / 1e9, "flops_per_token": flops_per_token, "peak_rss_mb": rss,
                 "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
                 "forward_ms": fwd * 1e3, "optimizer_ms": optim * 1e3,
+                "isa": kiln_kernels::active_isa().name(), "cpu_features": kiln_kernels::cpu_features(),
             })
         );
     } else {

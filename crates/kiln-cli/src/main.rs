@@ -42,6 +42,11 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Kernel instruction set: auto (the best this CPU runs), avx512, avx2, neon or scalar.
+    /// Forcing one compares paths on one machine (quantised matmuls and attention; dense
+    /// matmuls are candle's and pick their own).
+    #[arg(long, global = true, default_value = "auto")]
+    isa: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -277,6 +282,19 @@ pub struct InfoArgs {
     pub seq_len: usize,
 }
 
+fn set_isa(name: &str) -> Result<()> {
+    let isa = kiln_kernels::Isa::parse(name)?;
+    kiln_kernels::set_isa(isa)?;
+    if isa.is_some() {
+        tracing::info!(
+            "kernels: {} (forced; this CPU runs up to {})",
+            kiln_kernels::active_isa().name(),
+            kiln_kernels::Isa::detected().name()
+        );
+    }
+    Ok(())
+}
+
 fn set_threads(n: Option<usize>) -> Result<()> {
     if let Some(n) = n {
         anyhow::ensure!(n > 0, "--threads must be positive");
@@ -297,14 +315,8 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    // Kernel choices for comparisons (the libraries read no environment; the binary passes
-    // them in): KILN_QKERNEL=scalar|avx2 picks the quantised-matmul SIMD level, and
-    // KILN_QMATMUL=candle sends quantised matmuls through candle (8-bit activations).
-    match std::env::var("KILN_QKERNEL").as_deref() {
-        Ok("scalar") => kiln_kernels::set_simd_choice(kiln_kernels::SimdChoice::Scalar),
-        Ok("avx2") => kiln_kernels::set_simd_choice(kiln_kernels::SimdChoice::Avx2),
-        _ => {}
-    }
+    // A kernel choice for comparisons (the libraries read no environment; the binary passes
+    // it in): KILN_QMATMUL=candle sends quantised matmuls through candle (8-bit activations).
     kiln_model::set_candle_qmatmul(std::env::var("KILN_QMATMUL").as_deref() == Ok("candle"));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -316,28 +328,30 @@ fn main() {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = set_threads(cli.threads).and_then(|_| match cli.command {
-        Command::Pretrain(a) => commands::pretrain(a),
-        Command::Sft(a) => sft::run(a),
-        Command::Lora(c) => sft::lora(c),
-        Command::Reward(c) => rlhf::reward(c),
-        Command::Dpo(a) => rlhf::dpo(a),
-        Command::Ppo(a) => rlhf::online(kiln_rlhf::Method::Ppo, a),
-        Command::Grpo(a) => rlhf::online(kiln_rlhf::Method::Grpo, a),
-        Command::Eval(a) => commands::eval(a),
-        Command::Generate(a) => commands::generate(a),
-        Command::Chat(a) => chat::run(a),
-        Command::Tokenize(a) => tokenize::run(a),
-        Command::Export(a) => export::run(a),
-        Command::FillMask(a) => fill_mask::run(a),
-        Command::Embed(a) => embed::run(a),
-        Command::Tokenizer(c) => commands::tokenizer(c),
-        Command::Data(c) => commands::data(c),
-        Command::Plot(a) => commands::plot(a),
-        Command::Bench(c) => bench::run(c),
-        Command::Info(a) => commands::info(a),
-        Command::Scaling(c) => scaling::run(c),
-    });
+    let result = set_threads(cli.threads)
+        .and_then(|_| set_isa(&cli.isa))
+        .and_then(|_| match cli.command {
+            Command::Pretrain(a) => commands::pretrain(a),
+            Command::Sft(a) => sft::run(a),
+            Command::Lora(c) => sft::lora(c),
+            Command::Reward(c) => rlhf::reward(c),
+            Command::Dpo(a) => rlhf::dpo(a),
+            Command::Ppo(a) => rlhf::online(kiln_rlhf::Method::Ppo, a),
+            Command::Grpo(a) => rlhf::online(kiln_rlhf::Method::Grpo, a),
+            Command::Eval(a) => commands::eval(a),
+            Command::Generate(a) => commands::generate(a),
+            Command::Chat(a) => chat::run(a),
+            Command::Tokenize(a) => tokenize::run(a),
+            Command::Export(a) => export::run(a),
+            Command::FillMask(a) => fill_mask::run(a),
+            Command::Embed(a) => embed::run(a),
+            Command::Tokenizer(c) => commands::tokenizer(c),
+            Command::Data(c) => commands::data(c),
+            Command::Plot(a) => commands::plot(a),
+            Command::Bench(c) => bench::run(c),
+            Command::Info(a) => commands::info(a),
+            Command::Scaling(c) => scaling::run(c),
+        });
     if let Err(e) = result {
         if dist::launched_as_rank() {
             eprintln!("error (rank {}): {e:#}", dist::rank());

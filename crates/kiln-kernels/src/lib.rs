@@ -19,7 +19,8 @@
 //! | [`index_add_rows`] | dst (r, d)[ids[i]] += src (n, d)[i], in place (embedding backward) |
 //!
 //! [`qkernels`] multiplies f32 activations by GGML-quantised weights (Q4_0 ... Q6_K, F16)
-//! with exact arithmetic on the dequantised values, per ISA.
+//! with exact arithmetic on the dequantised values, per ISA ([`Isa`]: chosen at run time,
+//! or forced with [`set_isa`]).
 //!
 //! [`rows`] holds the same ops on plain `f32` rows for the single-token decode fast path.
 //!
@@ -32,6 +33,7 @@ mod attention;
 mod cross_entropy;
 mod geglu;
 mod inplace;
+mod isa;
 pub mod qkernels;
 mod rms_norm;
 mod rope;
@@ -50,7 +52,8 @@ pub use cross_entropy::{
 };
 pub use geglu::{gelu_tanh, gelu_tanh_gate, gelu_tanh_gate_backward};
 pub use inplace::{add_in_place, index_add_rows, widen_into};
-pub use qkernels::{set_simd_choice, RawKind, RawQ, SimdChoice};
+pub use isa::{active_isa, cpu_features, set_isa, Isa, IsaError};
+pub use qkernels::{RawKind, RawQ};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};
 pub use softmax::{masked_softmax, masked_softmax_backward, reference_masked_softmax};

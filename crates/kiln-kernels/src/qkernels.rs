@@ -19,7 +19,7 @@
 //! rows decoded once into f32 panels and multiplied by a 4 x 4 register-tiled kernel.
 //!
 //! Work is split over output rows with rayon; AVX-512, AVX2+FMA and portable scalar kernels
-//! are chosen at run time ([`set_simd_choice`] forces one, for tests and comparisons).
+//! are chosen at run time ([`crate::set_isa`] forces one, for tests and comparisons).
 
 use rayon::prelude::*;
 
@@ -151,8 +151,16 @@ impl RawQ {
         out
     }
 
-    /// `x (m, k)` row-major → `x W^T (m, n)` row-major.
+    /// `x (m, k)` row-major → `x W^T (m, n)` row-major, with the kernels of
+    /// [`crate::active_isa`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_isa(x, m, crate::active_isa())
+    }
+
+    /// [`RawQ::matmul`] on the kernels of one level (tests compare every level the CPU runs
+    /// without touching the process-wide choice). A level the CPU lacks runs the scalar
+    /// kernels.
+    pub fn matmul_isa(&self, x: &[f32], m: usize, isa: crate::Isa) -> Vec<f32> {
         assert_eq!(
             x.len(),
             m * self.k,
@@ -161,10 +169,10 @@ impl RawQ {
             self.k
         );
         let n = self.n;
-        let level = simd_level();
+        let level = Level::of(isa);
         #[cfg(target_arch = "x86_64")]
-        if m >= PANEL_MIN_ROWS && level == Level::Avx512 {
-            return self.panel_matmul(x, m);
+        if m >= PANEL_MIN_ROWS && level != Level::Scalar {
+            return self.panel_matmul(x, m, level);
         }
         // Output rows per task: enough work per task, a few tasks per thread.
         let threads = rayon::current_num_threads().max(1);
@@ -227,52 +235,54 @@ impl RawQ {
 /// From this many activation rows on (prefill), weight rows are decoded once into f32 panels
 /// and multiplied by a register-tiled kernel, rather than decoded again for every 6-8 rows.
 pub const PANEL_MIN_ROWS: usize = 16;
-/// Weight rows decoded at a time (a panel of `PANEL_ROWS x k` f32 stays in L2).
-const PANEL_ROWS: usize = 32;
-/// Activation rows per register tile of the panel kernel.
+/// Activation rows per register tile of the panel kernels.
 const PANEL_TILE_ROWS: usize = 4;
 
 impl RawQ {
-    /// [`RawQ::matmul`] for many activation rows (AVX-512): each task decodes
-    /// [`PANEL_ROWS`] weight rows into f32 with the SIMD decoders, then computes every
-    /// activation row against them in 6 x 4 tiles of dot products.
+    /// [`RawQ::matmul`] for many activation rows (AVX-512 or AVX2): each task decodes a panel
+    /// of weight rows into f32 with the SIMD decoders (32 rows on AVX-512, 30 on AVX2: a
+    /// whole number of tiles, small enough to stay in L2), then computes every activation row
+    /// against it in register tiles of dot products (4 weight rows x 4 activation rows in 16
+    /// zmm accumulators on AVX-512; 3 x 4 in 12 of AVX2's 16 ymm registers).
     #[cfg(target_arch = "x86_64")]
-    fn panel_matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+    fn panel_matmul(&self, x: &[f32], m: usize, level: Level) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
+        let avx512 = level == Level::Avx512;
+        let (panel_rows, tile_w) = if avx512 { (32, 4) } else { (30, 3) };
         let mut out = vec![0f32; m * n];
         let dst = SyncPtr(out.as_mut_ptr());
         let rb = self.row_bytes();
-        (0..n.div_ceil(PANEL_ROWS)).into_par_iter().for_each(|p| {
+        (0..n.div_ceil(panel_rows)).into_par_iter().for_each(|p| {
             let dst = &dst;
-            let r0 = p * PANEL_ROWS;
-            let rows = PANEL_ROWS.min(n - r0);
-            // Rounded up to whole 4-row tiles; the padding rows stay zero and are not written.
-            let mut panel = vec![0f32; rows.next_multiple_of(4) * k];
-            // SAFETY: AVX-512 was detected (see `matmul`); the panel holds `rows` rows of k.
+            let r0 = p * panel_rows;
+            let rows = panel_rows.min(n - r0);
+            // Rounded up to whole tiles; the padding rows stay zero and are not written.
+            let mut panel = vec![0f32; rows.next_multiple_of(tile_w) * k];
+            let data = &self.data[r0 * rb..(r0 + rows) * rb];
+            // SAFETY: `matmul` picked this level from the detected features; the panel holds
+            // `rows` rows of k.
             unsafe {
-                x86::decode_rows512(
-                    self.kind,
-                    &self.data[r0 * rb..(r0 + rows) * rb],
-                    k,
-                    &mut panel,
-                )
+                if avx512 {
+                    x86::decode_rows512(self.kind, data, k, &mut panel)
+                } else {
+                    x86::decode_rows256(self.kind, data, k, &mut panel)
+                }
             };
             let mut i = 0;
             while i < m {
                 let take = (m - i).min(PANEL_TILE_ROWS);
-                for w in (0..rows).step_by(4) {
+                for w in (0..rows).step_by(tile_w) {
                     let mut tile = [[0f32; 6]; 4];
-                    // SAFETY: as above; the tile reads 4 panel rows and `take` rows of x.
+                    let (wp, xs) = (&panel[w * k..(w + tile_w) * k], &x[i * k..(i + take) * k]);
+                    // SAFETY: as above; the tile reads `tile_w` panel rows and `take` rows of x.
                     unsafe {
-                        x86::tile512(
-                            &panel[w * k..(w + 4) * k],
-                            &x[i * k..(i + take) * k],
-                            k,
-                            take,
-                            &mut tile,
-                        )
+                        if avx512 {
+                            x86::tile512(wp, xs, k, take, &mut tile)
+                        } else {
+                            x86::tile256(wp, xs, k, take, &mut tile)
+                        }
                     };
-                    for (dw, t) in tile.iter().enumerate().take(rows - w) {
+                    for (dw, t) in tile.iter().enumerate().take(tile_w.min(rows - w)) {
                         for (j, v) in t.iter().enumerate().take(take) {
                             // SAFETY: (i + j, r0 + w + dw) is in bounds and these columns
                             // belong to this task alone.
@@ -457,58 +467,21 @@ enum Level {
     Avx512,
 }
 
-/// Which SIMD kernels the block matmuls use (a process-wide choice, for comparisons).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SimdChoice {
-    /// The best the CPU supports.
-    Auto,
-    /// AVX2+FMA even where AVX-512 is available.
-    Avx2,
-    /// The portable scalar kernels.
-    Scalar,
-}
-
-static SIMD_CHOICE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Sets the kernels for every later matmul.
-pub fn set_simd_choice(c: SimdChoice) {
-    let v = match c {
-        SimdChoice::Auto => 0,
-        SimdChoice::Avx2 => 1,
-        SimdChoice::Scalar => 2,
-    };
-    SIMD_CHOICE.store(v, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn simd_level() -> Level {
-    static DETECTED: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    let choice = SIMD_CHOICE.load(std::sync::atomic::Ordering::Relaxed);
-    if choice == 2 {
-        return Level::Scalar;
-    }
-    let best = *DETECTED.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                return Level::Avx512;
-            }
-            if avx2 {
-                return Level::Avx2;
-            }
-        }
-        Level::Scalar
-    });
-    #[cfg(target_arch = "x86_64")]
-    if choice == 1 && best == Level::Avx512 {
-        return Level::Avx2;
-    }
-    best
-}
-
 impl Level {
+    /// The kernels that serve `isa` (NEON runs the portable kernels, compiled for aarch64);
+    /// the scalar ones for a level the CPU lacks.
+    fn of(isa: crate::Isa) -> Level {
+        use crate::Isa;
+        match isa {
+            _ if !isa.available() => Level::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Level::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Level::Avx2,
+            _ => Level::Scalar,
+        }
+    }
+
     /// The level with a two-weight-row kernel (AVX-512), if it is the one in use.
     fn best_pairs() -> Level {
         #[cfg(target_arch = "x86_64")]
@@ -694,6 +667,146 @@ mod x86 {
         }
     }
 
+    /// Chunk `s` of the coded block at `p` as 4 x 8 f32 (see [`coded_chunk512`]).
+    #[inline(always)]
+    unsafe fn coded_chunk256(
+        kind: RawKind,
+        p: *const u8,
+        s: usize,
+        scale: &[f32; 16],
+        offset: &[f32; 16],
+    ) -> [__m256; 4] {
+        let c = codes(kind, p, s);
+        let (lo, hi) = (_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+        let widen = |v: __m128i, h: usize| {
+            _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+                _mm256_set1_ps(scale[h]),
+                _mm256_set1_ps(offset[h]),
+            )
+        };
+        [
+            widen(lo, 2 * s),
+            widen(_mm_srli_si128::<8>(lo), 2 * s),
+            widen(hi, 2 * s + 1),
+            widen(_mm_srli_si128::<8>(hi), 2 * s + 1),
+        ]
+    }
+
+    /// [`decode_rows512`] with the AVX2 decoders.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub(super) unsafe fn decode_rows256(kind: RawKind, data: &[u8], k: usize, panel: &mut [f32]) {
+        match kind {
+            RawKind::Q4_0 => decode_rows_k256::<0>(data, k, panel),
+            RawKind::Q4_1 => decode_rows_k256::<1>(data, k, panel),
+            RawKind::Q8_0 => decode_rows_k256::<2>(data, k, panel),
+            RawKind::F16 => decode_rows_k256::<3>(data, k, panel),
+            RawKind::Q5_0 => decode_rows_k256::<4>(data, k, panel),
+            RawKind::Q5_1 => decode_rows_k256::<5>(data, k, panel),
+            RawKind::Q4K => decode_rows_k256::<6>(data, k, panel),
+            RawKind::Q5K => decode_rows_k256::<7>(data, k, panel),
+            RawKind::Q6K => decode_rows_k256::<8>(data, k, panel),
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn decode_rows_k256<const K: u8>(data: &[u8], k: usize, panel: &mut [f32]) {
+        let kind = RawKind::from_id(K);
+        let (bb, elems) = (kind.block_bytes(), kind.block_elems());
+        let blocks = data.len() / bb;
+        assert!(panel.len() >= blocks * elems && (blocks * elems).is_multiple_of(k));
+        let out = panel.as_mut_ptr();
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for b in 0..blocks {
+            let blk = &data[b * bb..(b + 1) * bb];
+            let o = out.add(b * elems);
+            let store = |at: usize, w: [__m256; 4]| {
+                for (j, v) in w.into_iter().enumerate() {
+                    _mm256_storeu_ps(o.add(at + 8 * j), v);
+                }
+            };
+            match kind {
+                RawKind::Q4_0 | RawKind::Q4_1 | RawKind::Q8_0 | RawKind::F16 => {
+                    store(0, block256(kind, blk.as_ptr()))
+                }
+                _ => {
+                    coded_affine(kind, blk, &mut scale, &mut offset);
+                    for s in 0..elems / BLOCK {
+                        store(
+                            s * BLOCK,
+                            coded_chunk256(kind, blk.as_ptr(), s, &scale, &offset),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dot products of 3 weight rows (`w`, 3 x k) with `rows` (1..=4) activation rows:
+    /// `tile[wr][xr]`. 12 accumulators + 3 weight vectors + 1 activation vector fill AVX2's
+    /// 16 registers.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub(super) unsafe fn tile256(
+        w: &[f32],
+        xs: &[f32],
+        k: usize,
+        rows: usize,
+        tile: &mut [[f32; 6]; 4],
+    ) {
+        match rows {
+            1 => tile_r256::<1>(w, xs, k, tile),
+            2 => tile_r256::<2>(w, xs, k, tile),
+            3 => tile_r256::<3>(w, xs, k, tile),
+            4 => tile_r256::<4>(w, xs, k, tile),
+            n => unreachable!("{n} rows per tile"),
+        }
+    }
+
+    /// The sum of the 8 lanes.
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn tile_r256<const R: usize>(w: &[f32], xs: &[f32], k: usize, tile: &mut [[f32; 6]; 4]) {
+        assert!(w.len() >= 3 * k && xs.len() >= R * k && k.is_multiple_of(8));
+        let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+        let mut a0 = [_mm256_setzero_ps(); R];
+        let mut a1 = [_mm256_setzero_ps(); R];
+        let mut a2 = [_mm256_setzero_ps(); R];
+        let mut t = 0;
+        while t < k {
+            let w0 = _mm256_loadu_ps(wp.add(t));
+            let w1 = _mm256_loadu_ps(wp.add(k + t));
+            let w2 = _mm256_loadu_ps(wp.add(2 * k + t));
+            // Unrolled by hand, as in `tile_r512`, to keep the accumulators in registers.
+            macro_rules! row {
+                ($j:literal) => {
+                    if R > $j {
+                        let xv = _mm256_loadu_ps(xp.add($j * k + t));
+                        a0[$j] = _mm256_fmadd_ps(w0, xv, a0[$j]);
+                        a1[$j] = _mm256_fmadd_ps(w1, xv, a1[$j]);
+                        a2[$j] = _mm256_fmadd_ps(w2, xv, a2[$j]);
+                    }
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            t += 8;
+        }
+        for j in 0..R {
+            tile[0][j] = hsum256(a0[j]);
+            tile[1][j] = hsum256(a1[j]);
+            tile[2][j] = hsum256(a2[j]);
+        }
+    }
+
     /// [`coded_dots512`] with 8-lane registers.
     #[target_feature(enable = "avx2,f16c,fma")]
     unsafe fn coded_dots256<const R: usize, const K: u8>(
@@ -712,21 +825,7 @@ mod x86 {
             let blk = &row[b * bb..(b + 1) * bb];
             coded_affine(kind, blk, &mut scale, &mut offset);
             for s in 0..elems / BLOCK {
-                let c = codes(kind, blk.as_ptr(), s);
-                let (lo, hi) = (_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
-                let widen = |v: __m128i, h: usize| {
-                    _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
-                        _mm256_set1_ps(scale[h]),
-                        _mm256_set1_ps(offset[h]),
-                    )
-                };
-                let w = [
-                    widen(lo, 2 * s),
-                    widen(_mm_srli_si128::<8>(lo), 2 * s),
-                    widen(hi, 2 * s + 1),
-                    widen(_mm_srli_si128::<8>(hi), 2 * s + 1),
-                ];
+                let w = coded_chunk256(kind, blk.as_ptr(), s, &scale, &offset);
                 for i in 0..R {
                     let xp = x.add(i * k + b * elems + s * BLOCK);
                     a0[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a0[i]);
@@ -1264,20 +1363,10 @@ mod tests {
     }
 
     fn levels() -> Vec<Level> {
-        let mut levels = vec![Level::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                levels.push(Level::Avx2);
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                    levels.push(Level::Avx512);
-                }
-            }
-        }
-        levels
+        crate::Isa::all_available()
+            .into_iter()
+            .map(Level::of)
+            .collect()
     }
 
     /// Every level's `row_dots` on the first weight row against the dequantised reference.
@@ -1317,19 +1406,22 @@ mod tests {
                 );
             }
             check_row_dots(kind, &r, &deq, "quantised randn");
-            for m in [1, 3, 8, 11, 17, 23] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                    .collect();
-                let y = r.matmul(&x, m);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f32 = (0..k).map(|t| x[i * k + t] * deq[j * k + t]).sum();
-                        let got = y[i * n + j];
-                        assert!(
-                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{kind:?} m={m} ({i},{j}): {got} vs {want}"
-                        );
+            // 1-8 rows: the register kernels; from PANEL_MIN_ROWS: the panel kernels.
+            for isa in crate::Isa::all_available() {
+                for m in [1, 3, 8, 11, 17, 23] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                        .collect();
+                    let y = r.matmul_isa(&x, m, isa);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f32 = (0..k).map(|t| x[i * k + t] * deq[j * k + t]).sum();
+                            let got = y[i * n + j];
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{kind:?} {isa:?} m={m} ({i},{j}): {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -4,7 +4,7 @@
 //! dequantisation must equal gguf-py's, and each kernel path's matmul the dequantised one.
 
 use kiln_kernels::qkernels::{RawKind, RawQ};
-use kiln_kernels::{set_simd_choice, SimdChoice};
+use kiln_kernels::Isa;
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -62,19 +62,16 @@ fn llama_cpp_blocks_dequantise_as_gguf_py_does_and_every_kernel_agrees() {
             "{name} ({}): kiln's dequantisation differs from gguf-py's by {worst}",
             b["tensor"]
         );
-        // 3 rows: the register kernels; 18: the decoded-panel prefill kernel (AVX-512).
-        for (m, choice) in [
-            (3, SimdChoice::Auto),
-            (18, SimdChoice::Auto),
-            (3, SimdChoice::Avx2),
-            (3, SimdChoice::Scalar),
-        ] {
+        // 3 rows: the register kernels; 18: the decoded-panel prefill kernels; on every
+        // level this CPU runs.
+        let cases = Isa::all_available()
+            .into_iter()
+            .flat_map(|isa| [(3, isa), (18, isa)]);
+        for (m, choice) in cases {
             let x: Vec<f32> = (0..m * cols)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
                 .collect();
-            set_simd_choice(choice);
-            let y = r.matmul(&x, m);
-            set_simd_choice(SimdChoice::Auto);
+            let y = r.matmul_isa(&x, m, choice);
             for i in 0..m {
                 for j in 0..rows {
                     let row = &want[j * cols..(j + 1) * cols];
