@@ -1118,6 +1118,7 @@ fn pad_cols<T: Elem>(x: &[T], width: usize, ld: usize) -> Cow<'_, [T]> {
 
 /// The fused forward on contiguous slices: `(out, lse)`, with `out` empty when `!with_out` (then
 /// `v` is not read).
+#[allow(clippy::too_many_arguments)]
 fn forward_cpu<T: Elem>(
     q: &[T],
     k: &[T],
@@ -1220,7 +1221,7 @@ fn bwd_tiles<T: Elem, const F: bool, const W: bool>(
     let mut p = vec![T::ZERO; BQ * BK];
     let mut gd = vec![T::ZERO; BQ * BK];
     // d(capped score)/d(score) = 1 - tanh^2 of one row's visible keys (soft cap only).
-    let mut dcap = vec![T::ONE; BK];
+    let mut dcap = [T::ONE; BK];
     let mut dk = vec![T::ZERO; BK * d.hd_pad];
     let mut dv = vec![T::ZERO; BK * d.hd_pad];
     let (mut ra, mut rb) = ([0usize; BQ], [0usize; BQ]);
