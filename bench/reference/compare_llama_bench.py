@@ -9,7 +9,7 @@
 `--isa avx2` compares AVX2 with AVX2 on any x86 machine: kiln runs with `--isa avx2` and
 llama.cpp is the build without AVX-512 (`build-llama-cpp.sh avx2`, into bin-avx2/).
 
-Makes the files into .cache/bench/ from the shipped SmolLM2-135M-Instruct Q4_1: Q4_K_M with
+Runs the shipped SmolLM2-135M-Instruct Q4_1 and makes from it, into .cache/bench/: Q4_K_M with
 llama.cpp's `llama-quantize --allow-requantize` (what the issue measured), Q8_0 and F16 with
 `kiln export`, and kiln's own Q4_K_M (`kiln export --type q4_k_m`, from the dequantised
 weights). For each file it alternates `kiln bench generate --json` and `llama-bench -p N -n M
@@ -63,6 +63,7 @@ def make_files(cache):
     if not os.path.exists(q4km):
         subprocess.run([os.path.join(LLAMA_BIN, "llama-quantize"), "--allow-requantize", Q4_1, q4km,
                         "Q4_K_M", "2"], check=True, capture_output=True)
+    files["Q4_1 (as shipped)"] = Q4_1
     files["Q4_K_M (llama-quantize)"] = q4km
     for t, name in [("q4_k_m", "Q4_K_M (kiln export)"), ("q8_0", "Q8_0"), ("f16", "F16")]:
         p = os.path.join(cache, f"smollm2-{t}.gguf")
