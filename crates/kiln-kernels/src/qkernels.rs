@@ -39,6 +39,7 @@ pub enum RawKind {
 
 impl RawKind {
     /// The inverse of the `K` ids the kernels are instantiated with.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) const fn from_id(id: u8) -> RawKind {
         match id {
             0 => RawKind::Q4_0,
@@ -236,6 +237,7 @@ impl RawQ {
 /// and multiplied by a register-tiled kernel, rather than decoded again for every 6-8 rows.
 pub const PANEL_MIN_ROWS: usize = 16;
 /// Activation rows per register tile of the panel kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PANEL_TILE_ROWS: usize = 4;
 
 impl RawQ {
@@ -422,6 +424,7 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 /// offset with the byte code of [`x86::codes`]: 2 pairs for the 32-weight types, 16 for the
 /// K-quants.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn coded_affine(kind: RawKind, blk: &[u8], scale: &mut [f32; 16], offset: &mut [f32; 16]) {
     match kind {
         RawKind::Q5_0 => {
@@ -471,13 +474,12 @@ impl Level {
     /// The kernels that serve `isa` (NEON runs the portable kernels, compiled for aarch64);
     /// the scalar ones for a level the CPU lacks.
     fn of(isa: crate::Isa) -> Level {
-        use crate::Isa;
         match isa {
             _ if !isa.available() => Level::Scalar,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Level::Avx512,
+            crate::Isa::Avx512 => Level::Avx512,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Level::Avx2,
+            crate::Isa::Avx2 => Level::Avx2,
             _ => Level::Scalar,
         }
     }
