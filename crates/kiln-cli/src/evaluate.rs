@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_eval::{evaluate, load_task, load_task_file, Scorer, Task, TaskResult};
 use tracing::{info, warn};
 
-use crate::commands::{device, load_model};
+use crate::commands::device;
 use crate::EvalArgs;
 
 fn docs_bar(task: &Task) -> ProgressBar {
@@ -41,12 +41,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
     for file in &a.task_file {
         tasks.push(load_task_file(file, a.limit)?);
     }
-    let (_, mut model, _) = load_model(&a.model)?;
+    // A GGUF stays quantised (its kernels compute the dequantised values, so the scores are
+    // the dequantised model's, at a fraction of the memory); other formats run dense f32.
+    let tokenizer = kiln_load::load_tokenizer(&a.model)?;
+    let t0 = std::time::Instant::now();
+    let (mut model, config, weights) = kiln_load::load_llama(
+        &a.model,
+        kiln_load::Weights::native_or_dense(a.dequantize),
+        &device(),
+    )?;
+    kiln_load::check_vocab(&tokenizer, &config)?;
+    info!(
+        weights,
+        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+        "loaded {}",
+        a.model.display()
+    );
     if let Some(dir) = &a.adapter {
-        let adapter = kiln_load::load_adapter(dir, model.config(), &device())?;
+        let adapter = kiln_load::load_adapter(dir, &config, &device())?;
         model.attach_lora(&adapter.params, &adapter.spec)?;
     }
-    let tokenizer = kiln_load::load_tokenizer(&a.model)?;
     let scorer = Scorer::new(&model, &tokenizer);
     let mut results: Vec<(String, TaskResult)> = Vec::new();
     for task in &tasks {
@@ -104,7 +118,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .iter()
             .map(|(n, r)| (n.clone(), serde_json::to_value(r).expect("plain numbers")))
             .collect();
-        println!("{}", serde_json::json!({ "tasks": tasks }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "tasks": tasks,
+                "model": a.model.display().to_string(),
+                "weights": weights,
+                "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+                "limit": a.limit,
+                "num_fewshot": a.num_fewshot,
+                "kiln_version": env!("CARGO_PKG_VERSION"),
+            })
+        );
         return Ok(());
     }
     println!(

@@ -166,6 +166,10 @@ pub struct EvalArgs {
     /// --log_samples.
     #[arg(long)]
     pub samples: Option<PathBuf>,
+    /// Benchmark mode: score a GGUF model on dequantised f32 weights instead of its quantised
+    /// ones (the same values, at four to eight times the memory).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 #[derive(Args, Clone)]
