@@ -61,8 +61,39 @@ pub fn run_dir_of(
         .unwrap_or_else(|| PathBuf::from(default))
 }
 
+/// A run stopped by Ctrl-C after saving its checkpoint: `main` exits 130, as a shell expects
+/// of an interrupted command, so `kiln sft ... && kiln lora merge ...` goes no further.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// How to continue the run.
+    pub resume: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted; the checkpoint is saved (continue with: {})",
+            self.resume
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Err([`Interrupted`]) when the run stopped on Ctrl-C, after its last messages are out.
+pub fn finish_run(stopped_early: bool, resume: impl Into<String>) -> Result<()> {
+    if stopped_early {
+        return Err(Interrupted {
+            resume: resume.into(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Ctrl-C sets the returned flag: the training loop finishes its step, saves a checkpoint and
-/// returns; a second Ctrl-C aborts at once.
+/// returns (the command then exits 130, see [`Interrupted`]); a second Ctrl-C aborts at once.
 pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -124,14 +155,11 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         wall_s = format!("{:.1}", summary.wall_s),
         "done"
     );
-    if summary.stopped_early {
-        info!(
-            "stopped early; continue with: kiln pretrain --config {} --resume",
-            a.config.display()
-        );
-    }
     info!("loss curve: {}", run_dir.join("loss.png").display());
-    Ok(())
+    finish_run(
+        summary.stopped_early,
+        format!("kiln pretrain --config {} --resume", a.config.display()),
+    )
 }
 
 /// Loads a model and its tokenizer from a run, checkpoint, weights file, HF directory or GGUF

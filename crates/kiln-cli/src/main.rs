@@ -357,6 +357,10 @@ fn main() {
             Command::Scaling(c) => scaling::run(c),
         });
     if let Err(e) = result {
+        if let Some(i) = e.downcast_ref::<commands::Interrupted>() {
+            eprintln!("{i}");
+            std::process::exit(130);
+        }
         if dist::launched_as_rank() {
             eprintln!("error (rank {}): {e:#}", dist::rank());
             dist::abort_job(1); // the other ranks must not wait for this one

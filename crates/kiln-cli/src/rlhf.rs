@@ -285,10 +285,7 @@ fn run_pairs(
         run_dir = %run_dir.display(),
         "done (held-out metrics)"
     );
-    if s.stopped_early {
-        info!("stopped early; continue with the same command and --resume");
-    }
-    Ok(())
+    crate::commands::finish_run(s.stopped_early, "the same command and --resume")
 }
 
 pub fn reward(c: RewardCommand) -> Result<()> {
@@ -395,8 +392,5 @@ pub fn online(method: Method, a: OnlineArgs) -> Result<()> {
         run_dir = %run_dir.display(),
         "done"
     );
-    if sum.stopped_early {
-        info!("stopped early; continue with the same command and --resume");
-    }
-    Ok(())
+    crate::commands::finish_run(sum.stopped_early, "the same command and --resume")
 }

@@ -340,18 +340,16 @@ fn sweep(a: SweepArgs) -> Result<()> {
         csv = %csv.display(),
         "sweep"
     );
-    if out.stopped {
-        info!(
-            "stopped; continue with: kiln scaling sweep --config {}",
-            a.config.display()
-        );
-    } else {
+    if !out.stopped {
         info!(
             "next: kiln scaling fit --runs {0} && kiln scaling plot --runs {0}",
             csv.display()
         );
     }
-    Ok(())
+    crate::commands::finish_run(
+        out.stopped,
+        format!("kiln scaling sweep --config {}", a.config.display()),
+    )
 }
 
 fn fit_cmd(a: FitArgs) -> Result<()> {

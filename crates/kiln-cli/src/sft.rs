@@ -178,21 +178,26 @@ pub fn run(a: SftArgs) -> Result<()> {
         return Ok(());
     }
     console.finish();
-    let f = |x: Option<f64>| x.map(|l| format!("{l:.4}")).unwrap_or_default();
+    // Only the figures the run has (no held-out split: no held-out losses).
+    let loss = |x: Option<f64>| x.map(|l| format!("{l:.4}"));
+    let figures: Vec<String> = [
+        ("final_loss", loss(s.final_loss)),
+        ("held_out_loss_before", loss(s.val_loss_before)),
+        ("held_out_loss_after", loss(s.final_val_loss)),
+        (
+            "peak_rss_mib",
+            kiln_train::perf::peak_rss_mib().map(|m| format!("{m:.0}")),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+    .collect();
     info!(
-        steps = s.steps,
-        final_loss = f(s.final_loss),
-        held_out_loss_before = f(s.val_loss_before),
-        held_out_loss_after = f(s.final_val_loss),
-        peak_rss_mib = kiln_train::perf::peak_rss_mib()
-            .map(|m| format!("{m:.0}"))
-            .unwrap_or_default(),
-        wall_s = format!("{:.1}", s.wall_s),
-        "done"
+        "done: steps={} {} wall_s={:.1}",
+        s.steps,
+        figures.join(" "),
+        s.wall_s
     );
-    if s.stopped_early {
-        info!("stopped early; continue with the same command and --resume");
-    }
     match &s.adapter_dir {
         Some(d) => info!(
             "PEFT adapter: {} (use it with: kiln generate --model {} --adapter {})",
@@ -207,7 +212,7 @@ pub fn run(a: SftArgs) -> Result<()> {
         ),
     }
     info!("loss curve: {}", run_dir.join("loss.png").display());
-    Ok(())
+    crate::commands::finish_run(s.stopped_early, "the same command and --resume")
 }
 
 #[derive(Subcommand)]

@@ -160,6 +160,61 @@ fn pretrain_then_generate_eval_and_plot() {
     );
 }
 
+/// Ctrl-C (SIGINT) saves a checkpoint and exits 130, so `kiln pretrain ... && next` stops;
+/// `--resume` then finishes the run.
+#[test]
+fn an_interrupted_run_saves_and_exits_130() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_config(d);
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--threads", "2", "pretrain", "--config", "run.toml"])
+        .args(["--set", "train.steps=100000", "--set", "train.log_every=1"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(d.join("run/metrics.jsonl"))
+        .map(|t| t.lines().count() < 2)
+        .unwrap_or(true)
+    {
+        assert!(started.elapsed() < Duration::from_secs(120), "no steps");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let o = child.wait_with_output().unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("--resume"),
+        "{err}"
+    );
+    let saved = std::fs::read_dir(d.join("run/checkpoints"))
+        .unwrap()
+        .count();
+    assert!(saved >= 1, "a checkpoint is saved on Ctrl-C");
+    let o = kiln(
+        &[
+            "pretrain",
+            "--config",
+            "run.toml",
+            "--resume",
+            "--set",
+            "train.steps=20",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+}
+
 #[test]
 fn tokenizer_and_data_verbs() {
     let dir = tempfile::tempdir().unwrap();
