@@ -36,6 +36,11 @@ pub struct ChatArgs {
     /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
     #[arg(long)]
     pub dequantize: bool,
+    /// Quantise the weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// f16, ...): an HF checkpoint or GGUF is read and quantised one tensor at a time, so peak
+    /// memory is the quantised model plus one tensor.
+    #[arg(long, conflicts_with = "dequantize")]
+    pub quantize: Option<String>,
     /// Apply a PEFT LoRA adapter directory without merging it.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -44,7 +49,11 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let m = crate::commands::load_for_inference(&a.model, a.dequantize, a.adapter.as_deref())?;
+    let m = crate::commands::load_for_inference(
+        &a.model,
+        crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,
+        a.adapter.as_deref(),
+    )?;
     let tok = &m.tokenizer;
     let template = match &a.template {
         Some(p) => Some(

@@ -172,20 +172,28 @@ pub fn load_model(path: &Path) -> Result<(LoadedWeights, Llama, KilnTokenizer)> 
     Ok((w, model, tok.tokenizer))
 }
 
-/// Loads a model for generation and chat: a GGUF keeps its quantised weights unless
-/// `dequantize`; everything else runs dense f32.
+/// The weights `--dequantize` / `--quantize TYPE` ask for: a GGUF as stored (quantised) and
+/// other formats dense f32 unless told otherwise.
+pub fn weights_choice(dequantize: bool, quantize: Option<&str>) -> Result<Weights> {
+    match quantize {
+        None => Ok(Weights::native_or_dense(dequantize)),
+        Some(name) => match kiln_model::gguf::parse_dtype(name) {
+            Some(d) => Ok(Weights::Quantized(d)),
+            None => anyhow::bail!(
+                "--quantize {name:?}: not a GGML type kiln quantises to (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16)"
+            ),
+        },
+    }
+}
+
+/// Loads a model for generation and chat with the given weights (see [`weights_choice`]).
 pub fn load_for_inference(
     path: &Path,
-    dequantize: bool,
+    weights: Weights,
     adapter: Option<&Path>,
 ) -> Result<InferenceModel> {
     let t0 = std::time::Instant::now();
-    let m = kiln_load::load_inference_with_adapter(
-        path,
-        Weights::native_or_dense(dequantize),
-        adapter,
-        &device(),
-    )?;
+    let m = kiln_load::load_inference_with_adapter(path, weights, adapter, &device())?;
     info!(
         format = m.format.name(),
         params = m.config.param_counts().0,
@@ -285,7 +293,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         Some(file) => Some((file, read_prompt_file(file)?)),
         None => None,
     };
-    let m = load_for_inference(&a.model, a.dequantize, a.adapter.as_deref())?;
+    let m = load_for_inference(
+        &a.model,
+        weights_choice(a.dequantize, a.quantize.as_deref())?,
+        a.adapter.as_deref(),
+    )?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
     let mut sampler = Sampler::new(s.params())?;

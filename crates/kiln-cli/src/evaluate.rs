@@ -47,7 +47,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let (mut model, config, weights) = kiln_load::load_llama(
         &a.model,
-        kiln_load::Weights::native_or_dense(a.dequantize),
+        crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,
         &device(),
     )?;
     kiln_load::check_vocab(&tokenizer, &config)?;

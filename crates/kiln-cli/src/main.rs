@@ -170,6 +170,11 @@ pub struct EvalArgs {
     /// ones (the same values, at four to eight times the memory).
     #[arg(long)]
     pub dequantize: bool,
+    /// Quantise the weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// f16, ...): an HF checkpoint or GGUF is read and quantised one tensor at a time, so peak
+    /// memory is the quantised model plus one tensor.
+    #[arg(long, conflicts_with = "dequantize")]
+    pub quantize: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -216,6 +221,11 @@ pub struct GenerateArgs {
     /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
     #[arg(long)]
     pub dequantize: bool,
+    /// Quantise the weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// f16, ...): an HF checkpoint or GGUF is read and quantised one tensor at a time, so peak
+    /// memory is the quantised model plus one tensor.
+    #[arg(long, conflicts_with = "dequantize")]
+    pub quantize: Option<String>,
     /// Apply a PEFT LoRA adapter directory without merging it.
     #[arg(long)]
     pub adapter: Option<PathBuf>,

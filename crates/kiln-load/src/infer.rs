@@ -121,6 +121,28 @@ fn build_llama(
             let m = Llama::new(&w.config, &w.params)?;
             Ok((m, w.config, format, "f32".into()))
         }
+        // Quantise on load: HF and GGUF weights are read and quantised one tensor at a time,
+        // so peak memory is the quantised model plus one f32 tensor.
+        (Weights::Quantized(dtype), ModelFormat::HfDir) => {
+            let config = kiln_model::hf::HfConfig::load(path)?.to_model_config(path)?;
+            let hf = kiln_model::hf::HfWeights::open(path, &config)?;
+            let q = QLlama::quantize_on_load(&config, dtype, |name| hf.tensor(name, device))?;
+            let desc = format!("{:?} (quantised on load)", q.weight_types());
+            Ok((q, config, format, desc))
+        }
+        (Weights::Quantized(dtype), ModelFormat::Gguf) => {
+            let file = GgufFile::open(path)?;
+            let config = file.config()?;
+            file.check_tensors(&config)?;
+            let q = QLlama::quantize_on_load(&config, dtype, |name| {
+                Ok(file
+                    .qtensor(&config, name)?
+                    .dequantize(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?)
+            })?;
+            let desc = format!("{:?} (requantised on load)", q.weight_types());
+            Ok((q, config, format, desc))
+        }
         (Weights::Quantized(dtype), _) => {
             let w = load_weights(path, device)?;
             let q = QLlama::from_params(&w.config, &w.params, dtype)?;

@@ -677,123 +677,171 @@ pub fn load_hf_weights(
     cfg: &ModelConfig,
     device: &Device,
 ) -> Result<Params, ModelError> {
-    let (files, index) = weight_files(dir)?;
-    // name -> (file index); every file is mapped once.
-    let mut maps = Vec::new();
-    let mut where_is: HashMap<String, usize> = HashMap::new();
-    for (i, f) in files.iter().enumerate() {
-        // SAFETY: read-only mapping of a file we do not modify while it is open.
-        let st = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Weights {
-            path: f.display().to_string(),
-            msg: format!("cannot read safetensors (truncated or corrupt?): {e}"),
-        })?;
-        for (name, _) in st.tensors() {
-            where_is.insert(name, i);
-        }
-        maps.push(st);
-    }
-    if let Some(index) = &index {
-        for (name, file) in index {
-            if !where_is.contains_key(name) {
-                return Err(ModelError::Weights {
-                    path: dir.join(file).display().to_string(),
-                    msg: format!(
-                        "tensor {name:?} is listed in {WEIGHTS_INDEX} but not in the file"
-                    ),
-                });
-            }
-        }
-    }
-    let family = HfConfig::load(dir)?.family(dir)?;
-    let expected = layout(cfg);
-    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let weights = HfWeights::open(dir, cfg)?;
     let mut tensors = HashMap::new();
-    for (name, shape, _) in &expected {
-        let source = hf_source(family, cfg, name)
-            .unwrap_or_else(|| panic!("invariant: kiln tensor {name:?} has an HF name"));
-        let h = match &source {
-            HfSource::Whole(h) | HfSource::Rows { name: h, .. } => h.clone(),
-        };
-        // A bare trunk (`Gemma3TextModel`, as sentence-transformers saves it) has no `model.`.
-        let h = match h.strip_prefix("model.") {
-            Some(bare) if !where_is.contains_key(&h) && where_is.contains_key(bare) => {
-                bare.to_string()
+    for (name, _, _) in layout(cfg) {
+        let t = weights.tensor(&name, device)?;
+        tensors.insert(name, t);
+    }
+    Params::from_tensors(cfg, tensors, &dir.display().to_string())
+}
+
+/// An HF directory's safetensors shards, memory-mapped, read one kiln tensor at a time (so a
+/// caller can quantise each as it comes and never hold the whole model in f32). Opening checks
+/// the index, that every tensor `cfg` needs is present with its dtype and shape, and that no
+/// unexpected tensor is there.
+pub struct HfWeights {
+    files: Vec<PathBuf>,
+    maps: Vec<MmapedSafetensors>,
+    /// kiln name → (file index, HF name, where in it).
+    sources: HashMap<String, (usize, String, HfSource)>,
+    family: Family,
+}
+
+impl HfWeights {
+    pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (files, index) = weight_files(dir)?;
+        // name -> (file index); every file is mapped once.
+        let mut maps = Vec::new();
+        let mut where_is: HashMap<String, usize> = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            // SAFETY: read-only mapping of a file we do not modify while it is open.
+            let st = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Weights {
+                path: f.display().to_string(),
+                msg: format!("cannot read safetensors (truncated or corrupt?): {e}"),
+            })?;
+            for (name, _) in st.tensors() {
+                where_is.insert(name, i);
             }
-            _ => h,
-        };
-        let Some(&fi) = where_is.get(&h) else {
+            maps.push(st);
+        }
+        if let Some(index) = &index {
+            for (name, file) in index {
+                if !where_is.contains_key(name) {
+                    return Err(ModelError::Weights {
+                        path: dir.join(file).display().to_string(),
+                        msg: format!(
+                            "tensor {name:?} is listed in {WEIGHTS_INDEX} but not in the file"
+                        ),
+                    });
+                }
+            }
+        }
+        let family = HfConfig::load(dir)?.family(dir)?;
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let mut sources = HashMap::new();
+        for (name, shape, _) in &layout(cfg) {
+            let source = hf_source(family, cfg, name)
+                .unwrap_or_else(|| panic!("invariant: kiln tensor {name:?} has an HF name"));
+            let h = match &source {
+                HfSource::Whole(h) | HfSource::Rows { name: h, .. } => h.clone(),
+            };
+            // A bare trunk (`Gemma3TextModel`, as sentence-transformers saves it) has no
+            // `model.`.
+            let h = match h.strip_prefix("model.") {
+                Some(bare) if !where_is.contains_key(&h) && where_is.contains_key(bare) => {
+                    bare.to_string()
+                }
+                _ => h,
+            };
+            let Some(&fi) = where_is.get(&h) else {
+                return Err(ModelError::Weights {
+                    path: dir.display().to_string(),
+                    msg: format!("missing tensor {h:?} (kiln {name:?})"),
+                });
+            };
+            let ferr = |msg: String| ModelError::Weights {
+                path: files[fi].display().to_string(),
+                msg,
+            };
+            let view = maps[fi]
+                .get(&h)
+                .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
+            use safetensors::Dtype as St;
+            if !matches!(view.dtype(), St::F32 | St::F16 | St::BF16) {
+                return Err(ferr(format!(
+                    "tensor {h:?} has dtype {:?}; kiln reads F32, F16 and BF16",
+                    view.dtype()
+                )));
+            }
+            let want_shape = match &source {
+                HfSource::Whole(_) => shape.clone(),
+                HfSource::Rows { start, len, .. } => {
+                    let rows = view.shape().first().copied().unwrap_or(0);
+                    if rows < start + len || view.shape().get(1..) != shape.get(1..) {
+                        return Err(ferr(format!(
+                            "fused tensor {h:?} has shape {:?}, too small for kiln {name:?} (rows {start}..{})",
+                            view.shape(),
+                            start + len
+                        )));
+                    }
+                    view.shape().to_vec()
+                }
+            };
+            if view.shape() != want_shape.as_slice() {
+                return Err(ferr(format!(
+                    "tensor {h:?} has shape {:?} but config.json implies {want_shape:?}",
+                    view.shape()
+                )));
+            }
+            wanted.insert(h.clone());
+            sources.insert(name.clone(), (fi, h, source));
+        }
+        let extra: Vec<&String> = where_is
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            // Some tied checkpoints also store the head; it is the embedding, so it is ignored.
+            .filter(|k| !(cfg.tie_embeddings && k.as_str() == "lm_head.weight"))
+            .collect();
+        if !extra.is_empty() {
+            let mut extra: Vec<_> = extra.into_iter().cloned().collect();
+            extra.sort();
             return Err(ModelError::Weights {
                 path: dir.display().to_string(),
-                msg: format!("missing tensor {h:?} (kiln {name:?})"),
+                msg: format!(
+                    "unexpected tensors for a {} model: {extra:?}",
+                    family.architecture()
+                ),
+            });
+        }
+        Ok(Self {
+            files,
+            maps,
+            sources,
+            family,
+        })
+    }
+
+    /// Kiln tensor `name` in f32, converted from the mapping (F32, F16 or BF16), with the
+    /// family's conventions applied (a fused tensor's rows, Gemma's `1 + w` norms).
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
+        let Some((fi, h, source)) = self.sources.get(name) else {
+            return Err(ModelError::Weights {
+                path: self
+                    .files
+                    .first()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+                msg: format!("no tensor for kiln {name:?}"),
             });
         };
-        let file = &files[fi];
         let ferr = |msg: String| ModelError::Weights {
-            path: file.display().to_string(),
+            path: self.files[*fi].display().to_string(),
             msg,
         };
-        let view = maps[fi]
-            .get(&h)
-            .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
-        use safetensors::Dtype as St;
-        if !matches!(view.dtype(), St::F32 | St::F16 | St::BF16) {
-            return Err(ferr(format!(
-                "tensor {h:?} has dtype {:?}; kiln reads F32, F16 and BF16",
-                view.dtype()
-            )));
-        }
-        let want_shape = match &source {
-            HfSource::Whole(_) => shape.clone(),
-            HfSource::Rows { start, len, .. } => {
-                let rows = view.shape().first().copied().unwrap_or(0);
-                if rows < start + len || view.shape().get(1..) != shape.get(1..) {
-                    return Err(ferr(format!(
-                        "fused tensor {h:?} has shape {:?}, too small for kiln {name:?} (rows {start}..{})",
-                        view.shape(),
-                        start + len
-                    )));
-                }
-                view.shape().to_vec()
-            }
-        };
-        if view.shape() != want_shape.as_slice() {
-            return Err(ferr(format!(
-                "tensor {h:?} has shape {:?} but config.json implies {want_shape:?}",
-                view.shape()
-            )));
-        }
-        let mut t = maps[fi]
-            .load(&h, device)
+        let mut t = self.maps[*fi]
+            .load(h, device)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
         if let HfSource::Rows { start, len, .. } = source {
-            t = t.narrow(0, start, len)?.contiguous()?;
+            t = t.narrow(0, *start, *len)?.contiguous()?;
         }
-        if family.norm_offset() != 0.0 && name.ends_with("norm.weight") {
-            t = (t + family.norm_offset())?;
+        if self.family.norm_offset() != 0.0 && name.ends_with("norm.weight") {
+            t = (t + self.family.norm_offset())?;
         }
-        wanted.insert(h);
-        tensors.insert(name.clone(), t);
+        Ok(t)
     }
-    let extra: Vec<&String> = where_is
-        .keys()
-        .filter(|k| !wanted.contains(*k))
-        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
-        // Some tied checkpoints also store the head; it is the embedding, so it is ignored.
-        .filter(|k| !(cfg.tie_embeddings && k.as_str() == "lm_head.weight"))
-        .collect();
-    if !extra.is_empty() {
-        let mut extra: Vec<_> = extra.into_iter().cloned().collect();
-        extra.sort();
-        return Err(ModelError::Weights {
-            path: dir.display().to_string(),
-            msg: format!(
-                "unexpected tensors for a {} model: {extra:?}",
-                family.architecture()
-            ),
-        });
-    }
-    Params::from_tensors(cfg, tensors, &dir.display().to_string())
 }
 
 /// The `config.json` transformers needs to build `LlamaForCausalLM` for `cfg`.

@@ -30,13 +30,24 @@ impl Llama {
         params: &Params,
         dtype: GgmlDType,
     ) -> Result<Self, ModelError> {
+        Self::quantize_on_load(cfg, dtype, |name| {
+            Ok(params.tensor(name)?.to_dtype(DType::F32)?)
+        })
+    }
+
+    /// Quantise on load: asks `get` for each weight in f32, one at a time, and quantises it to
+    /// `dtype` before asking for the next (matrices whose rows are not whole blocks stay f32),
+    /// so peak memory is the quantised model plus one f32 tensor. Equal, byte for byte, to
+    /// [`Llama::from_params`] on the same weights.
+    pub fn quantize_on_load(
+        cfg: &ModelConfig,
+        dtype: GgmlDType,
+        get: impl Fn(&str) -> Result<Tensor, ModelError>,
+    ) -> Result<Self, ModelError> {
         Self::build_quantised(cfg, |name| {
-            // A compact copy: candle's quantize reads the whole storage, not the view into
-            // the flat parameter buffer.
-            let t = params
-                .tensor(name)?
-                .to_dtype(DType::F32)?
-                .force_contiguous()?;
+            // A compact copy: candle's quantize reads the whole storage, not a view into it
+            // (the flat parameter buffer, a fused HF tensor's rows).
+            let t = get(name)?.force_contiguous()?;
             let d = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
                 dtype
             } else {
