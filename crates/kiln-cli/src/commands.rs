@@ -14,7 +14,7 @@ use kiln_infer::{generate as generate_text, generate_batch, GenerateOptions, Sam
 use kiln_load::{InferenceModel, LoadedWeights, Weights};
 use kiln_model::{Llama, ModelConfig};
 use kiln_train::{evaluate_loss, Observer, RunConfig, Silent, Trainer};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::progress::Console;
 use crate::{
@@ -59,6 +59,49 @@ pub fn run_dir_of(
             Some(PathBuf::from(t.get("train")?.get("run_dir")?.as_str()?))
         })
         .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// A new run may start in `run_dir` only when it holds no run yet (no `metrics.jsonl`, no
+/// checkpoint): starting over there would mix old rows and checkpoints with new ones. With
+/// `--resume` the run continues; with `--overwrite` its history is removed first. Under a
+/// launcher only rank 0 checks and removes (the others write nothing there).
+pub fn claim_run_dir(run_dir: &Path, resume: bool, overwrite: bool) -> Result<()> {
+    if resume || (crate::dist::launched_as_rank() && crate::dist::rank() != 0) {
+        return Ok(());
+    }
+    let metrics = run_dir.join("metrics.jsonl");
+    let checkpoints = run_dir.join("checkpoints");
+    let rows = std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0);
+    let saved = std::fs::read_dir(&checkpoints)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if rows == 0 && saved == 0 {
+        return Ok(());
+    }
+    if overwrite {
+        warn!(
+            "--overwrite: removing {} ({rows} rows) and {} ({saved} checkpoints)",
+            metrics.display(),
+            checkpoints.display()
+        );
+        if metrics.exists() {
+            std::fs::remove_file(&metrics)
+                .with_context(|| format!("removing {}", metrics.display()))?;
+        }
+        if checkpoints.exists() {
+            std::fs::remove_dir_all(&checkpoints)
+                .with_context(|| format!("removing {}", checkpoints.display()))?;
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} already holds a run ({rows} metric rows, {saved} checkpoints): continue it with \
+         --resume, start over with --overwrite (removes its metrics.jsonl and checkpoints/), \
+         or choose another run directory",
+        run_dir.display()
+    )
 }
 
 /// A run stopped by Ctrl-C after saving its checkpoint: `main` exits 130, as a shell expects
@@ -114,6 +157,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     }
     let cfg = RunConfig::load(&a.config, &overrides)?;
     let run_dir = cfg.run_dir(Some(&a.config));
+    claim_run_dir(&run_dir, a.resume, a.overwrite)?;
     // Under mpirun each process is one rank; rank 0 alone draws progress and logs.
     let group = crate::dist::join(&cfg.dist)?;
     let main = group.as_ref().is_none_or(|g| g.is_main());

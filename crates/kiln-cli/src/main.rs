@@ -114,6 +114,10 @@ pub struct PretrainArgs {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start over in a run directory that already holds a run: its metrics.jsonl and
+    /// checkpoints/ are removed first (without this, or --resume, kiln refuses).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Start from existing weights: a kiln run/checkpoint, an HF directory or a GGUF file
     /// (same as train.init_from).
     #[arg(long)]

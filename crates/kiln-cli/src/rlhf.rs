@@ -29,6 +29,10 @@ pub struct CommonArgs {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start over in a run directory that already holds a run: its metrics.jsonl and
+    /// checkpoints/ are removed first (without this, or --resume, kiln refuses).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Train LoRA adapters of this rank on a frozen base (lora.rank).
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -259,6 +263,7 @@ fn run_pairs(
 ) -> Result<()> {
     let overrides = common.overrides(extra);
     let run_dir = common.run_dir(&overrides, default_dir);
+    crate::commands::claim_run_dir(&run_dir, common.resume, common.overwrite)?;
     let mut console = RlhfConsole::new(PAIR_KEYS);
     let mut t = PairTrainer::new(
         method,
@@ -367,6 +372,7 @@ pub fn online(method: Method, a: OnlineArgs) -> Result<()> {
     }
     let overrides = a.common.overrides(extra);
     let run_dir = a.common.run_dir(&overrides, &format!("runs/{s}"));
+    crate::commands::claim_run_dir(&run_dir, a.common.resume, a.common.overwrite)?;
     let mut console = RlhfConsole::new(ONLINE_KEYS);
     let mut t = OnlineTrainer::new(
         method,

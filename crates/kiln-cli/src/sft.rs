@@ -34,6 +34,10 @@ pub struct SftArgs {
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start over in a run directory that already holds a run: its metrics.jsonl and
+    /// checkpoints/ are removed first (without this, or --resume, kiln refuses).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Train LoRA adapters of this rank on a frozen base (lora.rank).
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -155,6 +159,7 @@ pub fn run(a: SftArgs) -> Result<()> {
         data: a.data.clone(),
         eval_data: a.eval_data.clone(),
     };
+    crate::commands::claim_run_dir(&run_dir, a.resume, a.overwrite)?;
     // Under mpirun each process is one rank; rank 0 alone draws progress and logs.
     let group = crate::dist::join(&crate::dist::config_of(a.config.as_deref(), &overrides)?)?;
     let main = group.as_ref().is_none_or(|g| g.is_main());

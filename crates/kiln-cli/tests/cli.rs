@@ -201,6 +201,18 @@ fn an_interrupted_run_saves_and_exits_130() {
         .unwrap()
         .count();
     assert!(saved >= 1, "a checkpoint is saved on Ctrl-C");
+    // Starting again without --resume would mix two runs in one directory: refused.
+    let short = ["--set", "train.steps=20"];
+    let again = kiln(
+        &[&["pretrain", "--config", "run.toml"][..], &short].concat(),
+        d,
+    );
+    let (_, err) = text(&again);
+    assert!(!again.status.success());
+    assert!(
+        err.contains("already holds a run") && err.contains("--overwrite"),
+        "{err}"
+    );
     let o = kiln(
         &[
             "pretrain",
@@ -213,6 +225,20 @@ fn an_interrupted_run_saves_and_exits_130() {
         d,
     );
     assert!(o.status.success(), "{}", text(&o).1);
+    // --overwrite starts over: the old rows are gone.
+    let o = kiln(
+        &[
+            &["pretrain", "--config", "run.toml", "--overwrite"][..],
+            &short,
+        ]
+        .concat(),
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 20, "{metrics}");
+    assert!(metrics.lines().count() <= 20, "no stale rows: {metrics}");
 }
 
 #[test]
