@@ -172,7 +172,10 @@ pub struct OnlineArgs {
     /// Sampling temperature (default 1).
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// Response budget in tokens (default 64).
+    /// Response budget in tokens (default 64). A response that reaches it without an
+    /// end-of-turn token scores the missing-EOS penalty, -1, instead of its reward
+    /// (`<method>.penalize_missing_eos = false` turns that off); kiln warns when every response
+    /// of a step was cut.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     #[command(flatten)]

@@ -174,6 +174,37 @@ fn reward_dpo_grpo_and_ppo_from_the_command_line() {
         d,
     ));
     assert!(err.contains("reward 1.0000"), "{err}");
+    // A constant reward cannot teach GRPO anything: said, and counted in the metrics.
+    let (_, err) = ok(&kiln(
+        &[
+            "grpo",
+            "--model",
+            s(&hf_tiny()),
+            "--prompts",
+            s(&prompts),
+            "--reward-cmd",
+            "while read l; do echo 1; done",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            s(&d.join("grpo-flat")),
+            "--set",
+            "train.steps=1",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "grpo.penalize_missing_eos=false",
+        ],
+        d,
+    ));
+    assert!(
+        err.contains("cannot learn") && err.contains("every group's scores are equal"),
+        "{err}"
+    );
+    let rows = std::fs::read_to_string(d.join("grpo-flat/metrics.jsonl")).unwrap();
+    assert!(rows.contains("\"zero_variance_groups\":1"), "{rows}");
     ok(&kiln(
         &[
             "ppo",

@@ -194,6 +194,8 @@ pub struct OnlineTrainer {
     kl: AdaptiveKl,
     config_toml: String,
     step: u64,
+    /// Steps whose rollout could not teach anything (see `train_step`'s warning).
+    stalled_steps: u64,
     pub model_config: ModelConfig,
 }
 
@@ -329,6 +331,7 @@ impl OnlineTrainer {
             stop,
             config_toml,
             step: 0,
+            stalled_steps: 0,
             model_config,
         };
         if resume {
@@ -565,6 +568,60 @@ impl OnlineTrainer {
             "eos_fraction".into(),
             rollout.samples.iter().filter(|s| s.ended).count() as f64 / n as f64,
         );
+        // Runs that cannot learn say so: a group whose scores are all equal has zero
+        // advantages (GRPO), and a rollout where every response hit the budget scores only the
+        // missing-EOS penalty.
+        let all_cut = rollout.samples.iter().all(|s| !s.ended);
+        let flat = if grpo {
+            let groups: Vec<&[f64]> = scores.chunks(o.group_size.max(1)).collect();
+            let flat = groups
+                .iter()
+                .filter(|g| g.iter().all(|&x| x == g[0]))
+                .count();
+            m.insert(
+                "zero_variance_groups".into(),
+                flat as f64 / groups.len().max(1) as f64,
+            );
+            flat == groups.len()
+        } else {
+            false
+        };
+        if flat || all_cut {
+            self.stalled_steps += 1;
+            // The first time, then every 10th: a note, not a flood.
+            if self.stalled_steps % 10 == 1 {
+                let mut why = Vec::new();
+                if flat {
+                    why.push(
+                        "every group's scores are equal, so every advantage, the loss and the \
+                         update are zero"
+                            .to_string(),
+                    );
+                }
+                if all_cut {
+                    let penalty = if o.penalize_missing_eos {
+                        format!(
+                            " and scored the missing-EOS penalty {} ({}.penalize_missing_eos = \
+                             false turns it off)",
+                            o.missing_eos_penalty,
+                            self.cfg.method.section()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    why.push(format!(
+                        "every response hit the {}-token budget{penalty}; raise --max-new-tokens",
+                        o.max_new_tokens
+                    ));
+                }
+                obs.on_message(&format!(
+                    "warning: step {} cannot learn: {} ({} such steps so far)",
+                    self.step + 1,
+                    why.join("; "),
+                    self.stalled_steps
+                ));
+            }
+        }
         m.insert("grad_norm".into(), mean(&grad_norms));
         m.insert("lr".into(), lr);
         m.insert("kl_coef".into(), self.kl.coef);
