@@ -161,7 +161,7 @@ fn bench_train(
     let median = median_of(times.clone());
     let tokens_per_s = (batch_size * seq_len) as f64 / median;
     let flops_per_token = cfg.train_flops_per_token(seq_len);
-    let mfu = flops_per_token * tokens_per_s / peak;
+    let mfu = kiln_train::perf::mfu(flops_per_token * tokens_per_s, peak);
     let threads = candle_core::utils::get_num_threads();
     let rss = peak_rss_mib();
     if json {
@@ -287,7 +287,7 @@ fn compare_with_pytorch(
     .collect();
     let torch = run_python_json(script, &args, "the PyTorch benchmark")?;
     let torch_tps = torch["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
-    let torch_mfu = kiln.flops_per_token * torch_tps / kiln.peak_flops;
+    let torch_mfu = kiln_train::perf::mfu(kiln.flops_per_token * torch_tps, kiln.peak_flops);
     let ratio = kiln.tokens_per_s / torch_tps;
     if json {
         println!(

@@ -53,7 +53,7 @@ impl MetricsRow {
             lr: Some(r.lr),
             grad_norm: Some(r.grad_norm),
             tokens_per_s: Some(tokens_per_s),
-            mfu: Some(flops_per_token * tokens_per_s / peak_flops),
+            mfu: Some(crate::perf::mfu(flops_per_token * tokens_per_s, peak_flops)),
             comm_s: r.comm_s,
             ..Default::default()
         }
