@@ -482,7 +482,10 @@ impl PairTrainer {
                 summary.last_checkpoint = Some(dir);
             }
         }
-        if summary.stopped_early && self.learner.step() > start {
+        // A stop right after a scheduled checkpoint has nothing new to save.
+        let done = self.learner.step();
+        let saved_already = self.cfg.base.train.checkpoints_at(done) || done == total;
+        if summary.stopped_early && done > start && !saved_already {
             let dir = self.save_checkpoint()?;
             obs.on_checkpoint(&dir);
             summary.last_checkpoint = Some(dir);

@@ -823,7 +823,9 @@ impl OnlineTrainer {
                 obs.on_checkpoint(&dir);
             }
         }
-        if summary.stopped_early && self.step > start {
+        // A stop right after a scheduled checkpoint has nothing new to save.
+        let saved_already = self.cfg.base.train.checkpoints_at(self.step) || self.step == total;
+        if summary.stopped_early && self.step > start && !saved_already {
             let dir = self.save_checkpoint()?;
             obs.on_checkpoint(&dir);
         }

@@ -120,7 +120,9 @@ pub fn run_steps<S: Steps>(
             end.last_checkpoint = Some(dir);
         }
     }
-    if end.stopped_early && trainer.steps_done() > start {
+    // A stop right after a scheduled checkpoint has nothing new to save.
+    let saved_already = t.checkpoints_at(trainer.steps_done());
+    if end.stopped_early && trainer.steps_done() > start && !saved_already {
         let dir = trainer.save_checkpoint()?;
         obs.on_checkpoint(&dir);
         end.last_checkpoint = Some(dir);
