@@ -186,6 +186,8 @@ pub struct OnlineArgs {
 struct RlhfConsole {
     bar: ProgressBar,
     keys: &'static [&'static str],
+    /// The last tenth of `on_progress` work logged (without a terminal).
+    progress_tenth: Option<u64>,
 }
 
 impl RlhfConsole {
@@ -193,6 +195,7 @@ impl RlhfConsole {
         Self {
             bar: crate::progress::steps_bar(),
             keys,
+            progress_tenth: None,
         }
     }
 
@@ -208,6 +211,18 @@ impl RlhfConsole {
 impl RlhfObserver for RlhfConsole {
     fn on_message(&mut self, msg: &str) {
         self.bar.suspend(|| info!("{msg}"));
+    }
+    fn on_progress(&mut self, what: &str, done: u64, total: u64) {
+        // The steps bar shows it on a terminal (on_start resets it for training); elsewhere a
+        // log line every 10%.
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+        self.bar.set_message(what.to_string());
+        let tenth = done * 10 / total.max(1);
+        if self.bar.is_hidden() && self.progress_tenth != Some(tenth) {
+            self.progress_tenth = Some(tenth);
+            info!("{what}: {done}/{total}");
+        }
     }
     fn on_start(&mut self, total: u64, start: u64) {
         self.bar.set_length(total);

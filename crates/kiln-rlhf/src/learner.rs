@@ -50,6 +50,9 @@ pub type Metrics = BTreeMap<String, f64>;
 /// Progress callbacks (the library never prints).
 pub trait RlhfObserver {
     fn on_message(&mut self, _msg: &str) {}
+    /// Progress of long work before training (DPO's reference log-probabilities): `done` of
+    /// `total` items of `what`.
+    fn on_progress(&mut self, _what: &str, _done: u64, _total: u64) {}
     fn on_start(&mut self, _total_steps: u64, _start_step: u64) {}
     fn on_step(&mut self, _step: u64, _metrics: &Metrics) {}
     fn on_eval(&mut self, _step: u64, _metrics: &Metrics) {}

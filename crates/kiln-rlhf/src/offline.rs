@@ -313,16 +313,21 @@ impl PairTrainer {
         };
         let mean = self.cfg.dpo().loss.length_normalised();
         let bs = self.cfg.base.train.batch_size;
-        let run = |pairs: &[EncodedPair]| -> Result<RefLogps, RlhfError> {
-            let mut out = Vec::with_capacity(pairs.len());
-            for chunk in pairs.chunks(bs) {
-                let (c, r) = pair_logps(model, chunk, 1.0, mean)?;
-                out.extend(c.into_iter().zip(r));
-            }
-            Ok(out)
-        };
-        self.ref_train = run(&self.train)?;
-        self.ref_val = run(&self.val)?;
+        let total = (n.0 + n.1) as u64;
+        let mut done = 0u64;
+        let mut run =
+            |pairs: &[EncodedPair], obs: &mut dyn RlhfObserver| -> Result<RefLogps, RlhfError> {
+                let mut out = Vec::with_capacity(pairs.len());
+                for chunk in pairs.chunks(bs) {
+                    let (c, r) = pair_logps(model, chunk, 1.0, mean)?;
+                    out.extend(c.into_iter().zip(r));
+                    done += chunk.len() as u64;
+                    obs.on_progress("reference log-probabilities (pairs)", done, total);
+                }
+                Ok(out)
+            };
+        self.ref_train = run(&self.train, obs)?;
+        self.ref_val = run(&self.val, obs)?;
         kiln_train::write_atomic(
             &path,
             serde_json::to_string(&(&self.ref_train, &self.ref_val))
