@@ -1,5 +1,6 @@
 //! CPU matmuls straight from GGML blocks: `y = x W^T` with `W (n, k)` stored as Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0, F16 or one of the K-quants (Q4_K, Q5_K, Q6_K), and `x (m, k)` in f32.
+//! Q5_0, Q5_1, Q8_0, F16 or one of the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), and `x (m, k)`
+//! in f32.
 //!
 //! Each 32-weight chunk is expanded to exactly the f32 values dequantisation gives
 //! (`d * q`, `d * (q - 8)`, `d * q + m`, `d * sc * q - dmin * m`, ...) in registers and
@@ -35,6 +36,8 @@ pub enum RawKind {
     Q4K,
     Q5K,
     Q6K,
+    Q2K,
+    Q3K,
 }
 
 impl RawKind {
@@ -50,7 +53,9 @@ impl RawKind {
             5 => RawKind::Q5_1,
             6 => RawKind::Q4K,
             7 => RawKind::Q5K,
-            _ => RawKind::Q6K,
+            8 => RawKind::Q6K,
+            9 => RawKind::Q2K,
+            _ => RawKind::Q3K,
         }
     }
 
@@ -66,13 +71,15 @@ impl RawKind {
             RawKind::Q4K => 144,
             RawKind::Q5K => 176,
             RawKind::Q6K => 210,
+            RawKind::Q2K => 84,
+            RawKind::Q3K => 110,
         }
     }
 
     /// Weights in one block: 256 for the K-quants' super-blocks, 32 otherwise.
     pub fn block_elems(self) -> usize {
         match self {
-            RawKind::Q4K | RawKind::Q5K | RawKind::Q6K => 256,
+            RawKind::Q2K | RawKind::Q3K | RawKind::Q4K | RawKind::Q5K | RawKind::Q6K => 256,
             _ => BLOCK,
         }
     }
@@ -80,7 +87,10 @@ impl RawKind {
     /// Has a one-block AVX-512 decoder (`x86::block512`, with the two-weight-row prefill
     /// kernel); the K-quants go through codes there too.
     fn has_block512(self) -> bool {
-        !matches!(self, RawKind::Q4K | RawKind::Q5K | RawKind::Q6K)
+        !matches!(
+            self,
+            RawKind::Q2K | RawKind::Q3K | RawKind::Q4K | RawKind::Q5K | RawKind::Q6K
+        )
     }
 }
 
@@ -381,6 +391,29 @@ fn dequant_block_scalar(kind: RawKind, blk: &[u8], o: &mut [f32]) {
                 }
             }
         }
+        // Q2_K: 16 groups of 16 weights `d * (sc & 15) * q - dmin * (sc >> 4)`, the 2-bit codes
+        // of weights 128 n + 32 j + l in bits 2j, 2j+1 of qs[32 n + l].
+        RawKind::Q2K => {
+            let (d, dmin) = (f16(&blk[80..82]), f16(&blk[82..84]));
+            for (w, y) in o.iter_mut().enumerate().take(256) {
+                let (n, j, l) = (w / 128, (w % 128) / 32, w % 32);
+                let sc = blk[w / 16];
+                let q = (blk[16 + 32 * n + l] >> (2 * j)) & 3;
+                *y = d * (sc & 0x0F) as f32 * q as f32 - dmin * (sc >> 4) as f32;
+            }
+        }
+        // Q3_K: `d * (sc - 32) * (q - 4)` with q's low bits as Q2_K's and its third bit, bit
+        // 4 n + j of hmask[l]; the 16 six-bit scales packed in 12 bytes.
+        RawKind::Q3K => {
+            let d = f16(&blk[108..110]);
+            for (w, y) in o.iter_mut().enumerate().take(256) {
+                let (n, j, l) = (w / 128, (w % 128) / 32, w % 32);
+                let low = (blk[32 + 32 * n + l] >> (2 * j)) & 3;
+                let high = (blk[l] >> (4 * n + j)) & 1;
+                let q = (low | (high << 2)) as f32 - 4.0;
+                *y = d * q3k_scale(w / 16, &blk[96..108]) as f32 * q;
+            }
+        }
         RawKind::Q6K => {
             let d = f16(&blk[208..210]);
             for n in 0..2 {
@@ -420,6 +453,19 @@ fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Q3_K's signed scale of group `i` (0..16) from its 12 packed bytes: the low 4 bits in the
+/// low (i < 8) or high nibble of byte `i % 8`, the top 2 bits in bits `2 (i / 4)` of byte
+/// `8 + i % 4`, minus 32.
+fn q3k_scale(i: usize, packed: &[u8]) -> i32 {
+    let low = if i < 8 {
+        packed[i] & 0x0F
+    } else {
+        packed[i - 8] >> 4
+    };
+    let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+    (low | (high << 4)) as i32 - 32
+}
+
 /// The (scale, offset) of each 16 weights of a coded block, so that weight = scale * code +
 /// offset with the byte code of [`x86::codes`]: 2 pairs for the 32-weight types, 16 for the
 /// K-quants.
@@ -453,6 +499,32 @@ fn coded_affine(kind: RawKind, blk: &[u8], scale: &mut [f32; 16], offset: &mut [
                 let s = d * (blk[192 + h] as i8) as f32;
                 scale[h] = s;
                 offset[h] = -32.0 * s;
+            }
+        }
+        RawKind::Q2K => {
+            let (d, dmin) = (f16(&blk[80..82]), f16(&blk[82..84]));
+            for h in 0..16 {
+                scale[h] = d * (blk[h] & 0x0F) as f32;
+                offset[h] = -(dmin * (blk[h] >> 4) as f32);
+            }
+        }
+        RawKind::Q3K => {
+            // q3k_scale for all 16 at once, without branches (so it vectorises: in decode this
+            // runs once per 256 weights of every row).
+            let d = f16(&blk[108..110]);
+            let packed: [u8; 12] = blk[96..108].try_into().expect("12 scale bytes");
+            let mut six = [0u8; 16];
+            for i in 0..8 {
+                six[i] = packed[i] & 0x0F;
+                six[i + 8] = packed[i] >> 4;
+            }
+            for (i, v) in six.iter_mut().enumerate() {
+                *v |= ((packed[8 + i % 4] >> (2 * (i / 4))) & 3) << 4;
+            }
+            for h in 0..16 {
+                let s = d * (six[h] as i32 - 32) as f32;
+                scale[h] = s;
+                offset[h] = -4.0 * s;
             }
         }
         RawKind::Q4_0 | RawKind::Q4_1 | RawKind::Q8_0 | RawKind::F16 => {
@@ -607,6 +679,21 @@ mod x86 {
                 let h = _mm256_and_si256(shift(qh, 2 * g), _mm256_set1_epi8(3));
                 _mm256_or_si256(nibbles(q, g >= 2), _mm256_slli_epi16(h, 4))
             }
+            RawKind::Q2K | RawKind::Q3K => {
+                // Chunk s = 4 n + j: bits 2j, 2j+1 of the 32 bytes qs[32 n ..]; Q3_K adds bit
+                // s (= 4 n + j) of hmask[l] as the third.
+                let (n, j) = (s / 4, s % 4);
+                let at = if kind == RawKind::Q2K { 16 } else { 32 };
+                let q = _mm256_loadu_si256(p.add(at + 32 * n) as *const __m256i);
+                let low = _mm256_and_si256(shift(q, 2 * j), _mm256_set1_epi8(3));
+                if kind == RawKind::Q2K {
+                    low
+                } else {
+                    let hm = _mm256_loadu_si256(p as *const __m256i);
+                    let h = _mm256_and_si256(shift(hm, s), _mm256_set1_epi8(1));
+                    _mm256_or_si256(low, _mm256_slli_epi16(h, 2))
+                }
+            }
             RawKind::Q4_0 | RawKind::Q4_1 | RawKind::Q8_0 | RawKind::F16 => {
                 unreachable!("{kind:?} has its own decoder")
             }
@@ -708,6 +795,8 @@ mod x86 {
             RawKind::Q4K => decode_rows_k256::<6>(data, k, panel),
             RawKind::Q5K => decode_rows_k256::<7>(data, k, panel),
             RawKind::Q6K => decode_rows_k256::<8>(data, k, panel),
+            RawKind::Q2K => decode_rows_k256::<9>(data, k, panel),
+            RawKind::Q3K => decode_rows_k256::<10>(data, k, panel),
         }
     }
 
@@ -860,6 +949,8 @@ mod x86 {
             RawKind::Q4K => decode_rows_k512::<6>(data, k, panel),
             RawKind::Q5K => decode_rows_k512::<7>(data, k, panel),
             RawKind::Q6K => decode_rows_k512::<8>(data, k, panel),
+            RawKind::Q2K => decode_rows_k512::<9>(data, k, panel),
+            RawKind::Q3K => decode_rows_k512::<10>(data, k, panel),
         }
     }
 
@@ -1179,6 +1270,8 @@ mod x86 {
             RawKind::Q4K => by_rows!(coded_dots512, 6, row, xs, k, out),
             RawKind::Q5K => by_rows!(coded_dots512, 7, row, xs, k, out),
             RawKind::Q6K => by_rows!(coded_dots512, 8, row, xs, k, out),
+            RawKind::Q2K => by_rows!(coded_dots512, 9, row, xs, k, out),
+            RawKind::Q3K => by_rows!(coded_dots512, 10, row, xs, k, out),
         }
     }
 
@@ -1307,6 +1400,8 @@ mod x86 {
             RawKind::Q4K => by_rows!(coded_dots256, 6, row, xs, k, out),
             RawKind::Q5K => by_rows!(coded_dots256, 7, row, xs, k, out),
             RawKind::Q6K => by_rows!(coded_dots256, 8, row, xs, k, out),
+            RawKind::Q2K => by_rows!(coded_dots256, 9, row, xs, k, out),
+            RawKind::Q3K => by_rows!(coded_dots256, 10, row, xs, k, out),
         }
     }
 
@@ -1332,7 +1427,7 @@ mod tests {
     use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    const ALL: [(RawKind, GgmlDType); 9] = [
+    const ALL: [(RawKind, GgmlDType); 11] = [
         (RawKind::Q4_0, GgmlDType::Q4_0),
         (RawKind::Q4_1, GgmlDType::Q4_1),
         (RawKind::Q8_0, GgmlDType::Q8_0),
@@ -1342,6 +1437,8 @@ mod tests {
         (RawKind::Q4K, GgmlDType::Q4K),
         (RawKind::Q5K, GgmlDType::Q5K),
         (RawKind::Q6K, GgmlDType::Q6K),
+        (RawKind::Q2K, GgmlDType::Q2K),
+        (RawKind::Q3K, GgmlDType::Q3K),
     ];
 
     /// Candle's dequantisation of the blocks: the independent reference.
@@ -1451,6 +1548,8 @@ mod tests {
                 RawKind::Q4_0 | RawKind::Q8_0 | RawKind::Q5_0 => &[0],
                 RawKind::Q4_1 | RawKind::Q5_1 | RawKind::Q4K | RawKind::Q5K => &[0, 2],
                 RawKind::Q6K => &[208],
+                RawKind::Q2K => &[80, 82],
+                RawKind::Q3K => &[108],
                 RawKind::F16 => unreachable!(),
             };
             for scale in [65504.0f32, -65504.0, 6.0e-8, -0.0137, 0.0, 1.0] {

@@ -124,6 +124,8 @@ impl LinearWeight {
                 RawKind::Q4K => GgmlDType::Q4K,
                 RawKind::Q5K => GgmlDType::Q5K,
                 RawKind::Q6K => GgmlDType::Q6K,
+                RawKind::Q2K => GgmlDType::Q2K,
+                RawKind::Q3K => GgmlDType::Q3K,
             },
             LinearWeight::Quant(q) => q.dtype(),
         }
@@ -403,6 +405,8 @@ fn raw_kind(d: GgmlDType) -> Option<RawKind> {
         GgmlDType::Q4K => Some(RawKind::Q4K),
         GgmlDType::Q5K => Some(RawKind::Q5K),
         GgmlDType::Q6K => Some(RawKind::Q6K),
+        GgmlDType::Q2K => Some(RawKind::Q2K),
+        GgmlDType::Q3K => Some(RawKind::Q3K),
         _ => None,
     }
 }

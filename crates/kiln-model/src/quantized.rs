@@ -1,7 +1,7 @@
 //! Quantised inference: the same decoder ([`Llama`]), with each projection's weight kept as
-//! GGUF blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and Q4_K/Q5_K/Q6_K run through kiln's
+//! GGUF blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and Q2_K ... Q6_K run through kiln's
 //! kernels (`kiln_kernels::qkernels`), which compute exactly what the dequantised model
-//! computes; the rest (Q2_K, Q3_K, ...) go through candle's quantised matmul.
+//! computes; the rest (Q8_K, IQ types, ...) go through candle's quantised matmul.
 //! Norms stay f32. Training loads dense [`Params`] instead (or keeps a quantised base frozen
 //! under LoRA).
 
