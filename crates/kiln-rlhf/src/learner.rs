@@ -381,6 +381,9 @@ impl MetricsLog {
     /// One PNG per group of metrics (`(file, title, [(metric, eval)])`), skipping empty ones.
     pub fn plot(&self, run_dir: &Path, charts: &[Chart]) -> Result<(), RlhfError> {
         for (file, title, names) in charts {
+            // A colour per metric, by its first place in the chart's list: chosen and
+            // rejected keep theirs whether or not the other is drawn.
+            let color_of = |n: &str| names.iter().position(|(m, _)| *m == n).unwrap_or(0);
             let series: Vec<Series> = names
                 .iter()
                 .map(|(n, eval)| Series {
@@ -391,6 +394,7 @@ impl MetricsLog {
                     },
                     points: self.series(n, *eval),
                     dashed: *eval,
+                    color: color_of(n),
                 })
                 .filter(|s| !s.points.is_empty())
                 .collect();

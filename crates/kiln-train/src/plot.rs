@@ -24,6 +24,10 @@ pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
     pub dashed: bool,
+    /// Palette index: one per quantity (or run), so a quantity keeps its colour whichever
+    /// curves a chart happens to have, and its training (solid) and held-out (dashed) curves
+    /// share it.
+    pub color: usize,
 }
 
 /// Draws curves on one chart (log-scaled y when the range spans more than 10x).
@@ -79,8 +83,8 @@ pub fn plot_series(
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| err(&e))?;
-    for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    for s in series {
+        let color = Palette99::pick(s.color).to_rgba();
         let style = color.stroke_width(2);
         let pts: Vec<(f64, f64)> = s
             .points
@@ -124,7 +128,7 @@ pub fn plot_run(run_dir: &Path) -> Result<(), TrainError> {
 /// Train and validation loss of one or more runs against tokens seen, in one PNG.
 pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainError> {
     let mut series = Vec::new();
-    for (label, dir) in run_dirs {
+    for (color, (label, dir)) in run_dirs.iter().enumerate() {
         let rows = read_rows(&dir.join("metrics.jsonl"))?;
         let train: Vec<_> = rows
             .iter()
@@ -139,6 +143,7 @@ pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainEr
                 label: format!("{label} train"),
                 points: train,
                 dashed: false,
+                color,
             });
         }
         if !val.is_empty() {
@@ -146,6 +151,7 @@ pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainEr
                 label: format!("{label} val"),
                 points: val,
                 dashed: true,
+                color,
             });
         }
     }
@@ -155,7 +161,7 @@ pub fn plot_runs(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainEr
 /// Validation masked-token accuracy of one or more MLM runs against tokens seen, in one PNG.
 pub fn plot_accuracy(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), TrainError> {
     let mut series = Vec::new();
-    for (label, dir) in run_dirs {
+    for (color, (label, dir)) in run_dirs.iter().enumerate() {
         let rows = read_rows(&dir.join("metrics.jsonl"))?;
         let points: Vec<_> = rows
             .iter()
@@ -166,6 +172,7 @@ pub fn plot_accuracy(run_dirs: &[(String, &Path)], out: &Path) -> Result<(), Tra
                 label: format!("{label} val"),
                 points,
                 dashed: false,
+                color,
             });
         }
     }
