@@ -383,6 +383,28 @@ struct FusedAttention {
 }
 
 impl FusedAttention {
+    /// The fused forward of one dtype, with `out`, on the process-wide kernel level.
+    fn forward<T: Elem>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        d: &Dims,
+        vis: &Visibility,
+    ) -> (Vec<T>, Vec<T>) {
+        forward_cpu(
+            q,
+            k,
+            v,
+            d,
+            self.scale,
+            self.softcap,
+            vis,
+            true,
+            Isa::current(),
+        )
+    }
+
     fn mask(&self) -> AttentionMask<'_> {
         AttentionMask {
             causal: self.causal,
@@ -434,17 +456,7 @@ impl CustomOp3 for FusedAttention {
                     contiguous(k, l2, name)?,
                     contiguous(v, l3, name)?,
                 );
-                let (out, lse) = forward_cpu(
-                    q,
-                    k,
-                    v,
-                    &d,
-                    self.scale,
-                    self.softcap,
-                    &vis,
-                    true,
-                    Isa::current(),
-                );
+                let (out, lse) = self.forward(q, k, v, &d, &vis);
                 (CpuStorage::F32(out), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
@@ -453,17 +465,7 @@ impl CustomOp3 for FusedAttention {
                     contiguous(k, l2, name)?,
                     contiguous(v, l3, name)?,
                 );
-                let (out, lse) = forward_cpu(
-                    q,
-                    k,
-                    v,
-                    &d,
-                    self.scale,
-                    self.softcap,
-                    &vis,
-                    true,
-                    Isa::current(),
-                );
+                let (out, lse) = self.forward(q, k, v, &d, &vis);
                 (
                     CpuStorage::F64(out),
                     lse.into_iter().map(|x| x as f32).collect(),
