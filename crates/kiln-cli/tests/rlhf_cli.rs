@@ -150,6 +150,30 @@ fn reward_dpo_grpo_and_ppo_from_the_command_line() {
     let rows = std::fs::read_to_string(dpo.join("metrics.jsonl")).unwrap();
     assert!(rows.lines().any(|l| l.contains("\"step\":4")), "{rows}");
 
+    // Pairs longer than train.seq_len are cut (prompt start first, EOS kept last), not
+    // dropped: a window of 8 tokens still trains on every pair.
+    let (_, err) = ok(&kiln(
+        &[
+            "reward",
+            "train",
+            "--model",
+            s(&hf_tiny()),
+            "--data",
+            s(&prefs),
+            "--out",
+            s(&d.join("rm-short")),
+            "--set",
+            "train.steps=1",
+            "--set",
+            "train.seq_len=8",
+        ],
+        d,
+    ));
+    assert!(
+        err.contains("sequences cut to train.seq_len") && !err.contains(" 0 sequences cut"),
+        "{err}"
+    );
+
     // GRPO with a reward program, PPO against the reward model.
     let (_, err) = ok(&kiln(
         &[

@@ -31,14 +31,26 @@ pub struct EncodedPair {
 /// What encoding a set of pairs did.
 #[derive(Debug, Default, Clone)]
 pub struct EncodeStats {
-    pub dropped_too_long: usize,
+    /// Sequences (chosen or rejected) cut to `seq_len`.
     pub truncated: usize,
 }
 
-/// Renders and tokenizes pairs with the chat template, as SFT renders conversations. A
-/// reward model reads its score at the last token, so the sequence ends with EOS (appended
-/// when the end-of-turn token is not EOS) and a pair longer than `seq_len` is dropped; DPO
-/// keeps long pairs, cutting the prompt's start and then the completion's end.
+/// Cuts a prompt + completion longer than `seq_len` as TRL's DPO does: the prompt's start
+/// first (keeping at least half the window for it when the completion is long), then the
+/// completion's end. Returns the new ids and prompt length.
+fn truncate(ids: &[u32], prompt_len: usize, seq_len: usize) -> (Vec<u32>, usize) {
+    let completion = ids.len() - prompt_len;
+    let keep_prompt = prompt_len.min(seq_len.saturating_sub(completion).max(seq_len / 2));
+    let keep_completion = (seq_len - keep_prompt).min(completion);
+    let mut cut = ids[prompt_len - keep_prompt..prompt_len].to_vec();
+    cut.extend_from_slice(&ids[prompt_len..prompt_len + keep_completion]);
+    (cut, keep_prompt)
+}
+
+/// Renders and tokenizes pairs with the chat template, as SFT renders conversations. Long
+/// pairs are cut (see [`truncate`]), never dropped. A reward model reads its score at the last
+/// token, so its sequences end with EOS (appended when the end-of-turn token is not EOS; kept
+/// last when a sequence is cut).
 pub fn encode_pairs(
     format: &ChatFormat,
     pairs: &[PreferencePair],
@@ -48,29 +60,25 @@ pub fn encode_pairs(
     let eos = format.tokenizer.eos.as_ref().map(|e| e.0);
     let mut stats = EncodeStats::default();
     let mut out = Vec::new();
-    'pairs: for p in pairs {
+    for p in pairs {
         let mut seqs = Vec::with_capacity(2);
         for response in [&p.chosen, &p.rejected] {
             let (mut ids, mut prompt_len) =
                 format.encode_completion(&p.prompt, response, &p.origin)?;
-            if method == Method::Rm {
-                if let Some(e) = eos.filter(|e| ids.last() != Some(e)) {
-                    ids.push(e);
+            let score_token = if method == Method::Rm { eos } else { None };
+            if let Some(e) = score_token {
+                if ids.last() == Some(&e) {
+                    ids.pop();
                 }
-                if ids.len() > seq_len {
-                    stats.dropped_too_long += 1;
-                    continue 'pairs;
-                }
-            } else if ids.len() > seq_len {
-                let completion = ids.len() - prompt_len;
-                let keep_prompt =
-                    prompt_len.min(seq_len.saturating_sub(completion).max(seq_len / 2));
-                let keep_completion = seq_len - keep_prompt;
-                let mut cut = ids[prompt_len - keep_prompt..prompt_len].to_vec();
-                cut.extend_from_slice(&ids[prompt_len..prompt_len + keep_completion]);
-                ids = cut;
-                prompt_len = keep_prompt;
+            }
+            // Room for the score token at the end of a reward model's sequence.
+            let room = seq_len.saturating_sub(usize::from(score_token.is_some()));
+            if ids.len() > room {
+                (ids, prompt_len) = truncate(&ids, prompt_len, room);
                 stats.truncated += 1;
+            }
+            if let Some(e) = score_token {
+                ids.push(e);
             }
             seqs.push(Seq { ids, prompt_len });
         }
@@ -170,12 +178,11 @@ impl PairTrainer {
         let seq_len = cfg.base.train.seq_len;
         let (train, mut stats) = encode_pairs(&format, &pick(&tr), seq_len, method)?;
         let (val, vs) = encode_pairs(&format, &pick(&va), seq_len, method)?;
-        stats.dropped_too_long += vs.dropped_too_long;
         stats.truncated += vs.truncated;
         if train.is_empty() {
-            return Err(RlhfError::Config(format!(
-                "no training pairs fit train.seq_len = {seq_len}; raise it"
-            )));
+            return Err(RlhfError::Config(
+                "no training pairs: the data holds none beyond the held-out ones".into(),
+            ));
         }
         let per_step = cfg.base.train.batch_size * cfg.base.train.grad_accum;
         cfg.base.finalize(train.len().div_ceil(per_step) as u64);
@@ -232,11 +239,10 @@ impl PairTrainer {
             .collect();
         kiln_train::write_atomic(&run_dir.join("held_out.jsonl"), held_out.as_bytes())?;
         obs.on_message(&format!(
-            "{}: {} training pairs, {} held out; {} dropped as longer than train.seq_len, {} truncated; {}",
+            "{}: {} training pairs, {} held out; {} sequences cut to train.seq_len (the prompt's start first); {}",
             method.section(),
             train.len(),
             val.len(),
-            stats.dropped_too_long,
             stats.truncated,
             learner.mode
         ));
@@ -674,5 +680,29 @@ fn pair_loss(
                 },
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod truncation_tests {
+    use super::truncate;
+
+    #[test]
+    fn long_pairs_lose_the_prompt_start_first_then_the_completion_end() {
+        // 10 prompt tokens (0..10) and 10 completion tokens (100..110).
+        let ids: Vec<u32> = (0..10).chain(100..110).collect();
+        // Room for 12: the prompt keeps its last half of the window, the completion its start.
+        let (cut, p) = truncate(&ids, 10, 12);
+        assert_eq!(p, 6);
+        assert_eq!(cut, [4, 5, 6, 7, 8, 9, 100, 101, 102, 103, 104, 105]);
+        // A short prompt is kept whole; the completion is cut at its end.
+        let ids: Vec<u32> = (0..4).chain(100..120).collect();
+        let (cut, p) = truncate(&ids, 4, 10);
+        assert_eq!((p, cut.len()), (4, 10));
+        assert_eq!(&cut[..5], [0, 1, 2, 3, 100]);
+        // A long prompt with a short completion keeps the whole completion.
+        let ids: Vec<u32> = (0..30).chain(100..103).collect();
+        let (cut, p) = truncate(&ids, 30, 10);
+        assert_eq!((p, &cut[7..]), (7, &[100u32, 101, 102][..]));
     }
 }
