@@ -145,6 +145,10 @@ pub struct SftConfig {
     /// Whether `optim.warmup_steps` was given (else it is 10% of the steps).
     #[serde(skip)]
     warmup_given: bool,
+    /// Whether `train.log_every` was given (else a row every steps/50, 1 to 10, so a short run
+    /// still logs a curve).
+    #[serde(skip)]
+    log_every_given: bool,
 }
 
 impl SftConfig {
@@ -212,6 +216,7 @@ impl SftConfig {
             }
         };
         let mut train = section(&mut root, "train");
+        let log_every_given = train.contains_key("log_every");
         let defaults: [(&str, toml::Value); 4] = [
             ("steps", 0.into()),
             ("batch_size", 4.into()),
@@ -272,6 +277,7 @@ impl SftConfig {
             lora,
             dist,
             warmup_given,
+            log_every_given,
         };
         cfg.validate()?;
         let extra: toml::Table = extra
@@ -324,6 +330,9 @@ impl SftConfig {
         }
         if !self.warmup_given {
             self.optim.warmup_steps = self.train.steps / 10;
+        }
+        if !self.log_every_given {
+            self.train.log_every = (self.train.steps / 50).clamp(1, 10);
         }
     }
 

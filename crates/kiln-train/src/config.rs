@@ -123,6 +123,8 @@ pub struct TrainConfig {
     pub seq_len: usize,
     #[serde(default = "d_seed")]
     pub seed: u64,
+    /// Steps between metrics rows. Unset: `steps / 50`, from 1 to 10 (so a short run still
+    /// logs a curve); SFT does the same, preference tuning logs every step.
     #[serde(default = "d_log_every")]
     pub log_every: u64,
     #[serde(default = "d_eval_every")]
@@ -152,7 +154,7 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     /// Whether step `step` (1-based, after the update) writes its metrics row (every
-    /// `log_every`, 0 = only the last, and at the end).
+    /// `log_every`, and at the end).
     pub fn logs_at(&self, step: u64) -> bool {
         step.is_multiple_of(self.log_every) || step == self.steps
     }
@@ -380,6 +382,7 @@ impl RunConfig {
         let data = section("data", true)?;
         let optim = section("optim", false)?;
         let train = section("train", true)?;
+        let log_every_given = train.get("log_every").is_some();
         let dist = section("dist", false)?;
         let mlm = root.remove("mlm");
         fn typed<T: serde::de::DeserializeOwned>(
@@ -390,7 +393,7 @@ impl RunConfig {
                 TrainError::Config(format!("[{name}] {}", e.message()))
             })
         }
-        let cfg = RunConfig {
+        let mut cfg = RunConfig {
             model,
             data: typed("data", data)?,
             optim: typed("optim", optim)?,
@@ -398,6 +401,10 @@ impl RunConfig {
             mlm: mlm.map(|v| typed("mlm", v)).transpose()?,
             dist: typed("dist", dist)?,
         };
+        if !log_every_given {
+            // A row every steps/50 (1 to 10), so a short run still logs a curve.
+            cfg.train.log_every = (cfg.train.steps / 50).clamp(1, 10);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -506,6 +513,22 @@ steps = 10
 batch_size = 2
 seq_len = 32
 "#;
+
+    #[test]
+    fn an_unset_log_every_follows_the_run_length() {
+        let every = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            RunConfig::from_toml_str(BASE, &o).unwrap().train.log_every
+        };
+        assert_eq!(every(&[]), 1, "10 steps: a row each");
+        assert_eq!(every(&["train.steps=300"]), 6);
+        assert_eq!(every(&["train.steps=100000"]), 10);
+        assert_eq!(
+            every(&["train.steps=300", "train.log_every=7"]),
+            7,
+            "given: kept"
+        );
+    }
 
     #[test]
     fn preset_and_overrides() {
