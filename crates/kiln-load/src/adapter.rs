@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use kiln_model::{LoraSpec, ModelConfig, Params, LORA_TARGETS};
 use serde::{Deserialize, Serialize};
 
@@ -269,6 +269,9 @@ pub fn load_adapter(
     };
     let expected = expected_shapes(cfg, &spec);
     let mut tensors = HashMap::new();
+    // In model order, so a mismatch always names the same (first) tensor.
+    let mut raw: Vec<(String, Tensor)> = raw.into_iter().collect();
+    raw.sort_by_cached_key(|(name, _)| model_order(name));
     for (name, t) in raw {
         let kiln = kiln_adapter_name(&name).ok_or_else(|| {
             bad(format!(
@@ -290,10 +293,15 @@ pub fn load_adapter(
         }
         tensors.insert(kiln, t.to_dtype(DType::F32)?);
     }
-    if let Some(missing) = expected.keys().find(|k| !tensors.contains_key(*k)) {
+    let mut missing: Vec<&String> = expected
+        .keys()
+        .filter(|k| !tensors.contains_key(*k))
+        .collect();
+    missing.sort_by_cached_key(|k| model_order(k));
+    if let Some(missing) = missing.first() {
         return Err(bad(format!(
             "tensor {:?} is missing",
-            peft_name(missing).unwrap_or_else(|| missing.clone())
+            peft_name(missing).unwrap_or_else(|| missing.to_string())
         )));
     }
     Ok(LoadedAdapter {
@@ -319,6 +327,16 @@ pub fn merge_adapter(params: &Params, adapter: &LoadedAdapter) -> Result<(), Loa
         params.set(&w_name, &(w + delta)?)?;
     }
     Ok(())
+}
+
+/// A tensor name's place in the model: its layer number, then the name (so layer 2 comes
+/// before layer 10).
+fn model_order(name: &str) -> (usize, String) {
+    let layer = name
+        .split('.')
+        .find_map(|part| part.parse::<usize>().ok())
+        .unwrap_or(usize::MAX);
+    (layer, name.to_string())
 }
 
 /// Every adapter tensor `spec` puts on a model of shape `cfg`, with its shape.

@@ -252,6 +252,15 @@ fn an_adapter_for_another_base_is_a_clear_error() {
         e.contains("adapter_model.safetensors") && e.contains("shape"),
         "{e}"
     );
+    // Always the same tensor, the model's first, whatever order the file lists them in.
+    assert!(e.contains("layers.0."), "{e}");
+    for _ in 0..5 {
+        let again = kiln_load::load_adapter(&peft_dir("adapter_all"), &cfg, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(again, e);
+    }
     let e = kiln_load::load_adapter(Path::new("/nonexistent/adapter"), &cfg, &Device::Cpu)
         .err()
         .unwrap()
