@@ -407,6 +407,14 @@ impl ModelConfig {
             .sqrt()
     }
 
+    /// Gemma 2's soft caps under the key names HF configs and GGUF metadata both use.
+    pub fn softcaps(&self) -> [(&'static str, Option<f64>); 2] {
+        [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ]
+    }
+
     /// Whether layer `i` uses the sliding window.
     pub fn is_sliding(&self, i: usize) -> bool {
         self.sliding_window.is_some() && self.sliding_window_pattern.is_none_or(|n| i % n != n - 1)
@@ -510,10 +518,7 @@ impl ModelConfig {
                 ));
             }
         }
-        for (key, cap) in [
-            ("attn_logit_softcapping", self.attn_logit_softcapping),
-            ("final_logit_softcapping", self.final_logit_softcapping),
-        ] {
+        for (key, cap) in self.softcaps() {
             if cap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
                 return bad(format!(
                     "model.{key} must be a positive number, got {}",

@@ -958,10 +958,7 @@ pub fn model_metadata(
                 gemma2_query_pre_attn_scalar(cfg)
             )));
         }
-        for (k, cap) in [
-            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
-            ("final_logit_softcapping", cfg.final_logit_softcapping),
-        ] {
+        for (k, cap) in cfg.softcaps() {
             match cap {
                 Some(c) => m.push((key(k), GgufValue::F32(c as f32))),
                 None => {

@@ -940,10 +940,7 @@ pub fn hf_config_json(
                 cfg.rope_local_theta.unwrap_or(cfg.rope_theta).into(),
             );
         }
-        for (key, cap) in [
-            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
-            ("final_logit_softcapping", cfg.final_logit_softcapping),
-        ] {
+        for (key, cap) in cfg.softcaps() {
             set(&mut config, key, cap.into());
         }
         let types: Vec<&str> = (0..cfg.n_layers)
