@@ -326,4 +326,30 @@ fn config_errors_name_the_problem() {
     let o = kiln(&["generate", "--model", "nowhere"], d);
     assert!(!o.status.success());
     assert!(text(&o).1.contains("nowhere"), "{}", text(&o).1);
+    // Flag values kiln cannot use are named before any model is read.
+    let fails_with = |args: &[&str], want: &[&str]| {
+        let o = kiln(args, d);
+        let err = text(&o).1;
+        assert!(!o.status.success(), "{args:?}");
+        assert!(want.iter().all(|w| err.contains(w)), "{args:?}: {err}");
+    };
+    let gen = ["generate", "--model", "nowhere", "--prompt", "x"];
+    fails_with(
+        &[&["--isa", "sse9"][..], &gen].concat(),
+        &["unknown instruction set", "sse9"],
+    );
+    // A level this CPU lacks (every CPU lacks one of the x86 and ARM levels).
+    let lacking = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx2"
+    };
+    fails_with(
+        &[&["--isa", lacking][..], &gen].concat(),
+        &["cannot run", lacking, "the best it runs is"],
+    );
+    fails_with(
+        &[&gen[..], &["--quantize", "q9_9"]].concat(),
+        &["--quantize", "q9_9", "q8_0"],
+    );
 }

@@ -441,6 +441,28 @@ fn gguf_export_reads_back_to_the_same_logits() {
     let (cfg, _, _) = load("qwen3_yarn");
     let err = gguf::model_metadata(&cfg, "x").unwrap_err().to_string();
     assert!(err.contains("YaRN") && err.contains("--format hf"), "{err}");
+    // llama.cpp's gemma2 fixes the attention scale by size and always soft-caps: a Gemma 2
+    // that differs is refused rather than written as a different model.
+    let (g2, _, _) = load("gemma2");
+    for (what, cfg) in [
+        (
+            "query_pre_attn_scalar",
+            ModelConfig {
+                query_pre_attn_scalar: Some(24.0),
+                ..g2.clone()
+            },
+        ),
+        (
+            "final_logit_softcapping",
+            ModelConfig {
+                final_logit_softcapping: None,
+                ..g2.clone()
+            },
+        ),
+    ] {
+        let err = gguf::model_metadata(&cfg, "x").unwrap_err().to_string();
+        assert!(err.contains(what) && err.contains("--format hf"), "{err}");
+    }
 }
 
 #[test]
