@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench, llama-quantize and llama-simple from the llama-cpp-python
+# Builds llama.cpp's llama-bench, llama-quantize, llama-simple and llama-server from the llama-cpp-python
 # 0.3.36 sdist (which vendors llama.cpp 0c1e57098) into .cache/llama-cpp/bin, for the
-# quantised-kernel benchmarks (docs/benchmarks.md). About 10 minutes on 2 cores; a second
+# quantised-kernel and serving benchmarks (docs/benchmarks.md). About 10 minutes on 2 cores; a second
 # run is a no-op. Needs a C/C++ compiler; cmake and ninja come from PyPI into a venv.
 #
 #   bench/reference/build-llama-cpp.sh          # tuned for this CPU (GGML_NATIVE), into bin/
@@ -23,7 +23,7 @@ SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 mkdir -p "$DEST"
 BIN="$DEST/bin$SUFFIX"
 BUILD="$DEST/build$SUFFIX"
-if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ]; then
+if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ] && [ -x "$BIN/llama-server" ]; then
   echo "llama.cpp already built in $BIN" >&2
   exit 0
 fi
@@ -39,8 +39,8 @@ fi
 PATH="$PWD/$DEST/venv/bin:$PATH"
 # native: tuned for this CPU (AVX-512, VNNI where present), as llama.cpp users build it.
 cmake -S "$DEST/src" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "${ISA_FLAGS[@]}" \
-  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$BUILD" --target llama-bench llama-quantize llama-simple -j "$(nproc)" >&2
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >&2
+cmake --build "$BUILD" --target llama-bench llama-quantize llama-simple llama-server -j "$(nproc)" >&2
 mkdir -p "$BIN"
-cp "$BUILD"/bin/llama-{bench,quantize,simple} "$BIN/"
-echo "built $BIN/llama-bench, llama-quantize, llama-simple ($ISA)" >&2
+cp "$BUILD"/bin/llama-{bench,quantize,simple,server} "$BIN/"
+echo "built $BIN/llama-bench, llama-quantize, llama-simple, llama-server ($ISA)" >&2

@@ -24,6 +24,7 @@ mod fill_mask;
 mod progress;
 mod rlhf;
 mod scaling;
+mod serve;
 mod sft;
 mod tokenize;
 
@@ -77,6 +78,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Interactive chat with a model's own chat template (or one user turn per stdin line).
     Chat(chat::ChatArgs),
+    /// Serve a model over the OpenAI HTTP API (chat, completions, streaming) with
+    /// continuous batching, and a chat page at /.
+    Serve(serve::ServeArgs),
     /// Token ids of a text as a JSON array (or --decode ids), from a model's tokenizer only.
     Tokenize(tokenize::TokenizeArgs),
     /// Write a model as an HF directory (transformers) or a GGUF file (llama.cpp).
@@ -195,8 +199,22 @@ pub struct SamplingArgs {
     /// Nucleus sampling: keep the smallest set reaching this probability.
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Keep tokens at least this fraction as likely as the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f64,
+    /// transformers' repetition penalty over prompt and output tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// OpenAI's presence penalty over output tokens, -2 to 2 (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f64,
+    /// OpenAI's frequency penalty over output tokens, -2 to 2 (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f64,
+    /// Seed of the sampler: the same seed, prompt and settings give the same text. Without
+    /// one every run samples differently.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Stop when this string appears (repeatable); it is not printed.
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -212,7 +230,11 @@ impl SamplingArgs {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-            seed: self.seed,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed.unwrap_or_else(kiln_infer::fresh_seed),
         }
     }
 }
@@ -359,6 +381,7 @@ fn main() {
             Command::Eval(a) => commands::eval(a),
             Command::Generate(a) => commands::generate(a),
             Command::Chat(a) => chat::run(a),
+            Command::Serve(a) => serve::run(a),
             Command::Tokenize(a) => tokenize::run(a),
             Command::Export(a) => export::run(a),
             Command::FillMask(a) => fill_mask::run(a),

@@ -51,27 +51,42 @@ pub struct Generation {
     pub decode_s: f64,
 }
 
-/// One sequence being generated: its tokens, text and what has been emitted.
-struct Row {
+/// Restricts which token may come next (structured output): implemented by the JSON
+/// automaton in [`crate::json`].
+pub trait TokenConstraint: Send {
+    /// Whether `id` may come next.
+    fn allows(&self, id: u32) -> bool;
+    /// Moves past `id`, which [`allows`](Self::allows) accepted.
+    fn accept(&mut self, id: u32);
+    /// Whether the output so far is a complete value: the sequence then ends.
+    fn is_complete(&self) -> bool;
+}
+
+/// One sequence being generated: its tokens, text and what has been emitted. The generate
+/// loop below and the server's scheduler both step sequences through
+/// [`push`](Self::push), so stop handling is the same everywhere.
+pub struct Sequence {
     generated: Vec<u32>,
     logprobs: Vec<f32>,
+    /// The `top_logprobs` most likely tokens at each step (empty lists when not asked for).
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    want_top: usize,
     decoder: IncrementalDecoder,
     text: String,
-    /// Bytes of `text` already passed to the callback.
+    /// Bytes of `text` already returned by `push`.
     emitted: usize,
     prompt_tokens: usize,
     finish: Option<FinishReason>,
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 /// `log softmax(row)[id]`.
 fn logprob(row: &[f32], id: u32) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
-    (row[id as usize] - m) - z.ln() as f32
+    row[id as usize] - crate::sampling::log_sum_exp(row)
 }
 
 /// The prompt as it will be fed: EOS for an empty prompt, the last tokens of a long one.
-fn prepare_prompt(
+pub fn prepare_prompt(
     tokenizer: &KilnTokenizer,
     prompt_ids: &[u32],
     max_seq_len: usize,
@@ -101,9 +116,65 @@ fn prepare_prompt(
     Ok(prompt)
 }
 
-impl Row {
-    /// Takes the sampled token (or finishes); returns the newly printable text.
-    fn push(
+impl Sequence {
+    /// A sequence after a prompt of `prompt_tokens` tokens, recording the `top_logprobs` most
+    /// likely tokens at each step.
+    pub fn new(prompt_tokens: usize, top_logprobs: usize) -> Self {
+        Self {
+            generated: Vec::new(),
+            logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            want_top: top_logprobs,
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            emitted: 0,
+            prompt_tokens,
+            finish: None,
+            constraint: None,
+        }
+    }
+
+    /// Only tokens `constraint` allows are sampled; the sequence ends when it is complete.
+    pub fn with_constraint(mut self, constraint: Box<dyn TokenConstraint>) -> Self {
+        self.constraint = Some(constraint);
+        self
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn logprobs(&self) -> &[f32] {
+        &self.logprobs
+    }
+
+    pub fn top_logprobs(&self) -> &[Vec<(u32, f32)>] {
+        &self.top_logprobs
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The token to feed next, if the sequence goes on.
+    pub fn next_input(&self) -> Option<u32> {
+        match self.finish {
+            None => self.generated.last().copied(),
+            Some(_) => None,
+        }
+    }
+
+    /// Samples the next token from `logits` (or finishes) and returns the newly printable
+    /// text. `cached` is how many positions the sequence's KV row holds.
+    pub fn push(
         &mut self,
         tokenizer: &KilnTokenizer,
         logits: &[f32],
@@ -117,12 +188,29 @@ impl Row {
         }
         // A model's vocabulary may be padded past the tokenizer's: never sample those ids.
         let row = &logits[..tokenizer.vocab_size().min(logits.len())];
-        let next = sampler.sample(row);
+        let next = match &mut self.constraint {
+            None => sampler.sample(row),
+            Some(c) if c.is_complete() => {
+                return self.finish(tokenizer, FinishReason::StopToken);
+            }
+            Some(c) => match sampler.sample_allowed(row, |id| c.allows(id)) {
+                Some(id) => {
+                    c.accept(id);
+                    id
+                }
+                // No token continues the value (the vocabulary cannot spell it): stop.
+                None => return self.finish(tokenizer, FinishReason::StopToken),
+            },
+        };
         if opts.stop_tokens.contains(&next) {
             return self.finish(tokenizer, FinishReason::StopToken);
         }
         self.generated.push(next);
         self.logprobs.push(logprob(row, next));
+        if self.want_top > 0 {
+            self.top_logprobs
+                .push(crate::sampling::top_logprobs(row, self.want_top));
+        }
         self.text.push_str(&self.decoder.push(tokenizer, next)?);
         if let Some(cut) = opts
             .stop_strings
@@ -159,7 +247,9 @@ impl Row {
         }
     }
 
-    fn finish(
+    /// Ends the sequence (a server cancelling it, or the loop at a stop) and returns the text
+    /// not yet emitted.
+    pub fn finish(
         &mut self,
         tokenizer: &KilnTokenizer,
         reason: FinishReason,
@@ -167,6 +257,19 @@ impl Row {
         self.finish = Some(reason);
         self.text.push_str(&self.decoder.finish(tokenizer)?);
         Ok(self.take_new(self.text.len()))
+    }
+
+    /// The finished sequence as a [`Generation`].
+    pub fn into_generation(self, prefill_s: f64, decode_s: f64) -> Generation {
+        Generation {
+            token_ids: self.generated,
+            logprobs: self.logprobs,
+            text: self.text,
+            finish_reason: self.finish.unwrap_or(FinishReason::MaxTokens),
+            prompt_tokens: self.prompt_tokens,
+            prefill_s,
+            decode_s,
+        }
     }
 }
 
@@ -224,6 +327,9 @@ fn run<M: CausalLm + ?Sized>(
         .iter()
         .map(|p| prepare_prompt(tokenizer, p, max_seq_len, opts))
         .collect::<Result<Vec<_>, _>>()?;
+    for (sampler, prompt) in samplers.iter_mut().zip(&prepared) {
+        sampler.start(prompt);
+    }
     let mut cache = KvCache::new();
     let t0 = std::time::Instant::now();
     let mut last: Vec<Vec<f32>> = Vec::with_capacity(prepared.len());
@@ -232,18 +338,7 @@ fn run<M: CausalLm + ?Sized>(
     }
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let mut rows: Vec<Row> = prepared
-        .iter()
-        .map(|p| Row {
-            generated: Vec::new(),
-            logprobs: Vec::new(),
-            decoder: IncrementalDecoder::new(),
-            text: String::new(),
-            emitted: 0,
-            prompt_tokens: p.len(),
-            finish: None,
-        })
-        .collect();
+    let mut rows: Vec<Sequence> = prepared.iter().map(|p| Sequence::new(p.len(), 0)).collect();
     let mut active: Vec<usize> = (0..rows.len()).collect();
     while !active.is_empty() {
         let mut feed_rows = Vec::with_capacity(active.len());
@@ -260,9 +355,9 @@ fn run<M: CausalLm + ?Sized>(
             if !piece.is_empty() {
                 on_text(r, &piece);
             }
-            if rows[r].finish.is_none() {
+            if let Some(token) = rows[r].next_input() {
                 feed_rows.push(r);
-                feed.push(*rows[r].generated.last().expect("a token was just pushed"));
+                feed.push(token);
             }
         }
         active = feed_rows;
@@ -277,18 +372,10 @@ fn run<M: CausalLm + ?Sized>(
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(rows
         .into_iter()
-        .map(|r| Generation {
-            token_ids: r.generated,
-            logprobs: r.logprobs,
-            text: r.text,
-            finish_reason: r.finish.expect("every row finishes"),
-            prompt_tokens: r.prompt_tokens,
-            prefill_s,
-            decode_s,
-        })
+        .map(|r| r.into_generation(prefill_s, decode_s))
         .collect())
 }
 
-fn row_values(logits: &Tensor, i: usize) -> Result<Vec<f32>, InferError> {
+pub fn row_values(logits: &Tensor, i: usize) -> Result<Vec<f32>, InferError> {
     Ok(logits.get(i)?.to_dtype(DType::F32)?.to_vec1()?)
 }

@@ -1,4 +1,5 @@
-//! kiln-infer: token sampling (temperature, top-k, top-p), the generate loop over the model's
+//! kiln-infer: token sampling (temperature, top-k, top-p, min-p, repetition penalties), the
+//! generate loop over the model's
 //! KV cache (streaming output, stop tokens and strings), chat templates and the chat turn
 //! policy ([`ChatSession`]: history kept within the context, the reply's token budget).
 
@@ -10,8 +11,11 @@ pub use chat::{
     rewrite_generation_tags, ChatConfig, ChatSession, ChatTemplate, ChatTurn, Conversation,
     Message, GENERATION_END, GENERATION_START,
 };
-pub use generate::{generate, generate_batch, FinishReason, GenerateOptions, Generation};
-pub use sampling::{Sampler, SamplingParams};
+pub use generate::{
+    generate, generate_batch, prepare_prompt, row_values, FinishReason, GenerateOptions,
+    Generation, Sequence, TokenConstraint,
+};
+pub use sampling::{fresh_seed, log_sum_exp, top_logprobs, Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {

@@ -1,7 +1,16 @@
 //! Turning logits into the next token. Temperature 0 (or top-k 1) is greedy; otherwise the
 //! distribution softmax(logits / T) is cut to the k most likely tokens, then to the smallest
-//! set whose probability reaches top-p (Holtzman et al. 2020), renormalised and sampled with a
-//! seeded RNG.
+//! set whose probability reaches top-p (Holtzman et al. 2020), then to the tokens at least
+//! min-p times as likely as the most likely one (Nguyen et al. 2024), renormalised and
+//! sampled with a seeded RNG.
+//!
+//! Before that, the logits are penalised for repetition, as the two conventions users know do
+//! it: transformers' `repetition_penalty` r (Keskar et al. 2019) divides a positive logit by r
+//! and multiplies a negative one by r for every token already in the prompt or the output;
+//! OpenAI's `presence_penalty` and `frequency_penalty` subtract `presence * [count > 0] +
+//! frequency * count` for the tokens of the output only.
+
+use std::collections::{HashMap, HashSet};
 
 use kiln_model::SplitMix64;
 
@@ -14,6 +23,14 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1.0 = all).
     pub top_p: f64,
+    /// Keep the tokens whose probability is at least `min_p` times the largest (0 = all).
+    pub min_p: f64,
+    /// transformers' repetition penalty over prompt and output tokens (1.0 = off).
+    pub repetition_penalty: f64,
+    /// OpenAI's presence penalty over output tokens (0 = off).
+    pub presence_penalty: f64,
+    /// OpenAI's frequency penalty over output tokens (0 = off).
+    pub frequency_penalty: f64,
     pub seed: u64,
 }
 
@@ -24,6 +41,10 @@ impl Default for SamplingParams {
             temperature: 0.7,
             top_k: 0,
             top_p: 0.9,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -35,22 +56,35 @@ impl SamplingParams {
             temperature: 0.0,
             top_k: 1,
             top_p: 1.0,
-            seed: 0,
+            ..Self::default()
         }
     }
 
     pub fn validate(&self) -> Result<(), InferError> {
+        let bad = |what: &str, value: f64, range: &str| {
+            Err(InferError::Sampling(format!(
+                "{what} must be {range}, got {value}"
+            )))
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(InferError::Sampling(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            )));
+            return bad("temperature", self.temperature, ">= 0");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(InferError::Sampling(format!(
-                "top-p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return bad("top-p", self.top_p, "in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min-p", self.min_p, "in [0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition penalty", self.repetition_penalty, "> 0");
+        }
+        for (what, v) in [
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(what, v, "in [-2, 2]");
+            }
         }
         Ok(())
     }
@@ -58,48 +92,148 @@ impl SamplingParams {
     fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
     }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+}
+
+/// A seed for a run that was not given one: different every time.
+pub fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS once per process and varies per instance; mixing in
+    // the clock makes two samplers of one process differ too.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    h.finish()
 }
 
 pub struct Sampler {
     params: SamplingParams,
     rng: SplitMix64,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt_tokens: HashSet<u32>,
+    /// How often each token has been sampled so far.
+    output_counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self, InferError> {
         params.validate()?;
         let rng = SplitMix64::new(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            prompt_tokens: HashSet::new(),
+            output_counts: HashMap::new(),
+        })
     }
 
-    /// Picks the next token id from one row of logits.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Tells the sampler the prompt (the repetition penalty covers its tokens) and forgets
+    /// earlier output.
+    pub fn start(&mut self, prompt: &[u32]) {
+        self.output_counts.clear();
+        self.prompt_tokens.clear();
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt_tokens.extend(prompt.iter().copied());
+        }
+    }
+
+    /// Picks the next token id from one row of logits and records it as output.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.is_greedy() {
-            return argmax(logits);
-        }
-        let candidates = self.candidates(logits);
-        let total: f64 = candidates.iter().map(|(_, p)| p).sum();
-        let mut r = self.rng.next_f64() * total;
-        for &(id, p) in &candidates {
-            if r < p {
-                return id;
-            }
-            r -= p;
-        }
-        candidates
-            .last()
-            .map(|c| c.0)
-            .unwrap_or_else(|| argmax(logits))
+        self.sample_allowed(logits, |_| true)
+            .expect("every token is allowed")
     }
 
-    /// The tokens that survive temperature, top-k and top-p, most likely first, with their
-    /// (not yet renormalised) probabilities.
+    /// [`sample`](Self::sample) restricted to the tokens `allowed` accepts (constrained
+    /// decoding): the distribution is masked first, then cut and renormalised, so the draw
+    /// is from the model's distribution over the allowed tokens. `None` when nothing is
+    /// allowed.
+    pub fn sample_allowed(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> Option<u32> {
+        let penalised;
+        let logits = if self.params.has_penalties() {
+            penalised = self.penalised(logits);
+            &penalised[..]
+        } else {
+            logits
+        };
+        let id = if self.params.is_greedy() {
+            argmax_where(logits, &allowed)?
+        } else {
+            let candidates = self.candidates_where(logits, &allowed);
+            let total: f64 = candidates.iter().map(|(_, p)| p).sum();
+            let mut r = self.rng.next_f64() * total;
+            let mut pick = candidates.last()?.0;
+            for &(id, p) in &candidates {
+                if r < p {
+                    pick = id;
+                    break;
+                }
+                r -= p;
+            }
+            pick
+        };
+        *self.output_counts.entry(id).or_default() += 1;
+        Some(id)
+    }
+
+    /// The logits with the repetition, presence and frequency penalties applied.
+    fn penalised(&self, logits: &[f32]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        let r = self.params.repetition_penalty as f32;
+        if r != 1.0 {
+            let seen = self
+                .prompt_tokens
+                .iter()
+                .chain(self.output_counts.keys())
+                .collect::<HashSet<_>>();
+            for &id in seen {
+                if let Some(l) = out.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
+                }
+            }
+        }
+        let (presence, frequency) = (
+            self.params.presence_penalty as f32,
+            self.params.frequency_penalty as f32,
+        );
+        if presence != 0.0 || frequency != 0.0 {
+            for (&id, &count) in &self.output_counts {
+                if let Some(l) = out.get_mut(id as usize) {
+                    *l -= presence + frequency * count as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// The tokens that survive temperature, top-k, top-p and min-p, most likely first, with
+    /// their (not yet renormalised) probabilities. Penalties are not applied here.
     pub fn candidates(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        self.candidates_where(logits, &|_| true)
+    }
+
+    fn candidates_where(&self, logits: &[f32], allowed: &dyn Fn(u32) -> bool) -> Vec<(u32, f64)> {
         let t = self.params.temperature.max(1e-6);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let max = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| allowed(i as u32))
+            .map(|(_, &l)| l)
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
         let mut probs: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
+            .filter(|&(i, _)| allowed(i as u32))
             .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
             .collect();
         let z: f64 = probs.iter().map(|(_, p)| p).sum();
@@ -109,6 +243,12 @@ impl Sampler {
             probs.truncate(self.params.top_k);
         }
         top_p_prefix(&mut probs, self.params.top_p);
+        if self.params.min_p > 0.0 {
+            if let Some(&(_, best)) = probs.first() {
+                let floor = self.params.min_p * best;
+                probs.retain(|&(_, p)| p >= floor);
+            }
+        }
         probs
     }
 }
@@ -130,15 +270,46 @@ fn top_p_prefix(sorted: &mut Vec<(u32, f64)>, p: f64) {
     sorted.truncate(keep.max(1));
 }
 
-/// Index of the largest logit (the first one on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+/// Index of the largest allowed logit (the first one on ties).
+fn argmax_where(logits: &[f32], allowed: &dyn Fn(u32) -> bool) -> Option<u32> {
+    let mut best: Option<usize> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        if best.is_none_or(|b| l > logits[b]) && allowed(i as u32) {
+            best = Some(i);
         }
     }
-    best as u32
+    best.map(|b| b as u32)
+}
+
+/// `log softmax(logits)` of the `k` most likely tokens, most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let log_z = log_sum_exp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.into_iter()
+        .map(|i| (i, logits[i as usize] - log_z))
+        .collect()
+}
+
+/// `log sum exp(logits)`, computed stably in f64.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    m + z.ln() as f32
 }
 
 #[cfg(test)]
@@ -154,6 +325,7 @@ mod tests {
             top_k: 1,
             top_p: 1.0,
             seed: 9,
+            ..Default::default()
         })
         .unwrap();
         for _ in 0..20 {
@@ -175,6 +347,7 @@ mod tests {
                 top_k: 0,
                 top_p,
                 seed: 0,
+                ..Default::default()
             })
             .unwrap()
         };
@@ -194,6 +367,7 @@ mod tests {
             top_k: 0,
             top_p: 1.0,
             seed: 42,
+            ..Default::default()
         };
         let draw = |n| {
             let mut s = Sampler::new(params.clone()).unwrap();
@@ -206,7 +380,109 @@ mod tests {
     }
 
     #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_best() {
+        let logits: Vec<f32> = [0.5f64, 0.3, 0.15, 0.05]
+            .iter()
+            .map(|p| p.ln() as f32)
+            .collect();
+        let s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.2,
+            ..Default::default()
+        })
+        .unwrap();
+        // 0.2 x 0.5 = 0.1: 0.15 stays, 0.05 goes.
+        let ids: Vec<u32> = s.candidates(&logits).into_iter().map(|c| c.0).collect();
+        assert_eq!(ids, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn penalties_follow_transformers_and_openai() {
+        let greedy_with = |params: SamplingParams, prompt: &[u32], draws: usize| {
+            let mut s = Sampler::new(params).unwrap();
+            s.start(prompt);
+            let logits = [2.0f32, 1.5, -1.0];
+            (0..draws).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        // Repetition penalty 2 on the prompt's token 0: 2.0 / 2 = 1.0 < 1.5.
+        let rep = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(greedy_with(rep.clone(), &[0], 1), vec![1]);
+        assert_eq!(greedy_with(rep, &[], 2), vec![0, 1]);
+        // A negative logit is multiplied: -1.0 * 2 stays the least likely.
+        // Frequency 0.3: token 0 drops by 0.3 per use (2.0, 1.7, 1.4 < 1.5).
+        let freq = SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(greedy_with(freq, &[], 4), vec![0, 0, 1, 0]);
+        // Presence 0.6 counts once: 2.0 - 0.6 = 1.4 < 1.5, then 1.5 - 0.6 < 1.4.
+        let presence = SamplingParams {
+            presence_penalty: 0.6,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(greedy_with(presence, &[0], 3), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn allowed_tokens_mask_the_distribution() {
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut g = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(g.sample_allowed(&logits, |id| id >= 2), Some(2));
+        assert_eq!(g.sample_allowed(&logits, |_| false), None);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        let draws: Vec<u32> = (0..2000)
+            .map(|_| s.sample_allowed(&logits, |id| id % 2 == 1).unwrap())
+            .collect();
+        assert!(draws.iter().all(|&d| d == 1 || d == 3));
+        // p(1) / p(3) = e^2 among the allowed: about 0.88.
+        let frac1 = draws.iter().filter(|&&d| d == 1).count() as f64 / 2000.0;
+        assert!((frac1 - 0.881).abs() < 0.03, "{frac1}");
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_in_order() {
+        let logits = [0.0f32, 2.0, 1.0, 2.0];
+        let top = top_logprobs(&logits, 3);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        let z = (1.0f64 + 2.0 * 2f64.exp() + 1f64.exp()).ln();
+        assert!((top[0].1 as f64 - (2.0 - z)).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 9).len(), 4);
+    }
+
+    #[test]
+    fn fresh_seeds_differ() {
+        assert_ne!(fresh_seed(), fresh_seed());
+    }
+
+    #[test]
     fn bad_parameters_are_rejected() {
+        for bad in [
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: 3.0,
+                ..Default::default()
+            },
+        ] {
+            assert!(Sampler::new(bad).is_err());
+        }
         assert!(Sampler::new(SamplingParams {
             top_p: 0.0,
             ..Default::default()

@@ -47,7 +47,7 @@ impl Weights {
 
 /// A model ready to decode, with what it was built from.
 pub struct LoadedModel {
-    pub model: Box<dyn CausalLm>,
+    pub model: Box<dyn CausalLm + Send + Sync>,
     pub config: ModelConfig,
     pub format: ModelFormat,
     /// The weights it runs on, for logs: `f32`, or the GGML types of the projections with
@@ -154,7 +154,7 @@ fn build_llama(
 
 /// A model and its tokenizer, for generation and chat.
 pub struct InferenceModel {
-    pub model: Box<dyn CausalLm>,
+    pub model: Box<dyn CausalLm + Send + Sync>,
     pub tokenizer: ModelTokenizer,
     pub config: ModelConfig,
     pub format: ModelFormat,

@@ -65,6 +65,25 @@ impl KvCache {
         }
     }
 
+    /// Keeps the first `len` positions of row `row` and forgets the rest (a server reuses a
+    /// cached prompt prefix this way). A `len` past the row's length changes nothing.
+    pub fn truncate_row(&mut self, row: usize, len: usize) {
+        let Some(r) = self.rows.get_mut(row) else {
+            return;
+        };
+        if len >= r.len {
+            return;
+        }
+        let old = r.len;
+        for l in &mut r.layers {
+            for h in l.k.iter_mut().chain(l.v.iter_mut()) {
+                let hd = h.len() / old;
+                h.truncate(len * hd);
+            }
+        }
+        r.len = len;
+    }
+
     /// Row `to` becomes a copy of row `from` (several samples of one prompt share its
     /// prefill).
     pub fn copy_row(&mut self, from: usize, to: usize) {

@@ -1,0 +1,309 @@
+//! kiln-serve: any model kiln loads, over the OpenAI HTTP API.
+//!
+//! * [`engine`]: the scheduler thread: continuous batching over KV-cache slots, chunked
+//!   prefill, prefix reuse, cancellation;
+//! * [`routes`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
+//!   `/metrics` and a chat page at `/`;
+//! * [`openai`]: request bodies, their validation and OpenAI's error shape;
+//! * [`json`]: structured output, a JSON automaton that masks the tokens which cannot
+//!   continue a valid value.
+//!
+//! The model loads in the background: `/health` answers 503 until it is ready.
+
+pub mod engine;
+pub mod json;
+pub mod metrics;
+pub mod openai;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use kiln_data::ModelTokenizer;
+use kiln_infer::ChatTemplate;
+use kiln_load::Weights;
+
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("refusing to listen on {0} without an API key: anyone who can reach it could use the model. Pass --api-key KEY (or --api-key-file FILE), or listen on 127.0.0.1")]
+    NoKeyOffLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("loading the model: {0}")]
+    Load(String),
+    #[error("the HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Everything `kiln serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// A kiln run or checkpoint, an HF directory or a GGUF file.
+    pub model: PathBuf,
+    pub weights: Weights,
+    /// The model id clients use (default: the file or directory stem).
+    pub name: Option<String>,
+    pub addr: SocketAddr,
+    pub api_key: Option<String>,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    /// Context per sequence (default and at most: the model's).
+    pub ctx: Option<usize>,
+    pub prefill_chunk: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+impl ServeConfig {
+    pub fn new(model: PathBuf) -> Self {
+        Self {
+            model,
+            weights: Weights::default(),
+            name: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            max_batch: 16,
+            max_queue: 64,
+            ctx: None,
+            prefill_chunk: 256,
+            max_body_bytes: 4 << 20,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+
+    fn model_id(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let p = self.model.as_path();
+        let stem = if p.is_dir() {
+            p.file_name()
+        } else {
+            p.file_stem()
+        };
+        stem.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    fn check(&self) -> Result<(), ServeError> {
+        if !self.addr.ip().is_loopback() && self.api_key.is_none() {
+            return Err(ServeError::NoKeyOffLoopback(self.addr));
+        }
+        if self.api_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return Err(ServeError::Config("the API key is empty".into()));
+        }
+        for (what, v) in [
+            ("--max-batch", self.max_batch),
+            ("--max-queue", self.max_queue),
+            ("--prefill-chunk", self.prefill_chunk),
+        ] {
+            if v == 0 {
+                return Err(ServeError::Config(format!("{what} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What exists once the model has loaded.
+pub(crate) struct Ready {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<ModelTokenizer>,
+    pub template: Option<ChatTemplate>,
+    /// Context per sequence.
+    pub ctx: usize,
+    /// Token texts for structured output, built on first use.
+    pub token_bytes: OnceLock<Arc<json::TokenBytes>>,
+}
+
+impl Ready {
+    pub fn token_bytes(&self) -> Arc<json::TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| Arc::new(json::TokenBytes::new(&self.tokenizer.tokenizer)))
+            .clone()
+    }
+}
+
+pub(crate) struct AppState {
+    pub cfg: ServeConfig,
+    pub model_id: String,
+    pub ready: OnceLock<Ready>,
+    pub metrics: Arc<Metrics>,
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn model_ids(&self) -> Vec<String> {
+        vec![self.model_id.clone()]
+    }
+}
+
+/// Compares two byte strings in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    // Lengths are not secret (a key's length is not worth hiding); contents are.
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// A server bound to its address, not yet serving.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    /// Checks the configuration and binds the address (port 0 picks a free one).
+    pub async fn bind(cfg: ServeConfig) -> Result<Self, ServeError> {
+        cfg.check()?;
+        let listener = tokio::net::TcpListener::bind(cfg.addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.addr,
+                source,
+            })?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let state = Arc::new(AppState {
+            model_id: cfg.model_id(),
+            cfg,
+            ready: OnceLock::new(),
+            metrics: Arc::new(Metrics::default()),
+            started,
+        });
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.state.model_id
+    }
+
+    /// Loads the model in the background and serves until `shutdown` resolves; a model that
+    /// fails to load stops the server with the error.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let state = self.state.clone();
+        let app = router(state.clone());
+        let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<String>();
+        let loader_state = state.clone();
+        let loading = tokio::task::spawn_blocking(move || load(&loader_state));
+        tokio::spawn(async move {
+            match loading.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = load_failed_tx.send(e.to_string());
+                }
+                Err(e) => {
+                    let _ = load_failed_tx.send(format!("the loading task failed: {e}"));
+                }
+            }
+        });
+        let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
+        let le = load_error.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(msg) = load_failed_rx => { *le.lock().expect("load error") = Some(msg); }
+            }
+        };
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(ServeError::Http)?;
+        if let Some(r) = state.ready.get() {
+            r.engine.shutdown();
+        }
+        let failed = load_error.lock().expect("load error").take();
+        match failed {
+            Some(msg) => Err(ServeError::Load(msg)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Loads the model and tokenizer, compiles the chat template and starts the scheduler.
+fn load(state: &AppState) -> Result<(), ServeError> {
+    let cfg = &state.cfg;
+    let m = kiln_load::load_inference(&cfg.model, cfg.weights, &candle_core::Device::Cpu)
+        .map_err(|e| ServeError::Load(e.to_string()))?;
+    let model_ctx = m.config.max_seq_len;
+    let ctx = cfg.ctx.unwrap_or(model_ctx);
+    if ctx > model_ctx || ctx < 2 {
+        return Err(ServeError::Config(format!(
+            "--ctx {ctx}: the model's context is {model_ctx} tokens (give 2 to {model_ctx})"
+        )));
+    }
+    let tokenizer = Arc::new(m.tokenizer);
+    let template = match &tokenizer.chat_template {
+        Some(src) => Some(
+            ChatTemplate::new(
+                src,
+                tokenizer.bos.as_ref().map(|b| b.1.as_str()),
+                tokenizer.eos.as_ref().map(|e| e.1.as_str()),
+            )
+            .map_err(|e| ServeError::Load(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let engine = engine::spawn(
+        m.model,
+        Arc::new(tokenizer.tokenizer.clone()),
+        EngineConfig {
+            max_batch: cfg.max_batch,
+            max_queue: cfg.max_queue,
+            ctx,
+            prefill_chunk: cfg.prefill_chunk,
+        },
+        state.metrics.clone(),
+    );
+    let _ = state.ready.set(Ready {
+        engine,
+        tokenizer,
+        template,
+        ctx,
+        token_bytes: OnceLock::new(),
+    });
+    tracing::info!(model = %state.model_id, ctx, "ready");
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(routes::models))
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/completions", post(routes::completions))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::require_key,
+        ));
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/", get(routes::page))
+        .merge(api)
+        .fallback(routes::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.cfg.max_body_bytes,
+        ))
+        .with_state(state)
+}

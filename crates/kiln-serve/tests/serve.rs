@@ -1,0 +1,611 @@
+//! `kiln serve` end to end on loopback with the real SmolLM2-135M-Instruct GGUF: the OpenAI
+//! endpoints, streaming, stop strings, seeds, `n`, structured output, prefix reuse, errors,
+//! the queue limit, cancellation on disconnect, and batching equivalence (every response
+//! under concurrency equals the same request alone).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use kiln_serve::{ServeConfig, Server};
+use serde_json::{json, Value};
+
+const MODEL: &str = "smol";
+
+/// Starts a server on a free loopback port in a thread of its own; returns its address once
+/// `/health` says it is ready.
+fn start(tweak: impl FnOnce(&mut ServeConfig)) -> SocketAddr {
+    let mut cfg = ServeConfig::new(kiln_testutil::smollm2_gguf());
+    cfg.name = Some(MODEL.into());
+    cfg.addr = "127.0.0.1:0".parse().unwrap();
+    cfg.max_batch = 4;
+    cfg.max_queue = 8;
+    cfg.ctx = Some(1024);
+    tweak(&mut cfg);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let server = Server::bind(cfg).await.unwrap();
+            tx.send(server.local_addr()).unwrap();
+            server.run(std::future::pending()).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let (status, _) = request(addr, "GET", "/health", None, None);
+        if status == 200 {
+            return addr;
+        }
+        assert_eq!(status, 503, "health while loading");
+        assert!(t0.elapsed() < Duration::from_secs(60), "model never loaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends one HTTP/1.1 request and reads the whole answer: status and body (chunked bodies
+/// decoded).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> (u16, String) {
+    let mut reader = send(addr, method, path, body, key);
+    let (status, chunked) = read_head(&mut reader);
+    let mut out = Vec::new();
+    if chunked {
+        while let Some(chunk) = read_chunk(&mut reader) {
+            out.extend(chunk);
+        }
+    } else {
+        reader.read_to_end(&mut out).unwrap();
+    }
+    (status, String::from_utf8(out).unwrap())
+}
+
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> BufReader<TcpStream> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    BufReader::new(s)
+}
+
+fn read_head(r: &mut BufReader<TcpStream>) -> (u16, bool) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut chunked = false;
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            return (status, chunked);
+        }
+        if line.eq_ignore_ascii_case("transfer-encoding: chunked\r\n") {
+            chunked = true;
+        }
+    }
+}
+
+fn read_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let n = usize::from_str_radix(line.trim(), 16).ok()?;
+    if n == 0 {
+        return None;
+    }
+    let mut buf = vec![0; n + 2];
+    r.read_exact(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = request(addr, "POST", path, Some(&body.to_string()), None);
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, v)
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut b = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 24,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn serves_the_openai_api() {
+    let addr = start(|_| {});
+
+    // Models.
+    let (s, v) = request(addr, "GET", "/v1/models", None, None);
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["data"][0]["id"], MODEL);
+
+    // Chat, whole answer: the same text as kiln's own generate loop on the same prompt.
+    let (s, whole) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France?", json!({})),
+    );
+    assert_eq!(s, 200, "{whole}");
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+    let m = kiln_load::load_inference(
+        &kiln_testutil::smollm2_gguf(),
+        kiln_load::Weights::default(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let template = kiln_infer::ChatTemplate::new(
+        m.tokenizer.chat_template.as_deref().unwrap(),
+        None,
+        m.tokenizer.eos.as_ref().map(|e| e.1.as_str()),
+    )
+    .unwrap();
+    let rendered = template
+        .render(
+            &[kiln_infer::Message::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
+    let ids = m.tokenizer.tokenizer.encode(&rendered).unwrap();
+    let mut sampler = kiln_infer::Sampler::new(kiln_infer::SamplingParams::greedy()).unwrap();
+    let reference = kiln_infer::generate(
+        m.model.as_ref(),
+        &m.tokenizer.tokenizer,
+        &ids,
+        &mut sampler,
+        &kiln_infer::GenerateOptions {
+            max_new_tokens: 24,
+            stop_strings: vec![],
+            stop_tokens: m.tokenizer.stop_ids.clone(),
+            truncate_prompt: false,
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(text, reference.text);
+    let usage = &whole["usage"];
+    assert_eq!(usage["prompt_tokens"], ids.len());
+    assert_eq!(usage["completion_tokens"], reference.token_ids.len());
+    assert_eq!(
+        whole["choices"][0]["finish_reason"],
+        reference.finish_reason.openai_name()
+    );
+
+    // The same request streamed: the deltas add up to the same text; usage comes last.
+    let body = chat_body(
+        "What is the capital of France?",
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (s, sse) = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        None,
+    );
+    assert_eq!(s, 200);
+    let events = sse_events(&sse);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
+    // The second request found the prompt in a slot.
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        ids.len() - 1
+    );
+
+    // Stop strings: cut before the string, also when it spans tokens; finish_reason stop.
+    let cut = &text[text.len() / 2..text.len() / 2 + 4];
+    let (_, stopped) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France?", json!({"stop": [cut]})),
+    );
+    let stopped_text = stopped["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert_eq!(stopped_text, &text[..text.find(cut).unwrap()]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    // Seeds: the same seed gives the same sample; n choices each get their own.
+    let sampled = |seed: u64, n: usize| {
+        let (s, v) = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(
+                "Write a short poem about the sea.",
+                json!({"temperature": 1.0, "seed": seed, "n": n, "max_tokens": 16}),
+            ),
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let a = sampled(7, 3);
+    let b = sampled(7, 3);
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(texts(&a), texts(&b));
+    assert_eq!(texts(&a).len(), 3);
+    assert!(texts(&a)[0] != texts(&a)[1] || texts(&a)[1] != texts(&a)[2]);
+    assert!(a["usage"]["completion_tokens"].as_u64().unwrap() >= 3);
+
+    // Logprobs: the greedy token is the most likely one.
+    let (_, lp) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(
+            "Hi",
+            json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 4}),
+        ),
+    );
+    let content = lp["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len(),
+        lp["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    for t in content {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["token"], t["token"]);
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // Completions, with echo.
+    let (s, c) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "echo": true}),
+    );
+    assert_eq!(s, 200, "{c}");
+    let ct = c["choices"][0]["text"].as_str().unwrap();
+    assert!(ct.starts_with("The capital of France is"), "{ct}");
+    assert_eq!(c["object"], "text_completion");
+
+    // Structured output: the reply parses and has the schema's shape.
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "population": {"type": "integer"},
+            "landmarks": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+            "capital": {"type": "boolean"}
+        },
+        "required": ["city", "population", "landmarks", "capital"]
+    });
+    for seed in 0..3 {
+        let (s, j) = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(
+                "Describe Paris as JSON.",
+                json!({"temperature": 0.8, "seed": seed, "max_tokens": 200,
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}}),
+            ),
+        );
+        assert_eq!(s, 200, "{j}");
+        let reply = j["choices"][0]["message"]["content"].as_str().unwrap();
+        let parsed: Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("{reply}: {e}"));
+        assert!(
+            parsed["city"].is_string() && parsed["population"].is_i64(),
+            "{parsed}"
+        );
+        assert!(parsed["landmarks"].as_array().unwrap().len() <= 2);
+        assert!(parsed["capital"].is_boolean());
+        assert_eq!(j["choices"][0]["finish_reason"], "stop");
+    }
+
+    // Errors in OpenAI's shape, naming the parameter.
+    let err = |body: Value, status: u16, param: Option<&str>, code: Option<&str>| {
+        let (s, v) = post(addr, "/v1/chat/completions", &body);
+        assert_eq!(s, status, "{v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert_eq!(v["error"]["param"].as_str(), param, "{v}");
+        assert_eq!(v["error"]["code"].as_str(), code, "{v}");
+    };
+    err(
+        chat_body("x", json!({"model": "gpt-9"})),
+        404,
+        Some("model"),
+        Some("model_not_found"),
+    );
+    err(
+        chat_body("x", json!({"temperature": "hot"})),
+        400,
+        Some("temperature"),
+        Some("invalid_value"),
+    );
+    err(
+        chat_body("x", json!({"temperature": 3.5})),
+        400,
+        Some("temperature"),
+        Some("invalid_value"),
+    );
+    err(
+        chat_body("x", json!({"n": 100})),
+        400,
+        Some("n"),
+        Some("invalid_value"),
+    );
+    err(
+        chat_body("x", json!({"max_tokens": 5000})),
+        400,
+        Some("messages"),
+        Some("context_length_exceeded"),
+    );
+    err(
+        chat_body("x", json!({"stop": ["a", "b", "c", "d", "e"]})),
+        400,
+        Some("stop"),
+        Some("invalid_value"),
+    );
+    err(
+        chat_body(
+            "x",
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ),
+        400,
+        Some("tools"),
+        Some("unsupported_parameter"),
+    );
+    err(
+        chat_body(
+            "x",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}}),
+        ),
+        400,
+        Some("response_format"),
+        Some("invalid_value"),
+    );
+    err(
+        json!({"model": MODEL}),
+        400,
+        Some("messages"),
+        Some("missing_required_parameter"),
+    );
+    let long = "word ".repeat(1100);
+    err(
+        chat_body(&long, json!({"max_tokens": null})),
+        400,
+        Some("messages"),
+        Some("context_length_exceeded"),
+    );
+    let (s, v) = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some("{not json"),
+        None,
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = request(addr, "GET", "/v1/nope", None, None);
+    assert_eq!(s, 404);
+
+    // The server still answers after all that.
+    let (s, _) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("Hi", json!({"max_tokens": 2})),
+    );
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn concurrent_requests_equal_the_same_requests_alone() {
+    let addr = start(|c| c.prefill_chunk = 16);
+    let prompts = [
+        ("What is the capital of France?", 20),
+        ("Name three colours.", 12),
+        (
+            "Write a haiku about autumn leaves falling slowly to the ground.",
+            28,
+        ),
+        ("What is 2 + 2?", 6),
+        ("Tell me about the moon.", 16),
+        ("List the days of the week.", 24),
+    ];
+    let body = |i: usize| chat_body(prompts[i].0, json!({"max_tokens": prompts[i].1}));
+    let alone: Vec<Value> = (0..prompts.len())
+        .map(|i| post(addr, "/v1/chat/completions", &body(i)).1)
+        .collect();
+    // Six at once on four slots: they share decode steps, queue, join and leave.
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..prompts.len())
+            .map(|i| s.spawn(move || post(addr, "/v1/chat/completions", &body(i)).1))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        assert_eq!(
+            a["choices"][0]["message"]["content"], t["choices"][0]["message"]["content"],
+            "{a} vs {t}"
+        );
+        assert_eq!(
+            a["usage"]["completion_tokens"],
+            t["usage"]["completion_tokens"]
+        );
+    }
+}
+
+#[test]
+fn keys_queue_limits_and_disconnects() {
+    let addr = start(|c| {
+        c.api_key = Some("sekrit".into());
+        c.max_batch = 1;
+        c.max_queue = 1;
+    });
+    // No key or a wrong key: 401; /health needs none.
+    let body = chat_body("Hi", json!({"max_tokens": 2})).to_string();
+    assert_eq!(
+        request(addr, "POST", "/v1/chat/completions", Some(&body), None).0,
+        401
+    );
+    assert_eq!(
+        request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body),
+            Some("sekri")
+        )
+        .0,
+        401
+    );
+    assert_eq!(request(addr, "GET", "/health", None, None).0, 200);
+    assert_eq!(
+        request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body),
+            Some("sekrit")
+        )
+        .0,
+        200
+    );
+
+    // A client that disconnects mid-stream frees its slot: the next request is served.
+    let long = chat_body(
+        "Write a long story about a dragon.",
+        json!({"max_tokens": 900, "stream": true, "temperature": 1.0, "seed": 1}),
+    )
+    .to_string();
+    {
+        let mut r = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&long),
+            Some("sekrit"),
+        );
+        assert_eq!(read_head(&mut r).0, 200);
+        for _ in 0..3 {
+            read_chunk(&mut r).unwrap();
+        }
+    } // dropped: the connection closes
+    let t0 = Instant::now();
+    let (s, v) = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        Some("sekrit"),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the abandoned stream kept its slot"
+    );
+    let (_, metrics) = request(addr, "GET", "/metrics", None, Some("sekrit"));
+    assert!(
+        metrics.contains("kiln_requests_cancelled_total 1"),
+        "{metrics}"
+    );
+
+    // One slot, one queue place: a burst of four long requests gets 429 for the excess.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let b = chat_body(
+                    "Write a long story about a dragon.",
+                    json!({"max_tokens": 60 + i, "temperature": 1.0, "seed": i}),
+                )
+                .to_string();
+                s.spawn(move || {
+                    request(
+                        addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(&b),
+                        Some("sekrit"),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn listening_beyond_loopback_needs_a_key() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = ServeConfig::new(kiln_testutil::smollm2_gguf());
+    cfg.addr = "0.0.0.0:0".parse().unwrap();
+    let err = rt.block_on(Server::bind(cfg)).err().unwrap();
+    assert!(err.to_string().contains("--api-key"), "{err}");
+}

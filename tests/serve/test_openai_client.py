@@ -1,0 +1,146 @@
+"""`kiln serve` through the official openai client (run by scripts/test-serve-openai.sh).
+
+Every check is a plain assert; the script stops at the first failure with its message.
+"""
+import concurrent.futures
+import json
+import os
+import subprocess
+
+import jsonschema
+import openai
+
+URL, KEY, MODEL = os.environ["KILN_URL"], os.environ["KILN_KEY"], "smol"
+client = openai.OpenAI(base_url=URL, api_key=KEY, max_retries=0)
+USER = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def kiln_token_count(text: str) -> int:
+    out = subprocess.run(
+        [os.environ["KILN_BIN"], "tokenize", "--model", os.environ["KILN_MODEL_FILE"], "--text", text, "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return len(json.loads(out))
+
+
+def check(name, ok, detail=""):
+    assert ok, f"{name}: {detail}"
+    print(f"ok  {name}")
+
+
+# Models.
+ids = [m.id for m in client.models.list()]
+check("models lists the served id", ids == [MODEL], ids)
+
+# Chat, whole and streamed.
+whole = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=24)
+text = whole.choices[0].message.content
+check("chat answers", "Paris" in text, text)
+check("finish_reason", whole.choices[0].finish_reason in ("stop", "length"), whole.choices[0].finish_reason)
+stream = client.chat.completions.create(
+    model=MODEL, messages=USER, temperature=0, max_tokens=24, stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage = [], None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+check("streamed text equals the whole answer", "".join(pieces) == text, ("".join(pieces), text))
+check("stream ends with usage", usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage)
+check("prefix reuse reported", usage.prompt_tokens_details.cached_tokens > 0, usage)
+
+# Completions: prompt tokens as the tokenizer counts them.
+prompt = "The capital of France is"
+comp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+check("completion usage equals the tokenizer's count", comp.usage.prompt_tokens == kiln_token_count(prompt),
+      (comp.usage.prompt_tokens, kiln_token_count(prompt)))
+lp = comp.choices[0].logprobs
+check("completion logprobs", len(lp.tokens) == comp.usage.completion_tokens and "".join(lp.tokens) == comp.choices[0].text,
+      (lp.tokens, comp.choices[0].text))
+echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+check("echo", echo.choices[0].text.startswith(prompt), echo.choices[0].text)
+
+# n choices, seeds, stop strings, logprobs.
+poem = [{"role": "user", "content": "Write a short poem about the sea."}]
+a = client.chat.completions.create(model=MODEL, messages=poem, temperature=1.0, seed=11, n=3, max_tokens=16)
+b = client.chat.completions.create(model=MODEL, messages=poem, temperature=1.0, seed=11, n=3, max_tokens=16)
+ta, tb = [c.message.content for c in a.choices], [c.message.content for c in b.choices]
+check("n choices", len(ta) == 3 and [c.index for c in a.choices] == [0, 1, 2], ta)
+check("same seed, same samples", ta == tb, (ta, tb))
+check("choices differ", len(set(ta)) > 1, ta)
+stop = text[len(text) // 2: len(text) // 2 + 3]
+s = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=24, stop=[stop])
+check("stop string cuts the reply", s.choices[0].message.content == text[: text.find(stop)] and s.choices[0].finish_reason == "stop",
+      (s.choices[0].message.content, stop))
+l = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+content = l.choices[0].logprobs.content
+check("chat logprobs", len(content) == l.usage.completion_tokens and all(t.top_logprobs[0].token == t.token for t in content),
+      content)
+
+# Structured output validates against its schema.
+schema = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "colours": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "pet": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"]}]},
+    },
+    "required": ["name", "age", "colours", "pet"],
+    "additionalProperties": False,
+}
+for seed in range(3):
+    r = client.chat.completions.create(
+        model=MODEL, temperature=0.9, seed=seed, max_tokens=200,
+        messages=[{"role": "user", "content": "Invent a person and describe them as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+    )
+    reply = json.loads(r.choices[0].message.content)
+    jsonschema.validate(reply, schema)
+check("json_schema replies validate", True)
+r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=120, temperature=0.7, seed=3,
+                                   response_format={"type": "json_object"})
+check("json_object reply is an object", r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict),
+      r.choices[0].message.content)
+
+
+# Errors.
+def expect(exc, status, fn):
+    try:
+        fn()
+    except exc as e:
+        assert e.status_code == status, (e.status_code, status)
+        return e.body
+    raise AssertionError(f"expected {exc.__name__}")
+
+
+body = expect(openai.NotFoundError, 404, lambda: client.chat.completions.create(model="nope", messages=USER))
+check("unknown model is 404", body["code"] == "model_not_found", body)
+body = expect(openai.BadRequestError, 400, lambda: client.chat.completions.create(model=MODEL, messages=USER, temperature=7))
+check("bad parameter is 400 naming it", body["param"] == "temperature", body)
+body = expect(openai.BadRequestError, 400, lambda: client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "word " * 1100}]))
+check("prompt over the context", body["code"] == "context_length_exceeded", body)
+bad_key = openai.OpenAI(base_url=URL, api_key="wrong", max_retries=0)
+expect(openai.AuthenticationError, 401, lambda: bad_key.models.list())
+check("wrong key is 401", True)
+
+
+# A burst past --max-batch 4 + --max-queue 2 gets 429 for the excess, the rest complete.
+def long_request(i):
+    try:
+        client.chat.completions.create(model=MODEL, messages=poem, temperature=1.0, seed=i, max_tokens=48)
+        return 200
+    except openai.RateLimitError:
+        return 429
+
+
+with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    codes = list(pool.map(long_request, range(12)))
+check("burst: some served, the excess 429", codes.count(200) >= 6 and codes.count(429) >= 1, codes)
+r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=24)
+check("served after the burst", r.choices[0].message.content == text)
+print("all openai-client checks passed")
