@@ -31,18 +31,35 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonsc
     "openai==3.63.0" "jsonschema==4.26.0" "playwright==1.65.3"
 fi
 
-PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-LOG=$(mktemp)
-"$KILN" serve --model "$MODEL" --name smol --port "$PORT" --api-key test-key \
-  --max-batch 4 --max-queue 2 --ctx 1024 >"$LOG" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; rm -f "$LOG"' EXIT
-for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat "$LOG" >&2; exit 1; }
-  sleep 0.2
-done
-KILN_URL="http://127.0.0.1:$PORT/v1" KILN_KEY=test-key KILN_BIN="$KILN" KILN_MODEL_FILE="$MODEL" \
+free_port() {
+  "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+PIDS=()
+LOGS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -f "${LOGS[@]}"' EXIT
+# start_server PORT ARGS...: a kiln serve in the background, waited for until /health is 200.
+start_server() {
+  local port=$1; shift
+  local log; log=$(mktemp); LOGS+=("$log")
+  "$KILN" serve --port "$port" --api-key test-key "$@" >"$log" 2>&1 &
+  local pid=$!; PIDS+=("$pid")
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "test-serve: the server on $port never became ready" >&2; cat "$log" >&2; exit 1
+}
+PORT=$(free_port)
+start_server "$PORT" --model "$MODEL" --name smol --max-batch 4 --max-queue 2 --ctx 1024
+# Tool calls need a template with a tool format: Qwen2.5-Coder-0.5B-Instruct's.
+QWEN=${KILN_ASSETS:-.cache/assets}/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+TOOL_PORT=$(free_port)
+start_server "$TOOL_PORT" --model "$QWEN" --name qwen --max-batch 2 --ctx 2048
+KILN_URL="http://127.0.0.1:$PORT/v1" KILN_TOOL_URL="http://127.0.0.1:$TOOL_PORT/v1" \
+  KILN_KEY=test-key KILN_BIN="$KILN" KILN_MODEL_FILE="$MODEL" \
   "$VENV/bin/python" tests/serve/test_openai_client.py
 KILN_PAGE="http://127.0.0.1:$PORT/" KILN_KEY=test-key "$VENV/bin/python" tests/serve/test_chat_page.py
-kill -0 $SERVER || { echo "the server died:" >&2; cat "$LOG" >&2; exit 1; }
+for pid in "${PIDS[@]}"; do
+  kill -0 "$pid" || { echo "test-serve: a server died:" >&2; cat "${LOGS[@]}" >&2; exit 1; }
+done

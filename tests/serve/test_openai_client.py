@@ -143,4 +143,45 @@ with concurrent.futures.ThreadPoolExecutor(12) as pool:
 check("burst: some served, the excess 429", codes.count(200) >= 6 and codes.count(429) >= 1, codes)
 r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=24)
 check("served after the burst", r.choices[0].message.content == text)
+
+# Tool calls (Qwen2.5-Coder-0.5B-Instruct's template): a streamed call reassembles into valid
+# arguments, the whole answer carries the same call, and the tool's reply is accepted back.
+tools_client = openai.OpenAI(base_url=os.environ["KILN_TOOL_URL"], api_key=KEY, max_retries=0)
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                   "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+whole = tools_client.chat.completions.create(model="qwen", messages=ASK, tools=TOOLS, temperature=0, max_tokens=60)
+call = whole.choices[0].message.tool_calls[0]
+check("tool call parsed", whole.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather",
+      whole.choices[0])
+args = json.loads(call.function.arguments)
+jsonschema.validate(args, TOOLS[0]["function"]["parameters"])
+check("tool call arguments validate", args["city"] == "Paris", args)
+parts, names, ids, finish = {}, {}, {}, None
+for chunk in tools_client.chat.completions.create(model="qwen", messages=ASK, tools=TOOLS, temperature=0,
+                                                  max_tokens=60, stream=True):
+    for c in chunk.choices:
+        for tc in c.delta.tool_calls or []:
+            if tc.id:
+                ids[tc.index] = tc.id
+            if tc.function and tc.function.name:
+                names[tc.index] = tc.function.name
+            if tc.function and tc.function.arguments:
+                parts[tc.index] = parts.get(tc.index, "") + tc.function.arguments
+        finish = c.finish_reason or finish
+check("streamed tool call reassembles", names == {0: "get_weather"} and 0 in ids
+      and json.loads(parts[0]) == args and finish == "tool_calls", (names, parts, finish))
+forced = tools_client.chat.completions.create(
+    model="qwen", messages=[{"role": "user", "content": "Hello!"}], tools=TOOLS, max_tokens=60,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+fargs = json.loads(forced.choices[0].message.tool_calls[0].function.arguments)
+jsonschema.validate(fargs, TOOLS[0]["function"]["parameters"])
+check("a named tool_choice is enforced with the tool's schema", True)
+reply = tools_client.chat.completions.create(
+    model="qwen", tools=TOOLS, temperature=0, max_tokens=40,
+    messages=ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18})}])
+check("tool results are accepted back", reply.choices[0].message is not None)
 print("all openai-client checks passed")

@@ -193,6 +193,30 @@ impl ChatTemplate {
         self.render_with(messages, add_generation_prompt, false)
     }
 
+    /// Renders messages given as JSON values (a server's messages may carry `tool_calls`,
+    /// `tool_call_id` and `name`), with the tool definitions the template may print.
+    pub fn render_values(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, InferError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| template_error("chat template", e))?;
+        tmpl.render(minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            tools => tools.map(minijinja::Value::from_serialize),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            __kiln_generation_start => "",
+            __kiln_generation_end => "",
+        })
+        .map_err(|e| template_error("rendering the chat template", e))
+    }
+
     fn render_with(
         &self,
         messages: &[Message],

@@ -134,6 +134,13 @@ impl Sequence {
         }
     }
 
+    /// Special tokens other than the stop tokens stay in the text (a server reading tool calls
+    /// written between special tokens such as Qwen's `<tool_call>`).
+    pub fn keeping_special_tokens(mut self) -> Self {
+        self.decoder = IncrementalDecoder::keeping_special();
+        self
+    }
+
     /// Only tokens `constraint` allows are sampled; the sequence ends when it is complete.
     pub fn with_constraint(mut self, constraint: Box<dyn TokenConstraint>) -> Self {
         self.constraint = Some(constraint);

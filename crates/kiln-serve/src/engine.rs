@@ -55,6 +55,8 @@ pub struct GenRequest {
     /// Record this many alternatives per token (`Some(0)`: only the chosen token's).
     pub logprobs: Option<usize>,
     pub constraint: Option<ConstraintFactory>,
+    /// Keep special tokens (not the stop tokens) in the text.
+    pub keep_special: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -353,6 +355,9 @@ impl Scheduler {
                 let mut sampler = Sampler::new(params).expect("validated by the API layer");
                 sampler.start(prompt);
                 let mut seq = Sequence::new(prompt.len(), req.logprobs.unwrap_or(0));
+                if req.keep_special {
+                    seq = seq.keeping_special_tokens();
+                }
                 if let Some(make) = &req.constraint {
                     seq = seq.with_constraint(make());
                 }

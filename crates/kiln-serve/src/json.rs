@@ -62,11 +62,13 @@ enum Node {
     Literals(u32),
     /// One of these nodes, told apart by their first byte.
     Union(Vec<u32>),
+    /// These nodes one after the other (a tool call's tags around its JSON).
+    Seq(Vec<u32>),
 }
 
 /// The compiled schema: nodes and literal sets (each literal as its JSON text's bytes).
 #[derive(Debug, Default)]
-struct Grammar {
+pub(crate) struct Grammar {
     nodes: Vec<Node>,
     literals: Vec<Vec<Vec<u8>>>,
     root: u32,
@@ -309,6 +311,7 @@ impl Grammar {
             Node::Number { .. } => b == b'-' || b.is_ascii_digit(),
             Node::Literals(set) => self.literals[*set as usize].iter().any(|t| t[0] == b),
             Node::Union(ids) => ids.iter().any(|&i| self.starts_with(i, b)),
+            Node::Seq(ids) => ids.first().is_some_and(|&i| self.starts_with(i, b)),
         }
     }
 }
@@ -350,6 +353,11 @@ enum Frame {
         set: u32,
         pos: u16,
         alive: u64,
+    },
+    /// Inside a sequence: `next` is the member that starts next.
+    Seq {
+        node: u32,
+        next: u16,
     },
 }
 
@@ -426,8 +434,15 @@ impl Machine {
         }
     }
 
+    /// Whether the value is complete: nothing left but sequences whose members are all read.
     fn done(&self) -> bool {
-        self.stack.is_empty()
+        self.stack.iter().all(|f| match *f {
+            Frame::Seq { node, next } => match &self.g.nodes[node as usize] {
+                Node::Seq(ids) => next as usize == ids.len(),
+                _ => false,
+            },
+            _ => false,
+        })
     }
 
     fn feed_all(&mut self, bytes: &[u8]) -> bool {
@@ -468,10 +483,27 @@ impl Machine {
         let g = Arc::clone(&self.g);
         match top {
             Frame::Value(node) => {
-                if is_ws(b) {
+                // Whitespace before a value, unless the value itself starts with it (a
+                // literal such as a tool call's closing tag).
+                if is_ws(b) && !g.starts_with(node, b) {
                     return Step::Take;
                 }
                 self.start_value(node, b)
+            }
+            Frame::Seq { node, next } => {
+                let Node::Seq(ids) = &g.nodes[node as usize] else {
+                    unreachable!("a Seq frame is over a sequence node")
+                };
+                match ids.get(next as usize) {
+                    Some(&member) => {
+                        self.set_top(Frame::Seq {
+                            node,
+                            next: next + 1,
+                        });
+                        self.push_value(member, b)
+                    }
+                    None => Step::PopRetry,
+                }
             }
             Frame::Object { node, next, stage } => {
                 if is_ws(b) {
@@ -768,6 +800,10 @@ impl Machine {
                 });
                 return self.step(*self.stack.last().expect("a frame"), b);
             }
+            (Node::Seq(_), _) => {
+                self.set_top(Frame::Seq { node, next: 0 });
+                return self.step(*self.stack.last().expect("a frame"), b);
+            }
             (Node::Literals(set), _) => {
                 self.set_top(Frame::Literals {
                     set: *set,
@@ -802,6 +838,58 @@ fn compile_schema(schema: &Value) -> Result<Grammar, ApiError> {
     Ok(c.g)
 }
 
+/// The grammar of one tool call: `{"name": N, KEY: ARGS}` where N is one of `names` and ARGS
+/// an instance of `schema` (any object without one), wrapped in `open`/`close` tags when the
+/// template's format has them. `KEY` is `arguments` (Hermes/Qwen style) or `parameters`
+/// (Llama 3's).
+pub(crate) fn tool_call_grammar(
+    names: &[String],
+    schema: Option<&Value>,
+    arguments_key: &str,
+    tags: Option<(&str, &str)>,
+) -> Result<Grammar, ApiError> {
+    let empty = Value::Object(Map::new());
+    let mut c = Compiler {
+        g: Grammar::default(),
+        root_schema: schema.unwrap_or(&empty),
+    };
+    c.push(Node::Any);
+    c.g.literals
+        .push(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
+    let name_key = c.literals(vec![b"\"name\"".to_vec()]);
+    let name = c.literals(
+        names
+            .iter()
+            .map(|n| serde_json::to_vec(n).expect("a string"))
+            .collect(),
+    );
+    let args_key = c.literals(vec![serde_json::to_vec(arguments_key).expect("a string")]);
+    let args = match schema {
+        Some(s) => {
+            let id = c.compile(s, 0)?;
+            if !c.g.starts_with(id, b'{') {
+                return Err(refuse(
+                    "a tool's parameters must be an object schema".into(),
+                ));
+            }
+            id
+        }
+        None => c.push(Node::AnyObject),
+    };
+    let call = c.push(Node::Object {
+        props: vec![(name_key, name), (args_key, args)],
+    });
+    c.g.root = match tags {
+        None => call,
+        Some((open, close)) => {
+            let open = c.literals(vec![open.as_bytes().to_vec()]);
+            let close = c.literals(vec![close.as_bytes().to_vec()]);
+            c.push(Node::Seq(vec![open, call, close]))
+        }
+    };
+    Ok(c.g)
+}
+
 /// A grammar for any JSON object (`json_object`).
 fn any_object() -> Grammar {
     let mut g = Grammar::default();
@@ -821,9 +909,10 @@ pub(crate) struct TokenBytes {
 
 impl TokenBytes {
     /// Each token's text in context: `decode([anchor, id])` less `decode([anchor])`, so a
-    /// SentencePiece token's leading space is kept. Tokens that decode to nothing (special
-    /// tokens) or to part of a UTF-8 character are left out: they never continue a value.
-    pub(crate) fn new(tokenizer: &KilnTokenizer) -> Self {
+    /// SentencePiece token's leading space is kept. Special tokens count with their text
+    /// (Qwen's `<tool_call>` is one); stop tokens, tokens that decode to nothing and tokens
+    /// that decode to part of a UTF-8 character are left out: they never continue a value.
+    pub(crate) fn new(tokenizer: &KilnTokenizer, stop_ids: &[u32]) -> Self {
         let n = tokenizer.vocab_size();
         let anchor = tokenizer
             .encode("a")
@@ -834,6 +923,10 @@ impl TokenBytes {
         let mut bytes = vec![Vec::new(); n];
         let mut by_first = vec![Vec::new(); 256];
         for (id, slot) in bytes.iter_mut().enumerate() {
+            // A stop token ends the reply, so it never continues a value.
+            if stop_ids.contains(&(id as u32)) {
+                continue;
+            }
             let Ok(text) = tokenizer.decode(&[anchor, id as u32]) else {
                 continue;
             };
@@ -902,6 +995,15 @@ impl TokenConstraint for JsonConstraint {
     }
 }
 
+/// A constraint factory over `grammar` for this server's vocabulary.
+pub(crate) fn factory(grammar: Grammar, ready: &Ready) -> ConstraintFactory {
+    let grammar = Arc::new(grammar);
+    let tokens = ready.token_bytes();
+    Arc::new(move || {
+        Box::new(JsonConstraint::new(grammar.clone(), tokens.clone())) as Box<dyn TokenConstraint>
+    })
+}
+
 /// The constraint a `response_format` asks for (`None` for plain text).
 pub(crate) fn response_format(
     format: Option<&Value>,
@@ -933,11 +1035,7 @@ pub(crate) fn response_format(
             ))
         }
     };
-    let grammar = Arc::new(grammar);
-    let tokens = ready.token_bytes();
-    Ok(Some(Arc::new(move || {
-        Box::new(JsonConstraint::new(grammar.clone(), tokens.clone())) as Box<dyn TokenConstraint>
-    })))
+    Ok(Some(factory(grammar, ready)))
 }
 
 #[cfg(test)]
@@ -1027,6 +1125,32 @@ mod tests {
             let e = compile_schema(&s).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("response_format"), "{s}");
         }
+    }
+
+    #[test]
+    fn tool_calls_are_tagged_objects_with_a_known_name() {
+        let params = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]});
+        let g = Arc::new(
+            tool_call_grammar(
+                &["get_weather".into(), "get_time".into()],
+                Some(&params),
+                "arguments",
+                Some(("<tool_call>\n", "\n</tool_call>")),
+            )
+            .unwrap(),
+        );
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        assert_eq!(accepts(&g, call), (true, true));
+        assert_eq!(accepts(&g, &call[..call.len() - 3]), (true, false));
+        assert!(!accepts(&g, "<tool_call>\n{\"name\": \"get_wind\"").0);
+        assert!(!accepts(&g, "Sure! <tool_call>").0);
+        assert!(!accepts(&g, &format!("{call}\n")).0);
+        // Without tags (Llama 3's format): the bare object.
+        let bare = Arc::new(tool_call_grammar(&["f".into()], None, "parameters", None).unwrap());
+        assert_eq!(
+            accepts(&bare, r#"{"name": "f", "parameters": {"x": [1]}}"#),
+            (true, true)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod json;
 pub mod metrics;
 pub mod openai;
 mod routes;
+mod tools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -124,6 +125,8 @@ pub(crate) struct Ready {
     pub template: Option<ChatTemplate>,
     /// Context per sequence.
     pub ctx: usize,
+    /// How the chat template has the model write tool calls, if it does.
+    pub tool_format: Option<tools::ToolFormat>,
     /// Token texts for structured output, built on first use.
     pub token_bytes: OnceLock<Arc<json::TokenBytes>>,
 }
@@ -131,7 +134,12 @@ pub(crate) struct Ready {
 impl Ready {
     pub fn token_bytes(&self) -> Arc<json::TokenBytes> {
         self.token_bytes
-            .get_or_init(|| Arc::new(json::TokenBytes::new(&self.tokenizer.tokenizer)))
+            .get_or_init(|| {
+                Arc::new(json::TokenBytes::new(
+                    &self.tokenizer.tokenizer,
+                    &self.tokenizer.stop_ids,
+                ))
+            })
             .clone()
     }
 }
@@ -265,6 +273,10 @@ fn load(state: &AppState) -> Result<(), ServeError> {
         ),
         None => None,
     };
+    let tool_format = tokenizer
+        .chat_template
+        .as_deref()
+        .and_then(tools::ToolFormat::of_template);
     let engine = engine::spawn(
         m.model,
         Arc::new(tokenizer.tokenizer.clone()),
@@ -279,6 +291,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
     let _ = state.ready.set(Ready {
         engine,
         tokenizer,
+        tool_format,
         template,
         ctx,
         token_bytes: OnceLock::new(),

@@ -260,6 +260,8 @@ pub struct ChatMessage {
     /// A string or an array of content parts (read in `routes::chat_messages`).
     pub content: Option<Value>,
     pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use kiln_infer::{FinishReason, GenerateOptions, Message};
+use kiln_infer::{FinishReason, GenerateOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +22,7 @@ use crate::openai::{
     from_body, int_in, parse_json, ApiError, ChatRequest, CompletionRequest, Prompt,
     SamplingFields, Stop,
 };
+use crate::tools::{Piece, ToolCall, ToolFormat, ToolStream};
 use crate::{AppState, Ready};
 
 fn unix_now() -> u64 {
@@ -116,6 +117,7 @@ struct Job {
     stop: Vec<String>,
     logprobs: Option<usize>,
     constraint: Option<ConstraintFactory>,
+    keep_special: bool,
 }
 
 /// Checks the prompt against the context and fixes the token budget: `max_tokens` when
@@ -155,6 +157,7 @@ fn submit(st: &AppState, r: &Ready, job: Job) -> Result<mpsc::UnboundedReceiver<
         },
         logprobs: job.logprobs,
         constraint: job.constraint,
+        keep_special: job.keep_special,
         events: tx,
     };
     r.engine.submit(req).map_err(|e| match e {
@@ -285,68 +288,181 @@ fn data(v: &Value) -> SseEvent {
 // ---------------------------------------------------------------------------------------------
 // /v1/chat/completions
 
-/// The messages as the chat template sees them.
-fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
+/// The messages as the chat template sees them: role, text content, and for tool use the
+/// assistant's `tool_calls` (arguments as objects, as transformers passes them) and the tool
+/// messages' `tool_call_id` and `name`.
+fn chat_messages(req: &ChatRequest) -> Result<Value, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "`messages` must hold at least one message",
         ));
     }
-    req.messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "developer" => "system",
-                r @ ("system" | "user" | "assistant" | "tool") => r,
-                other => {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].role"),
-                        format!("`messages[{i}].role`: unknown role {other:?} (system, developer, user, assistant or tool)"),
-                    ))
-                }
-            };
-            if m.tool_calls.is_some() {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}].tool_calls"),
-                    "tool calling",
-                ));
+    let mut out = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "developer" => "system",
+            r @ ("system" | "user" | "assistant" | "tool") => r,
+            other => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role`: unknown role {other:?} (system, developer, user, assistant or tool)"),
+                ))
             }
-            let content = match &m.content {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(t)) => t.clone(),
-                Some(Value::Array(parts)) => {
-                    let mut text = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        let kind = p.get("type").and_then(Value::as_str);
-                        match (kind, p.get("text").and_then(Value::as_str)) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            (Some("text"), None) => {
-                                return Err(ApiError::invalid(
-                                    &format!("messages[{i}].content[{j}].text"),
-                                    "a text part needs a string `text`",
-                                ))
-                            }
-                            (other, _) => {
-                                return Err(ApiError::unsupported(
-                                    &format!("messages[{i}].content[{j}].type"),
-                                    &format!("content of type {}", other.unwrap_or("(none)")),
-                                ))
-                            }
+        };
+        let content = match &m.content {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(t)) => t.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    let kind = p.get("type").and_then(Value::as_str);
+                    match (kind, p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        (Some("text"), None) => {
+                            return Err(ApiError::invalid(
+                                &format!("messages[{i}].content[{j}].text"),
+                                "a text part needs a string `text`",
+                            ))
+                        }
+                        (other, _) => {
+                            return Err(ApiError::unsupported(
+                                &format!("messages[{i}].content[{j}].type"),
+                                &format!("content of type {}", other.unwrap_or("(none)")),
+                            ))
                         }
                     }
-                    text
                 }
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].content"),
-                        format!("`messages[{i}].content` must be a string or an array of content parts"),
-                    ))
-                }
-            };
-            Ok(Message::new(role, &content))
+                text
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].content"),
+                    format!(
+                        "`messages[{i}].content` must be a string or an array of content parts"
+                    ),
+                ))
+            }
+        };
+        let mut msg = json!({"role": role, "content": content});
+        if let Some(calls) = &m.tool_calls {
+            msg["tool_calls"] = template_tool_calls(calls, i)?;
+        }
+        if let Some(id) = &m.tool_call_id {
+            msg["tool_call_id"] = json!(id);
+        }
+        if let Some(name) = &m.name {
+            msg["name"] = json!(name);
+        }
+        out.push(msg);
+    }
+    Ok(Value::Array(out))
+}
+
+/// An assistant message's `tool_calls` for the template: each `function.arguments` JSON text
+/// parsed into an object.
+fn template_tool_calls(calls: &Value, i: usize) -> Result<Value, ApiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |what: &str| ApiError::invalid(&param, format!("`{param}`: {what}"));
+    let list = calls.as_array().ok_or_else(|| bad("must be an array"))?;
+    let mut out = Vec::new();
+    for c in list {
+        let f = c
+            .get("function")
+            .ok_or_else(|| bad("each call needs `function`"))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("each call needs `function.name`"))?;
+        let arguments = match f.get("arguments") {
+            Some(Value::String(text)) => serde_json::from_str(text)
+                .map_err(|_| bad("`function.arguments` must be a JSON text"))?,
+            Some(v) => v.clone(),
+            None => json!({}),
+        };
+        let mut call =
+            json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+        if let Some(id) = c.get("id") {
+            call["id"] = id.clone();
+        }
+        out.push(call);
+    }
+    Ok(Value::Array(out))
+}
+
+/// What `tool_choice` asks for.
+#[derive(Debug, Clone, PartialEq)]
+enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+fn tool_choice(v: Option<&Value>) -> Result<ToolChoice, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "tool_choice",
+            "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )
+    };
+    Ok(match v {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad()),
+        },
+        Some(o) => ToolChoice::Named(
+            o.get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?
+                .to_string(),
+        ),
+    })
+}
+
+/// The tools a request offers: `(name, parameters schema)` each, checked.
+fn tool_list(tools: &[Value]) -> Result<Vec<(String, Option<Value>)>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let param = format!("tools[{i}]");
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(ApiError::invalid(
+                    &param,
+                    format!("`{param}.type` must be \"function\""),
+                ));
+            }
+            let f = t.get("function");
+            let name = f
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(&param, format!("`{param}.function.name` is required"))
+                })?;
+            Ok((
+                name.to_string(),
+                f.and_then(|f| f.get("parameters")).cloned(),
+            ))
         })
+        .collect()
+}
+
+/// A new tool call id, as OpenAI writes them.
+fn call_id() -> String {
+    format!("call_{:016x}", kiln_infer::fresh_seed())
+}
+
+/// `tool_calls` entries of a whole message.
+fn tool_calls_json(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|c| json!({"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
         .collect()
 }
 
@@ -378,17 +494,61 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     let sampling: SamplingFields = from_body(&body)?;
     let r = ready(st)?;
     check_model(st, &req.model)?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "tool calling"));
+    let tools = req.tools.as_deref().filter(|t| !t.is_empty());
+    let choice = tool_choice(req.tool_choice.as_ref())?;
+    // Tool calls are read from the reply when tools are offered and may be called.
+    let tool_format = match (tools, &choice) {
+        (None, ToolChoice::Required | ToolChoice::Named(_)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` needs `tools`",
+            ))
+        }
+        (None, _) | (Some(_), ToolChoice::None) => None,
+        (Some(_), _) => Some(r.tool_format.ok_or_else(|| {
+            ApiError::unsupported(
+                "tools",
+                "tool calling with this model (its chat template defines no tool-call format)",
+            )
+        })?),
+    };
+    let offered = tools.map(tool_list).transpose()?.unwrap_or_default();
+    let tool_names: Vec<String> = offered.iter().map(|(n, _)| n.clone()).collect();
+    let mut constraint = crate::json::response_format(req.response_format.as_ref(), r)?;
+    if let (Some(format), ToolChoice::Required | ToolChoice::Named(_)) = (tool_format, &choice) {
+        if constraint.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "`response_format` cannot be combined with a required or named `tool_choice`",
+            ));
+        }
+        // The reply is one call: of the named tool with its parameters' schema, or of any
+        // offered tool with any object as arguments.
+        let (names, schema) = match &choice {
+            ToolChoice::Named(name) => {
+                let schema = offered
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "tool_choice",
+                            format!("`tool_choice` names {name:?}, which is not in `tools`"),
+                        )
+                    })?
+                    .1
+                    .clone();
+                (vec![name.clone()], schema)
+            }
+            _ => (offered.iter().map(|(n, _)| n.clone()).collect(), None),
+        };
+        let grammar = crate::json::tool_call_grammar(
+            &names,
+            schema.as_ref(),
+            format.arguments_key(),
+            format.tags(),
+        )?;
+        constraint = Some(crate::json::factory(grammar, r));
     }
-    if req
-        .tool_choice
-        .as_ref()
-        .is_some_and(|c| c != &json!("none") && c != &json!("auto"))
-    {
-        return Err(ApiError::unsupported("tool_choice", "tool calling"));
-    }
-    let constraint = crate::json::response_format(req.response_format.as_ref(), r)?;
     let messages = chat_messages(&req)?;
     let template = r.template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
@@ -396,8 +556,12 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
             "this model has no chat template; use /v1/completions with a raw prompt",
         )
     })?;
+    let template_tools = match choice {
+        ToolChoice::None => None,
+        _ => tools.map(|t| Value::Array(t.to_vec())),
+    };
     let text = template
-        .render(&messages, true)
+        .render_values(&messages, template_tools.as_ref(), true)
         .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
     let prompt = r
         .tokenizer
@@ -428,6 +592,8 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
         stop: stop_list(&sampling)?,
         logprobs,
         constraint,
+        // Tagged tool calls are often written with special tokens (`<tool_call>`).
+        keep_special: tool_format == Some(ToolFormat::Tagged),
     };
     let prompt_tokens = job.prompt.len();
     let rx = submit(st, r, job)?;
@@ -435,7 +601,9 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     let created = unix_now();
     if req.stream {
         let shape = StreamShape {
-            kind: Kind::Chat,
+            kind: Kind::Chat {
+                tools: tool_format.map(|f| (f, tool_names.clone())),
+            },
             id,
             created,
             model: req.model,
@@ -453,11 +621,25 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            let mut message = json!({"role": "assistant", "content": c.text});
+            let mut finish = c.finish.map(FinishReason::openai_name);
+            if let Some(format) = tool_format {
+                let (content, calls) = crate::tools::parse_reply(format, &tool_names, &c.text);
+                if !calls.is_empty() {
+                    message["content"] = if content.trim().is_empty() {
+                        Value::Null
+                    } else {
+                        json!(content)
+                    };
+                    message["tool_calls"] = tool_calls_json(&calls);
+                    finish = Some("tool_calls");
+                }
+            }
             json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": logprobs.map(|_| chat_logprobs(r, &c.tokens)),
-                "finish_reason": c.finish.map(FinishReason::openai_name),
+                "finish_reason": finish,
             })
         })
         .collect();
@@ -482,11 +664,13 @@ fn stop_list(s: &SamplingFields) -> Result<Vec<String>, ApiError> {
 
 /// The two chunk formats: chat deltas or completion texts.
 enum Kind {
-    Chat,
-    /// `echo`: the prompt's text, sent first in every choice.
-    Completion {
-        echo: Option<String>,
+    /// With `tools` (the format and the offered names), tool calls are read out of the text
+    /// and sent as `delta.tool_calls`.
+    Chat {
+        tools: Option<(ToolFormat, Vec<String>)>,
     },
+    /// `echo`: the prompt's text, sent first in every choice.
+    Completion { echo: Option<String> },
 }
 
 /// What every chunk of one streamed answer repeats, and what the stream must include.
@@ -504,7 +688,7 @@ struct StreamShape {
 impl StreamShape {
     fn chunk(&self, choices: Value, usage: Value) -> Value {
         let object = match self.kind {
-            Kind::Chat => "chat.completion.chunk",
+            Kind::Chat { .. } => "chat.completion.chunk",
             Kind::Completion { .. } => "text_completion",
         };
         json!({
@@ -516,7 +700,7 @@ impl StreamShape {
     /// The chunk opening every choice: the assistant role, or the echoed prompt.
     fn opening(&self) -> Option<Value> {
         let choices: Vec<Value> = match &self.kind {
-            Kind::Chat => (0..self.n)
+            Kind::Chat { .. } => (0..self.n)
                 .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
                 .collect(),
             Kind::Completion { echo: Some(text) } => (0..self.n)
@@ -537,7 +721,7 @@ impl StreamShape {
     ) -> Value {
         let want = self.logprobs && !tokens.is_empty();
         let c = match self.kind {
-            Kind::Chat => {
+            Kind::Chat { .. } => {
                 let lp = if want {
                     chat_logprobs(r, tokens)
                 } else {
@@ -557,13 +741,47 @@ impl StreamShape {
         self.chunk(json!([c]), Value::Null)
     }
 
-    fn done(&self, choice: usize, finish: FinishReason) -> Value {
+    /// A tool call as two chunks: id, type and name, then the arguments.
+    fn tool_call(&self, choice: usize, index: usize, call: &ToolCall) -> [Value; 2] {
+        let head = json!([{"index": choice, "delta": {"tool_calls": [{
+            "index": index, "id": call_id(), "type": "function",
+            "function": {"name": call.name, "arguments": ""}}]},
+            "logprobs": null, "finish_reason": null}]);
+        let args = json!([{"index": choice, "delta": {"tool_calls": [{
+            "index": index, "function": {"arguments": call.arguments}}]},
+            "logprobs": null, "finish_reason": null}]);
+        [self.chunk(head, Value::Null), self.chunk(args, Value::Null)]
+    }
+
+    /// Chunks for reply text read through a tool-call parser.
+    fn pieces(
+        &self,
+        r: &Ready,
+        choice: usize,
+        pieces: Vec<Piece>,
+        calls_before: usize,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut index = calls_before;
+        for p in pieces {
+            match p {
+                Piece::Content(t) => out.push(self.delta(r, choice, t, &[], 0)),
+                Piece::Call(c) => {
+                    out.extend(self.tool_call(choice, index, &c));
+                    index += 1;
+                }
+            }
+        }
+        out
+    }
+
+    fn done(&self, choice: usize, finish: &str) -> Value {
         let c = match self.kind {
-            Kind::Chat => {
-                json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish.openai_name()})
+            Kind::Chat { .. } => {
+                json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish})
             }
             Kind::Completion { .. } => {
-                json!({"index": choice, "text": "", "logprobs": null, "finish_reason": finish.openai_name()})
+                json!({"index": choice, "text": "", "logprobs": null, "finish_reason": finish})
             }
         };
         self.chunk(json!([c]), Value::Null)
@@ -589,6 +807,14 @@ async fn stream_answer(
         _ => 0,
     };
     let mut sent = vec![echo_len; shape.n];
+    let mut tool_streams: Vec<Option<ToolStream>> = (0..shape.n)
+        .map(|_| match &shape.kind {
+            Kind::Chat {
+                tools: Some((f, names)),
+            } => Some(ToolStream::new(*f, names.clone())),
+            _ => None,
+        })
+        .collect();
     while done < shape.n {
         let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(ev)) => ev,
@@ -599,13 +825,10 @@ async fn stream_answer(
                 return;
             }
         };
-        let msg = match ev {
+        let msgs: Vec<Value> = match ev {
             Event::Prefilled { cached_tokens } => {
                 cached = cached_tokens;
-                match shape.opening() {
-                    Some(m) => m,
-                    None => continue,
-                }
+                shape.opening().into_iter().collect()
             }
             Event::Delta {
                 choice,
@@ -614,24 +837,47 @@ async fn stream_answer(
             } => {
                 completion += tokens.len();
                 let carries_logprobs = shape.logprobs && !tokens.is_empty();
-                if text.is_empty() && !carries_logprobs {
-                    continue;
+                if let Some(ts) = &mut tool_streams[choice] {
+                    // Text goes through the tool-call parser; log-probs in a chunk of their own.
+                    let before = ts.calls;
+                    let pieces = ts.push(&text);
+                    let mut out = shape.pieces(r, choice, pieces, before);
+                    if carries_logprobs {
+                        out.push(shape.delta(r, choice, String::new(), &tokens, 0));
+                    }
+                    out
+                } else if text.is_empty() && !carries_logprobs {
+                    Vec::new()
+                } else {
+                    let offset = sent[choice];
+                    sent[choice] += text.len();
+                    vec![shape.delta(r, choice, text, &tokens, offset)]
                 }
-                let offset = sent[choice];
-                sent[choice] += text.len();
-                shape.delta(r, choice, text, &tokens, offset)
             }
             Event::Done { choice, finish, .. } => {
                 done += 1;
-                shape.done(choice, finish)
+                let mut out = Vec::new();
+                let mut reason = finish.openai_name();
+                if let Some(ts) = &mut tool_streams[choice] {
+                    let before = ts.calls;
+                    let pieces = ts.finish();
+                    out = shape.pieces(r, choice, pieces, before);
+                    if ts.calls > 0 {
+                        reason = "tool_calls";
+                    }
+                }
+                out.push(shape.done(choice, reason));
+                out
             }
             Event::Failed(m) => {
                 let _ = tx.send(data(&ApiError::internal(m).body())).await;
                 return;
             }
         };
-        if tx.send(data(&msg)).await.is_err() {
-            return; // the client went away; dropping `rx` cancels the request
+        for msg in msgs {
+            if tx.send(data(&msg)).await.is_err() {
+                return; // the client went away; dropping `rx` cancels the request
+            }
         }
     }
     if shape.include_usage {
@@ -721,6 +967,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
         stop: stop_list(&sampling)?,
         logprobs,
         constraint: None,
+        keep_special: false,
     };
     let prompt_tokens = job.prompt.len();
     let rx = submit(st, r, job)?;

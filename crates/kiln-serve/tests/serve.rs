@@ -609,3 +609,142 @@ fn listening_beyond_loopback_needs_a_key() {
     let err = rt.block_on(Server::bind(cfg)).err().unwrap();
     assert!(err.to_string().contains("--api-key"), "{err}");
 }
+
+#[test]
+fn tool_calls_with_qwen() {
+    let addr = start(|c| {
+        c.model = kiln_testutil::test_asset("qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+        c.ctx = Some(2048);
+    });
+
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"]}}}]);
+    let ask = |content: &str, extra: Value| {
+        let mut b = chat_body(content, json!({"tools": tools, "max_tokens": 60}));
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let args_of = |call: &Value| -> Value {
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap()
+    };
+
+    // auto: the model calls the tool; the call is parsed out of the reply.
+    let (s, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &ask("What is the weather in Paris?", json!({})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(args_of(call)["city"], "Paris");
+
+    // Streamed: a chunk with id and name, then argument fragments; reassembled, the same call.
+    let (_, sse) = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&ask("What is the weather in Paris?", json!({"stream": true})).to_string()),
+        None,
+    );
+    let mut name = String::new();
+    let mut arguments = String::new();
+    let mut finish = Value::Null;
+    for e in sse_events(&sse) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(&e).unwrap();
+        let ch = &c["choices"][0];
+        if let Some(tc) = ch["delta"]["tool_calls"].get(0) {
+            assert_eq!(tc["index"], 0);
+            if let Some(n) = tc["function"]["name"].as_str() {
+                assert!(tc["id"].is_string());
+                name.push_str(n);
+            }
+            arguments.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if !ch["finish_reason"].is_null() {
+            finish = ch["finish_reason"].clone();
+        }
+    }
+    assert_eq!(name, "get_weather");
+    let streamed: Value = serde_json::from_str(&arguments).unwrap();
+    assert_eq!(streamed, args_of(call));
+    assert_eq!(finish, "tool_calls");
+
+    // required: even a greeting becomes a call of an offered tool; a named choice's arguments
+    // follow the tool's schema.
+    for extra in [
+        json!({"tool_choice": "required"}),
+        json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "temperature": 1.0, "seed": 5}),
+    ] {
+        let (s, v) = post(
+            addr,
+            "/v1/chat/completions",
+            &ask("Hello! Who are you?", extra),
+        );
+        assert_eq!(s, 200, "{v}");
+        let call = &v["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather", "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        let args = args_of(call);
+        assert!(args.is_object(), "{args}");
+    }
+    let (_, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &ask(
+            "Hello!",
+            json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        ),
+    );
+    let args = args_of(&v["choices"][0]["message"]["tool_calls"][0]);
+    assert!(
+        args["city"].is_string()
+            && ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+        "{args}"
+    );
+
+    // The tool's answer goes back as a `tool` message; the model replies.
+    let mut body = ask("What is the weather in Paris?", json!({}));
+    body["messages"] = json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 18}"}
+    ]);
+    let (s, v) = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{v}");
+
+    // tool_choice none: no tools in the prompt, a plain answer.
+    let (_, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &ask("Say hello.", json!({"tool_choice": "none"})),
+    );
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");
+    // A named tool that is not offered.
+    let (s, v) = post(
+        addr,
+        "/v1/chat/completions",
+        &ask(
+            "Hi",
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        ),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("tool_choice")),
+        "{v}"
+    );
+}
