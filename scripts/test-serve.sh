@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `kiln serve` from the outside: starts the server on a free loopback port with the test
 # SmolLM2 GGUF, then runs, in a virtualenv this script makes (pinned versions from PyPI):
-#   tests/serve/test_openai_client.py  the official `openai` client against every endpoint;
+#   tests/serve/test_openai_client.py  the official `openai` client against every endpoint
+#                                      (and `anthropic`'s against /v1/messages);
 #   tests/serve/test_chat_page.py      the chat page at / in headless Chromium (Debian's
 #                                      `chromium`, installed with apt-get when missing),
 #                                      driven by Playwright.
@@ -25,10 +26,10 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 VENV=.cache/venv-serve
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, playwright" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, anthropic, jsonschema, playwright" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "openai==3.63.0" "jsonschema==4.26.0" "playwright==1.65.3"
+    "openai==3.63.0" "anthropic==2.17.0" "jsonschema==4.26.0" "playwright==1.65.3"
 fi
 
 free_port() {

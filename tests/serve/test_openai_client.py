@@ -107,6 +107,28 @@ check("json_object reply is an object", r.choices[0].finish_reason == "length" o
       r.choices[0].message.content)
 
 
+# The Responses API and Anthropic's Messages API on the same engine.
+resp = client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0, max_output_tokens=24)
+check("responses: same answer as chat", resp.output_text == text, (resp.output_text, text))
+events = list(client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0,
+                                      max_output_tokens=24, stream=True))
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+check("responses: streamed", events[-1].type == "response.completed" and deltas == text, [e.type for e in events])
+import anthropic
+
+claude = anthropic.Anthropic(base_url=URL.removesuffix("/v1"), api_key=KEY, max_retries=0)
+m = claude.messages.create(model=MODEL, max_tokens=24, messages=USER, extra_body={"temperature": 0})
+check("messages: same answer as chat", m.content[0].text == text and m.stop_reason in ("end_turn", "max_tokens"), m)
+with claude.messages.stream(model=MODEL, max_tokens=24, messages=USER, extra_body={"temperature": 0}) as stream:
+    streamed = "".join(stream.text_stream)
+    final = stream.get_final_message()
+check("messages: streamed", streamed == text and final.usage.output_tokens == m.usage.output_tokens, (streamed, text))
+try:
+    claude.messages.create(model="nope", max_tokens=4, messages=USER)
+    raise AssertionError("expected NotFoundError")
+except anthropic.NotFoundError as e:
+    check("messages: unknown model is 404", e.status_code == 404)
+
 # Errors.
 def expect(exc, status, fn):
     try:

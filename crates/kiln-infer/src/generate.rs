@@ -77,6 +77,8 @@ pub struct Sequence {
     emitted: usize,
     prompt_tokens: usize,
     finish: Option<FinishReason>,
+    /// Which of the stop strings ended the sequence.
+    matched_stop: Option<usize>,
     constraint: Option<Box<dyn TokenConstraint>>,
 }
 
@@ -130,6 +132,7 @@ impl Sequence {
             emitted: 0,
             prompt_tokens,
             finish: None,
+            matched_stop: None,
             constraint: None,
         }
     }
@@ -169,6 +172,12 @@ impl Sequence {
 
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
+    }
+
+    /// The index (in `GenerateOptions::stop_strings`) of the stop string that ended the
+    /// sequence, if one did.
+    pub fn matched_stop(&self) -> Option<usize> {
+        self.matched_stop
     }
 
     /// The token to feed next, if the sequence goes on.
@@ -219,14 +228,16 @@ impl Sequence {
                 .push(crate::sampling::top_logprobs(row, self.want_top));
         }
         self.text.push_str(&self.decoder.push(tokenizer, next)?);
-        if let Some(cut) = opts
+        if let Some((cut, which)) = opts
             .stop_strings
             .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
+            .enumerate()
+            .filter_map(|(i, s)| self.text.find(s.as_str()).map(|at| (at, i)))
             .min()
         {
             self.text.truncate(cut);
             self.finish = Some(FinishReason::StopString);
+            self.matched_stop = Some(which);
             return Ok(self.take_new(self.text.len()));
         }
         // Emit what can no longer become part of a stop string.

@@ -1,8 +1,9 @@
 //! The scheduler: one thread owns the model and its KV cache and runs continuous batching.
 //!
 //! The cache has `max_batch` rows, the *slots*. A request with `n` choices takes `n` free
-//! slots; its prompt is prefilled once, in chunks of `prefill_chunk` tokens so that the
-//! streams already running get a decode step between chunks, and copied to the other
+//! slots; its prompt is prefilled once, at most `prefill_chunk` prompt tokens per step (of
+//! one request or several) so that the streams already running get a decode step between
+//! chunks, and copied to the other
 //! choices' slots. Every iteration then feeds one token to every decoding sequence in one
 //! `decode_step` (each projection runs once over all rows). Requests join and leave the batch
 //! between steps.
@@ -85,6 +86,8 @@ pub enum Event {
         choice: usize,
         finish: FinishReason,
         completion_tokens: usize,
+        /// The stop string that ended it, if one did.
+        stop: Option<String>,
     },
     /// The request failed inside the model; no more events follow.
     Failed(String),
@@ -415,8 +418,14 @@ impl Scheduler {
     /// One scheduler iteration: a prefill chunk of the oldest prefilling request, sampling
     /// wherever logits are ready, then one decode step over every sequence that goes on.
     fn step(&mut self) -> Result<(), kiln_infer::InferError> {
-        if let Some(j) = self.jobs.iter().position(Job::prefilling) {
-            self.prefill_chunk(j)?;
+        // Up to `prefill_chunk` prompt tokens per step, oldest request first, so a burst of
+        // short prompts joins the batch together while a long one is split over steps.
+        let mut budget = self.cfg.prefill_chunk;
+        while budget > 0 {
+            let Some(j) = self.jobs.iter().position(Job::prefilling) else {
+                break;
+            };
+            budget -= self.prefill_chunk(j, budget)?;
         }
         self.sample_ready();
         let mut rows = Vec::new();
@@ -449,17 +458,18 @@ impl Scheduler {
 
     /// Feeds the next chunk of job `j`'s prompt; at the end, copies the prompt to the other
     /// choices' slots and hands every choice the last position's logits.
-    fn prefill_chunk(&mut self, j: usize) -> Result<(), kiln_infer::InferError> {
+    /// Returns how many prompt tokens it fed (at most `budget`).
+    fn prefill_chunk(&mut self, j: usize, budget: usize) -> Result<usize, kiln_infer::InferError> {
         let job = &self.jobs[j];
         let slot = job.choices[0].slot;
-        let end = (job.prefilled + self.cfg.prefill_chunk).min(job.req.prompt.len());
+        let end = (job.prefilled + budget).min(job.req.prompt.len());
         let chunk = job.req.prompt[job.prefilled..end].to_vec();
         let logits = self.model.prefill_row(slot, &chunk, &mut self.cache)?;
         self.slots[slot].cached.extend_from_slice(&chunk);
         let job = &mut self.jobs[j];
         job.prefilled = end;
         if job.prefilling() {
-            return Ok(());
+            return Ok(chunk.len());
         }
         let last = row_values(&logits, 0)?;
         let copies: Vec<usize> = job.choices.iter().skip(1).map(|c| c.slot).collect();
@@ -473,7 +483,7 @@ impl Scheduler {
             self.cache.copy_row(slot, to);
             self.slots[to].cached = self.slots[slot].cached.clone();
         }
-        Ok(())
+        Ok(chunk.len())
     }
 
     /// Samples a token for every choice whose logits are ready and sends what it produced.
@@ -542,6 +552,10 @@ impl Scheduler {
                         choice: c,
                         finish,
                         completion_tokens: choice.seq.tokens().len(),
+                        stop: choice
+                            .seq
+                            .matched_stop()
+                            .map(|i| job.req.opts.stop_strings[i].clone()),
                     });
                 }
             }

@@ -2,8 +2,9 @@
 //!
 //! * [`engine`]: the scheduler thread: continuous batching over KV-cache slots, chunked
 //!   prefill, prefix reuse, cancellation;
-//! * [`routes`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
-//!   `/metrics` and a chat page at `/`;
+//! * `routes`: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`,
+//!   `/health`, `/metrics` and a chat page at `/`; `translate`: `/v1/responses` and
+//!   `/v1/messages` (Anthropic's) onto the same engine; `tools`: tool-call formats;
 //! * [`openai`]: request bodies, their validation and OpenAI's error shape;
 //! * [`json`]: structured output, a JSON automaton that masks the tokens which cannot
 //!   continue a valid value.
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod openai;
 mod routes;
 mod tools;
+mod translate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +29,7 @@ use axum::Router;
 use kiln_data::ModelTokenizer;
 use kiln_infer::ChatTemplate;
 use kiln_load::Weights;
+use kiln_model::sentence::{is_sentence_transformers_dir, SentenceEncoder};
 
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::Metrics;
@@ -120,7 +123,10 @@ impl ServeConfig {
 
 /// What exists once the model has loaded.
 pub(crate) struct Ready {
-    pub engine: EngineHandle,
+    /// The generation scheduler (`None` for an embedding model).
+    pub engine: Option<EngineHandle>,
+    /// A sentence-transformers encoder (EmbeddingGemma) for `/v1/embeddings`.
+    pub embedder: Option<Arc<SentenceEncoder>>,
     pub tokenizer: Arc<ModelTokenizer>,
     pub template: Option<ChatTemplate>,
     /// Context per sequence.
@@ -238,8 +244,8 @@ impl Server {
             .with_graceful_shutdown(stop)
             .await
             .map_err(ServeError::Http)?;
-        if let Some(r) = state.ready.get() {
-            r.engine.shutdown();
+        if let Some(engine) = state.ready.get().and_then(|r| r.engine.as_ref()) {
+            engine.shutdown();
         }
         let failed = load_error.lock().expect("load error").take();
         match failed {
@@ -249,9 +255,28 @@ impl Server {
     }
 }
 
-/// Loads the model and tokenizer, compiles the chat template and starts the scheduler.
+/// Loads the model and tokenizer, compiles the chat template and starts the scheduler (or,
+/// for a sentence-transformers directory, loads the encoder for `/v1/embeddings`).
 fn load(state: &AppState) -> Result<(), ServeError> {
     let cfg = &state.cfg;
+    if is_sentence_transformers_dir(&cfg.model) {
+        let tokenizer =
+            kiln_load::load_tokenizer(&cfg.model).map_err(|e| ServeError::Load(e.to_string()))?;
+        let encoder =
+            SentenceEncoder::load(&cfg.model).map_err(|e| ServeError::Load(e.to_string()))?;
+        let ctx = encoder.model.config().max_seq_len;
+        let _ = state.ready.set(Ready {
+            engine: None,
+            embedder: Some(Arc::new(encoder)),
+            tokenizer: Arc::new(tokenizer),
+            template: None,
+            ctx,
+            tool_format: None,
+            token_bytes: OnceLock::new(),
+        });
+        tracing::info!(model = %state.model_id, "ready (embeddings)");
+        return Ok(());
+    }
     let m = kiln_load::load_inference(&cfg.model, cfg.weights, &candle_core::Device::Cpu)
         .map_err(|e| ServeError::Load(e.to_string()))?;
     let model_ctx = m.config.max_seq_len;
@@ -289,7 +314,8 @@ fn load(state: &AppState) -> Result<(), ServeError> {
         state.metrics.clone(),
     );
     let _ = state.ready.set(Ready {
-        engine,
+        engine: Some(engine),
+        embedder: None,
         tokenizer,
         tool_format,
         template,
@@ -305,6 +331,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(routes::models))
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(routes::embeddings))
+        .route("/v1/responses", post(translate::responses))
+        .route("/v1/messages", post(translate::messages))
         .route("/metrics", get(routes::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -303,6 +303,22 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
 }
 
+/// `input` of an embeddings request: one text or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<i64>,
+}
+
 /// Checks an integer parameter's range.
 pub fn int_in(param: &str, v: i64, lo: i64, hi: i64) -> Result<usize, ApiError> {
     if v < lo || v > hi {

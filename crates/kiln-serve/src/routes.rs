@@ -19,20 +19,20 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine::{ConstraintFactory, Event, GenRequest, SubmitError, TokenOut};
 use crate::openai::{
-    from_body, int_in, parse_json, ApiError, ChatRequest, CompletionRequest, Prompt,
-    SamplingFields, Stop,
+    from_body, int_in, parse_json, ApiError, ChatRequest, CompletionRequest, EmbeddingInput,
+    EmbeddingRequest, Prompt, SamplingFields, Stop,
 };
 use crate::tools::{Piece, ToolCall, ToolFormat, ToolStream};
 use crate::{AppState, Ready};
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// A response id unique within this server's life (and unlikely to repeat across runs).
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{:x}{n:06x}", kiln_infer::fresh_seed() >> 24)
@@ -95,11 +95,21 @@ pub async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::not_found(uri.path()).into_response()
 }
 
-fn ready(st: &AppState) -> Result<&Ready, ApiError> {
+pub(crate) fn ready(st: &AppState) -> Result<&Ready, ApiError> {
     st.ready.get().ok_or_else(ApiError::loading)
 }
 
-fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+/// The generation scheduler; an embedding model has none.
+pub(crate) fn engine(r: &Ready) -> Result<&crate::engine::EngineHandle, ApiError> {
+    r.engine.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            Some("model"),
+            "this server runs an embedding model: use /v1/embeddings",
+        )
+    })
+}
+
+pub(crate) fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
     let ids = st.model_ids();
     if ids.iter().any(|m| m == model) {
         Ok(())
@@ -109,20 +119,20 @@ fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
 }
 
 /// What an endpoint asks the scheduler for, before the event channel exists.
-struct Job {
-    prompt: Vec<u32>,
-    n: usize,
-    params: kiln_infer::SamplingParams,
-    max_tokens: usize,
-    stop: Vec<String>,
-    logprobs: Option<usize>,
-    constraint: Option<ConstraintFactory>,
-    keep_special: bool,
+pub(crate) struct Job {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) n: usize,
+    pub(crate) params: kiln_infer::SamplingParams,
+    pub(crate) max_tokens: usize,
+    pub(crate) stop: Vec<String>,
+    pub(crate) logprobs: Option<usize>,
+    pub(crate) constraint: Option<ConstraintFactory>,
+    pub(crate) keep_special: bool,
 }
 
 /// Checks the prompt against the context and fixes the token budget: `max_tokens` when
 /// given (prompt + max_tokens must fit, as OpenAI checks), else the rest of the context.
-fn budget(
+pub(crate) fn budget(
     prompt: usize,
     max_tokens: Option<i64>,
     param: &str,
@@ -143,7 +153,11 @@ fn budget(
     }
 }
 
-fn submit(st: &AppState, r: &Ready, job: Job) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+pub(crate) fn submit(
+    st: &AppState,
+    r: &Ready,
+    job: Job,
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         prompt: job.prompt,
@@ -160,7 +174,7 @@ fn submit(st: &AppState, r: &Ready, job: Job) -> Result<mpsc::UnboundedReceiver<
         keep_special: job.keep_special,
         events: tx,
     };
-    r.engine.submit(req).map_err(|e| match e {
+    engine(r)?.submit(req).map_err(|e| match e {
         SubmitError::QueueFull(_) => ApiError::busy(e.to_string()),
         SubmitError::TooManyChoices { .. } => ApiError::invalid("n", e.to_string()),
     })?;
@@ -170,18 +184,19 @@ fn submit(st: &AppState, r: &Ready, job: Job) -> Result<mpsc::UnboundedReceiver<
 
 /// One choice's output, gathered for a whole (non-streamed) answer.
 #[derive(Default)]
-struct Gathered {
-    text: String,
-    tokens: Vec<TokenOut>,
-    finish: Option<FinishReason>,
+pub(crate) struct Gathered {
+    pub(crate) text: String,
+    pub(crate) tokens: Vec<TokenOut>,
+    pub(crate) finish: Option<FinishReason>,
+    pub(crate) stop: Option<String>,
 }
 
-struct Outcome {
-    choices: Vec<Gathered>,
-    cached_tokens: usize,
+pub(crate) struct Outcome {
+    pub(crate) choices: Vec<Gathered>,
+    pub(crate) cached_tokens: usize,
 }
 
-async fn gather(
+pub(crate) async fn gather(
     st: &AppState,
     mut rx: mpsc::UnboundedReceiver<Event>,
     n: usize,
@@ -207,8 +222,14 @@ async fn gather(
                 out.choices[choice].text.push_str(&text);
                 out.choices[choice].tokens.extend(tokens);
             }
-            Some(Event::Done { choice, finish, .. }) => {
+            Some(Event::Done {
+                choice,
+                finish,
+                stop,
+                ..
+            }) => {
                 out.choices[choice].finish = Some(finish);
+                out.choices[choice].stop = stop;
                 done += 1;
             }
             Some(Event::Failed(msg)) => return Err(ApiError::internal(msg)),
@@ -217,7 +238,7 @@ async fn gather(
     Ok(out)
 }
 
-fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+pub(crate) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -274,14 +295,14 @@ fn completion_logprobs(r: &Ready, tokens: &[TokenOut], mut offset: usize) -> Val
 /// An SSE stream fed by a task that turns scheduler events into chunks. When the client goes
 /// away the stream is dropped, the task's sends fail, it drops the scheduler's receiver and
 /// the scheduler frees the request's slots.
-fn sse_response(rx: mpsc::Receiver<SseEvent>) -> Response {
+pub(crate) fn sse_response(rx: mpsc::Receiver<SseEvent>) -> Response {
     let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok::<SseEvent, Infallible>);
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-fn data(v: &Value) -> SseEvent {
+pub(crate) fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
@@ -466,8 +487,30 @@ fn tool_calls_json(calls: &[ToolCall]) -> Value {
         .collect()
 }
 
+/// The prompt of a conversation: the model's chat template rendered (with the tools, when
+/// offered) and tokenized, special tokens written in it recognised.
+pub(crate) fn chat_prompt(
+    r: &Ready,
+    messages: &Value,
+    tools: Option<&Value>,
+) -> Result<Vec<u32>, ApiError> {
+    let template = r.template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            Some("messages"),
+            "this model has no chat template; use /v1/completions with a raw prompt",
+        )
+    })?;
+    let text = template
+        .render_values(messages, tools, true)
+        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    r.tokenizer
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))
+}
+
 /// The request body, refused with 413 past `--max-body`.
-async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
     let limit = st.cfg.max_body_bytes;
     axum::body::to_bytes(req.into_body(), limit)
         .await
@@ -494,6 +537,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     let sampling: SamplingFields = from_body(&body)?;
     let r = ready(st)?;
     check_model(st, &req.model)?;
+    engine(r)?;
     let tools = req.tools.as_deref().filter(|t| !t.is_empty());
     let choice = tool_choice(req.tool_choice.as_ref())?;
     // Tool calls are read from the reply when tools are offered and may be called.
@@ -550,24 +594,11 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
         constraint = Some(crate::json::factory(grammar, r));
     }
     let messages = chat_messages(&req)?;
-    let template = r.template.as_ref().ok_or_else(|| {
-        ApiError::bad_request(
-            Some("messages"),
-            "this model has no chat template; use /v1/completions with a raw prompt",
-        )
-    })?;
     let template_tools = match choice {
         ToolChoice::None => None,
         _ => tools.map(|t| Value::Array(t.to_vec())),
     };
-    let text = template
-        .render_values(&messages, template_tools.as_ref(), true)
-        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-    let prompt = r
-        .tokenizer
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
+    let prompt = chat_prompt(r, &messages, template_tools.as_ref())?;
     let (max_tokens, param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
@@ -583,7 +614,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
         }
         (false, None) => None,
     };
-    let n = sampling.n(r.engine.config().max_batch)?;
+    let n = sampling.n(engine(r)?.config().max_batch)?;
     let job = Job {
         prompt,
         n,
@@ -654,7 +685,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     .into_response())
 }
 
-fn stop_list(s: &SamplingFields) -> Result<Vec<String>, ApiError> {
+pub(crate) fn stop_list(s: &SamplingFields) -> Result<Vec<String>, ApiError> {
     Ok(s.stop
         .clone()
         .map(Stop::into_vec)
@@ -912,6 +943,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
     let sampling: SamplingFields = from_body(&body)?;
     let r = ready(st)?;
     check_model(st, &req.model)?;
+    engine(r)?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported(
             "suffix",
@@ -958,7 +990,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
             "`echo` together with `logprobs` (log-probs of the prompt)",
         ));
     }
-    let n = sampling.n(r.engine.config().max_batch)?;
+    let n = sampling.n(engine(r)?.config().max_batch)?;
     let job = Job {
         prompt,
         n,
@@ -1023,4 +1055,123 @@ fn spawn_stream(
     let st = st.clone();
     tokio::spawn(async move { stream_answer(&st, rx, tx, shape).await });
     sse_response(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /v1/embeddings
+
+pub async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let result = match read_body(&st, req).await {
+        Ok(body) => embeddings_inner(&st, &body).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.error();
+            e.into_response()
+        }
+    }
+}
+
+async fn embeddings_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
+    let body = parse_json(body)?;
+    let req: EmbeddingRequest = from_body(&body)?;
+    let r = ready(st)?;
+    check_model(st, &req.model)?;
+    let encoder = r.embedder.clone().ok_or_else(|| {
+        ApiError::unsupported(
+            "model",
+            "embeddings from a generative model (serve a sentence-transformers model such as EmbeddingGemma)",
+        )
+    })?;
+    let texts = match req.input {
+        EmbeddingInput::One(t) => vec![t],
+        EmbeddingInput::Many(v) => v,
+    };
+    if texts.is_empty() || texts.len() > 2048 {
+        return Err(ApiError::invalid(
+            "input",
+            "`input` must hold 1 to 2048 texts",
+        ));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("`encoding_format` must be float or base64, got {other:?}"),
+            ))
+        }
+    };
+    let dim = encoder.dim();
+    let keep = match req.dimensions {
+        None => dim,
+        Some(d) => int_in("dimensions", d, 1, dim as i64)?,
+    };
+    let mut ids = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        let t = r
+            .tokenizer
+            .tokenizer
+            .encode_with_special_tokens(t)
+            .map_err(|e| ApiError::invalid(&format!("input[{i}]"), e.to_string()))?;
+        if t.len() > r.ctx {
+            return Err(ApiError::invalid(
+                &format!("input[{i}]"),
+                format!(
+                    "`input[{i}]` has {} tokens; this model reads at most {}",
+                    t.len(),
+                    r.ctx
+                ),
+            ));
+        }
+        ids.push(t);
+    }
+    let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
+    st.metrics.request();
+    st.metrics.prompt_tokens(prompt_tokens);
+    // The encoder runs on the compute pool, off the async runtime.
+    let vectors = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|t| encoder.embed(t))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = truncate_embedding(v, keep);
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}
+
+/// The first `keep` values, renormalised (Matryoshka truncation, as `dimensions` asks and
+/// sentence-transformers' `truncate_dim` does).
+fn truncate_embedding(mut v: Vec<f32>, keep: usize) -> Vec<f32> {
+    if keep < v.len() {
+        v.truncate(keep);
+        let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        v.iter_mut().for_each(|x| *x /= norm.max(1e-12));
+    }
+    v
 }

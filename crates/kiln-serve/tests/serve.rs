@@ -748,3 +748,185 @@ fn tool_calls_with_qwen() {
         "{v}"
     );
 }
+
+#[test]
+fn embeddings_equal_sentence_transformers() {
+    let config = kiln_testutil::test_asset("embeddinggemma-300m/config.json");
+    let addr = start(|c| {
+        c.model = config.parent().unwrap().to_path_buf();
+        c.ctx = None;
+    });
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            kiln_testutil::repo_root().join("tests/fixtures/embeddinggemma/reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let texts = reference["texts"].clone();
+    let (s, v) = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": texts}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), texts.as_array().unwrap().len());
+    let mut worst = 0f64;
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"], i);
+        let got = d["embedding"].as_array().unwrap();
+        let want = reference["embeddings"][i].as_array().unwrap();
+        assert_eq!(got.len(), 768);
+        for (g, w) in got.iter().zip(want) {
+            worst = worst.max((g.as_f64().unwrap() - w.as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst < 1e-4, "max |kiln - sentence-transformers| = {worst}");
+    let tokens: usize = reference["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ids| ids.as_array().unwrap().len())
+        .sum();
+    assert_eq!(v["usage"]["prompt_tokens"], tokens);
+
+    // base64 is the same floats, little-endian; `dimensions` truncates and renormalises.
+    let (_, b) = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": "What is the capital of France?", "encoding_format": "base64", "dimensions": 256}),
+    );
+    let bytes = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(b["data"][0]["embedding"].as_str().unwrap())
+            .unwrap()
+    };
+    let short: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(short.len(), 256);
+    let full = &reference["embeddings"][1].as_array().unwrap()[..256];
+    let norm = full
+        .iter()
+        .map(|x| x.as_f64().unwrap().powi(2))
+        .sum::<f64>()
+        .sqrt();
+    for (s, f) in short.iter().zip(full) {
+        assert!((*s as f64 - f.as_f64().unwrap() / norm).abs() < 1e-4);
+    }
+
+    // Generation endpoints say what this server is for.
+    let (s, v) = post(addr, "/v1/chat/completions", &chat_body("Hi", json!({})));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/embeddings"));
+    let (s, _) = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": []}),
+    );
+    assert_eq!(s, 400);
+}
+
+#[test]
+fn responses_and_anthropic_messages() {
+    let addr = start(|_| {});
+    let question = "What is the capital of France?";
+    let (_, chat) = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body(question, json!({})),
+    );
+    let answer = chat["choices"][0]["message"]["content"].as_str().unwrap();
+
+    // Responses: the same text as chat for the same conversation; streamed deltas add up.
+    let body =
+        json!({"model": MODEL, "input": question, "temperature": 0, "max_output_tokens": 24});
+    let (s, v) = post(addr, "/v1/responses", &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["output"][0]["content"][0]["type"], "output_text");
+    assert_eq!(v["output"][0]["content"][0]["text"], answer);
+    assert_eq!(
+        v["usage"]["output_tokens"],
+        chat["usage"]["completion_tokens"]
+    );
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (_, sse) = request(
+        addr,
+        "POST",
+        "/v1/responses",
+        Some(&stream_body.to_string()),
+        None,
+    );
+    let events: Vec<Value> = sse_events(&sse)
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "response.created");
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, answer);
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+
+    // Anthropic's Messages: same text, its stop reasons and stream events.
+    let body = json!({"model": MODEL, "max_tokens": 24, "temperature": 0,
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}]});
+    let (s, v) = post(addr, "/v1/messages", &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"][0]["text"], answer);
+    assert_eq!(v["stop_reason"], "end_turn");
+    let cut = &answer[answer.len() / 2..answer.len() / 2 + 3];
+    let mut stopped = body.clone();
+    stopped["stop_sequences"] = json!(["zzzz", cut]);
+    let (_, v) = post(addr, "/v1/messages", &stopped);
+    assert_eq!(v["stop_reason"], "stop_sequence");
+    assert_eq!(v["stop_sequence"], cut);
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (_, sse) = request(
+        addr,
+        "POST",
+        "/v1/messages",
+        Some(&stream_body.to_string()),
+        None,
+    );
+    let kinds: Vec<String> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(kinds.first().unwrap(), "message_start");
+    assert_eq!(kinds.last().unwrap(), "message_stop");
+    let text: String = sse_events(&sse)
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|e| e["type"] == "content_block_delta")
+        .map(|e| e["delta"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, answer);
+    // Errors in Anthropic's shape.
+    let (s, v) = post(
+        addr,
+        "/v1/messages",
+        &json!({"model": MODEL, "messages": []}),
+    );
+    assert_eq!(s, 400);
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
