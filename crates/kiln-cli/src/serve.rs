@@ -52,6 +52,13 @@ pub struct ServeArgs {
     /// Quantise the weights while loading (q8_0, q4_0, q4_k, ...), one tensor at a time.
     #[arg(long, conflicts_with = "dequantize")]
     pub quantize: Option<String>,
+    /// Serve a PEFT LoRA adapter as model NAME (repeatable): requests for it and for the base
+    /// share the decode batch.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<String>,
+    /// Let `POST /v1/adapters {"name": NAME}` (API key required) load DIR/NAME at run time.
+    #[arg(long)]
+    pub adapter_dir: Option<PathBuf>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -70,7 +77,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         a.request_timeout > 0.0 && a.request_timeout.is_finite(),
         "--request-timeout must be a positive number of seconds"
     );
+    let adapters = a
+        .adapters
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+                Ok((name.to_string(), PathBuf::from(dir)))
+            }
+            _ => anyhow::bail!("--adapter {spec:?}: expected NAME=DIR"),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let cfg = ServeConfig {
+        adapters,
+        adapter_dir: a.adapter_dir,
         weights: crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,
         name: a.name,
         addr: SocketAddr::new(a.host, a.port),

@@ -154,6 +154,8 @@ pub(crate) struct Pass<'a> {
     pub(crate) dropout: Option<&'a mut SplitMix64>,
     /// Whether norms get gradients (false when only adapters train).
     pub(crate) train_base: bool,
+    /// The served adapter (by id, 0 for none) every projection of this pass adds.
+    pub(crate) adapter: u16,
 }
 
 impl Pass<'_> {
@@ -293,7 +295,7 @@ fn project(
         let (y, ctx) = l.forward_saving(x, pass.dropout.as_deref_mut())?;
         Ok((y, Some(ctx)))
     } else {
-        Ok((l.forward(x)?, None))
+        Ok((l.forward_served(x, pass.adapter)?, None))
     }
 }
 
@@ -334,7 +336,9 @@ impl Block {
         let Heads { h, hkv, hd } = pass.heads;
         let eps = pass.eps;
         let xn = k::rms_norm(x, &self.attention_norm, eps)?;
-        let (q, k_lin, v_lin, q_ctx, k_ctx, v_ctx) = match (&self.fused, save) {
+        // The stacked projections carry no served adapter: a pass with one runs them apart.
+        let fused = self.fused.as_ref().filter(|_| pass.adapter == 0);
+        let (q, k_lin, v_lin, q_ctx, k_ctx, v_ctx) = match (fused, save) {
             (Some((qkv, _)), false) => {
                 let y = qkv.forward(&xn)?;
                 (
@@ -370,7 +374,7 @@ impl Block {
         let (o, attn_mask) = pass.residual_dropout(o)?;
         let hres = (x + o)?;
         let hn = k::rms_norm(&hres, &self.ffn_norm, eps)?;
-        let (gate, up, gate_ctx, up_ctx) = match (&self.fused, save) {
+        let (gate, up, gate_ctx, up_ctx) = match (fused, save) {
             (Some((_, w13)), false) => {
                 let y = w13.forward(&hn)?;
                 let f = y.dim(1)? / 2;
@@ -567,7 +571,7 @@ impl Block {
         rows::with_values(&self.attention_norm, |w| {
             rows::rms_norm_rows(&mut xn, w, step.eps)
         })?;
-        let (mut q, mut k, v) = match &self.fused {
+        let (mut q, mut k, mut v) = match &self.fused {
             Some((qkv, _)) => {
                 let y = qkv.forward_rows(&xn, m)?;
                 let mut q = Vec::with_capacity(m * h * hd);
@@ -586,6 +590,11 @@ impl Block {
                 self.wv.forward_rows(&xn, m)?,
             ),
         };
+        if let Some(ids) = step.adapters {
+            self.wq.add_served_rows(&xn, m, ids, &mut q);
+            self.wk.add_served_rows(&xn, m, ids, &mut k);
+            self.wv.add_served_rows(&xn, m, ids, &mut v);
+        }
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             rows::with_values(qn, |w| rows::rms_norm_rows(&mut q, w, step.eps))?;
             rows::with_values(kn, |w| rows::rms_norm_rows(&mut k, w, step.eps))?;
@@ -637,6 +646,9 @@ impl Block {
             }
         }
         let mut o = self.wo.forward_rows(&att, m)?;
+        if let Some(ids) = step.adapters {
+            self.wo.add_served_rows(&att, m, ids, &mut o);
+        }
         if let Some(w) = &self.post_attention_norm {
             rows::with_values(w, |w| rows::rms_norm_rows(&mut o, w, step.eps))?;
         }
@@ -645,7 +657,7 @@ impl Block {
         rows::with_values(&self.ffn_norm, |w| {
             rows::rms_norm_rows(&mut xn, w, step.eps)
         })?;
-        let (gate, up) = match &self.fused {
+        let (mut gate, mut up) = match &self.fused {
             Some((_, w13)) => {
                 let y = w13.forward_rows(&xn, m)?;
                 let f = y.len() / m / 2;
@@ -659,11 +671,18 @@ impl Block {
             }
             None => (self.w1.forward_rows(&xn, m)?, self.w3.forward_rows(&xn, m)?),
         };
+        if let Some(ids) = step.adapters {
+            self.w1.add_served_rows(&xn, m, ids, &mut gate);
+            self.w3.add_served_rows(&xn, m, ids, &mut up);
+        }
         let act = match step.activation {
             Activation::Silu => rows::swiglu_rows(&gate, &up),
             Activation::GeluTanh => rows::gelu_tanh_gate_rows(&gate, &up),
         };
         let mut down = self.w2.forward_rows(&act, m)?;
+        if let Some(ids) = step.adapters {
+            self.w2.add_served_rows(&act, m, ids, &mut down);
+        }
         if let Some(w) = &self.post_ffn_norm {
             rows::with_values(w, |w| rows::rms_norm_rows(&mut down, w, step.eps))?;
         }
@@ -676,6 +695,8 @@ impl Block {
 pub(crate) struct DecodeStep<'a> {
     /// The cache row of each of the step's rows, and its position.
     pub(crate) rows: &'a [usize],
+    /// Each row's served adapter (0 for none), when any row has one.
+    pub(crate) adapters: Option<&'a [u16]>,
     pub(crate) positions: &'a [usize],
     pub(crate) heads: Heads,
     pub(crate) eps: f32,

@@ -28,7 +28,32 @@ pub trait CausalLm {
         row: usize,
         tokens: &[u32],
         cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        self.prefill_row_adapter(row, tokens, 0, cache)
+    }
+    /// [`decode_step`](Self::decode_step) where row `i` adds served adapter `adapters[i]`
+    /// (0: none; see [`Llama::add_served_adapter`]).
+    fn decode_step_adapters(
+        &self,
+        rows: &[usize],
+        tokens: &[u32],
+        adapters: &[u16],
+        cache: &mut KvCache,
     ) -> Result<Tensor, ModelError>;
+    /// [`prefill_row`](Self::prefill_row) with served adapter `adapter` (0: none).
+    fn prefill_row_adapter(
+        &self,
+        row: usize,
+        tokens: &[u32],
+        adapter: u16,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError>;
+    /// Adds a LoRA adapter served next to the base; returns its id.
+    fn add_served_adapter(
+        &mut self,
+        adapters: &crate::Params,
+        spec: &crate::LoraSpec,
+    ) -> Result<u16, ModelError>;
 }
 
 impl CausalLm for Llama {
@@ -50,7 +75,7 @@ impl CausalLm for Llama {
             let rows: Vec<usize> = (0..b).collect();
             return self.decode_step(&rows, &ids, cache);
         }
-        in_pool(|| self.prefill(tokens, cache))
+        in_pool(|| self.prefill(tokens, cache, 0))
     }
 
     fn decode_step(
@@ -59,13 +84,32 @@ impl CausalLm for Llama {
         tokens: &[u32],
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
-        in_pool(|| self.decode_rows(rows, tokens, cache))
+        in_pool(|| self.decode_rows(rows, tokens, None, cache))
     }
 
-    fn prefill_row(
+    fn decode_step_adapters(
+        &self,
+        rows: &[usize],
+        tokens: &[u32],
+        adapters: &[u16],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        in_pool(|| self.decode_rows(rows, tokens, Some(adapters), cache))
+    }
+
+    fn add_served_adapter(
+        &mut self,
+        adapters: &crate::Params,
+        spec: &crate::LoraSpec,
+    ) -> Result<u16, ModelError> {
+        Llama::add_served_adapter(self, adapters, spec)
+    }
+
+    fn prefill_row_adapter(
         &self,
         row: usize,
         tokens: &[u32],
+        adapter: u16,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
         if tokens.is_empty() {
@@ -73,8 +117,12 @@ impl CausalLm for Llama {
         }
         // Prefill a single row through a one-row cache view: move the row out and back.
         let mut single = cache.take_row(row, self.cfg.n_layers, self.cfg.n_kv_heads());
-        let x = Tensor::from_slice(tokens, (1, tokens.len()), &self.device)?;
-        let out = self.forward_decode(&x, &mut single);
+        let out = if tokens.len() == 1 {
+            self.decode_step_adapters(&[0], tokens, &[adapter], &mut single)
+        } else {
+            let x = Tensor::from_slice(tokens, (1, tokens.len()), &self.device)?;
+            in_pool(|| self.prefill(&x, &mut single, adapter))
+        };
         cache.put_row(row, single);
         out
     }

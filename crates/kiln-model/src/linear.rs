@@ -78,6 +78,81 @@ impl Lora {
     }
 }
 
+/// One of several adapters served side by side (a server picks one per row of a batch): `A
+/// (r, in)` and `B (out, r)` as tensors for the prefill and as plain row-major values for the
+/// decode rows, and the scale.
+#[derive(Clone)]
+pub struct ServedLora {
+    a: Tensor,
+    b: Tensor,
+    a_vals: Arc<[f32]>,
+    b_vals: Arc<[f32]>,
+    rank: usize,
+    scale: f32,
+}
+
+impl ServedLora {
+    pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> Result<Self, ModelError> {
+        let to_vals = |t: &Tensor| -> Result<Arc<[f32]>, ModelError> {
+            Ok(t.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into())
+        };
+        Ok(Self {
+            a: a.to_dtype(DType::F32)?,
+            b: b.to_dtype(DType::F32)?,
+            a_vals: to_vals(a)?,
+            b_vals: to_vals(b)?,
+            rank: a.dims()[0],
+            scale: scale as f32,
+        })
+    }
+}
+
+/// `y += scale · B (A x)` for one row, on plain values (`a (r, k)`, `b (n, r)` row-major).
+fn add_lora_row(x: &[f32], a: &[f32], b: &[f32], rank: usize, scale: f32, y: &mut [f32]) {
+    let k = x.len();
+    let mut u = [0f32; 256];
+    let u = if rank <= u.len() {
+        &mut u[..rank]
+    } else {
+        return add_lora_row_wide(x, a, b, rank, scale, y);
+    };
+    for (j, uj) in u.iter_mut().enumerate() {
+        *uj = scale * dot(&a[j * k..(j + 1) * k], x);
+    }
+    for (o, yo) in y.iter_mut().enumerate() {
+        *yo += dot(&b[o * rank..(o + 1) * rank], u);
+    }
+}
+
+/// [`add_lora_row`] for ranks past 256 (a heap buffer).
+fn add_lora_row_wide(x: &[f32], a: &[f32], b: &[f32], rank: usize, scale: f32, y: &mut [f32]) {
+    let k = x.len();
+    let u: Vec<f32> = (0..rank)
+        .map(|j| scale * dot(&a[j * k..(j + 1) * k], x))
+        .collect();
+    for (o, yo) in y.iter_mut().enumerate() {
+        *yo += dot(&b[o * rank..(o + 1) * rank], &u);
+    }
+}
+
+/// A dot product with eight partial sums, which the compiler keeps in one vector register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// A projection `y = x W^T (+ LoRA)`; see the module docs.
 #[derive(Clone)]
 pub struct Linear {
@@ -89,6 +164,9 @@ pub struct Linear {
     pub lora: Option<Lora>,
     /// `(out)` bias added after the product (Qwen2's Q/K/V); it trains when W does.
     pub bias: Option<Tensor>,
+    /// Adapters served side by side, by id - 1 (`None` where adapter `id` leaves this
+    /// projection alone); rows pick one per decode step, see [`Linear::add_served_rows`].
+    pub served: Vec<Option<ServedLora>>,
     /// Where the weight's gradient goes (the embedding's name for a tied output head).
     weight_grad_name: String,
 }
@@ -193,6 +271,7 @@ impl Linear {
             trainable,
             lora: None,
             bias: None,
+            served: Vec::new(),
             weight_grad_name: format!("{name}.weight"),
         }
     }
@@ -331,34 +410,55 @@ impl Linear {
                 }
             })?;
         }
-        if let Some(delta) = self.lora_delta_rows(x, m)? {
-            for (y, d) in y.iter_mut().zip(delta) {
-                *y += d;
-            }
+        if let Some(l) = &self.lora {
+            // Plain loops over the adapter's values: two skinny products per row, no tensor
+            // ops (which cost more than the products at decode sizes).
+            let (n, k) = (y.len() / m.max(1), x.len() / m.max(1));
+            let rank = l.rank();
+            kiln_kernels::rows::with_values(&l.a, |a| {
+                kiln_kernels::rows::with_values(&l.b, |b| {
+                    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+                        add_lora_row(xr, a, b, rank, l.scale as f32, yr);
+                    }
+                })
+            })??;
         }
         Ok(y)
     }
 
-    /// The adapter's contribution `s · x A^T B^T` for rows of plain values, if there is one.
-    pub(crate) fn lora_delta_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-    ) -> Result<Option<Vec<f32>>, ModelError> {
-        let Some(l) = &self.lora else {
-            return Ok(None);
-        };
-        let k = l.a.dims()[1];
-        let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?
-            .to_device(l.a.device())?
-            .to_dtype(l.a.dtype())?;
-        let d = (xt.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?;
-        Ok(Some(
-            d.to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1()?,
-        ))
+    /// Adds each row's served adapter (`ids[i]`, 0 for none) to `y (m, out)`, computed from
+    /// `x (m, in)`.
+    pub(crate) fn add_served_rows(&self, x: &[f32], m: usize, ids: &[u16], y: &mut [f32]) {
+        if self.served.is_empty() || m == 0 {
+            return;
+        }
+        let (n, k) = (y.len() / m, x.len() / m);
+        for (i, &id) in ids.iter().enumerate() {
+            if let Some(Some(s)) = id.checked_sub(1).and_then(|j| self.served.get(j as usize)) {
+                add_lora_row(
+                    &x[i * k..(i + 1) * k],
+                    &s.a_vals,
+                    &s.b_vals,
+                    s.rank,
+                    s.scale,
+                    &mut y[i * n..(i + 1) * n],
+                );
+            }
+        }
+    }
+
+    /// [`Linear::forward`] plus served adapter `id` (0: none), on the tensor path (prefill).
+    pub(crate) fn forward_served(&self, x: &Tensor, id: u16) -> Result<Tensor, ModelError> {
+        let y = self.forward(x)?;
+        match id.checked_sub(1).and_then(|j| self.served.get(j as usize)) {
+            Some(Some(s)) => {
+                let xs = x.to_dtype(DType::F32)?;
+                let delta = (xs.matmul(&s.a.t()?)? * s.scale as f64)?.matmul(&s.b.t()?)?;
+                let delta = delta.to_dtype(y.dtype())?;
+                Ok((y + delta)?)
+            }
+            _ => Ok(y),
+        }
     }
 
     /// `W + s B A` as a dense weight, and no adapter: the merged projection.

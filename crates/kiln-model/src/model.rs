@@ -50,6 +50,8 @@ pub struct Llama {
     pub(crate) device: Device,
     /// Whether the base weights (norms, embedding, projections) train; false under LoRA.
     pub(crate) train_base: bool,
+    /// Adapters served side by side (ids 1..=this; see [`Llama::add_served_adapter`]).
+    pub(crate) served_adapters: u16,
 }
 
 /// Token ids of a batch, with optional per-token positions and segment ids. Packed rows hold
@@ -259,6 +261,61 @@ impl Llama {
         Ok(())
     }
 
+    /// Adds a LoRA adapter to the ones served side by side and returns its id (1, 2, ...):
+    /// rows of a decode step and prefills then pick it by id, while the base weights and any
+    /// attached adapter are shared. Shapes are checked as for [`Llama::attach_lora`].
+    pub fn add_served_adapter(
+        &mut self,
+        adapters: &Params,
+        spec: &LoraSpec,
+    ) -> Result<u16, ModelError> {
+        spec.validate()?;
+        let id = self
+            .served_adapters
+            .checked_add(1)
+            .ok_or_else(|| ModelError::Config("too many served adapters (at most 65535)".into()))?;
+        let scale = spec.scale();
+        let mut added = Vec::new();
+        for block in &self.layers {
+            for l in block.projections() {
+                if !spec.applies_to(&l.name) {
+                    added.push(None);
+                    continue;
+                }
+                let (a, b) = (
+                    adapters.tensor(&l.lora_a_name())?,
+                    adapters.tensor(&l.lora_b_name())?,
+                );
+                let (out_dim, in_dim) = l.weight.dims()?;
+                if a.dims() != [spec.rank, in_dim] || b.dims() != [out_dim, spec.rank] {
+                    return Err(ModelError::Weights {
+                        path: "adapter".into(),
+                        msg: format!(
+                            "{} is {:?} and {} is {:?}, but the base projection {} is ({out_dim}, {in_dim}) and the rank {}: an adapter made for another base model?",
+                            l.lora_a_name(),
+                            a.dims(),
+                            l.lora_b_name(),
+                            b.dims(),
+                            l.name,
+                            spec.rank
+                        ),
+                    });
+                }
+                added.push(Some(crate::linear::ServedLora::new(&a, &b, scale)?));
+            }
+        }
+        // Every shape is checked before any projection changes.
+        let mut added = added.into_iter();
+        for block in &mut self.layers {
+            for l in block.projections_mut() {
+                l.served
+                    .push(added.next().expect("one entry per projection"));
+            }
+        }
+        self.served_adapters = id;
+        Ok(id)
+    }
+
     /// The same model with every adapter merged into its weight (`W + s B A`, dense).
     pub fn merge_lora(&self) -> Result<Self, ModelError> {
         let mut m = self.detached();
@@ -363,6 +420,7 @@ impl Llama {
             rope: ModelRope::new(cfg, &device, rope_dtype)?,
             device,
             train_base: true,
+            served_adapters: 0,
         })
     }
 
@@ -482,6 +540,7 @@ impl Llama {
             rope: self.rope.clone(),
             device: self.device.clone(),
             train_base: self.train_base,
+            served_adapters: self.served_adapters,
         }
     }
 
@@ -572,6 +631,7 @@ impl Llama {
         &self,
         rows: &[usize],
         tokens: &[u32],
+        adapters: Option<&[u16]>,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.cfg;
@@ -593,8 +653,23 @@ impl Llama {
         for &p in &positions {
             self.check_len(p, 1)?;
         }
+        if let Some(ids) = adapters {
+            if ids.len() != m {
+                return Err(ModelError::Input(format!(
+                    "decode step: {} adapter ids for {m} rows",
+                    ids.len()
+                )));
+            }
+            if let Some(&bad) = ids.iter().find(|&&id| id > self.served_adapters) {
+                return Err(ModelError::Input(format!(
+                    "decode step: adapter {bad} is not served (the model serves {})",
+                    self.served_adapters
+                )));
+            }
+        }
         let step = DecodeStep {
             rows,
+            adapters: adapters.filter(|ids| ids.iter().any(|&id| id != 0)),
             positions: &positions,
             heads: self.heads(),
             eps: cfg.norm_eps as f32,
@@ -656,6 +731,7 @@ impl Llama {
             dropout_p: self.cfg.dropout,
             dropout: dropout_rng,
             train_base: self.train_base,
+            adapter: 0,
         })
     }
 
@@ -749,6 +825,7 @@ impl Llama {
             dropout_p: 0.0,
             dropout: None,
             train_base: m.train_base,
+            adapter: 0,
         };
         let (mut dx, d_norm) =
             k::rms_norm_backward(&trunk.last, &m.norm, d_hidden, m.cfg.norm_eps)?;
@@ -895,9 +972,16 @@ impl Llama {
         &self,
         tokens: &Tensor,
         cache: &mut KvCache,
+        adapter: u16,
     ) -> Result<Tensor, ModelError> {
         let (b, t) = tokens.dims2()?;
-        let h = self.cached_forward(tokens, cache)?;
+        if adapter > self.served_adapters {
+            return Err(ModelError::Input(format!(
+                "prefill: adapter {adapter} is not served (the model serves {})",
+                self.served_adapters
+            )));
+        }
+        let h = self.cached_forward(tokens, cache, adapter)?;
         let last = h
             .reshape((b, t, self.cfg.dim))?
             .narrow(1, t - 1, 1)?
@@ -916,12 +1000,17 @@ impl Llama {
         tokens: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
-        let h = self.detached().cached_forward(tokens, cache)?;
+        let h = self.detached().cached_forward(tokens, cache, 0)?;
         Ok(k::rms_norm(&h, &self.norm, self.cfg.norm_eps)?)
     }
 
     /// The blocks over `tokens (b, t)` after the cached positions: `h_L (b*t, d)`.
-    fn cached_forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+    fn cached_forward(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        adapter: u16,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = tokens.dims2()?;
         let pos = cache.row_len(0);
         if (0..b).any(|r| cache.row_len(r) != pos) {
@@ -934,6 +1023,7 @@ impl Llama {
         self.check_len(pos, t)?;
         cache.ensure(b, self.cfg.n_layers, self.cfg.n_kv_heads());
         let mut pass = self.pass(b, t, pos, None, None)?;
+        pass.adapter = adapter;
         let mut h = self.embed(tokens)?;
         for block in &self.layers {
             h = block.forward(&h, &mut pass, Some(cache), false)?.0;

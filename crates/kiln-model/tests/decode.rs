@@ -186,3 +186,126 @@ fn a_copied_cache_row_decodes_like_its_own_prefill() {
     let diff = (row(0) - row(2)).unwrap().abs().unwrap().max_all().unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
 }
+
+/// Rows of one batch that each pick a served adapter (or none) decode exactly as the model
+/// with that adapter attached decodes alone: prefill and every decode step.
+#[test]
+fn served_adapters_per_row_equal_each_adapter_attached_alone() {
+    use kiln_model::{CausalLm, LoraSpec};
+    let cfg = ModelConfig {
+        max_seq_len: 32,
+        ..ModelConfig::tiny()
+    };
+    let cpu = Device::Cpu;
+    let params = Params::init(&cfg, 5, &cpu, DType::F32).unwrap();
+    let adapter = |seed: u64, rank: usize, targets: &[&str]| {
+        let spec = LoraSpec {
+            rank,
+            alpha: 2.0 * rank as f64,
+            dropout: 0.0,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            rslora: false,
+        };
+        let a = Params::lora_adapters(&cfg, &spec, seed, &cpu, DType::F32).unwrap();
+        // PEFT starts B at zero; a trained adapter's B is not.
+        for (i, name) in a.adapter_names().into_iter().enumerate() {
+            if name.ends_with("lora_B.weight") {
+                let t = a.tensor(&name).unwrap();
+                let b = kiln_testutil::uniform_tensor(seed * 100 + i as u64, t.dims(), DType::F32)
+                    .unwrap();
+                a.set(&name, &(b * 0.3).unwrap()).unwrap();
+            }
+        }
+        (a, spec)
+    };
+    let (a1, s1) = adapter(1, 4, &kiln_model::LORA_TARGETS);
+    let (a2, s2) = adapter(2, 2, &["wq", "wv", "w2"]);
+    let mut served = Llama::new(&cfg, &params).unwrap();
+    assert_eq!(served.add_served_adapter(&a1, &s1).unwrap(), 1);
+    assert_eq!(served.add_served_adapter(&a2, &s2).unwrap(), 2);
+    let alone = |a: Option<(&Params, &LoraSpec)>| {
+        let mut m = Llama::new(&cfg, &params).unwrap();
+        if let Some((p, s)) = a {
+            m.attach_lora(p, s).unwrap();
+        }
+        m
+    };
+    let singles = [
+        alone(None),
+        alone(Some((&a1, &s1))),
+        alone(Some((&a2, &s2))),
+    ];
+    // Four rows: base, adapter 1, adapter 2, adapter 1 again, with prompts of 3 to 6 tokens.
+    let ids: [u16; 4] = [0, 1, 2, 1];
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|r| {
+            tokens(3 + r, cfg.vocab_size)
+                .iter()
+                .map(|t| t + r as u32)
+                .collect()
+        })
+        .collect();
+    let mut cache = KvCache::new();
+    let mut want_caches: Vec<KvCache> = (0..4).map(|_| KvCache::new()).collect();
+    let mut next = Vec::new();
+    for r in 0..4 {
+        let got = served
+            .prefill_row_adapter(r, &prompts[r], ids[r], &mut cache)
+            .unwrap();
+        let want = singles[ids[r] as usize]
+            .prefill_row(0, &prompts[r], &mut want_caches[r])
+            .unwrap();
+        assert_close(&format!("prefill row {r}"), &got, &want, Tol::MODEL_F32);
+        next.push(argmax(&got));
+    }
+    let rows = [0usize, 1, 2, 3];
+    for step in 0..5 {
+        let got = served
+            .decode_step_adapters(&rows, &next, &ids, &mut cache)
+            .unwrap();
+        for r in 0..4 {
+            let want = singles[ids[r] as usize]
+                .decode_step(&[0], &next[r..r + 1], &mut want_caches[r])
+                .unwrap();
+            assert_close(
+                &format!("step {step} row {r}"),
+                &got.narrow(0, r, 1).unwrap(),
+                &want,
+                Tol::MODEL_F32,
+            );
+        }
+        next = (0..4)
+            .map(|r| argmax(&got.narrow(0, r, 1).unwrap()))
+            .collect();
+    }
+    // The adapters change the logits (the test would pass vacuously otherwise).
+    let base = singles[0]
+        .prefill_row(0, &prompts[1], &mut KvCache::new())
+        .unwrap();
+    let adapted = singles[1]
+        .prefill_row(0, &prompts[1], &mut KvCache::new())
+        .unwrap();
+    let diff = (base - adapted)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-2, "{diff}");
+    // An id past the served ones is an error, not a silent base row.
+    assert!(served
+        .decode_step_adapters(&[0], &next[..1], &[3], &mut cache)
+        .is_err());
+}
+
+fn argmax(logits: &Tensor) -> u32 {
+    logits
+        .flatten_all()
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}

@@ -58,6 +58,8 @@ pub struct GenRequest {
     pub constraint: Option<ConstraintFactory>,
     /// Keep special tokens (not the stop tokens) in the text.
     pub keep_special: bool,
+    /// The served LoRA adapter (0: the base).
+    pub adapter: u16,
     pub events: UnboundedSender<Event>,
 }
 
@@ -102,8 +104,19 @@ pub enum SubmitError {
 }
 
 /// The requests waiting for slots, shared between the HTTP side and the scheduler.
+/// Work for the scheduler other than generation, done between steps.
+pub enum Command {
+    /// Serve another LoRA adapter; the reply carries its id.
+    AddAdapter {
+        params: kiln_model::Params,
+        spec: kiln_model::LoraSpec,
+        reply: tokio::sync::oneshot::Sender<Result<u16, String>>,
+    },
+}
+
 struct Queue {
     waiting: VecDeque<(GenRequest, Instant)>,
+    commands: Vec<Command>,
     /// Slots free after the scheduler's last admission: requests that will get one at the
     /// next step do not count against `max_queue`.
     free_slots: usize,
@@ -142,6 +155,13 @@ impl EngineHandle {
         &self.cfg
     }
 
+    /// Hands the scheduler a command, done before its next step.
+    pub fn command(&self, c: Command) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().expect("queue lock").commands.push(c);
+        wake.notify_one();
+    }
+
     /// Stops the scheduler after the current step.
     pub fn shutdown(&self) {
         let (lock, wake) = &*self.shared;
@@ -160,6 +180,7 @@ pub fn spawn(
     let shared = Arc::new((
         Mutex::new(Queue {
             waiting: VecDeque::new(),
+            commands: Vec::new(),
             free_slots: cfg.max_batch,
             shutdown: false,
         }),
@@ -183,6 +204,9 @@ pub fn spawn(
 /// A KV-cache row and the tokens whose keys and values it holds.
 struct Slot {
     cached: Vec<u32>,
+    /// The adapter those keys and values were computed with (a prefix is reused only by a
+    /// request for the same adapter).
+    adapter: u16,
     busy: bool,
     last_used: u64,
 }
@@ -248,6 +272,7 @@ impl Scheduler {
         let slots = (0..cfg.max_batch)
             .map(|_| Slot {
                 cached: Vec::new(),
+                adapter: 0,
                 busy: false,
                 last_used: 0,
             })
@@ -273,11 +298,30 @@ impl Scheduler {
         loop {
             {
                 let mut q = lock.lock().expect("queue lock");
-                while self.jobs.is_empty() && q.waiting.is_empty() && !q.shutdown {
+                while self.jobs.is_empty()
+                    && q.waiting.is_empty()
+                    && q.commands.is_empty()
+                    && !q.shutdown
+                {
                     q = wake.wait(q).expect("queue lock");
                 }
                 if q.shutdown {
                     return;
+                }
+                for c in q.commands.drain(..) {
+                    match c {
+                        Command::AddAdapter {
+                            params,
+                            spec,
+                            reply,
+                        } => {
+                            let r = self
+                                .model
+                                .add_served_adapter(&params, &spec)
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(r);
+                        }
+                    }
                 }
                 // Admit in arrival order while the first waiting request fits.
                 while let Some((req, _)) = q.waiting.front() {
@@ -322,7 +366,12 @@ impl Scheduler {
     fn admit(&mut self, req: GenRequest, submitted: Instant) {
         let prompt = &req.prompt;
         // At least one prompt token is always fed, to get the logits of the next one.
-        let reusable = |s: &Slot| common_prefix(&s.cached, prompt).min(prompt.len() - 1);
+        let reusable = |s: &Slot| {
+            if s.adapter != req.adapter {
+                return 0;
+            }
+            common_prefix(&s.cached, prompt).min(prompt.len() - 1)
+        };
         let first = (0..self.slots.len())
             .filter(|&i| !self.slots[i].busy)
             .max_by_key(|&i| {
@@ -335,6 +384,7 @@ impl Scheduler {
         let reused = reusable(&self.slots[first]);
         self.cache.truncate_row(first, reused);
         self.slots[first].cached.truncate(reused);
+        self.slots[first].adapter = req.adapter;
         let mut slot_ids = vec![first];
         self.slots[first].busy = true;
         for _ in 1..req.n {
@@ -430,6 +480,7 @@ impl Scheduler {
         self.sample_ready();
         let mut rows = Vec::new();
         let mut feed = Vec::new();
+        let mut adapters = Vec::new();
         let mut owners = Vec::new();
         for (j, job) in self.jobs.iter().enumerate() {
             for (c, choice) in job.choices.iter().enumerate() {
@@ -439,6 +490,7 @@ impl Scheduler {
                 if let Some(token) = choice.seq.next_input() {
                     rows.push(choice.slot);
                     feed.push(token);
+                    adapters.push(job.req.adapter);
                     owners.push((j, c));
                 }
             }
@@ -446,7 +498,11 @@ impl Scheduler {
         if rows.is_empty() {
             return Ok(());
         }
-        let logits = self.model.decode_step(&rows, &feed, &mut self.cache)?;
+        // Rows for different adapters (and the base) share the step: the base projections
+        // run once over all rows, each row adds its own adapter's low-rank product.
+        let logits = self
+            .model
+            .decode_step_adapters(&rows, &feed, &adapters, &mut self.cache)?;
         for (i, &(j, c)) in owners.iter().enumerate() {
             let slot = self.jobs[j].choices[c].slot;
             self.slots[slot].cached.push(feed[i]);
@@ -464,7 +520,10 @@ impl Scheduler {
         let slot = job.choices[0].slot;
         let end = (job.prefilled + budget).min(job.req.prompt.len());
         let chunk = job.req.prompt[job.prefilled..end].to_vec();
-        let logits = self.model.prefill_row(slot, &chunk, &mut self.cache)?;
+        let adapter = job.req.adapter;
+        let logits = self
+            .model
+            .prefill_row_adapter(slot, &chunk, adapter, &mut self.cache)?;
         self.slots[slot].cached.extend_from_slice(&chunk);
         let job = &mut self.jobs[j];
         job.prefilled = end;
@@ -482,6 +541,7 @@ impl Scheduler {
         for to in copies {
             self.cache.copy_row(slot, to);
             self.slots[to].cached = self.slots[slot].cached.clone();
+            self.slots[to].adapter = self.slots[slot].adapter;
         }
         Ok(chunk.len())
     }

@@ -68,6 +68,11 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// PEFT LoRA adapters served next to the base, by model id: requests name one as their
+    /// `model`.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// Where `POST /v1/adapters` loads adapters from, by name (none: the endpoint is off).
+    pub adapter_dir: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -84,6 +89,8 @@ impl ServeConfig {
             prefill_chunk: 256,
             max_body_bytes: 4 << 20,
             request_timeout: Duration::from_secs(600),
+            adapters: Vec::new(),
+            adapter_dir: None,
         }
     }
 
@@ -108,6 +115,19 @@ impl ServeConfig {
         if self.api_key.as_ref().is_some_and(|k| k.is_empty()) {
             return Err(ServeError::Config("the API key is empty".into()));
         }
+        let base = self.model_id();
+        for (i, (name, _)) in self.adapters.iter().enumerate() {
+            if !valid_adapter_name(name) {
+                return Err(ServeError::Config(format!(
+                    "--adapter {name:?}: an adapter name is letters, digits, '.', '_' and '-'"
+                )));
+            }
+            if *name == base || self.adapters[..i].iter().any(|(n, _)| n == name) {
+                return Err(ServeError::Config(format!(
+                    "--adapter {name}: the name is already taken"
+                )));
+            }
+        }
         for (what, v) in [
             ("--max-batch", self.max_batch),
             ("--max-queue", self.max_queue),
@@ -131,6 +151,8 @@ pub(crate) struct Ready {
     pub template: Option<ChatTemplate>,
     /// Context per sequence.
     pub ctx: usize,
+    /// The model's configuration (adapters are checked against it).
+    pub config: Option<kiln_model::ModelConfig>,
     /// How the chat template has the model write tool calls, if it does.
     pub tool_format: Option<tools::ToolFormat>,
     /// Token texts for structured output, built on first use.
@@ -153,15 +175,50 @@ impl Ready {
 pub(crate) struct AppState {
     pub cfg: ServeConfig,
     pub model_id: String,
+    /// Served adapters: model id and adapter id, in the order they were added.
+    pub adapters: std::sync::RwLock<Vec<(String, u16)>>,
     pub ready: OnceLock<Ready>,
     pub metrics: Arc<Metrics>,
     pub started: u64,
 }
 
 impl AppState {
+    /// The base model's id, then each adapter's.
     pub fn model_ids(&self) -> Vec<String> {
-        vec![self.model_id.clone()]
+        let mut ids = vec![self.model_id.clone()];
+        ids.extend(
+            self.adapters
+                .read()
+                .expect("adapters lock")
+                .iter()
+                .map(|(n, _)| n.clone()),
+        );
+        ids
     }
+
+    /// The adapter a request's `model` names: 0 for the base, `None` for an unknown id.
+    pub fn adapter_of(&self, model: &str) -> Option<u16> {
+        if model == self.model_id {
+            return Some(0);
+        }
+        self.adapters
+            .read()
+            .expect("adapters lock")
+            .iter()
+            .find(|(n, _)| n == model)
+            .map(|(_, id)| *id)
+    }
+}
+
+/// An adapter name: what may name a model id and a directory under `--adapter-dir` (no path
+/// separators, no `..`).
+pub(crate) fn valid_adapter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Compares two byte strings in time independent of where they differ.
@@ -192,6 +249,7 @@ impl Server {
             .map_or(0, |d| d.as_secs());
         let state = Arc::new(AppState {
             model_id: cfg.model_id(),
+            adapters: std::sync::RwLock::new(Vec::new()),
             cfg,
             ready: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
@@ -271,14 +329,28 @@ fn load(state: &AppState) -> Result<(), ServeError> {
             tokenizer: Arc::new(tokenizer),
             template: None,
             ctx,
+            config: None,
             tool_format: None,
             token_bytes: OnceLock::new(),
         });
         tracing::info!(model = %state.model_id, "ready (embeddings)");
         return Ok(());
     }
-    let m = kiln_load::load_inference(&cfg.model, cfg.weights, &candle_core::Device::Cpu)
+    let mut m = kiln_load::load_inference(&cfg.model, cfg.weights, &candle_core::Device::Cpu)
         .map_err(|e| ServeError::Load(e.to_string()))?;
+    for (name, dir) in &cfg.adapters {
+        let a = kiln_load::load_adapter(dir, &m.config, &candle_core::Device::Cpu)
+            .map_err(|e| ServeError::Load(format!("--adapter {name}={}: {e}", dir.display())))?;
+        let id = m
+            .model
+            .add_served_adapter(&a.params, &a.spec)
+            .map_err(|e| ServeError::Load(format!("--adapter {name}={}: {e}", dir.display())))?;
+        state
+            .adapters
+            .write()
+            .expect("adapters lock")
+            .push((name.clone(), id));
+    }
     let model_ctx = m.config.max_seq_len;
     let ctx = cfg.ctx.unwrap_or(model_ctx);
     if ctx > model_ctx || ctx < 2 {
@@ -320,6 +392,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
         tool_format,
         template,
         ctx,
+        config: Some(m.config.clone()),
         token_bytes: OnceLock::new(),
     });
     tracing::info!(model = %state.model_id, ctx, "ready");
@@ -334,6 +407,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/responses", post(translate::responses))
         .route("/v1/messages", post(translate::messages))
+        .route("/v1/adapters", post(routes::add_adapter))
         .route("/metrics", get(routes::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -344,6 +418,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/", get(routes::page))
         .merge(api)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(
             state.cfg.max_body_bytes,
         ))

@@ -89,6 +89,16 @@ impl ApiError {
         }
     }
 
+    pub fn forbidden(message: &str) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("forbidden"),
+        }
+    }
+
     pub fn busy(message: String) -> Self {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -116,6 +126,16 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("request_too_large"),
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{path} does not take {method}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
         }
     }
 

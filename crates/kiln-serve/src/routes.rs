@@ -95,6 +95,10 @@ pub async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::not_found(uri.path()).into_response()
 }
 
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}
+
 pub(crate) fn ready(st: &AppState) -> Result<&Ready, ApiError> {
     st.ready.get().ok_or_else(ApiError::loading)
 }
@@ -109,13 +113,10 @@ pub(crate) fn engine(r: &Ready) -> Result<&crate::engine::EngineHandle, ApiError
     })
 }
 
-pub(crate) fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
-    let ids = st.model_ids();
-    if ids.iter().any(|m| m == model) {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_found(model, &ids))
-    }
+/// The adapter the request's `model` names (0: the base model); unknown ids are 404.
+pub(crate) fn check_model(st: &AppState, model: &str) -> Result<u16, ApiError> {
+    st.adapter_of(model)
+        .ok_or_else(|| ApiError::model_not_found(model, &st.model_ids()))
 }
 
 /// What an endpoint asks the scheduler for, before the event channel exists.
@@ -128,6 +129,7 @@ pub(crate) struct Job {
     pub(crate) logprobs: Option<usize>,
     pub(crate) constraint: Option<ConstraintFactory>,
     pub(crate) keep_special: bool,
+    pub(crate) adapter: u16,
 }
 
 /// Checks the prompt against the context and fixes the token budget: `max_tokens` when
@@ -172,6 +174,7 @@ pub(crate) fn submit(
         logprobs: job.logprobs,
         constraint: job.constraint,
         keep_special: job.keep_special,
+        adapter: job.adapter,
         events: tx,
     };
     engine(r)?.submit(req).map_err(|e| match e {
@@ -536,7 +539,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     let req: ChatRequest = from_body(&body)?;
     let sampling: SamplingFields = from_body(&body)?;
     let r = ready(st)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     engine(r)?;
     let tools = req.tools.as_deref().filter(|t| !t.is_empty());
     let choice = tool_choice(req.tool_choice.as_ref())?;
@@ -625,6 +628,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
         constraint,
         // Tagged tool calls are often written with special tokens (`<tool_call>`).
         keep_special: tool_format == Some(ToolFormat::Tagged),
+        adapter,
     };
     let prompt_tokens = job.prompt.len();
     let rx = submit(st, r, job)?;
@@ -942,7 +946,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
     let req: CompletionRequest = from_body(&body)?;
     let sampling: SamplingFields = from_body(&body)?;
     let r = ready(st)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     engine(r)?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported(
@@ -1000,6 +1004,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
         logprobs,
         constraint: None,
         keep_special: false,
+        adapter,
     };
     let prompt_tokens = job.prompt.len();
     let rx = submit(st, r, job)?;
@@ -1174,4 +1179,90 @@ fn truncate_embedding(mut v: Vec<f32>, keep: usize) -> Vec<f32> {
         v.iter_mut().for_each(|x| *x /= norm.max(1e-12));
     }
     v
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/adapters
+
+#[derive(serde::Deserialize)]
+struct AddAdapter {
+    name: String,
+}
+
+/// Loads the PEFT adapter `--adapter-dir/NAME` and serves it as model `NAME`, without a
+/// restart. Only with an API key, and only from the adapter directory, by name.
+pub async fn add_adapter(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let result = match read_body(&st, req).await {
+        Ok(body) => add_adapter_inner(&st, &body).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| {
+        st.metrics.error();
+        e.into_response()
+    })
+}
+
+async fn add_adapter_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
+    let body = parse_json(body)?;
+    let req: AddAdapter = from_body(&body)?;
+    if st.cfg.api_key.is_none() {
+        return Err(ApiError::forbidden(
+            "loading adapters needs a server started with --api-key",
+        ));
+    }
+    let Some(root) = st.cfg.adapter_dir.clone() else {
+        return Err(ApiError::forbidden(
+            "this server loads no adapters at run time (start it with --adapter-dir DIR)",
+        ));
+    };
+    if !crate::valid_adapter_name(&req.name) {
+        return Err(ApiError::invalid(
+            "name",
+            "`name` is a directory name under --adapter-dir: letters, digits, '.', '_' and '-'",
+        ));
+    }
+    if st.adapter_of(&req.name).is_some() {
+        return Err(ApiError::invalid(
+            "name",
+            format!("`{}` is already served", req.name),
+        ));
+    }
+    let r = ready(st)?;
+    let engine = engine(r)?.clone();
+    let config = r
+        .config
+        .clone()
+        .ok_or_else(|| ApiError::internal("the model has no configuration"))?;
+    let dir = root.join(&req.name);
+    if !dir.is_dir() {
+        return Err(ApiError::invalid(
+            "name",
+            format!("no adapter `{}` under the server's --adapter-dir", req.name),
+        ));
+    }
+    let loaded = tokio::task::spawn_blocking(move || {
+        kiln_load::load_adapter(&dir, &config, &candle_core::Device::Cpu)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::invalid("name", format!("`{}`: {e}", req.name)))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    engine.command(crate::engine::Command::AddAdapter {
+        params: loaded.params,
+        spec: loaded.spec,
+        reply,
+    });
+    let id = answer
+        .await
+        .map_err(|_| ApiError::internal("the scheduler stopped"))?
+        .map_err(|e| ApiError::invalid("name", format!("`{}`: {e}", req.name)))?;
+    st.adapters
+        .write()
+        .expect("adapters lock")
+        .push((req.name.clone(), id));
+    tracing::info!(adapter = %req.name, id, "adapter loaded");
+    Ok(
+        Json(json!({"id": req.name, "object": "model", "created": unix_now(), "owned_by": "kiln"}))
+            .into_response(),
+    )
 }

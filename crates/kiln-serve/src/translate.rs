@@ -84,9 +84,11 @@ impl Sampling {
 }
 
 /// Runs one conversation; returns the event stream and the prompt's length.
+#[allow(clippy::too_many_arguments)] // one conversation's settings, as the two APIs give them
 fn start(
     st: &AppState,
     r: &Ready,
+    adapter: u16,
     messages: Value,
     params: kiln_infer::SamplingParams,
     max_tokens: Option<i64>,
@@ -108,6 +110,7 @@ fn start(
             logprobs: None,
             constraint: None,
             keep_special: false,
+            adapter,
         },
     )?;
     Ok((rx, prompt_tokens))
@@ -184,7 +187,7 @@ async fn responses_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Ap
     let req: ResponsesRequest = from_body(&body)?;
     let sampling: Sampling = from_body(&body)?;
     let r = ready(st)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     crate::routes::engine(r)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported(
@@ -249,6 +252,7 @@ async fn responses_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Ap
     let (rx, prompt_tokens) = start(
         st,
         r,
+        adapter,
         Value::Array(messages),
         sampling.params(2.0)?,
         req.max_output_tokens,
@@ -420,7 +424,7 @@ async fn messages_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Api
     let req: MessagesRequest = from_body(&body)?;
     let sampling: Sampling = from_body(&body)?;
     let r = ready(st)?;
-    check_model(st, &req.model)?;
+    let adapter = check_model(st, &req.model)?;
     crate::routes::engine(r)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported(
@@ -462,6 +466,7 @@ async fn messages_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Api
     let (rx, prompt_tokens) = start(
         st,
         r,
+        adapter,
         Value::Array(messages),
         sampling.params(1.0)?,
         Some(req.max_tokens),

@@ -930,3 +930,136 @@ fn responses_and_anthropic_messages() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "invalid_request_error");
 }
+
+/// Writes a PEFT adapter for SmolLM2 with random, non-zero B (a trained adapter's shape).
+fn random_adapter(dir: &std::path::Path, seed: u64, rank: usize, targets: &[&str]) {
+    let m = kiln_load::load_inference(
+        &kiln_testutil::smollm2_gguf(),
+        kiln_load::Weights::default(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let spec = kiln_model::LoraSpec {
+        rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        rslora: false,
+    };
+    let a = kiln_model::Params::lora_adapters(
+        &m.config,
+        &spec,
+        seed,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    for (i, name) in a.adapter_names().into_iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let t = a.tensor(&name).unwrap();
+            let b = kiln_testutil::uniform_tensor(
+                seed * 1000 + i as u64,
+                t.dims(),
+                candle_core::DType::F32,
+            )
+            .unwrap();
+            a.set(&name, &(b * 0.05).unwrap()).unwrap();
+        }
+    }
+    kiln_load::save_adapter(dir, &a, &spec, "SmolLM2-135M-Instruct").unwrap();
+}
+
+#[test]
+fn adapters_per_request_share_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (tmp.path().join("pirate"), tmp.path().join("later"));
+    random_adapter(&a_dir, 1, 8, &["wq", "wk", "wv", "wo", "w1", "w3", "w2"]);
+    random_adapter(&b_dir, 2, 4, &["wq", "wv"]);
+    let addr = start(|c| {
+        c.adapters = vec![("pirate".into(), a_dir.clone())];
+        c.adapter_dir = Some(tmp.path().to_path_buf());
+        c.api_key = Some("k".into());
+    });
+    let post_k = |path: &str, body: &Value| {
+        let (s, t) = request(addr, "POST", path, Some(&body.to_string()), Some("k"));
+        (
+            s,
+            serde_json::from_str::<Value>(&t).unwrap_or(Value::String(t)),
+        )
+    };
+    let (_, models) = request(addr, "GET", "/v1/models", None, Some("k"));
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![MODEL, "pirate"]);
+
+    // Loaded at run time from --adapter-dir, by name only.
+    let (s, v) = post_k("/v1/adapters", &json!({"name": "later"}));
+    assert_eq!(s, 200, "{v}");
+    for bad in ["../later", "later/..", "/etc", ""] {
+        let (s, _) = post_k("/v1/adapters", &json!({"name": bad}));
+        assert_eq!(s, 400, "{bad}");
+    }
+    let (s, _) = post_k("/v1/adapters", &json!({"name": "later"}));
+    assert_eq!(s, 400, "loaded twice");
+
+    // Each model answers alone; the adapters change the answer.
+    let ask = |model: &str, i: usize| {
+        let mut b = chat_body(
+            [
+                "Tell me about the moon.",
+                "Name three colours.",
+                "What is 2 + 2?",
+            ][i / 2],
+            json!({"max_tokens": 20}),
+        );
+        b["model"] = json!(model);
+        b
+    };
+    let models = [MODEL, "pirate", "later"];
+    let alone: Vec<String> = (0..6)
+        .map(|i| {
+            let (s, v) = post_k("/v1/chat/completions", &ask(models[i % 3], i));
+            assert_eq!(s, 200, "{v}");
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // Each prompt goes to two models in turn: base and pirate, later and base, pirate and
+    // later. The adapters change the answers (they are applied).
+    assert_ne!(alone[0], alone[1], "{alone:?}");
+    // Base, both adapters, all at once in one batch: each equals its answer alone.
+    let together: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..6)
+            .map(|i| {
+                let b = ask(models[i % 3], i);
+                s.spawn(move || post_k("/v1/chat/completions", &b).1)
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap()["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    });
+    assert_eq!(alone, together);
+    // Without a key the server refuses to load adapters.
+    let open = start(|c| c.adapter_dir = Some(tmp.path().to_path_buf()));
+    let (s, _) = request(
+        open,
+        "POST",
+        "/v1/adapters",
+        Some(&json!({"name": "later"}).to_string()),
+        None,
+    );
+    assert_eq!(s, 403);
+}
