@@ -10,6 +10,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use mimalloc::MiMalloc;
@@ -33,6 +34,9 @@ struct Cache {
 pub struct CachingAlloc {
     inner: MiMalloc,
     cache: Mutex<Cache>,
+    /// Off for a server: its buffers come in many sizes (one per batch size), which a
+    /// size-keyed cache would keep one of each, so memory would creep up to the cache's limit.
+    caching: AtomicBool,
 }
 
 impl CachingAlloc {
@@ -44,6 +48,38 @@ impl CachingAlloc {
                 bytes: 0,
                 stamp: 0,
             }),
+            caching: AtomicBool::new(true),
+        }
+    }
+
+    /// Stops (or resumes) keeping freed blocks; stopping releases every block held.
+    pub fn set_caching(&self, on: bool) {
+        self.caching.store(on, Ordering::Relaxed);
+        if on {
+            return;
+        }
+        let held: Vec<(usize, usize)> = match self.cache.lock() {
+            Ok(mut c) => {
+                c.bytes = 0;
+                c.slots
+                    .iter_mut()
+                    .filter(|s| s.0 != 0)
+                    .map(|s| {
+                        let block = (s.0, s.1);
+                        *s = (0, 0, 0);
+                        block
+                    })
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        for (size, ptr) in held {
+            unsafe {
+                self.inner.dealloc(
+                    ptr as *mut u8,
+                    Layout::from_size_align_unchecked(size, PAGE),
+                )
+            };
         }
     }
 
@@ -55,6 +91,9 @@ impl CachingAlloc {
     }
 
     fn take(&self, size: usize) -> *mut u8 {
+        if !self.caching.load(Ordering::Relaxed) {
+            return null_mut();
+        }
         let Ok(mut c) = self.cache.lock() else {
             return null_mut();
         };
@@ -70,6 +109,9 @@ impl CachingAlloc {
     /// Keeps a freed block; returns a block the caller must release (the evicted oldest one,
     /// or the block itself when it cannot be kept).
     fn put(&self, size: usize, ptr: *mut u8) -> Option<(usize, *mut u8)> {
+        if !self.caching.load(Ordering::Relaxed) {
+            return Some((size, ptr));
+        }
         let Ok(mut c) = self.cache.lock() else {
             return Some((size, ptr));
         };

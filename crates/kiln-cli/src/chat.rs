@@ -70,7 +70,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         max_new_tokens: s.max_new_tokens,
     };
     let mut session = ChatSession::new(tok, m.config.max_seq_len, config)?;
-    let mut sampler = Sampler::new(s.params())?;
+    let mut sampler = Sampler::new(s.params(&m.generation))?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(

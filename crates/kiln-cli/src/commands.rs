@@ -344,7 +344,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     )?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;
-    let mut sampler = Sampler::new(s.params())?;
+    let mut sampler = Sampler::new(s.params(&m.generation))?;
     let opts = GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         stop_strings: s.stop.clone(),
@@ -407,7 +407,7 @@ fn generate_file(
     // Each row samples with its own sampler, seeded like a single run, so a prompt's output
     // does not depend on its neighbours.
     let mut samplers = (0..prompts.len())
-        .map(|_| Sampler::new(s.params()))
+        .map(|_| Sampler::new(s.params(&m.generation)))
         .collect::<Result<Vec<_>, _>>()?;
     let t0 = std::time::Instant::now();
     let outs = generate_batch(

@@ -190,21 +190,24 @@ pub struct SamplingArgs {
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
-    /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the smallest set reaching this probability.
-    #[arg(long, default_value_t = 0.9)]
-    pub top_p: f64,
-    /// Keep tokens at least this fraction as likely as the most likely one (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f64,
-    /// transformers' repetition penalty over prompt and output tokens (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
+    /// Softmax temperature; 0 is greedy [default: the model's generation_config, else 0.7].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Keep the k most likely tokens, 0 = off [default: the model's, else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set reaching this probability [default: the
+    /// model's, else 0.9].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep tokens at least this fraction as likely as the most likely one, 0 = off
+    /// [default: the model's, else 0].
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// transformers' repetition penalty over prompt and output tokens, 1 = off [default: the
+    /// model's, else 1].
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// OpenAI's presence penalty over output tokens, -2 to 2 (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub presence_penalty: f64,
@@ -224,14 +227,22 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampler settings these flags describe.
-    pub fn params(&self) -> kiln_infer::SamplingParams {
+    /// The sampler settings: each flag given, else the model's `generation_config.json`,
+    /// else kiln's default (temperature 0.7, top-p 0.9, as transformers users write).
+    pub fn params(&self, model: &kiln_load::GenerationDefaults) -> kiln_infer::SamplingParams {
+        let d = kiln_infer::SamplingParams::default();
         kiln_infer::SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
+            temperature: self
+                .temperature
+                .or(model.temperature)
+                .unwrap_or(d.temperature),
+            top_k: self.top_k.or(model.top_k).unwrap_or(d.top_k),
+            top_p: self.top_p.or(model.top_p).unwrap_or(d.top_p),
+            min_p: self.min_p.or(model.min_p).unwrap_or(d.min_p),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(model.repetition_penalty)
+                .unwrap_or(d.repetition_penalty),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed.unwrap_or_else(kiln_infer::fresh_seed),

@@ -102,6 +102,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs_f64(a.request_timeout),
         ..ServeConfig::new(a.model)
     };
+    // A server's buffers come in every batch size: the training allocator's block cache
+    // would keep one of each and grow (docs/serve.md, the load run).
+    crate::GLOBAL.set_caching(false);
     // The HTTP side only parses, tokenizes and streams; the model runs on the scheduler
     // thread and the compute pool, so two runtime threads are plenty.
     let rt = tokio::runtime::Builder::new_multi_thread()

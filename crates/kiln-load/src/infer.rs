@@ -152,6 +152,46 @@ fn build_llama(
     }
 }
 
+/// Sampling settings a model ships with (an HF directory's `generation_config.json`: its
+/// `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, and `do_sample: false` as
+/// greedy), for whatever the user leaves unset. Empty for GGUF files and kiln runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+}
+
+/// The [`GenerationDefaults`] of the model at `path` (none when it has no
+/// `generation_config.json`, or one that is not JSON).
+pub fn generation_defaults(path: &Path) -> GenerationDefaults {
+    let file = path.join("generation_config.json");
+    let Some(v) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    else {
+        return GenerationDefaults::default();
+    };
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let greedy = v.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+    GenerationDefaults {
+        temperature: if greedy {
+            Some(0.0)
+        } else {
+            num("temperature")
+        },
+        top_p: num("top_p").filter(|p| *p > 0.0 && *p <= 1.0),
+        top_k: v
+            .get("top_k")
+            .and_then(serde_json::Value::as_u64)
+            .map(|k| k as usize),
+        min_p: num("min_p").filter(|p| (0.0..=1.0).contains(p)),
+        repetition_penalty: num("repetition_penalty").filter(|r| *r > 0.0),
+    }
+}
+
 /// A model and its tokenizer, for generation and chat.
 pub struct InferenceModel {
     pub model: Box<dyn CausalLm + Send + Sync>,
@@ -160,6 +200,8 @@ pub struct InferenceModel {
     pub format: ModelFormat,
     /// See [`LoadedModel::weights`].
     pub weights: String,
+    /// The sampling settings the model ships with.
+    pub generation: GenerationDefaults,
 }
 
 /// [`load_model`] plus [`load_tokenizer`], checking that every token id has an embedding.
@@ -188,5 +230,40 @@ pub fn load_inference_with_adapter(
         config: m.config,
         format: m.format,
         weights: m.weights,
+        generation: generation_defaults(path),
     })
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_gives_the_sampling_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(generation_defaults(d.path()), GenerationDefaults::default());
+        // Qwen2.5-Instruct's generation_config.json.
+        std::fs::write(
+            d.path().join("generation_config.json"),
+            r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "eos_token_id": [151645, 151643]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            generation_defaults(d.path()),
+            GenerationDefaults {
+                temperature: Some(0.7),
+                top_p: Some(0.8),
+                top_k: Some(20),
+                min_p: None,
+                repetition_penalty: Some(1.05),
+            }
+        );
+        // do_sample false is greedy, whatever the temperature says.
+        std::fs::write(
+            d.path().join("generation_config.json"),
+            r#"{"do_sample": false, "temperature": 0.6}"#,
+        )
+        .unwrap();
+        assert_eq!(generation_defaults(d.path()).temperature, Some(0.0));
+    }
 }

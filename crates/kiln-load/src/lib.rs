@@ -35,8 +35,8 @@ pub use checkpoint::{
 pub use error::LoadError;
 pub use format::ModelFormat;
 pub use infer::{
-    load_inference, load_inference_with_adapter, load_llama, load_model, load_model_with_adapter,
-    InferenceModel, LoadedModel, Weights,
+    generation_defaults, load_inference, load_inference_with_adapter, load_llama, load_model,
+    load_model_with_adapter, GenerationDefaults, InferenceModel, LoadedModel, Weights,
 };
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};
 pub use run_config::{model_from_toml, read_run_model, RunModel};

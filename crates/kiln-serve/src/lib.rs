@@ -153,6 +153,8 @@ pub(crate) struct Ready {
     pub ctx: usize,
     /// The model's configuration (adapters are checked against it).
     pub config: Option<kiln_model::ModelConfig>,
+    /// Sampling defaults from the model's `generation_config.json`.
+    pub generation: kiln_load::GenerationDefaults,
     /// How the chat template has the model write tool calls, if it does.
     pub tool_format: Option<tools::ToolFormat>,
     /// Token texts for structured output, built on first use.
@@ -330,6 +332,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
             template: None,
             ctx,
             config: None,
+            generation: Default::default(),
             tool_format: None,
             token_bytes: OnceLock::new(),
         });
@@ -393,6 +396,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
         template,
         ctx,
         config: Some(m.config.clone()),
+        generation: m.generation.clone(),
         token_bytes: OnceLock::new(),
     });
     tracing::info!(model = %state.model_id, ctx, "ready");

@@ -362,13 +362,22 @@ pub fn float_in(param: &str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> 
 }
 
 impl SamplingFields {
-    /// The sampler settings, checked; a request without `seed` samples differently every
-    /// time.
-    pub fn params(&self) -> Result<kiln_infer::SamplingParams, ApiError> {
+    /// The sampler settings, checked: each field given, else the model's
+    /// `generation_config.json`, else OpenAI's default. A request without `seed` samples
+    /// differently every time.
+    pub fn params(
+        &self,
+        model: &kiln_load::GenerationDefaults,
+    ) -> Result<kiln_infer::SamplingParams, ApiError> {
         if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(ApiError::unsupported("logit_bias", "a logit bias"));
         }
-        let temperature = float_in("temperature", self.temperature.unwrap_or(1.0), 0.0, 2.0)?;
+        let temperature = float_in(
+            "temperature",
+            self.temperature.or(model.temperature).unwrap_or(1.0),
+            0.0,
+            2.0,
+        )?;
         Ok(kiln_infer::SamplingParams {
             temperature,
             top_p: match self.top_p {
@@ -376,18 +385,20 @@ impl SamplingFields {
                     return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"))
                 }
                 Some(p) => float_in("top_p", p, 0.0, 1.0)?,
-                None => 1.0,
+                None => model.top_p.unwrap_or(1.0),
             },
             top_k: match self.top_k {
                 // vLLM's convention: -1 (or 0) turns top-k off.
                 Some(k) if k <= 0 => 0,
                 Some(k) => int_in("top_k", k, 1, i64::from(u32::MAX))?,
-                None => 0,
+                None => model.top_k.unwrap_or(0),
             },
-            min_p: float_in("min_p", self.min_p.unwrap_or(0.0), 0.0, 1.0)?,
+            min_p: float_in("min_p", self.min_p.or(model.min_p).unwrap_or(0.0), 0.0, 1.0)?,
             repetition_penalty: float_in(
                 "repetition_penalty",
-                self.repetition_penalty.unwrap_or(1.0),
+                self.repetition_penalty
+                    .or(model.repetition_penalty)
+                    .unwrap_or(1.0),
                 f64::MIN_POSITIVE,
                 100.0,
             )?,

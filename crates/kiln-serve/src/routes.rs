@@ -621,7 +621,7 @@ async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiErro
     let job = Job {
         prompt,
         n,
-        params: sampling.params()?,
+        params: sampling.params(&r.generation)?,
         max_tokens,
         stop: stop_list(&sampling)?,
         logprobs,
@@ -998,7 +998,7 @@ async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
     let job = Job {
         prompt,
         n,
-        params: sampling.params()?,
+        params: sampling.params(&r.generation)?,
         max_tokens,
         stop: stop_list(&sampling)?,
         logprobs,

@@ -61,22 +61,33 @@ struct Sampling {
 }
 
 impl Sampling {
-    fn params(&self, max_temperature: f64) -> Result<kiln_infer::SamplingParams, ApiError> {
+    /// Each field given, else the model's generation defaults, else 1.0 / off.
+    fn params(
+        &self,
+        max_temperature: f64,
+        model: &kiln_load::GenerationDefaults,
+    ) -> Result<kiln_infer::SamplingParams, ApiError> {
         Ok(kiln_infer::SamplingParams {
             temperature: float_in(
                 "temperature",
-                self.temperature.unwrap_or(1.0),
+                // The model's default is kept within this API's range; a value the client
+                // sends is checked.
+                self.temperature
+                    .unwrap_or_else(|| model.temperature.unwrap_or(1.0).min(max_temperature)),
                 0.0,
                 max_temperature,
             )?,
             top_p: match self.top_p {
                 Some(p) => float_in("top_p", p, f64::MIN_POSITIVE, 1.0)?,
-                None => 1.0,
+                None => model.top_p.unwrap_or(1.0),
             },
             top_k: match self.top_k {
                 Some(k) if k > 0 => int_in("top_k", k, 1, i64::from(u32::MAX))?,
-                _ => 0,
+                Some(_) => 0,
+                None => model.top_k.unwrap_or(0),
             },
+            min_p: model.min_p.unwrap_or(0.0),
+            repetition_penalty: model.repetition_penalty.unwrap_or(1.0),
             seed: self.seed.map_or_else(kiln_infer::fresh_seed, |s| s as u64),
             ..kiln_infer::SamplingParams::default()
         })
@@ -254,7 +265,7 @@ async fn responses_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Ap
         r,
         adapter,
         Value::Array(messages),
-        sampling.params(2.0)?,
+        sampling.params(2.0, &r.generation)?,
         req.max_output_tokens,
         "max_output_tokens",
         Vec::new(),
@@ -468,7 +479,7 @@ async fn messages_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, Api
         r,
         adapter,
         Value::Array(messages),
-        sampling.params(1.0)?,
+        sampling.params(1.0, &r.generation)?,
         Some(req.max_tokens),
         "max_tokens",
         stop,
