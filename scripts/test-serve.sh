@@ -5,7 +5,8 @@
 #                                      (and `anthropic`'s against /v1/messages);
 #   tests/serve/test_chat_page.py      the chat page at / in headless Chromium (Debian's
 #                                      `chromium`, installed with apt-get when missing),
-#                                      driven by Playwright.
+#                                      driven by Playwright;
+#   bench/serve/load_serve.py          128 streaming requests, 64 at once, all complete.
 #
 #   scripts/test-serve.sh [path/to/kiln]   (default: target/debug/kiln, built if missing)
 #   KILN_SCREENSHOT=docs/serve-chat.png scripts/test-serve.sh   also saves the page
@@ -61,6 +62,10 @@ KILN_URL="http://127.0.0.1:$PORT/v1" KILN_TOOL_URL="http://127.0.0.1:$TOOL_PORT/
   KILN_KEY=test-key KILN_BIN="$KILN" KILN_MODEL_FILE="$MODEL" \
   "$VENV/bin/python" tests/serve/test_openai_client.py
 KILN_PAGE="http://127.0.0.1:$PORT/" KILN_KEY=test-key "$VENV/bin/python" tests/serve/test_chat_page.py
+# 64 streaming requests at once on 64 slots: every one completes (bench/serve/load_serve.py
+# runs 1,000 and checks memory; here a short, bounded run).
+"$VENV/bin/python" bench/serve/load_serve.py --kiln "$KILN" --model "$MODEL" \
+  --requests 128 --concurrency 64 --max-tokens 8 --max-growth 0.5
 for pid in "${PIDS[@]}"; do
   kill -0 "$pid" || { echo "test-serve: a server died:" >&2; cat "${LOGS[@]}" >&2; exit 1; }
 done

@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Let `POST /v1/adapters {"name": NAME}` (API key required) load DIR/NAME at run time.
     #[arg(long)]
     pub adapter_dir: Option<PathBuf>,
+    /// Answer `/v1/embeddings` on a decoder with its final hidden states pooled by the mean
+    /// over the text or the last token, L2-normalised (llama-server's --embeddings/--pooling).
+    #[arg(long, value_name = "mean|last")]
+    pub embeddings: Option<String>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -87,7 +91,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             _ => anyhow::bail!("--adapter {spec:?}: expected NAME=DIR"),
         })
         .collect::<Result<Vec<_>>>()?;
+    let embeddings = match a.embeddings.as_deref() {
+        None => None,
+        Some("mean") => Some(kiln_serve::Pooling::Mean),
+        Some("last") => Some(kiln_serve::Pooling::Last),
+        Some(other) => anyhow::bail!("--embeddings {other:?}: mean or last"),
+    };
     let cfg = ServeConfig {
+        embeddings,
         adapters,
         adapter_dir: a.adapter_dir,
         weights: crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,

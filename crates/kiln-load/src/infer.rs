@@ -76,6 +76,8 @@ pub fn load_model_with_adapter(
     if let Some(dir) = adapter {
         let a = crate::load_adapter(dir, &config, device)?;
         model.attach_lora(&a.params, &a.spec)?;
+        // Inference only: the base's stacked projections stay, the adapter adds to them.
+        model.fuse_for_decoding();
         desc.push_str(&format!(
             " + LoRA r={} on {} from {}",
             a.spec.rank,

@@ -337,14 +337,25 @@ impl Block {
         let eps = pass.eps;
         let xn = k::rms_norm(x, &self.attention_norm, eps)?;
         // The stacked projections carry no served adapter: a pass with one runs them apart.
-        let fused = self.fused.as_ref().filter(|_| pass.adapter == 0);
+        let fused = self
+            .fused
+            .as_ref()
+            .filter(|_| !self.stacked_parts_have_lora());
         let (q, k_lin, v_lin, q_ctx, k_ctx, v_ctx) = match (fused, save) {
             (Some((qkv, _)), false) => {
+                // The stacked product is the base's; a served adapter adds to each part.
                 let y = qkv.forward(&xn)?;
+                let id = pass.adapter;
                 (
-                    y.narrow(1, 0, h * hd)?.contiguous()?,
-                    y.narrow(1, h * hd, hkv * hd)?.contiguous()?,
-                    y.narrow(1, (h + hkv) * hd, hkv * hd)?.contiguous()?,
+                    self.wq
+                        .add_served(&xn, id, y.narrow(1, 0, h * hd)?.contiguous()?)?,
+                    self.wk
+                        .add_served(&xn, id, y.narrow(1, h * hd, hkv * hd)?.contiguous()?)?,
+                    self.wv.add_served(
+                        &xn,
+                        id,
+                        y.narrow(1, (h + hkv) * hd, hkv * hd)?.contiguous()?,
+                    )?,
                     None,
                     None,
                     None,
@@ -378,9 +389,12 @@ impl Block {
             (Some((_, w13)), false) => {
                 let y = w13.forward(&hn)?;
                 let f = y.dim(1)? / 2;
+                let id = pass.adapter;
                 (
-                    y.narrow(1, 0, f)?.contiguous()?,
-                    y.narrow(1, f, f)?.contiguous()?,
+                    self.w1
+                        .add_served(&hn, id, y.narrow(1, 0, f)?.contiguous()?)?,
+                    self.w3
+                        .add_served(&hn, id, y.narrow(1, f, f)?.contiguous()?)?,
                     None,
                     None,
                 )
@@ -590,6 +604,12 @@ impl Block {
                 self.wv.forward_rows(&xn, m)?,
             ),
         };
+        if self.fused.is_some() {
+            // The stacked product is the base's: add each part's attached adapter.
+            self.wq.add_lora_rows(&xn, m, &mut q)?;
+            self.wk.add_lora_rows(&xn, m, &mut k)?;
+            self.wv.add_lora_rows(&xn, m, &mut v)?;
+        }
         if let Some(ids) = step.adapters {
             self.wq.add_served_rows(&xn, m, ids, &mut q);
             self.wk.add_served_rows(&xn, m, ids, &mut k);
@@ -671,6 +691,10 @@ impl Block {
             }
             None => (self.w1.forward_rows(&xn, m)?, self.w3.forward_rows(&xn, m)?),
         };
+        if self.fused.is_some() {
+            self.w1.add_lora_rows(&xn, m, &mut gate)?;
+            self.w3.add_lora_rows(&xn, m, &mut up)?;
+        }
         if let Some(ids) = step.adapters {
             self.w1.add_served_rows(&xn, m, ids, &mut gate);
             self.w3.add_served_rows(&xn, m, ids, &mut up);

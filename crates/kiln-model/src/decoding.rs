@@ -48,6 +48,9 @@ pub trait CausalLm {
         adapter: u16,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError>;
+    /// A text's embedding from the final hidden states `RMSNorm(h_L)` of `tokens`: their
+    /// mean (`last == false`) or the last position's, L2-normalised.
+    fn pooled_hidden(&self, tokens: &[u32], last: bool) -> Result<Vec<f32>, ModelError>;
     /// Adds a LoRA adapter served next to the base; returns its id.
     fn add_served_adapter(
         &mut self,
@@ -103,6 +106,23 @@ impl CausalLm for Llama {
         spec: &crate::LoraSpec,
     ) -> Result<u16, ModelError> {
         Llama::add_served_adapter(self, adapters, spec)
+    }
+
+    fn pooled_hidden(&self, tokens: &[u32], last: bool) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("empty token sequence".into()));
+        }
+        let x = Tensor::from_slice(tokens, (1, tokens.len()), &self.device)?;
+        let h = in_pool(|| self.forward_cached_hidden(&x, &mut KvCache::new()))?; // (t, d)
+        let pooled = if last {
+            h.get(tokens.len() - 1)?
+        } else {
+            h.mean(0)?
+        };
+        let mut v: Vec<f32> = pooled.to_dtype(DType::F32)?.to_vec1()?;
+        let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        v.iter_mut().for_each(|x| *x /= norm.max(1e-12));
+        Ok(v)
     }
 
     fn prefill_row_adapter(

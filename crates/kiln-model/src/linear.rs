@@ -86,7 +86,9 @@ pub struct ServedLora {
     a: Tensor,
     b: Tensor,
     a_vals: Arc<[f32]>,
-    b_vals: Arc<[f32]>,
+    /// `B^T (r, out)`: each of the rank's columns of B contiguous, so adding `u_j B[:, j]`
+    /// is one vectorised pass over the output.
+    bt_vals: Arc<[f32]>,
     rank: usize,
     scale: f32,
 }
@@ -104,10 +106,22 @@ impl ServedLora {
             a: a.to_dtype(DType::F32)?,
             b: b.to_dtype(DType::F32)?,
             a_vals: to_vals(a)?,
-            b_vals: to_vals(b)?,
+            bt_vals: to_vals(&b.t()?.contiguous()?)?,
             rank: a.dims()[0],
             scale: scale as f32,
         })
+    }
+
+    /// `y += scale · B (A x)` for one row: the rank's `u = scale · A x` as dot products
+    /// over the input, then `u_j` times each column of B added along the output.
+    fn add_row(&self, x: &[f32], y: &mut [f32]) {
+        let (k, n) = (x.len(), y.len());
+        for j in 0..self.rank {
+            let uj = self.scale * dot(&self.a_vals[j * k..(j + 1) * k], x);
+            for (yo, b) in y.iter_mut().zip(&self.bt_vals[j * n..(j + 1) * n]) {
+                *yo += uj * b;
+            }
+        }
     }
 }
 
@@ -410,20 +424,35 @@ impl Linear {
                 }
             })?;
         }
-        if let Some(l) = &self.lora {
-            // Plain loops over the adapter's values: two skinny products per row, no tensor
-            // ops (which cost more than the products at decode sizes).
-            let (n, k) = (y.len() / m.max(1), x.len() / m.max(1));
-            let rank = l.rank();
-            kiln_kernels::rows::with_values(&l.a, |a| {
-                kiln_kernels::rows::with_values(&l.b, |b| {
-                    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-                        add_lora_row(xr, a, b, rank, l.scale as f32, yr);
-                    }
-                })
-            })??;
-        }
+        self.add_lora_rows(x, m, &mut y)?;
         Ok(y)
+    }
+
+    /// Adds the attached adapter's `s · B (A x)` to `y (m, out)` for rows `x (m, in)`: plain
+    /// loops over the adapter's values, two skinny products per row, no tensor ops (which
+    /// cost more than the products at decode sizes).
+    pub(crate) fn add_lora_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let Some(l) = &self.lora else {
+            return Ok(());
+        };
+        if m == 0 {
+            return Ok(());
+        }
+        let (n, k) = (y.len() / m, x.len() / m);
+        let rank = l.rank();
+        kiln_kernels::rows::with_values(&l.a, |a| {
+            kiln_kernels::rows::with_values(&l.b, |b| {
+                for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+                    add_lora_row(xr, a, b, rank, l.scale as f32, yr);
+                }
+            })
+        })??;
+        Ok(())
     }
 
     /// Adds each row's served adapter (`ids[i]`, 0 for none) to `y (m, out)`, computed from
@@ -435,14 +464,7 @@ impl Linear {
         let (n, k) = (y.len() / m, x.len() / m);
         for (i, &id) in ids.iter().enumerate() {
             if let Some(Some(s)) = id.checked_sub(1).and_then(|j| self.served.get(j as usize)) {
-                add_lora_row(
-                    &x[i * k..(i + 1) * k],
-                    &s.a_vals,
-                    &s.b_vals,
-                    s.rank,
-                    s.scale,
-                    &mut y[i * n..(i + 1) * n],
-                );
+                s.add_row(&x[i * k..(i + 1) * k], &mut y[i * n..(i + 1) * n]);
             }
         }
     }
@@ -450,6 +472,12 @@ impl Linear {
     /// [`Linear::forward`] plus served adapter `id` (0: none), on the tensor path (prefill).
     pub(crate) fn forward_served(&self, x: &Tensor, id: u16) -> Result<Tensor, ModelError> {
         let y = self.forward(x)?;
+        self.add_served(x, id, y)
+    }
+
+    /// `y` plus served adapter `id`'s `s · x A^T B^T` (0 or an adapter that leaves this
+    /// projection alone: `y` as it is).
+    pub(crate) fn add_served(&self, x: &Tensor, id: u16, y: Tensor) -> Result<Tensor, ModelError> {
         match id.checked_sub(1).and_then(|j| self.served.get(j as usize)) {
             Some(Some(s)) => {
                 let xs = x.to_dtype(DType::F32)?;

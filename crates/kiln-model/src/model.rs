@@ -261,6 +261,15 @@ impl Llama {
         Ok(())
     }
 
+    /// Stacks Q|K|V and gate|up of the base weights even where an adapter is attached, for
+    /// decoding with an unmerged adapter at the base's speed. Costs a copy of those weights,
+    /// so training (which runs the projections apart) does not call it.
+    pub fn fuse_for_decoding(&mut self) {
+        for b in &mut self.layers {
+            b.fuse_base();
+        }
+    }
+
     /// Adds a LoRA adapter to the ones served side by side and returns its id (1, 2, ...):
     /// rows of a decode step and prefills then pick it by id, while the base weights and any
     /// attached adapter are shared. Shapes are checked as for [`Llama::attach_lora`].
@@ -1077,11 +1086,29 @@ impl Block {
     /// Stacks Q|K|V and gate|up when they are all kiln block-kernel weights of one type and
     /// carry no adapter (inference only; training runs the separate projections).
     pub(crate) fn fuse(&mut self) {
+        if self.projections().iter().any(|l| l.lora.is_some()) {
+            self.fused = None;
+            return;
+        }
+        self.fuse_base();
+    }
+
+    /// Whether an attached adapter sits on a stacked projection (the tensor path then runs
+    /// them apart; the decode rows add the adapters to the stacked product).
+    pub(crate) fn stacked_parts_have_lora(&self) -> bool {
+        [&self.wq, &self.wk, &self.wv, &self.w1, &self.w3]
+            .iter()
+            .any(|l| l.lora.is_some())
+    }
+
+    /// Stacks the base weights of Q|K|V and gate|up even under an attached adapter: the
+    /// decode rows add each part's adapter to its slice of the stacked product.
+    pub(crate) fn fuse_base(&mut self) {
         let raw = |ls: &[&Linear]| -> Option<Linear> {
             let parts: Option<Vec<&RawQ>> = ls
                 .iter()
-                .map(|l| match (&l.weight, &l.lora) {
-                    (LinearWeight::Raw(r), None) => Some(r.as_ref()),
+                .map(|l| match &l.weight {
+                    LinearWeight::Raw(r) => Some(r.as_ref()),
                     _ => None,
                 })
                 .collect();

@@ -112,6 +112,12 @@ pub enum Command {
         spec: kiln_model::LoraSpec,
         reply: tokio::sync::oneshot::Sender<Result<u16, String>>,
     },
+    /// Pooled final hidden states of each text (`--embeddings` on a decoder).
+    Embed {
+        texts: Vec<Vec<u32>>,
+        last: bool,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    },
 }
 
 struct Queue {
@@ -318,6 +324,14 @@ impl Scheduler {
                             let r = self
                                 .model
                                 .add_served_adapter(&params, &spec)
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(r);
+                        }
+                        Command::Embed { texts, last, reply } => {
+                            let r = texts
+                                .iter()
+                                .map(|t| self.model.pooled_hidden(t, last))
+                                .collect::<Result<Vec<_>, _>>()
                                 .map_err(|e| e.to_string());
                             let _ = reply.send(r);
                         }

@@ -73,6 +73,17 @@ pub struct ServeConfig {
     pub adapters: Vec<(String, PathBuf)>,
     /// Where `POST /v1/adapters` loads adapters from, by name (none: the endpoint is off).
     pub adapter_dir: Option<PathBuf>,
+    /// `/v1/embeddings` on a decoder: pooled final hidden states (none: refused).
+    pub embeddings: Option<Pooling>,
+}
+
+/// How a decoder's hidden states become one embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over the text's positions.
+    Mean,
+    /// The last position's.
+    Last,
 }
 
 impl ServeConfig {
@@ -91,6 +102,7 @@ impl ServeConfig {
             request_timeout: Duration::from_secs(600),
             adapters: Vec::new(),
             adapter_dir: None,
+            embeddings: None,
         }
     }
 

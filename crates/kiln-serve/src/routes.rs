@@ -1084,12 +1084,15 @@ async fn embeddings_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, A
     let req: EmbeddingRequest = from_body(&body)?;
     let r = ready(st)?;
     check_model(st, &req.model)?;
-    let encoder = r.embedder.clone().ok_or_else(|| {
-        ApiError::unsupported(
+    // A sentence-transformers encoder, or a decoder's pooled hidden states under
+    // --embeddings; other decoders refuse.
+    let pooling = st.cfg.embeddings;
+    if r.embedder.is_none() && pooling.is_none() {
+        return Err(ApiError::unsupported(
             "model",
-            "embeddings from a generative model (serve a sentence-transformers model such as EmbeddingGemma)",
-        )
-    })?;
+            "embeddings from this generative model (start the server with --embeddings mean|last, or serve a sentence-transformers model such as EmbeddingGemma)",
+        ));
+    }
     let texts = match req.input {
         EmbeddingInput::One(t) => vec![t],
         EmbeddingInput::Many(v) => v,
@@ -1110,18 +1113,29 @@ async fn embeddings_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, A
             ))
         }
     };
-    let dim = encoder.dim();
+    let dim = match (&r.embedder, &r.config) {
+        (Some(e), _) => e.dim(),
+        (None, Some(c)) => c.dim,
+        (None, None) => return Err(ApiError::internal("the model has no configuration")),
+    };
     let keep = match req.dimensions {
         None => dim,
         Some(d) => int_in("dimensions", d, 1, dim as i64)?,
     };
     let mut ids = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
-        let t = r
-            .tokenizer
-            .tokenizer
-            .encode_with_special_tokens(t)
-            .map_err(|e| ApiError::invalid(&format!("input[{i}]"), e.to_string()))?;
+        // An encoder frames the text with its special tokens; a decoder reads it as a prompt.
+        let t = match r.embedder {
+            Some(_) => r.tokenizer.tokenizer.encode_with_special_tokens(t),
+            None => r.tokenizer.encode_prompt(t),
+        }
+        .map_err(|e| ApiError::invalid(&format!("input[{i}]"), e.to_string()))?;
+        if t.is_empty() {
+            return Err(ApiError::invalid(
+                &format!("input[{i}]"),
+                format!("`input[{i}]` is empty"),
+            ));
+        }
         if t.len() > r.ctx {
             return Err(ApiError::invalid(
                 &format!("input[{i}]"),
@@ -1137,15 +1151,31 @@ async fn embeddings_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, A
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
     st.metrics.request();
     st.metrics.prompt_tokens(prompt_tokens);
-    // The encoder runs on the compute pool, off the async runtime.
-    let vectors = tokio::task::spawn_blocking(move || {
-        ids.iter()
-            .map(|t| encoder.embed(t))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let vectors = match (r.embedder.clone(), pooling) {
+        // The encoder runs on the compute pool, off the async runtime.
+        (Some(encoder), _) => tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|t| encoder.embed(t))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?,
+        // A decoder is the scheduler's: it runs the texts between two decode steps.
+        (None, Some(p)) => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            engine(r)?.command(crate::engine::Command::Embed {
+                texts: ids,
+                last: p == crate::Pooling::Last,
+                reply,
+            });
+            answer
+                .await
+                .map_err(|_| ApiError::internal("the scheduler stopped"))?
+                .map_err(ApiError::internal)?
+        }
+        (None, None) => unreachable!("refused above"),
+    };
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()

@@ -1063,3 +1063,65 @@ fn adapters_per_request_share_the_batch() {
     );
     assert_eq!(s, 403);
 }
+
+#[test]
+fn decoder_embeddings_pool_the_final_hidden_states() {
+    let addr = start(|c| c.embeddings = Some(kiln_serve::Pooling::Mean));
+    let last = start(|c| c.embeddings = Some(kiln_serve::Pooling::Last));
+    let texts = ["The cat sat on the mat.", "Paris is the capital of France."];
+    let (llama, _, _) = kiln_load::load_llama(
+        &kiln_testutil::smollm2_gguf(),
+        kiln_load::Weights::default(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tok = kiln_load::load_tokenizer(&kiln_testutil::smollm2_gguf()).unwrap();
+    for (server, pool_last) in [(addr, false), (last, true)] {
+        let (s, v) = post(
+            server,
+            "/v1/embeddings",
+            &json!({"model": MODEL, "input": texts}),
+        );
+        assert_eq!(s, 200, "{v}");
+        for (i, text) in texts.iter().enumerate() {
+            let ids = tok.encode_prompt(text).unwrap();
+            let x =
+                candle_core::Tensor::from_slice(&ids, (1, ids.len()), &candle_core::Device::Cpu)
+                    .unwrap();
+            let h = llama
+                .forward_cached_hidden(&x, &mut kiln_model::KvCache::new())
+                .unwrap();
+            let pooled = if pool_last {
+                h.get(ids.len() - 1).unwrap()
+            } else {
+                h.mean(0).unwrap()
+            };
+            let want: Vec<f32> = pooled.to_vec1().unwrap();
+            let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let got = v["data"][i]["embedding"].as_array().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.as_f64().unwrap() as f32 - w / norm).abs() < 1e-5);
+            }
+        }
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            texts
+                .iter()
+                .map(|t| tok.encode_prompt(t).unwrap().len())
+                .sum::<usize>()
+        );
+    }
+    // Without --embeddings a decoder refuses.
+    let plain = start(|_| {});
+    let (s, v) = post(
+        plain,
+        "/v1/embeddings",
+        &json!({"model": MODEL, "input": "x"}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--embeddings"));
+}
