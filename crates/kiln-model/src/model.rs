@@ -228,27 +228,7 @@ impl Llama {
                 if !spec.applies_to(&l.name) {
                     continue;
                 }
-                let (a, b) = (
-                    adapters.tensor(&l.lora_a_name())?,
-                    adapters.tensor(&l.lora_b_name())?,
-                );
-                let (out_dim, in_dim) = l.weight.dims()?;
-                let want_a = [spec.rank, in_dim];
-                let want_b = [out_dim, spec.rank];
-                if a.dims() != want_a || b.dims() != want_b {
-                    return Err(ModelError::Weights {
-                        path: "adapter".into(),
-                        msg: format!(
-                            "{} is {:?} and {} is {:?}, but the base projection {} is ({out_dim}, {in_dim}) and the rank {}: expected {want_a:?} and {want_b:?} (an adapter made for another base model?)",
-                            l.lora_a_name(),
-                            a.dims(),
-                            l.lora_b_name(),
-                            b.dims(),
-                            l.name,
-                            spec.rank
-                        ),
-                    });
-                }
+                let (a, b) = adapter_factors(l, adapters, spec)?;
                 l.lora = Some(Lora {
                     a,
                     b,
@@ -291,25 +271,7 @@ impl Llama {
                     added.push(None);
                     continue;
                 }
-                let (a, b) = (
-                    adapters.tensor(&l.lora_a_name())?,
-                    adapters.tensor(&l.lora_b_name())?,
-                );
-                let (out_dim, in_dim) = l.weight.dims()?;
-                if a.dims() != [spec.rank, in_dim] || b.dims() != [out_dim, spec.rank] {
-                    return Err(ModelError::Weights {
-                        path: "adapter".into(),
-                        msg: format!(
-                            "{} is {:?} and {} is {:?}, but the base projection {} is ({out_dim}, {in_dim}) and the rank {}: an adapter made for another base model?",
-                            l.lora_a_name(),
-                            a.dims(),
-                            l.lora_b_name(),
-                            b.dims(),
-                            l.name,
-                            spec.rank
-                        ),
-                    });
-                }
+                let (a, b) = adapter_factors(l, adapters, spec)?;
                 added.push(Some(crate::linear::ServedLora::new(&a, &b, scale)?));
             }
         }
@@ -1042,6 +1004,37 @@ impl Llama {
         }
         Ok(h)
     }
+}
+
+/// Projection `l`'s adapter factors `A (r, in)` and `B (out, r)` from `adapters`, checked
+/// against the base projection's shape and the spec's rank.
+fn adapter_factors(
+    l: &Linear,
+    adapters: &Params,
+    spec: &LoraSpec,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let (a, b) = (
+        adapters.tensor(&l.lora_a_name())?,
+        adapters.tensor(&l.lora_b_name())?,
+    );
+    let (out_dim, in_dim) = l.weight.dims()?;
+    let want_a = [spec.rank, in_dim];
+    let want_b = [out_dim, spec.rank];
+    if a.dims() != want_a || b.dims() != want_b {
+        return Err(ModelError::Weights {
+            path: "adapter".into(),
+            msg: format!(
+                "{} is {:?} and {} is {:?}, but the base projection {} is ({out_dim}, {in_dim}) and the rank {}: expected {want_a:?} and {want_b:?} (an adapter made for another base model?)",
+                l.lora_a_name(),
+                a.dims(),
+                l.lora_b_name(),
+                b.dims(),
+                l.name,
+                spec.rank
+            ),
+        });
+    }
+    Ok((a, b))
 }
 
 impl Block {

@@ -520,18 +520,36 @@ pub(crate) async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiE
         .map_err(|_| ApiError::too_large(limit))
 }
 
-pub async fn chat(State(st): State<Arc<AppState>>, req: Request) -> Response {
+/// Runs an endpoint on the request's body; an error is counted and answered in OpenAI's
+/// shape (or `shape`'s).
+pub(crate) async fn respond<F, Fut>(
+    st: Arc<AppState>,
+    req: Request,
+    inner: F,
+    shape: fn(ApiError) -> Response,
+) -> Response
+where
+    F: FnOnce(Arc<AppState>, Bytes) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
     let result = match read_body(&st, req).await {
-        Ok(body) => chat_inner(&st, &body).await,
+        Ok(body) => inner(st.clone(), body).await,
         Err(e) => Err(e),
     };
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.error();
-            e.into_response()
-        }
-    }
+    result.unwrap_or_else(|e| {
+        st.metrics.error();
+        shape(e)
+    })
+}
+
+pub async fn chat(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    respond(
+        st,
+        req,
+        |st, body| async move { chat_inner(&st, &body).await },
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 async fn chat_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -928,17 +946,13 @@ async fn stream_answer(
 // /v1/completions
 
 pub async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let result = match read_body(&st, req).await {
-        Ok(body) => completions_inner(&st, &body).await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.error();
-            e.into_response()
-        }
-    }
+    respond(
+        st,
+        req,
+        |st, body| async move { completions_inner(&st, &body).await },
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 async fn completions_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -1066,17 +1080,13 @@ fn spawn_stream(
 // /v1/embeddings
 
 pub async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let result = match read_body(&st, req).await {
-        Ok(body) => embeddings_inner(&st, &body).await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.error();
-            e.into_response()
-        }
-    }
+    respond(
+        st,
+        req,
+        |st, body| async move { embeddings_inner(&st, &body).await },
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 async fn embeddings_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -1222,14 +1232,13 @@ struct AddAdapter {
 /// Loads the PEFT adapter `--adapter-dir/NAME` and serves it as model `NAME`, without a
 /// restart. Only with an API key, and only from the adapter directory, by name.
 pub async fn add_adapter(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let result = match read_body(&st, req).await {
-        Ok(body) => add_adapter_inner(&st, &body).await,
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(|e| {
-        st.metrics.error();
-        e.into_response()
-    })
+    respond(
+        st,
+        req,
+        |st, body| async move { add_adapter_inner(&st, &body).await },
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 async fn add_adapter_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::engine::Event;
 use crate::openai::{float_in, from_body, int_in, parse_json, ApiError};
 use crate::routes::{
-    budget, chat_prompt, check_model, gather, new_id, read_body, ready, sse_response, submit,
+    budget, chat_prompt, check_model, gather, new_id, ready, respond, sse_response, submit,
     unix_now, Job,
 };
 use crate::{AppState, Ready};
@@ -183,14 +183,13 @@ struct ResponsesRequest {
 }
 
 pub async fn responses(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let result = match read_body(&st, req).await {
-        Ok(body) => responses_inner(&st, &body).await,
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(|e| {
-        st.metrics.error();
-        e.into_response()
-    })
+    respond(
+        st,
+        req,
+        |st, body| async move { responses_inner(&st, &body).await },
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 async fn responses_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -411,14 +410,13 @@ fn anthropic_error(e: ApiError) -> Response {
 }
 
 pub async fn messages(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let result = match read_body(&st, req).await {
-        Ok(body) => messages_inner(&st, &body).await,
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(|e| {
-        st.metrics.error();
-        anthropic_error(e)
-    })
+    respond(
+        st,
+        req,
+        |st, body| async move { messages_inner(&st, &body).await },
+        anthropic_error,
+    )
+    .await
 }
 
 /// Anthropic's stop reasons.
