@@ -5,6 +5,9 @@
 //! * messages: `messages: [{role, content}, ...]` with roles `system`, `user`, `assistant`.
 //! * ShareGPT: `conversations: [{from, value}, ...]` with `from` one of `system` (first turn
 //!   only), `human`/`user`, `gpt`/`assistant`; an optional top-level `system`.
+//! * TRL's prompt-completion: `prompt` and `completion` as strings (a user turn and the
+//!   assistant's reply), or as message lists (the conversational form: the prompt's turns,
+//!   then the completion's).
 //!
 //! A file is a JSON array of records or JSONL (one record per line; blank lines are allowed).
 //! A bad record is an error naming the file, the record (JSONL: its line) and the field;
@@ -167,6 +170,29 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
         parse_turns(obj, "messages", "role", "content", origin)?
     } else if obj.contains_key("conversations") {
         parse_turns(obj, "conversations", "from", "value", origin)?
+    } else if obj.contains_key("prompt") && obj.contains_key("completion") {
+        match (&obj["prompt"], &obj["completion"]) {
+            (Value::String(p), Value::String(c)) => Conversation {
+                system: None,
+                turns: vec![Message::new("user", p), Message::new("assistant", c)],
+                origin: origin.to_string(),
+            },
+            (Value::Array(p), Value::Array(c)) => {
+                let mut turns = serde_json::Map::new();
+                turns.insert(
+                    "prompt+completion".into(),
+                    Value::Array(p.iter().chain(c).cloned().collect()),
+                );
+                parse_turns(&turns, "prompt+completion", "role", "content", origin)?
+            }
+            (p, c) => {
+                return Err(err(format!(
+                    "\"prompt\" is {} and \"completion\" is {}: both strings, or both message lists (TRL's prompt-completion format)",
+                    json_kind(p),
+                    json_kind(c)
+                )))
+            }
+        }
     } else if obj.contains_key("instruction") || obj.contains_key("output") {
         let instruction = string_field(obj, "instruction")
             .map_err(err)?
@@ -191,7 +217,7 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
     } else {
         let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
         return Err(err(format!(
-            "unknown record format (keys {keys:?}); expected Alpaca (instruction, input, output), messages ([{{role, content}}]) or ShareGPT (conversations: [{{from, value}}])"
+            "unknown record format (keys {keys:?}); expected Alpaca (instruction, input, output), messages ([{{role, content}}]), ShareGPT (conversations: [{{from, value}}]) or TRL's prompt-completion (prompt, completion)"
         )));
     };
     if let Some(s) = system {

@@ -321,6 +321,45 @@ fn bad_records_name_file_record_and_field() {
     assert_eq!(r.conversations[0].system.as_deref(), Some("S"));
     assert_eq!(r.conversations[1].turns[0].content, "Do\nthis");
     assert_eq!(r.conversations[1].system.as_deref(), Some("T"));
+    // TRL's prompt-completion records, as strings and as message lists.
+    let p = write(
+        "trl.jsonl",
+        concat!(
+            r#"{"prompt": "The sky is", "completion": " blue."}"#,
+            "\n",
+            r#"{"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]}"#,
+            "\n"
+        ),
+    );
+    let r = read_records(&[p], false).unwrap();
+    let turns = |i: usize| -> Vec<(String, String)> {
+        r.conversations[i]
+            .turns
+            .iter()
+            .map(|m| (m.role.clone(), m.content.clone()))
+            .collect()
+    };
+    assert_eq!(
+        turns(0),
+        vec![
+            ("user".to_string(), "The sky is".to_string()),
+            ("assistant".to_string(), " blue.".to_string())
+        ]
+    );
+    assert_eq!(r.conversations[1].system.as_deref(), Some("S"));
+    assert_eq!(
+        turns(1),
+        vec![
+            ("user".to_string(), "Hi".to_string()),
+            ("assistant".to_string(), "Hello".to_string())
+        ]
+    );
+    let p = write("trl_bad.json", r#"[{"prompt": "x", "completion": [1]}]"#);
+    let e = read_records(&[p], false).unwrap_err().to_string();
+    assert!(
+        e.contains("trl_bad.json") && e.contains("both strings"),
+        "{e}"
+    );
 }
 
 /// A toy instruction set: each question has one fixed answer.
