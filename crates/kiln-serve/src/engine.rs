@@ -101,6 +101,8 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("n = {n} needs {n} decode slots but the server has {max_batch} (--max-batch)")]
     TooManyChoices { n: usize, max_batch: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
 }
 
 /// The requests waiting for slots, shared between the HTTP side and the scheduler.
@@ -140,6 +142,9 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a request; refused when the queue is full.
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
+        if req.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
         if req.n > self.cfg.max_batch {
             return Err(SubmitError::TooManyChoices {
                 n: req.n,

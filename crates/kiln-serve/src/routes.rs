@@ -160,6 +160,13 @@ pub(crate) fn submit(
     r: &Ready,
     job: Job,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    // The scheduler feeds at least one prompt token; an empty prompt never reaches it.
+    if job.prompt.is_empty() {
+        return Err(ApiError::bad_request(
+            Some("messages"),
+            "the prompt is empty after rendering and tokenizing",
+        ));
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         prompt: job.prompt,
@@ -180,6 +187,7 @@ pub(crate) fn submit(
     engine(r)?.submit(req).map_err(|e| match e {
         SubmitError::QueueFull(_) => ApiError::busy(e.to_string()),
         SubmitError::TooManyChoices { .. } => ApiError::invalid("n", e.to_string()),
+        SubmitError::EmptyPrompt => ApiError::bad_request(Some("messages"), e.to_string()),
     })?;
     st.metrics.request();
     Ok(rx)
