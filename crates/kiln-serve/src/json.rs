@@ -104,6 +104,19 @@ struct Compiler<'a> {
 }
 
 impl<'a> Compiler<'a> {
+    /// A grammar holding what every grammar starts with: node [`ANY`] and literal set
+    /// [`ANY_LITERALS`].
+    fn new(root_schema: &'a Value) -> Self {
+        let mut c = Self {
+            g: Grammar::default(),
+            root_schema,
+        };
+        c.push(Node::Any);
+        c.g.literals
+            .push(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
+        c
+    }
+
     fn push(&mut self, n: Node) -> u32 {
         self.g.nodes.push(n);
         (self.g.nodes.len() - 1) as u32
@@ -821,13 +834,7 @@ impl Machine {
 
 /// Compiles `schema` (the root must be an object).
 fn compile_schema(schema: &Value) -> Result<Grammar, ApiError> {
-    let mut c = Compiler {
-        g: Grammar::default(),
-        root_schema: schema,
-    };
-    c.push(Node::Any);
-    c.g.literals
-        .push(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
+    let mut c = Compiler::new(schema);
     let root = c.compile(schema, 0)?;
     if !c.g.starts_with(root, b'{') || (0..=255u8).any(|b| b != b'{' && c.g.starts_with(root, b)) {
         return Err(refuse(
@@ -849,13 +856,7 @@ pub(crate) fn tool_call_grammar(
     tags: Option<(&str, &str)>,
 ) -> Result<Grammar, ApiError> {
     let empty = Value::Object(Map::new());
-    let mut c = Compiler {
-        g: Grammar::default(),
-        root_schema: schema.unwrap_or(&empty),
-    };
-    c.push(Node::Any);
-    c.g.literals
-        .push(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
+    let mut c = Compiler::new(schema.unwrap_or(&empty));
     let name_key = c.literals(vec![b"\"name\"".to_vec()]);
     let name = c.literals(
         names
@@ -892,13 +893,10 @@ pub(crate) fn tool_call_grammar(
 
 /// A grammar for any JSON object (`json_object`).
 fn any_object() -> Grammar {
-    let mut g = Grammar::default();
-    g.nodes.push(Node::Any);
-    g.nodes.push(Node::AnyObject);
-    g.literals
-        .push(vec![b"true".to_vec(), b"false".to_vec(), b"null".to_vec()]);
-    g.root = 1;
-    g
+    let empty = Value::Object(Map::new());
+    let mut c = Compiler::new(&empty);
+    c.g.root = c.push(Node::AnyObject);
+    c.g
 }
 
 /// The bytes each vocabulary token adds to a text, grouped by first byte.
