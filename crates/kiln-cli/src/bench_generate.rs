@@ -18,8 +18,9 @@ pub struct BenchGenerateArgs {
     /// A GGUF file, HF directory or kiln run.
     #[arg(long)]
     pub model: PathBuf,
-    /// Weights: `native` (a GGUF as stored, quantised; others f32), `f32` (dequantised,
-    /// kiln's training model), or a GGML type to requantise to (q8_0, q4_0, f16, ...).
+    /// Weights: `native` (as stored: a GGUF's blocks, an HF checkpoint's bf16/f16 matrices
+    /// memory-mapped; kiln runs in f32), `f32` (dequantised, kiln's training model), or a GGML
+    /// type to quantise to on load (q8_0, q4_0, f16, ...).
     #[arg(long, default_value = "native")]
     pub weights: String,
     /// Prompt length of the prefill test.

@@ -33,7 +33,8 @@ pub struct ChatArgs {
     /// Tokens of history kept (default: the model's context window).
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
+    /// Run on f32 copies of the weights: a GGUF dequantised, an HF checkpoint converted (by
+    /// default both are used as stored).
     #[arg(long)]
     pub dequantize: bool,
     /// Quantise the weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,

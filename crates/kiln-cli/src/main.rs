@@ -255,7 +255,8 @@ pub struct GenerateArgs {
     /// A run directory, checkpoint directory, model.safetensors, HF model directory or GGUF file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
+    /// Run on f32 copies of the weights: a GGUF dequantised, an HF checkpoint converted (by
+    /// default both are used as stored).
     #[arg(long)]
     pub dequantize: bool,
     /// Quantise the weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,

@@ -46,7 +46,8 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body: usize,
-    /// Run a GGUF model on dequantised f32 weights instead of its quantised ones.
+    /// Run on f32 copies of the weights: a GGUF dequantised, an HF checkpoint converted (by
+    /// default both are used as stored).
     #[arg(long)]
     pub dequantize: bool,
     /// Quantise the weights while loading (q8_0, q4_0, q4_k, ...), one tensor at a time.

@@ -14,8 +14,9 @@ use crate::{check_vocab, load_tokenizer, load_weights, LoadError, ModelFormat};
 /// Which weights an inference model runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Weights {
-    /// As stored: a GGUF's quantised weights through quantised matmuls (`QLlama`); dense f32
-    /// (`Llama`) for every other format.
+    /// As stored: a GGUF's quantised weights through quantised matmuls (`QLlama`); an HF
+    /// checkpoint's bf16/f16 matrices read from the memory-mapped files; dense f32 (`Llama`)
+    /// for kiln's own checkpoints.
     #[default]
     Native,
     /// Dense f32 (`Llama`, the training model); a GGUF is dequantised.
@@ -117,6 +118,14 @@ fn build_llama(
             let q = QLlama::from_gguf(&file, &config)?;
             let desc = format!("{:?} (quantised)", q.weight_types());
             Ok((q, config, format, desc))
+        }
+        // An HF checkpoint as stored: bf16/f16 matrices stay in the mapped shards.
+        (Weights::Native, ModelFormat::HfDir) => {
+            let config = kiln_model::hf::HfConfig::load(path)?.to_model_config(path)?;
+            let hf = kiln_model::hf::HfWeights::open(path, &config)?;
+            let m = Llama::from_hf_mapped(&config, &hf)?;
+            let desc = format!("{:?} (memory-mapped)", m.weight_types());
+            Ok((m, config, format, desc))
         }
         (Weights::Native | Weights::Dense, _) => {
             let w = load_weights(path, device)?;

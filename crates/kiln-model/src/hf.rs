@@ -4,16 +4,22 @@
 //! `MistralForCausalLM`; SmolLM2 is Llama). transformers' Llama uses the same half-split RoPE
 //! as kiln, so loading is renaming plus a cast to f32; export is the reverse.
 //!
-//! The safetensors files are memory-mapped and each tensor is converted straight from the
-//! mapping into the model's f32 storage (bf16/f16/f32 supported), with no intermediate copy.
+//! The safetensors files are memory-mapped. For training each tensor is converted straight
+//! from the mapping into the model's f32 storage (bf16/f16/f32 supported); for inference
+//! bf16/f16 matrices stay in the mapping and kiln's kernels read them there
+//! ([`HfWeights::weight`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use kiln_kernels::qkernels::{RawKind, RawQ, SharedBytes};
+use memmap2::Mmap;
+use safetensors::Dtype as St;
 use serde::{Deserialize, Serialize};
 
+use crate::linear::LinearWeight;
 use crate::params::layout;
 use crate::{ModelConfig, ModelError, Params, RopeScaling};
 
@@ -692,29 +698,87 @@ pub fn load_hf_weights(
 /// unexpected tensor is there.
 pub struct HfWeights {
     files: Vec<PathBuf>,
-    maps: Vec<MmapedSafetensors>,
-    /// kiln name → (file index, HF name, where in it).
-    sources: HashMap<String, (usize, String, HfSource)>,
+    maps: Vec<Arc<Mmap>>,
+    /// kiln name → where its values lie.
+    sources: HashMap<String, Located>,
     family: Family,
+}
+
+/// One stored tensor in a mapped shard.
+#[derive(Clone)]
+struct Stored {
+    file: usize,
+    dtype: St,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    start: usize,
+    len: usize,
+}
+
+/// The bytes of one kiln tensor: a stored tensor, or a run of its rows (a fused tensor).
+struct Located {
+    hf_name: String,
+    stored: Stored,
+    /// `(first row, rows)` of a fused tensor.
+    rows: Option<(usize, usize)>,
+}
+
+impl Located {
+    /// `(dtype, shape, byte start, byte length)` of the kiln tensor.
+    fn span(&self) -> (St, Vec<usize>, usize, usize) {
+        let s = &self.stored;
+        match self.rows {
+            None => (s.dtype, s.shape.clone(), s.start, s.len),
+            Some((first, rows)) => {
+                let row_bytes = s.len / s.shape[0].max(1);
+                let mut shape = s.shape.clone();
+                shape[0] = rows;
+                (
+                    s.dtype,
+                    shape,
+                    s.start + first * row_bytes,
+                    rows * row_bytes,
+                )
+            }
+        }
+    }
 }
 
 impl HfWeights {
     pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let (files, index) = weight_files(dir)?;
-        // name -> (file index); every file is mapped once.
+        // name -> where it is stored; every file is mapped once.
         let mut maps = Vec::new();
-        let mut where_is: HashMap<String, usize> = HashMap::new();
+        let mut stored: HashMap<String, Stored> = HashMap::new();
         for (i, f) in files.iter().enumerate() {
-            // SAFETY: read-only mapping of a file we do not modify while it is open.
-            let st = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Weights {
+            let err = |msg: String| ModelError::Weights {
                 path: f.display().to_string(),
-                msg: format!("cannot read safetensors (truncated or corrupt?): {e}"),
+                msg,
+            };
+            let file = std::fs::File::open(f).map_err(|e| err(format!("cannot open: {e}")))?;
+            // SAFETY: read-only mapping of a file we do not modify while it is open.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))?;
+            // `deserialize` checks the header and that every tensor's bytes lie in the file.
+            let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
+                err(format!(
+                    "cannot read safetensors (truncated or corrupt?): {e}"
+                ))
             })?;
-            for (name, _) in st.tensors() {
-                where_is.insert(name, i);
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let at = Stored {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start: view.data().as_ptr() as usize - base,
+                    len: view.data().len(),
+                };
+                stored.insert(name, at);
             }
-            maps.push(st);
+            maps.push(Arc::new(map));
         }
+        let where_is: HashMap<String, usize> =
+            stored.iter().map(|(k, v)| (k.clone(), v.file)).collect();
         if let Some(index) = &index {
             for (name, file) in index {
                 if !where_is.contains_key(name) {
@@ -754,38 +818,46 @@ impl HfWeights {
                 path: files[fi].display().to_string(),
                 msg,
             };
-            let view = maps[fi]
-                .get(&h)
-                .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
-            use safetensors::Dtype as St;
-            if !matches!(view.dtype(), St::F32 | St::F16 | St::BF16) {
+            let view = &stored[&h];
+            if !matches!(view.dtype, St::F32 | St::F16 | St::BF16) {
                 return Err(ferr(format!(
                     "tensor {h:?} has dtype {:?}; kiln reads F32, F16 and BF16",
-                    view.dtype()
+                    view.dtype
                 )));
             }
             let want_shape = match &source {
                 HfSource::Whole(_) => shape.clone(),
                 HfSource::Rows { start, len, .. } => {
-                    let rows = view.shape().first().copied().unwrap_or(0);
-                    if rows < start + len || view.shape().get(1..) != shape.get(1..) {
+                    let rows = view.shape.first().copied().unwrap_or(0);
+                    if rows < start + len || view.shape.get(1..) != shape.get(1..) {
                         return Err(ferr(format!(
                             "fused tensor {h:?} has shape {:?}, too small for kiln {name:?} (rows {start}..{})",
-                            view.shape(),
+                            view.shape,
                             start + len
                         )));
                     }
-                    view.shape().to_vec()
+                    view.shape.clone()
                 }
             };
-            if view.shape() != want_shape.as_slice() {
+            if view.shape != want_shape {
                 return Err(ferr(format!(
                     "tensor {h:?} has shape {:?} but config.json implies {want_shape:?}",
-                    view.shape()
+                    view.shape
                 )));
             }
             wanted.insert(h.clone());
-            sources.insert(name.clone(), (fi, h, source));
+            let rows = match source {
+                HfSource::Rows { start, len, .. } => Some((start, len)),
+                HfSource::Whole(_) => None,
+            };
+            sources.insert(
+                name.clone(),
+                Located {
+                    hf_name: h,
+                    stored: view.clone(),
+                    rows,
+                },
+            );
         }
         let extra: Vec<&String> = where_is
             .keys()
@@ -813,34 +885,73 @@ impl HfWeights {
         })
     }
 
+    fn located(&self, name: &str) -> Result<&Located, ModelError> {
+        self.sources.get(name).ok_or_else(|| ModelError::Weights {
+            path: self
+                .files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            msg: format!("no tensor for kiln {name:?}"),
+        })
+    }
+
     /// Kiln tensor `name` in f32, converted from the mapping (F32, F16 or BF16), with the
     /// family's conventions applied (a fused tensor's rows, Gemma's `1 + w` norms).
     pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
-        let Some((fi, h, source)) = self.sources.get(name) else {
-            return Err(ModelError::Weights {
-                path: self
-                    .files
-                    .first()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_default(),
-                msg: format!("no tensor for kiln {name:?}"),
-            });
+        let at = self.located(name)?;
+        let (dtype, shape, start, len) = at.span();
+        let bytes = &self.maps[at.stored.file][start..start + len];
+        let dtype = match dtype {
+            St::BF16 => DType::BF16,
+            St::F16 => DType::F16,
+            _ => DType::F32,
         };
-        let ferr = |msg: String| ModelError::Weights {
-            path: self.files[*fi].display().to_string(),
-            msg,
-        };
-        let mut t = self.maps[*fi]
-            .load(h, device)
+        let mut t = Tensor::from_raw_buffer(bytes, dtype, &shape, device)
             .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| ferr(format!("tensor {h:?}: {e}")))?;
-        if let HfSource::Rows { start, len, .. } = source {
-            t = t.narrow(0, *start, *len)?.contiguous()?;
-        }
+            .map_err(|e| ModelError::Weights {
+                path: self.files[at.stored.file].display().to_string(),
+                msg: format!("tensor {:?}: {e}", at.hf_name),
+            })?;
         if self.family.norm_offset() != 0.0 && name.ends_with("norm.weight") {
             t = (t + self.family.norm_offset())?;
         }
+        // The pages just read are no longer needed: leave them to the page cache rather than
+        // in this process's resident set (quantising a 7B on load would otherwise end with
+        // the whole file resident next to the quantised model).
+        // SAFETY: the mapping is shared, read-only and of a file nobody writes while we read
+        // it: dropped pages are read back unchanged if touched again (a matrix still mapped
+        // that shares an edge page with this tensor). No reference into the range is held.
+        let _ = unsafe {
+            self.maps[at.stored.file].unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                len,
+            )
+        };
         Ok(t)
+    }
+
+    /// Kiln matrix `name` for inference, used where it lies: a bf16/f16 matrix whose rows are
+    /// whole 32-value blocks is read by kiln's kernels straight from the mapped file (no copy;
+    /// the mapping stays alive as long as the weight); anything else is converted to f32.
+    pub fn weight(&self, name: &str) -> Result<LinearWeight, ModelError> {
+        let at = self.located(name)?;
+        let (dtype, shape, start, len) = at.span();
+        let kind = match dtype {
+            St::BF16 => Some(RawKind::BF16),
+            St::F16 => Some(RawKind::F16),
+            _ => None,
+        };
+        if let (Some(kind), [n, k]) = (kind, shape.as_slice()) {
+            let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.maps[at.stored.file].clone();
+            if let Some(r) =
+                SharedBytes::new(owner, start, len).and_then(|b| RawQ::from_shared(kind, *n, *k, b))
+            {
+                return Ok(LinearWeight::Raw(Arc::new(r)));
+            }
+        }
+        Ok(LinearWeight::Dense(self.tensor(name, &Device::Cpu)?))
     }
 }
 

@@ -28,8 +28,8 @@ use kiln_kernels::qkernels::{RawKind, RawQ};
 pub enum LinearWeight {
     /// f32 (or f64 in gradient checks), on any device.
     Dense(Tensor),
-    /// GGML blocks with one of kiln's exact kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_K,
-    /// Q5_K, Q6_K).
+    /// GGML blocks with one of kiln's exact kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16,
+    /// Q2_K ... Q6_K), owned or in a memory-mapped file.
     Raw(Arc<RawQ>),
     /// Other GGML types, through candle's quantised matmul (8-bit activations).
     Quant(Arc<QTensor>),
@@ -218,6 +218,7 @@ impl LinearWeight {
                 RawKind::Q6K => GgmlDType::Q6K,
                 RawKind::Q2K => GgmlDType::Q2K,
                 RawKind::Q3K => GgmlDType::Q3K,
+                RawKind::BF16 => GgmlDType::BF16,
             },
             LinearWeight::Quant(q) => q.dtype(),
         }
@@ -535,13 +536,14 @@ fn raw_kind(d: GgmlDType) -> Option<RawKind> {
         GgmlDType::Q6K => Some(RawKind::Q6K),
         GgmlDType::Q2K => Some(RawKind::Q2K),
         GgmlDType::Q3K => Some(RawKind::Q3K),
+        GgmlDType::BF16 => Some(RawKind::BF16),
         _ => None,
     }
 }
 
 impl LinearWeight {
-    /// Wraps a GGML tensor `(out, in)`: F32/BF16 become dense f32; types with a kiln kernel
-    /// keep their blocks; the rest go through candle.
+    /// Wraps a GGML tensor `(out, in)`: F32 becomes dense; types with a kiln kernel keep
+    /// their blocks; the rest go through candle.
     pub fn from_qtensor(q: QTensor) -> Result<Self, ModelError> {
         let (n, k) = q.shape().dims2()?;
         if let (Some(kind), false) = (raw_kind(q.dtype()), CANDLE_QMATMUL.load(Ordering::Relaxed)) {

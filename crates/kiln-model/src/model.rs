@@ -52,6 +52,9 @@ pub struct Llama {
     pub(crate) train_base: bool,
     /// Adapters served side by side (ids 1..=this; see [`Llama::add_served_adapter`]).
     pub(crate) served_adapters: u16,
+    /// Activation checkpointing: the trunk's forward keeps only each block's input and the
+    /// backward runs the block's forward again (see [`Llama::set_activation_checkpointing`]).
+    pub(crate) checkpoint_blocks: bool,
 }
 
 /// Token ids of a batch, with optional per-token positions and segment ids. Packed rows hold
@@ -134,9 +137,20 @@ pub trait LayerHooks {
     }
 }
 
+/// What the trunk's forward keeps of one block for the backward.
+enum SavedBlock {
+    /// Every activation the block's backward reads.
+    Acts(BlockActs),
+    /// Activation checkpointing: the block's input and the dropout RNG's state before it, so
+    /// the backward can run the same forward again (same masks) and then its backward.
+    Input { x: Tensor, rng: Option<SplitMix64> },
+}
+
 /// What the trunk's forward keeps for [`Llama::backward_hidden`].
 pub struct Trunk {
-    acts: Vec<BlockActs>,
+    blocks: Vec<SavedBlock>,
+    /// The forward's residual dropout probability (a checkpointed block's forward reruns).
+    dropout_p: f64,
     ids: Tensor,
     /// The last block's output, before the final norm.
     last: Tensor,
@@ -392,6 +406,7 @@ impl Llama {
             device,
             train_base: true,
             served_adapters: 0,
+            checkpoint_blocks: false,
         })
     }
 
@@ -512,7 +527,16 @@ impl Llama {
             device: self.device.clone(),
             train_base: self.train_base,
             served_adapters: self.served_adapters,
+            checkpoint_blocks: self.checkpoint_blocks,
         }
+    }
+
+    /// Activation checkpointing per block (`train.activation_checkpointing`): the trunk's
+    /// forward keeps only each block's input, and the backward recomputes the block's
+    /// activations just before its backward. Gradients are the same; the peak holds one
+    /// block's activations instead of all of them, for about one more forward of compute.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpoint_blocks = on;
     }
 
     pub(crate) fn heads(&self) -> Heads {
@@ -731,13 +755,19 @@ impl Llama {
         let mut pass = m.pass(b, t, 0, Some(batch), dropout_rng)?;
         let ids = batch.tokens.flatten_all()?;
         let mut x = m.embed(&batch.tokens)?.detach(); // (n, d)
-        let mut acts = Vec::with_capacity(m.layers.len());
+        let mut blocks = Vec::with_capacity(m.layers.len());
         for (i, block) in m.layers.iter().enumerate() {
             if let Some(h) = hooks.as_deref_mut() {
                 h.before_layer(i, false)?;
             }
+            // Under checkpointing the block runs exactly as without (same masks drawn), and
+            // its activations are dropped at once.
+            let rng = pass.dropout.as_deref().cloned();
             let (out, a) = block.forward(&x, &mut pass, None, true)?;
-            acts.push(a.expect("saved"));
+            blocks.push(match m.checkpoint_blocks {
+                true => SavedBlock::Input { x, rng },
+                false => SavedBlock::Acts(a.expect("saved")),
+            });
             x = out;
         }
         if let Some(h) = hooks {
@@ -747,7 +777,8 @@ impl Llama {
         Ok((
             hidden,
             Trunk {
-                acts,
+                blocks,
+                dropout_p: pass.dropout_p,
                 ids,
                 last: x,
                 b,
@@ -782,7 +813,21 @@ impl Llama {
         mut hooks: Option<&mut dyn LayerHooks>,
     ) -> Result<(), ModelError> {
         let m = self.detached();
-        let pass = Pass {
+        // The dropout RNG states of checkpointed blocks, for their recomputed forwards.
+        let (mut saved, mut rngs) = (Vec::new(), Vec::new());
+        for s in trunk.blocks {
+            match s {
+                SavedBlock::Input { x, rng } => {
+                    saved.push(SavedBlock::Input { x, rng: None });
+                    rngs.push(rng);
+                }
+                acts => {
+                    saved.push(acts);
+                    rngs.push(None);
+                }
+            }
+        }
+        let mut pass = Pass {
             b: trunk.b,
             t: trunk.t,
             heads: m.heads(),
@@ -806,11 +851,26 @@ impl Llama {
         if let Some(h) = hooks.as_deref_mut() {
             h.before_blocks_backward(grads)?;
         }
-        for (i, (block, a)) in m.layers.iter().zip(trunk.acts).enumerate().rev() {
+        let layers = m.layers.iter().zip(saved).zip(rngs.iter_mut()).enumerate();
+        for (i, ((block, s), rng)) in layers.rev() {
+            if let Some(h) = hooks.as_deref_mut() {
+                h.before_layer(i, true)?;
+            }
+            let a = match s {
+                SavedBlock::Acts(a) => a,
+                SavedBlock::Input { x, .. } => {
+                    // The same forward again (same input, masks and weights), keeping all.
+                    pass.dropout_p = trunk.dropout_p;
+                    pass.dropout = rng.as_mut();
+                    let (_, a) = block.forward(&x, &mut pass, None, true)?;
+                    pass.dropout_p = 0.0;
+                    pass.dropout = None;
+                    a.expect("saved")
+                }
+            };
             dx = match hooks.as_deref_mut() {
                 None => block.backward(a, dx, &pass, grads)?,
                 Some(h) => {
-                    h.before_layer(i, true)?;
                     let dx = block.backward(a, dx, &pass, h.layer_grads(i))?;
                     h.after_layer_backward(i)?;
                     dx

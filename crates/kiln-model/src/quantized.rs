@@ -1,14 +1,15 @@
-//! Quantised inference: the same decoder ([`Llama`]), with each projection's weight kept as
-//! GGUF blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and Q2_K ... Q6_K run through kiln's
-//! kernels (`kiln_kernels::qkernels`), which compute exactly what the dequantised model
-//! computes; the rest (Q8_K, IQ types, ...) go through candle's quantised matmul.
-//! Norms stay f32. Training loads dense [`Params`] instead (or keeps a quantised base frozen
-//! under LoRA).
+//! Inference weights as stored: the same decoder ([`Llama`]), with each projection's weight
+//! kept as GGUF blocks or as an HF checkpoint's bf16/f16 matrix in its memory-mapped file.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16 and Q2_K ... Q6_K run through kiln's kernels
+//! (`kiln_kernels::qkernels`), which compute exactly what the dequantised model computes; the
+//! rest (Q8_K, IQ types, ...) go through candle's quantised matmul. Norms stay f32. Training
+//! loads dense [`Params`] instead (or keeps a quantised or 16-bit base frozen under LoRA).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::gguf::GgufFile;
+use crate::hf::HfWeights;
 use crate::linear::{Linear, LinearWeight};
 use crate::model::Embedding;
 use crate::{Llama, ModelConfig, ModelError, Params};
@@ -21,6 +22,18 @@ impl Llama {
     pub fn from_gguf(file: &GgufFile, cfg: &ModelConfig) -> Result<Self, ModelError> {
         file.check_tensors(cfg)?;
         Self::build_quantised(cfg, |name| file.qtensor(cfg, name))
+    }
+
+    /// Builds the model over an HF checkpoint's weights where they lie: bf16/f16 matrices and
+    /// the embedding are read by kiln's kernels from the memory-mapped shards, never copied to
+    /// f32 (embedding rows are converted as they are gathered); norms, and f32 checkpoints,
+    /// are converted to f32. Inference only: every weight is frozen.
+    pub fn from_hf_mapped(cfg: &ModelConfig, hf: &HfWeights) -> Result<Self, ModelError> {
+        Self::build_from(
+            cfg,
+            |name| hf.weight(name),
+            |name| hf.tensor(name, &Device::Cpu),
+        )
     }
 
     /// Quantises dense weights to `dtype` (matrices whose rows are not whole blocks stay
@@ -61,12 +74,21 @@ impl Llama {
         cfg: &ModelConfig,
         get: impl Fn(&str) -> Result<QTensor, ModelError>,
     ) -> Result<Self, ModelError> {
+        Self::build_from(
+            cfg,
+            |name| LinearWeight::from_qtensor(get(name)?),
+            |name| Ok(get(name)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?),
+        )
+    }
+
+    /// The inference model from `weight` (matrices, as stored) and `dense` (norms, in f32).
+    fn build_from(
+        cfg: &ModelConfig,
+        weight: impl Fn(&str) -> Result<LinearWeight, ModelError>,
+        dense: impl Fn(&str) -> Result<Tensor, ModelError>,
+    ) -> Result<Self, ModelError> {
         cfg.validate()?;
-        let device = Device::Cpu;
-        let dense = |name: &str| -> Result<Tensor, ModelError> {
-            Ok(get(name)?.dequantize(&device)?.to_dtype(DType::F32)?)
-        };
-        let embedding = match LinearWeight::from_qtensor(get("tok_embeddings.weight")?)? {
+        let embedding = match weight("tok_embeddings.weight")? {
             LinearWeight::Dense(t) => Embedding::Dense(t),
             LinearWeight::Raw(r) => Embedding::Raw(r),
             LinearWeight::Quant(q) => Embedding::Quant(q),
@@ -79,18 +101,14 @@ impl Llama {
             };
             Linear::new("output", w, false).with_weight_grad_name("tok_embeddings.weight")
         } else {
-            Linear::new(
-                "output",
-                LinearWeight::from_qtensor(get("output.weight")?)?,
-                false,
-            )
+            Linear::new("output", weight("output.weight")?, false)
         };
         let mut m = Self::assemble(
             cfg,
             embedding,
             dense("norm.weight")?,
             output,
-            |name| LinearWeight::from_qtensor(get(&format!("{name}.weight"))?),
+            |name| weight(&format!("{name}.weight")),
             dense,
             Device::Cpu,
             DType::F32,

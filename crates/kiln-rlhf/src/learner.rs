@@ -89,7 +89,7 @@ impl Learner {
         device: &Device,
     ) -> Result<Self, RlhfError> {
         let lora = cfg.base.lora_spec()?;
-        let (model, params, mode, total_params) = kiln_sft::build_model(
+        let (mut model, params, mode, total_params) = kiln_sft::build_model(
             path,
             model_config,
             lora.as_ref(),
@@ -97,6 +97,7 @@ impl Learner {
             cfg.base.train.seed,
             device,
         )?;
+        model.set_activation_checkpointing(cfg.base.train.activation_checkpointing);
         let opt = AdamW::for_model(&model, &params, &cfg.base.optim)?;
         let head = head
             .map(|w| TrainedHead::new(&w, &cfg.base.optim))

@@ -269,7 +269,7 @@ impl SftTrainer {
         cfg.finalize(steps_per_epoch);
 
         // Model: the trainable params and the model over them.
-        let (model, params, mode, total_params) = build_model(
+        let (mut model, params, mode, total_params) = build_model(
             &source.model,
             &model_config,
             lora.as_ref(),
@@ -277,6 +277,7 @@ impl SftTrainer {
             cfg.train.seed,
             &device,
         )?;
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing);
         let trainable = model.grad_layout(&params)?.total();
         let replica = match &dist {
             Some(d) if d.cfg.strategy == Strategy::Fsdp => {
@@ -289,13 +290,14 @@ impl SftTrainer {
                 d.comm
                     .broadcast(&params.flat().as_detached_tensor(), 0)
                     .map_err(TrainError::from)?;
-                let f = Fsdp::new(
+                let mut f = Fsdp::new(
                     &model_config,
                     &params,
                     &cfg.optim,
                     d.cfg.param_dtype,
                     d.comm.clone(),
                 )?;
+                f.set_activation_checkpointing(cfg.train.activation_checkpointing);
                 Replica::Sharded(Box::new(f))
             }
             _ => {
@@ -747,8 +749,9 @@ impl Steps for SftTrainer {
 
 /// The model to fine-tune and the parameters that train: (model, trainable params, a
 /// description, total parameter count). Without `lora` every weight trains (dense f32); with
-/// it, fresh PEFT-initialised adapters train on a frozen base, dense or (`base_quantized`, a
-/// GGUF) kept in its quantised blocks.
+/// it, fresh PEFT-initialised adapters train on a frozen base: an HF checkpoint as stored
+/// (bf16/f16 memory-mapped), a GGUF kept in its quantised blocks (`base_quantized`), else
+/// dense f32.
 pub fn build_model(
     path: &Path,
     cfg: &ModelConfig,
@@ -771,6 +774,13 @@ pub fn build_model(
                 let m = Llama::from_gguf(&file, cfg)?;
                 let desc = format!("{:?}", m.weight_types());
                 (m, format!("quantised base kept in its GGUF blocks {desc}"))
+            } else if ModelFormat::detect(path)? == ModelFormat::HfDir {
+                // A frozen HF base stays as stored: bf16/f16 matrices are read from the mapped
+                // shards, forward and backward (which needs only the input gradient here).
+                let hf = kiln_model::hf::HfWeights::open(path, cfg)?;
+                let m = Llama::from_hf_mapped(cfg, &hf)?;
+                let desc = format!("{:?}", m.weight_types());
+                (m, format!("frozen base as stored, memory-mapped {desc}"))
             } else {
                 let w = kiln_load::load_weights(path, device)?;
                 (Llama::new(&w.config, &w.params)?, "dense f32 base".into())

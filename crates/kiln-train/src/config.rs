@@ -150,6 +150,11 @@ pub struct TrainConfig {
     /// Peak FLOP/s for MFU; when unset, the fp32 GEMM peak is measured at start.
     #[serde(default)]
     pub peak_flops: Option<f64>,
+    /// Activation checkpointing per block: keep each block's input only and recompute its
+    /// activations in the backward (same gradients, about one more forward of compute, a
+    /// peak of one block's activations instead of all of them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activation_checkpointing: bool,
 }
 
 impl TrainConfig {

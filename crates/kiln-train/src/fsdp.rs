@@ -165,6 +165,11 @@ impl Fsdp {
     /// Shards `full` (the same initial weights on every rank) and builds the model over the
     /// scratch buffers; the model computes with parameters gathered in `param_dtype`. `full`
     /// can be dropped afterwards.
+    /// See [`Llama::set_activation_checkpointing`].
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.model.set_activation_checkpointing(on);
+    }
+
     pub fn new(
         cfg: &ModelConfig,
         full: &Params,

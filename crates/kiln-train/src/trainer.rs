@@ -235,16 +235,19 @@ impl Trainer {
                 }
                 // Every rank holds the same initial weights; each keeps its shards of them.
                 d.comm.broadcast(&params.flat().as_detached_tensor(), 0)?;
-                Replica::Sharded(Box::new(Fsdp::new(
+                let mut fsdp = Fsdp::new(
                     &cfg.model,
                     &params,
                     &cfg.optim,
                     d.cfg.param_dtype,
                     d.comm.clone(),
-                )?))
+                )?;
+                fsdp.set_activation_checkpointing(cfg.train.activation_checkpointing);
+                Replica::Sharded(Box::new(fsdp))
             }
             _ => {
-                let model = Llama::new(&cfg.model, &params)?;
+                let mut model = Llama::new(&cfg.model, &params)?;
+                model.set_activation_checkpointing(cfg.train.activation_checkpointing);
                 let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
                 if let Some(d) = &dist {
                     d.setup(&params, &mut optimizer)?;
