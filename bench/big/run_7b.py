@@ -11,7 +11,12 @@
   (`greedy_transformers.py`, run in its own process after kiln's);
 - llama_cpp: llama.cpp's `convert_hf_to_gguf.py` (from the llama-cpp-python 0.3.36 sdist) to
   a bf16 GGUF and to Q8_0, `llama-bench -p 128 -n 32`, against `kiln bench generate` on the
-  same GGUF and on the HF directory; each GGUF is deleted after use (disk).
+  same GGUF and on the HF directory; each GGUF is deleted after use (disk);
+- sft: one LoRA r16 step (batch 1 x 512 tokens, activation checkpointing) with the base frozen
+  in bf16 as stored (two steps run; the second is the step time);
+- qlora: `kiln export --type q4_k_m` (streamed, its peak RSS recorded), then the same step
+  with `--base-quantized` on that file;
+- peft: PyTorch + PEFT on the same shape (`peft_step.py`, bf16 base, gradient checkpointing).
 """
 
 import argparse
@@ -115,6 +120,49 @@ def stage_llama_cpp(a, res):
         os.remove(gguf)
         res[key] = entry
         save(a, res)
+
+
+SFT_SETTINGS = ["--lora-rank", "16", "--set", "train.batch_size=1", "--set", "train.seq_len=512",
+                "--set", "train.steps=2", "--set", "sft.val_fraction=0", "--set", "train.log_every=1",
+                "--set", "train.activation_checkpointing=true"]
+
+
+def kiln_sft_step(a, model, run, extra=()):
+    data = os.path.join(ROOT, ".cache", "sft-data", "alpaca_en_demo.json")
+    _, _, peak = timed([KILN, "sft", "--model", model, "--data", data, "--out", run, "--overwrite"]
+                       + SFT_SETTINGS + list(extra))
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"grad_norm"' in l]
+    times = [round(512 / r["tokens_per_s"], 1) for r in rows]  # one 512-token row per step
+    return {"peak_rss_mb": round(peak), "rows": rows, "step_times": times}
+
+
+def stage_sft(a, res):
+    if "sft_bf16" not in res:
+        res["sft_bf16"] = kiln_sft_step(a, a.model, os.path.join(a.work, "sft7b"))
+        save(a, res)
+
+
+def stage_qlora(a, res):
+    if "qlora_q4_k_m" in res:
+        return
+    gguf = os.path.join(a.work, "mistral-7b-shape-q4_k_m.gguf")
+    _, err, peak = timed([KILN, "export", "--model", a.model, "--format", "gguf", "--type", "q4_k_m",
+                          "--out", gguf])
+    entry = {"export_peak_rss_mb": round(peak), "gguf_bytes": os.path.getsize(gguf)}
+    entry.update(kiln_sft_step(a, gguf, os.path.join(a.work, "qlora7b"), ["--base-quantized"]))
+    res["qlora_q4_k_m"] = entry
+    save(a, res)
+
+
+def stage_peft(a, res):
+    if "peft_bf16" in res:
+        return
+    out, _, peak = timed([PY, os.path.join(ROOT, "bench", "big", "peft_step.py"), a.model,
+                          "--rank", "16", "--tokens", "512", "--steps", "2"])
+    r = json.loads(out.strip().splitlines()[-1])
+    r["peak_rss_mb_time"] = round(peak)
+    res["peft_bf16"] = r
+    save(a, res)
 
 
 def save(a, res):

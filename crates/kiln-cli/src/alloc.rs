@@ -52,6 +52,19 @@ impl CachingAlloc {
         }
     }
 
+    /// Runs `f` with caching off, then restores the previous setting: loading a model frees
+    /// one-off conversion buffers of many sizes (a 7B's would pin gigabytes), which later
+    /// requests never reuse.
+    pub fn without_caching<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.caching.load(Ordering::Relaxed);
+        self.set_caching(false);
+        let out = f();
+        if was {
+            self.set_caching(true);
+        }
+        out
+    }
+
     /// Stops (or resumes) keeping freed blocks; stopping releases every block held.
     pub fn set_caching(&self, on: bool) {
         self.caching.store(on, Ordering::Relaxed);

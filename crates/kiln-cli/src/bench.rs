@@ -52,6 +52,19 @@ pub enum BenchCommand {
     /// Top-1 agreement and KL of a quantised GGUF's predictions against the same weights
     /// dequantised to f32, over held-out text (kiln's kernels and candle's).
     QuantAccuracy(crate::bench_quant::BenchQuantAccuracyArgs),
+    /// Memory read bandwidth with every thread (decoding one token reads every weight once,
+    /// so bandwidth / weight bytes bounds decode tokens/s).
+    Memory {
+        /// Buffer size in MiB (far beyond the caches).
+        #[arg(long, default_value_t = 2048)]
+        mib: usize,
+        /// Timed passes; the best is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -60,6 +73,25 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Sft(a) => crate::bench_sft::run(a),
         BenchCommand::Eval(a) => crate::bench_eval::run(a),
         BenchCommand::QuantAccuracy(a) => crate::bench_quant::run(a),
+        BenchCommand::Memory { mib, runs, json } => {
+            anyhow::ensure!(mib > 0, "--mib must be positive");
+            let gbps = kiln_kernels::bandwidth::read_bandwidth(mib << 20, runs) / 1e9;
+            let threads = rayon::current_num_threads();
+            let features = kiln_kernels::cpu_features();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"read_gb_per_s": gbps, "threads": threads, "mib": mib,
+                        "runs": runs, "cpu_features": features})
+                );
+            } else {
+                println!(
+                    "read bandwidth {gbps:.1} GB/s ({threads} threads, {mib} MiB buffer, best of {runs}); CPU: {}",
+                    features.join(" ")
+                );
+            }
+            Ok(())
+        }
         BenchCommand::Train {
             preset,
             batch_size,

@@ -237,7 +237,9 @@ pub fn load_for_inference(
     adapter: Option<&Path>,
 ) -> Result<InferenceModel> {
     let t0 = std::time::Instant::now();
-    let m = kiln_load::load_inference_with_adapter(path, weights, adapter, &device())?;
+    let m = crate::GLOBAL.without_caching(|| {
+        kiln_load::load_inference_with_adapter(path, weights, adapter, &device())
+    })?;
     info!(
         format = m.format.name(),
         params = m.config.param_counts().0,
@@ -372,9 +374,16 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         prefill_s = format!("{:.2}", out.prefill_s),
         prefill_tok_per_s = rate(out.prompt_tokens as f64 / out.prefill_s.max(1e-9)),
         decode_tok_per_s = rate(n as f64 / out.decode_s.max(1e-9)),
+        peak_rss_mib = peak_rss(),
         "generated"
     );
     Ok(())
+}
+
+/// The process's peak resident memory so far in MiB, for the summary line ("?" where the OS
+/// does not say).
+fn peak_rss() -> String {
+    kiln_train::perf::peak_rss_mib().map_or("?".into(), |m| format!("{m:.0}"))
 }
 
 /// Tokens per second with three significant figures (a 7B decodes at about 1 token/s).
@@ -447,6 +456,7 @@ fn generate_file(
             "{:.0}",
             new_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)
         ),
+        peak_rss_mib = peak_rss(),
         "generated"
     );
     Ok(())

@@ -41,15 +41,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
     for file in &a.task_file {
         tasks.push(load_task_file(file, a.limit)?);
     }
-    // A GGUF stays quantised (its kernels compute the dequantised values, so the scores are
-    // the dequantised model's, at a fraction of the memory); other formats run dense f32.
+    // A GGUF stays quantised and an HF checkpoint's bf16/f16 matrices stay in their mapped
+    // files (the kernels compute the dequantised values, so the scores are the f32 model's, at
+    // a fraction of the memory); kiln's own runs are dense f32.
     let tokenizer = kiln_load::load_tokenizer(&a.model)?;
     let t0 = std::time::Instant::now();
-    let (mut model, config, weights) = kiln_load::load_llama(
-        &a.model,
-        crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,
-        &device(),
-    )?;
+    let choice = crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?;
+    let (mut model, config, weights) =
+        crate::GLOBAL.without_caching(|| kiln_load::load_llama(&a.model, choice, &device()))?;
     kiln_load::check_vocab(&tokenizer, &config)?;
     info!(
         weights,

@@ -619,3 +619,84 @@ fn q4_k_m_export_runs_on_kilns_kernels_with_the_dequantised_models_predictions()
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// An HF checkpoint in bf16 runs as stored (its matrices read from the mapped file): the
+/// process's own peak memory stays below the f32 weights' size, and greedy decoding equals
+/// the f32 copy's (`--dequantize`), token for token, with the same log-probs up to
+/// summation order (bf16 widens to f32 exactly, so the weights are the same numbers).
+#[test]
+fn a_bf16_checkpoint_runs_as_stored_below_its_f32_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf-bf16");
+    kiln(&[
+        "export",
+        "--model",
+        smollm2().to_str().unwrap(),
+        "--format",
+        "hf",
+        "--type",
+        "bf16",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "The capital of France is\nOnce upon a time\n").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            hf.to_str().unwrap(),
+            "--prompt-file",
+            prompts.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+        ];
+        args.extend_from_slice(extra);
+        let o = kiln_in(&args, dir.path(), None);
+        let stdout = ok(&o);
+        let log = String::from_utf8_lossy(&o.stderr).to_string();
+        let rows: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let peak: f64 = log
+            .split("peak_rss_mib=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no peak_rss_mib in the log: {log}"));
+        (rows, peak, log)
+    };
+    let (mapped, mapped_peak, log) = run(&[]);
+    assert!(
+        log.contains("BF16") && log.contains("memory-mapped"),
+        "{log}"
+    );
+    let (dense, dense_peak, _) = run(&["--dequantize"]);
+    let params = 134_515_008f64;
+    let f32_mib = params * 4.0 / (1 << 20) as f64;
+    assert!(
+        mapped_peak < f32_mib,
+        "bf16 as stored peaked at {mapped_peak} MiB, the f32 weights alone are {f32_mib:.0} MiB"
+    );
+    assert!(
+        dense_peak > f32_mib,
+        "the f32 copy peaked at {dense_peak} MiB"
+    );
+    for (m, d) in mapped.iter().zip(&dense) {
+        assert_eq!(m["tokens"], d["tokens"], "{}", m["prompt"]);
+        let lp = |r: &serde_json::Value| -> Vec<f64> {
+            r["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        };
+        for (a, b) in lp(m).iter().zip(lp(d)) {
+            assert!((a - b).abs() < 1e-3, "{}: log-prob {a} vs {b}", m["prompt"]);
+        }
+    }
+}

@@ -30,6 +30,7 @@
 
 mod adamw;
 mod attention;
+pub mod bandwidth;
 mod cross_entropy;
 mod geglu;
 mod inplace;

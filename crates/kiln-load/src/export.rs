@@ -56,6 +56,40 @@ pub fn hf_dtype(name: Option<&str>) -> Result<DType, LoadError> {
 /// Writes `req.model` as `req.format` at `req.out`.
 pub fn export_model(req: &ExportRequest, device: &Device) -> Result<ExportSummary, LoadError> {
     let tok = load_tokenizer(req.model)?;
+    // A GGUF from an HF checkpoint or another GGUF is written tensor by tensor: never the
+    // whole model in f32 (a 7B would need 28 GB).
+    let format = ModelFormat::detect(req.model)?;
+    if req.format == ExportFormat::Gguf && req.adapter.is_none() {
+        let summary = ExportSummary {
+            out: req.out.to_path_buf(),
+            merged_adapter: None,
+        };
+        match format {
+            ModelFormat::HfDir => {
+                let config = hf::HfConfig::load(req.model)?.to_model_config(req.model)?;
+                check_vocab(&tok, &config)?;
+                let weights = hf::HfWeights::open(req.model, &config)?;
+                write_gguf_export(req, &config, format, &tok, |name| {
+                    weights.tensor(name, &Device::Cpu)
+                })?;
+                return Ok(summary);
+            }
+            ModelFormat::Gguf => {
+                let file = GgufFile::open(req.model)?;
+                let config = file.config()?;
+                check_vocab(&tok, &config)?;
+                file.check_tensors(&config)?;
+                write_gguf_export(req, &config, format, &tok, |name| {
+                    Ok(file
+                        .qtensor(&config, name)?
+                        .dequantize(&Device::Cpu)?
+                        .to_dtype(DType::F32)?)
+                })?;
+                return Ok(summary);
+            }
+            _ => {}
+        }
+    }
     let w = load_weights(req.model, device)?;
     check_vocab(&tok, &w.config)?;
     let mut merged_adapter = None;
@@ -96,32 +130,44 @@ pub fn export_model(req: &ExportRequest, device: &Device) -> Result<ExportSummar
             std::fs::write(&p, text).map_err(|e| LoadError::io(&p, e))?;
         }
         ExportFormat::Gguf => {
-            let name = req.type_name.unwrap_or("f16");
-            let (types, ftype) = gguf_types(name)?;
-            let model_name = req
-                .model
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "kiln".into());
-            let mut md = gguf::model_metadata(&w.config, &model_name)?;
-            md.push(("general.file_type".into(), GgufValue::U32(ftype)));
-            md.push(("general.quantization_version".into(), GgufValue::U32(2)));
-            md.extend(tokenizer_metadata(
-                req.model,
-                w.format,
-                &tok,
-                w.config.vocab_size,
-            )?);
-            if let Some(parent) = req.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| LoadError::io(parent, e))?;
-            }
-            gguf::write_gguf(req.out, &w.config, &w.params, &md, types)?;
+            write_gguf_export(req, &w.config, w.format, &tok, |name| w.params.tensor(name))?
         }
     }
     Ok(ExportSummary {
         out: req.out.to_path_buf(),
         merged_adapter,
     })
+}
+
+/// Writes the GGUF of `req` from `get` (each kiln tensor in f32, asked for one at a time).
+fn write_gguf_export(
+    req: &ExportRequest,
+    config: &kiln_model::ModelConfig,
+    format: ModelFormat,
+    tok: &ModelTokenizer,
+    get: impl Fn(&str) -> Result<candle_core::Tensor, kiln_model::ModelError>,
+) -> Result<(), LoadError> {
+    let name = req.type_name.unwrap_or("f16");
+    let (types, ftype) = gguf_types(name)?;
+    let model_name = req
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "kiln".into());
+    let mut md = gguf::model_metadata(config, &model_name)?;
+    md.push(("general.file_type".into(), GgufValue::U32(ftype)));
+    md.push(("general.quantization_version".into(), GgufValue::U32(2)));
+    md.extend(tokenizer_metadata(
+        req.model,
+        format,
+        tok,
+        config.vocab_size,
+    )?);
+    if let Some(parent) = req.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| LoadError::io(parent, e))?;
+    }
+    gguf::write_gguf_streamed(req.out, config, get, &md, types)?;
+    Ok(())
 }
 
 /// The tensor types and llama.cpp's `general.file_type` for a `--type` name.

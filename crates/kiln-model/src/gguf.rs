@@ -17,6 +17,7 @@ use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::hf::Family;
+use crate::linear::LinearWeight;
 use crate::params::layout;
 use crate::{ModelConfig, ModelError, Params, RopeScaling};
 
@@ -355,7 +356,8 @@ pub struct GgufTensorInfo {
 /// An opened (memory-mapped, header-checked) GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    /// Shared with the weights built over it ([`GgufFile::weight`]).
+    mmap: std::sync::Arc<memmap2::Mmap>,
     metadata: BTreeMap<String, GgufValue>,
     tensors: BTreeMap<String, GgufTensorInfo>,
 }
@@ -451,7 +453,7 @@ impl GgufFile {
         let (metadata, tensors) = scan_tensors(&mmap).map_err(err)?;
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
             metadata,
             tensors,
         })
@@ -819,6 +821,33 @@ impl GgufFile {
             .map_err(|e| self.err(format!("tensor {g:?}: {e}")))
     }
 
+    /// Matrix `kiln` for inference, used where it lies when kiln has a kernel for its type:
+    /// the blocks stay in the mapped file (no copy). Q/K rows that llama.cpp stores permuted
+    /// are un-permuted into an owned copy; types without a kiln kernel go through candle.
+    pub fn weight(&self, cfg: &ModelConfig, kiln: &str) -> Result<LinearWeight, ModelError> {
+        let (g, rows) =
+            gguf_source(cfg, kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
+        let info = self
+            .tensors
+            .get(&g)
+            .ok_or_else(|| self.err(format!("missing tensor {g:?}")))?;
+        if info.shape.len() != 2 || rope_heads(cfg, kiln).is_some() {
+            return LinearWeight::from_qtensor(self.qtensor(cfg, kiln)?);
+        }
+        let (mut start, mut n_bytes, mut n) = (info.start, info.n_bytes, info.shape[0]);
+        if let Some((first, len)) = rows {
+            let row_bytes = info.n_bytes / info.shape[0];
+            (start, n_bytes, n) = (start + first * row_bytes, len * row_bytes, len);
+        }
+        let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = self.mmap.clone();
+        let bytes = kiln_kernels::qkernels::SharedBytes::new(owner, start, n_bytes)
+            .ok_or_else(|| self.err(format!("tensor {g:?} lies outside the file")))?;
+        match LinearWeight::mapped(info.dtype, n, info.shape[1], bytes) {
+            Some(w) => Ok(w),
+            None => LinearWeight::from_qtensor(self.qtensor(cfg, kiln)?),
+        }
+    }
+
     /// Every weight, dequantised to f32 (the training/eval path and the reference for the
     /// quantised one).
     pub fn load_params(&self, cfg: &ModelConfig, device: &Device) -> Result<Params, ModelError> {
@@ -1072,18 +1101,45 @@ pub fn write_gguf(
     metadata: &[(String, GgufValue)],
     types: GgufExportTypes,
 ) -> Result<(), ModelError> {
+    write_gguf_streamed(path, cfg, |name| params.tensor(name), metadata, types)
+}
+
+/// [`write_gguf`] asking `get` for each kiln tensor (f32) one at a time and keeping only its
+/// converted bytes, so an export from a memory-mapped checkpoint never holds the model in
+/// f32: the peak is the written file's size plus one f32 tensor.
+pub fn write_gguf_streamed(
+    path: &Path,
+    cfg: &ModelConfig,
+    get: impl Fn(&str) -> Result<Tensor, ModelError>,
+    metadata: &[(String, GgufValue)],
+    types: GgufExportTypes,
+) -> Result<(), ModelError> {
     let err = |msg: String| ModelError::Weights {
         path: path.display().to_string(),
         msg,
     };
-    let mut tensors = Vec::new();
+    // (GGUF name, GGML type id, dims, bytes) of each tensor, in file order.
+    let mut tensors: Vec<(String, u32, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut keep = |g: String, q: QTensor| -> Result<(), ModelError> {
+        let record = (
+            g,
+            dtype_id(q.dtype()),
+            q.shape().dims().to_vec(),
+            q.data()?.into_owned(),
+        );
+        tensors.push(record);
+        Ok(())
+    };
     // Phi-3's fused tensors: their row blocks, gathered by file name.
     let mut fused: BTreeMap<String, Vec<(usize, String, Tensor)>> = BTreeMap::new();
     for (name, _, _) in layout(cfg) {
-        let t = params.tensor(&name)?;
+        let t = get(&name)?;
         match gguf_source(cfg, &name) {
             Some((g, Some((start, _)))) => fused.entry(g).or_default().push((start, name, t)),
-            _ => tensors.push(export_tensor(cfg, &name, &t, types)?),
+            _ => {
+                let (g, q) = export_tensor(cfg, &name, &t, types)?;
+                keep(g, q)?;
+            }
         }
     }
     for (g, mut parts) in fused {
@@ -1091,7 +1147,7 @@ pub fn write_gguf(
         let first = parts[0].1.clone();
         let whole: Vec<Tensor> = parts.into_iter().map(|(_, _, t)| t).collect();
         let (_, q) = export_tensor(cfg, &first, &Tensor::cat(&whole, 0)?, types)?;
-        tensors.push((g, q));
+        keep(g, q)?;
     }
     if let Some(RopeScaling::Longrope {
         short_factor,
@@ -1106,7 +1162,7 @@ pub fn write_gguf(
             let v: Vec<f32> = f.iter().map(|&x| x as f32).collect();
             let n = v.len();
             let t = Tensor::from_vec(v, n, &Device::Cpu)?;
-            tensors.push((name.into(), QTensor::quantize(&t, GgmlDType::F32)?));
+            keep(name.into(), QTensor::quantize(&t, GgmlDType::F32)?)?;
         }
     }
     // Llama 3.1-style scaling (and factors read from a GGUF) go in llama.cpp's tensor.
@@ -1119,27 +1175,17 @@ pub fn write_gguf(
             .collect();
         let n = f.len();
         let t = Tensor::from_vec(f, n, &Device::Cpu)?;
-        tensors.push((
+        keep(
             "rope_freqs.weight".into(),
             QTensor::quantize(&t, GgmlDType::F32)?,
-        ));
+        )?;
     }
     let md: Vec<(&str, &GgufValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, q)| q.data().map(|d| d.into_owned()))
-        .collect::<Result<_, _>>()?;
-    let dims: Vec<Vec<usize>> = tensors
-        .iter()
-        .map(|(_, q)| q.shape().dims().to_vec())
-        .collect();
     let ts: Vec<kiln_gguf::TensorData> = tensors
         .iter()
-        .zip(&bytes)
-        .zip(&dims)
-        .map(|(((name, q), data), dims)| kiln_gguf::TensorData {
+        .map(|(name, ggml_type, dims, data)| kiln_gguf::TensorData {
             name,
-            ggml_type: dtype_id(q.dtype()),
+            ggml_type: *ggml_type,
             dims,
             data,
         })

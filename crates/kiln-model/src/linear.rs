@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::{Grads, ModelError, SplitMix64};
 use kiln_kernels::qkernels::{RawKind, RawQ};
@@ -541,7 +542,59 @@ fn raw_kind(d: GgmlDType) -> Option<RawKind> {
     }
 }
 
+/// Rows quantised at a time by [`LinearWeight::quantize`]: about 16 MB of f32.
+const QUANTIZE_CHUNK_VALUES: usize = 4 << 20;
+
 impl LinearWeight {
+    /// `w (out, in)` in f32 quantised to `dtype` (a matrix whose rows are not whole blocks, or
+    /// `F32`, stays dense). Types with a kiln kernel are quantised a few rows at a time into
+    /// one buffer, so the only temporary is one chunk (blocks never cross rows, so this is
+    /// byte for byte the whole-matrix result); the rest go through candle whole.
+    pub fn quantize(w: &Tensor, dtype: GgmlDType) -> Result<Self, ModelError> {
+        let (n, k) = w.dims2()?;
+        if dtype == GgmlDType::F32 || !k.is_multiple_of(dtype.block_size()) {
+            // A compact copy, not a view into a larger buffer (the flat parameters).
+            return Ok(LinearWeight::Dense(
+                w.to_dtype(DType::F32)?.force_contiguous()?,
+            ));
+        }
+        let kind = raw_kind(dtype).filter(|_| !CANDLE_QMATMUL.load(Ordering::Relaxed));
+        let Some(kind) = kind else {
+            // Candle's quantize reads the whole storage, not a view into it: compact first.
+            return Self::from_qtensor(QTensor::quantize(&w.force_contiguous()?, dtype)?);
+        };
+        let rows = (QUANTIZE_CHUNK_VALUES / k).max(1);
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let mut bytes = vec![0u8; n * row_bytes];
+        // Chunks in parallel, each into its own rows of the buffer.
+        bytes
+            .par_chunks_mut(rows * row_bytes)
+            .enumerate()
+            .try_for_each(|(i, dst)| -> Result<(), ModelError> {
+                let chunk = w.narrow(0, i * rows, dst.len() / row_bytes)?;
+                let q = QTensor::quantize(&chunk.force_contiguous()?, dtype)?;
+                dst.copy_from_slice(&q.data()?);
+                Ok(())
+            })?;
+        let raw = RawQ::new(kind, n, k, bytes).ok_or_else(|| {
+            ModelError::Config(format!("{dtype:?} blocks of a ({n}, {k}) matrix"))
+        })?;
+        Ok(LinearWeight::Raw(Arc::new(raw)))
+    }
+
+    /// A matrix `(n, k)` over GGML blocks that already lie in memory (a mapped file), for a
+    /// type with a kiln kernel; `None` for other types (or when candle's matmul is forced).
+    pub fn mapped(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: kiln_kernels::qkernels::SharedBytes,
+    ) -> Option<Self> {
+        let kind = raw_kind(dtype).filter(|_| !CANDLE_QMATMUL.load(Ordering::Relaxed))?;
+        let raw = RawQ::from_shared(kind, n, k, bytes)?;
+        Some(LinearWeight::Raw(Arc::new(raw)))
+    }
+
     /// Wraps a GGML tensor `(out, in)`: F32 becomes dense; types with a kiln kernel keep
     /// their blocks; the rest go through candle.
     pub fn from_qtensor(q: QTensor) -> Result<Self, ModelError> {

@@ -5,7 +5,7 @@
 //! rest (Q8_K, IQ types, ...) go through candle's quantised matmul. Norms stay f32. Training
 //! loads dense [`Params`] instead (or keeps a quantised or 16-bit base frozen under LoRA).
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use crate::gguf::GgufFile;
@@ -21,7 +21,16 @@ impl Llama {
     /// Builds the model over a GGUF's tensors as stored (Q/K rows un-permuted), quantised.
     pub fn from_gguf(file: &GgufFile, cfg: &ModelConfig) -> Result<Self, ModelError> {
         file.check_tensors(cfg)?;
-        Self::build_quantised(cfg, |name| file.qtensor(cfg, name))
+        Self::build_from(
+            cfg,
+            |name| file.weight(cfg, name),
+            |name| {
+                Ok(file
+                    .qtensor(cfg, name)?
+                    .dequantize(&Device::Cpu)?
+                    .to_dtype(DType::F32)?)
+            },
+        )
     }
 
     /// Builds the model over an HF checkpoint's weights where they lie: bf16/f16 matrices and
@@ -57,27 +66,10 @@ impl Llama {
         dtype: GgmlDType,
         get: impl Fn(&str) -> Result<Tensor, ModelError>,
     ) -> Result<Self, ModelError> {
-        Self::build_quantised(cfg, |name| {
-            // A compact copy: candle's quantize reads the whole storage, not a view into it
-            // (the flat parameter buffer, a fused HF tensor's rows).
-            let t = get(name)?.force_contiguous()?;
-            let d = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
-                dtype
-            } else {
-                GgmlDType::F32
-            };
-            Ok(QTensor::quantize(&t, d)?)
-        })
-    }
-
-    fn build_quantised(
-        cfg: &ModelConfig,
-        get: impl Fn(&str) -> Result<QTensor, ModelError>,
-    ) -> Result<Self, ModelError> {
         Self::build_from(
             cfg,
-            |name| LinearWeight::from_qtensor(get(name)?),
-            |name| Ok(get(name)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?),
+            |name| LinearWeight::quantize(&get(name)?, dtype),
+            |name| Ok(get(name)?.force_contiguous()?),
         )
     }
 
