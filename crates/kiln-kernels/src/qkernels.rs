@@ -279,6 +279,19 @@ impl RawQ {
         let chunk = n.div_ceil(threads * 4).clamp(16, 256);
         let mut out = vec![0f32; m * n];
         let dst = SyncPtr(out.as_mut_ptr());
+        // bf16 weights widen without shuffles when the activations come in even/odd order
+        // (see `x86::bf16_dots`): the activations are reordered once here.
+        #[cfg(target_arch = "x86_64")]
+        let bf16_lanes = match level {
+            _ if self.kind != RawKind::BF16 => None,
+            Level::Avx512 => Some(16),
+            Level::Avx2 => Some(8),
+            Level::Scalar => None,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let bf16_lanes: Option<usize> = None;
+        let x_split = bf16_lanes.map(|lanes| split_even_odd(x, lanes));
+        let x = x_split.as_deref().unwrap_or(x);
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let dst = &dst;
             let mut tile = [0f32; 8];
@@ -290,7 +303,8 @@ impl RawQ {
                 let pair = m > 1
                     && r + 1 < end
                     && level == Level::best_pairs()
-                    && self.kind.has_block512();
+                    && self.kind.has_block512()
+                    && bf16_lanes.is_none();
                 let row = self.row(r);
                 let mut i = 0;
                 while i < m {
@@ -308,6 +322,14 @@ impl RawQ {
                             &mut tile[..take],
                             &mut tile2[..take],
                         );
+                    } else if let Some(lanes) = bf16_lanes {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `lanes` comes from a level the CPU was detected to have.
+                        unsafe {
+                            x86::bf16_dots(lanes, row, xs, self.k, &mut tile[..take])
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        unreachable!("{lanes}-lane bf16 kernels are x86 only");
                     } else {
                         row_dots(level, self.kind, row, xs, self.k, &mut tile[..take]);
                     }
@@ -396,6 +418,23 @@ impl RawQ {
         });
         out
     }
+}
+
+/// `x` with each group of `2 lanes` values reordered as its even-indexed values, then its
+/// odd-indexed ones: the order in which `x86::bf16_dots` widens a vector of bf16 weights
+/// (a 32-bit lane holds weights `2j` and `2j + 1`; a shift and a mask make each an f32).
+fn split_even_odd(x: &[f32], lanes: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x
+        .chunks_exact(2 * lanes)
+        .zip(out.chunks_exact_mut(2 * lanes))
+    {
+        for j in 0..lanes {
+            dst[j] = src[2 * j];
+            dst[lanes + j] = src[2 * j + 1];
+        }
+    }
+    out
 }
 
 /// A pointer the parallel tasks write disjoint elements through.
@@ -1158,6 +1197,108 @@ mod x86 {
                 n => unreachable!("{n} rows per tile"),
             }
         };
+    }
+
+    /// `out[i] = dot(row, xs[i])` for bf16 weights and activations in even/odd order
+    /// ([`super::split_even_odd`] with `lanes`): each vector of weights widens with a shift
+    /// (even weights) and a mask (odd ones), no lane crossing. `lanes` is 16 (AVX-512) or 8.
+    pub(super) unsafe fn bf16_dots(
+        lanes: usize,
+        row: &[u8],
+        xs: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        macro_rules! by_rows {
+            ($f:ident) => {
+                match out.len() {
+                    1 => $f::<1>(row, xs, k, out),
+                    2 => $f::<2>(row, xs, k, out),
+                    3 => $f::<3>(row, xs, k, out),
+                    4 => $f::<4>(row, xs, k, out),
+                    5 => $f::<5>(row, xs, k, out),
+                    6 => $f::<6>(row, xs, k, out),
+                    7 => $f::<7>(row, xs, k, out),
+                    8 => $f::<8>(row, xs, k, out),
+                    n => unreachable!("{n} rows per tile"),
+                }
+            };
+        }
+        if lanes == 16 {
+            by_rows!(bf16_dots512)
+        } else {
+            by_rows!(bf16_dots256)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn bf16_dots512<const R: usize>(row: &[u8], xs: &[f32], k: usize, out: &mut [f32]) {
+        assert!(row.len() >= 2 * k && xs.len() >= R * k && k.is_multiple_of(32));
+        let (w, x) = (row.as_ptr(), xs.as_ptr());
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        // Two accumulators per row and per half: four independent FMA chains at R = 1.
+        let mut a = [[_mm512_setzero_ps(); 2]; R];
+        let mut c = [[_mm512_setzero_ps(); 2]; R];
+        let widen = |t: usize| {
+            let v = _mm512_loadu_si512(w.add(2 * t) as *const __m512i);
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, high)),
+            )
+        };
+        let mut t = 0;
+        while t < k {
+            // Two blocks a step where there are two (into `a` and `c`), else one.
+            let (even, odd) = widen(t);
+            for (i, acc) in a.iter_mut().enumerate() {
+                let xp = x.add(i * k + t);
+                acc[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp), acc[0]);
+                acc[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp.add(16)), acc[1]);
+            }
+            if t + 64 <= k {
+                let (even, odd) = widen(t + 32);
+                for (i, acc) in c.iter_mut().enumerate() {
+                    let xp = x.add(i * k + t + 32);
+                    acc[0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp), acc[0]);
+                    acc[1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp.add(16)), acc[1]);
+                }
+            }
+            t += 64;
+        }
+        for i in 0..R {
+            let s = _mm512_add_ps(
+                _mm512_add_ps(a[i][0], a[i][1]),
+                _mm512_add_ps(c[i][0], c[i][1]),
+            );
+            out[i] = _mm512_reduce_add_ps(s);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bf16_dots256<const R: usize>(row: &[u8], xs: &[f32], k: usize, out: &mut [f32]) {
+        assert!(row.len() >= 2 * k && xs.len() >= R * k && k.is_multiple_of(16));
+        let (w, x) = (row.as_ptr(), xs.as_ptr());
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        let mut t = 0;
+        while t < k {
+            let v = _mm256_loadu_si256(w.add(2 * t) as *const __m256i);
+            let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for (i, acc) in a.iter_mut().enumerate() {
+                let xp = x.add(i * k + t);
+                acc[0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xp), acc[0]);
+                acc[1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xp.add(8)), acc[1]);
+            }
+            t += 16;
+        }
+        for i in 0..R {
+            let v = _mm256_add_ps(a[i][0], a[i][1]);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            out[i] = _mm_cvtss_f32(s);
+        }
     }
 
     /// The f16 at `p` (unaligned), converted and broadcast to 16 lanes.

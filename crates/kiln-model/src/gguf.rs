@@ -793,23 +793,34 @@ impl GgufFile {
         Ok(())
     }
 
-    /// One tensor, still quantised, under its kiln name and in kiln's layout (Q/K rows
-    /// un-permuted). Call [`check_tensors`](Self::check_tensors) first.
-    pub fn qtensor(&self, cfg: &ModelConfig, kiln: &str) -> Result<QTensor, ModelError> {
+    /// Where kiln tensor `kiln` lies in the file: its GGUF name and type, its byte range and
+    /// its shape (a fused tensor's block of rows: blocks run along rows, so rows are a byte
+    /// range, quantised or not).
+    fn span(
+        &self,
+        cfg: &ModelConfig,
+        kiln: &str,
+    ) -> Result<(String, GgmlDType, usize, usize, Vec<usize>), ModelError> {
         let (g, rows) =
             gguf_source(cfg, kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
         let info = self
             .tensors
             .get(&g)
             .ok_or_else(|| self.err(format!("missing tensor {g:?}")))?;
-        let mut bytes = &self.mmap[info.start..info.start + info.n_bytes];
-        let mut shape = info.shape.clone();
-        if let Some((start, len)) = rows {
-            // Blocks run along rows, so a block of rows is a byte range, quantised or not.
+        let (mut start, mut n_bytes, mut shape) = (info.start, info.n_bytes, info.shape.clone());
+        if let Some((first, len)) = rows {
             let row_bytes = info.n_bytes / info.shape[0];
-            bytes = &bytes[start * row_bytes..(start + len) * row_bytes];
+            (start, n_bytes) = (start + first * row_bytes, len * row_bytes);
             shape[0] = len;
         }
+        Ok((g, info.dtype, start, n_bytes, shape))
+    }
+
+    /// One tensor, still quantised, under its kiln name and in kiln's layout (Q/K rows
+    /// un-permuted). Call [`check_tensors`](Self::check_tensors) first.
+    pub fn qtensor(&self, cfg: &ModelConfig, kiln: &str) -> Result<QTensor, ModelError> {
+        let (g, dtype, start, n_bytes, shape) = self.span(cfg, kiln)?;
+        let bytes = &self.mmap[start..start + n_bytes];
         let data = match rope_heads(cfg, kiln) {
             Some(heads) => {
                 let rows = shape[0];
@@ -817,7 +828,7 @@ impl GgufFile {
             }
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        ggml_file::qtensor_from_ggml(info.dtype, &data, shape, &Device::Cpu)
+        ggml_file::qtensor_from_ggml(dtype, &data, shape, &Device::Cpu)
             .map_err(|e| self.err(format!("tensor {g:?}: {e}")))
     }
 
@@ -825,24 +836,14 @@ impl GgufFile {
     /// the blocks stay in the mapped file (no copy). Q/K rows that llama.cpp stores permuted
     /// are un-permuted into an owned copy; types without a kiln kernel go through candle.
     pub fn weight(&self, cfg: &ModelConfig, kiln: &str) -> Result<LinearWeight, ModelError> {
-        let (g, rows) =
-            gguf_source(cfg, kiln).ok_or_else(|| self.err(format!("no GGUF name for {kiln:?}")))?;
-        let info = self
-            .tensors
-            .get(&g)
-            .ok_or_else(|| self.err(format!("missing tensor {g:?}")))?;
-        if info.shape.len() != 2 || rope_heads(cfg, kiln).is_some() {
+        let (g, dtype, start, n_bytes, shape) = self.span(cfg, kiln)?;
+        if shape.len() != 2 || rope_heads(cfg, kiln).is_some() {
             return LinearWeight::from_qtensor(self.qtensor(cfg, kiln)?);
-        }
-        let (mut start, mut n_bytes, mut n) = (info.start, info.n_bytes, info.shape[0]);
-        if let Some((first, len)) = rows {
-            let row_bytes = info.n_bytes / info.shape[0];
-            (start, n_bytes, n) = (start + first * row_bytes, len * row_bytes, len);
         }
         let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = self.mmap.clone();
         let bytes = kiln_kernels::qkernels::SharedBytes::new(owner, start, n_bytes)
             .ok_or_else(|| self.err(format!("tensor {g:?} lies outside the file")))?;
-        match LinearWeight::mapped(info.dtype, n, info.shape[1], bytes) {
+        match LinearWeight::mapped(dtype, shape[0], shape[1], bytes) {
             Some(w) => Ok(w),
             None => LinearWeight::from_qtensor(self.qtensor(cfg, kiln)?),
         }

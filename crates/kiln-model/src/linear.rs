@@ -577,7 +577,9 @@ impl LinearWeight {
                 Ok(())
             })?;
         let raw = RawQ::new(kind, n, k, bytes).ok_or_else(|| {
-            ModelError::Config(format!("{dtype:?} blocks of a ({n}, {k}) matrix"))
+            ModelError::Config(format!(
+                "cannot hold {dtype:?} blocks of a ({n}, {k}) matrix"
+            ))
         })?;
         Ok(LinearWeight::Raw(Arc::new(raw)))
     }

@@ -140,7 +140,7 @@ pub trait LayerHooks {
 /// What the trunk's forward keeps of one block for the backward.
 enum SavedBlock {
     /// Every activation the block's backward reads.
-    Acts(BlockActs),
+    Acts(Box<BlockActs>),
     /// Activation checkpointing: the block's input and the dropout RNG's state before it, so
     /// the backward can run the same forward again (same masks) and then its backward.
     Input { x: Tensor, rng: Option<SplitMix64> },
@@ -766,7 +766,7 @@ impl Llama {
             let (out, a) = block.forward(&x, &mut pass, None, true)?;
             blocks.push(match m.checkpoint_blocks {
                 true => SavedBlock::Input { x, rng },
-                false => SavedBlock::Acts(a.expect("saved")),
+                false => SavedBlock::Acts(Box::new(a.expect("saved"))),
             });
             x = out;
         }
@@ -857,7 +857,7 @@ impl Llama {
                 h.before_layer(i, true)?;
             }
             let a = match s {
-                SavedBlock::Acts(a) => a,
+                SavedBlock::Acts(a) => *a,
                 SavedBlock::Input { x, .. } => {
                     // The same forward again (same input, masks and weights), keeping all.
                     pass.dropout_p = trunk.dropout_p;
