@@ -15,6 +15,11 @@ llama.cpp's `llama-quantize --allow-requantize` (what the issue measured), Q8_0 
 weights). For each file it alternates `kiln bench generate --json` and `llama-bench -p N -n M
 -t T -o json` `--rounds` times, so both see the same machine load, and keeps each side's best
 round. Then kiln's batched decoding on Q4_K_M. Prints markdown tables.
+
+Decode reads (about) every weight once per token, so each decode figure is also shown as the
+bytes it moves per second (file size x tokens/s) and as a fraction of the read bandwidth
+`kiln bench memory` measures with the same threads (a plain summing loop: a floor of what the
+memory gives, so a fraction can pass 1).
 """
 
 import argparse
@@ -102,8 +107,11 @@ def main():
           f"{os.cpu_count()} CPUs ({features}), {a.threads} threads, pp{a.prompt_tokens} / tg{a.new_tokens}, "
           f"best of {a.rounds} alternated rounds; kiln kernels {probe['isa']}, llama.cpp from "
           f"{os.path.relpath(llama_bin(a), ROOT)}\n")
-    print("| file | kiln prefill | llama.cpp prefill | ratio | kiln decode | llama.cpp decode | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    bandwidth = run_json([KILN, "--threads", str(a.threads), "bench", "memory", "--json"])["read_gb_per_s"]
+    print(f"read bandwidth (`kiln bench memory`, {a.threads} threads): {bandwidth:.1f} GB/s\n")
+    print("| file | kiln prefill | llama.cpp prefill | ratio | kiln decode | llama.cpp decode | ratio "
+          "| decode GB/s kiln / llama.cpp (fraction of bandwidth) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     q4km = None
     for name, path in files.items():
         best = {"kiln": {"pp": 0, "tg": 0}, "llama.cpp": {"pp": 0, "tg": 0}}
@@ -111,8 +119,10 @@ def main():
             for side, r in (("kiln", kiln_bench(path, a)), ("llama.cpp", llama_bench(path, a))):
                 best[side] = {k: max(best[side][k], r[k]) for k in ("pp", "tg")}
         k, l = best["kiln"], best["llama.cpp"]
+        gb = os.path.getsize(path) / 1e9
+        moved = f"{k['tg'] * gb:.1f} / {l['tg'] * gb:.1f} ({k['tg'] * gb / bandwidth:.2f} / {l['tg'] * gb / bandwidth:.2f})"
         print(f"| {name} | {k['pp']:.0f} | {l['pp']:.0f} | {k['pp'] / l['pp']:.2f} | {k['tg']:.0f} | "
-              f"{l['tg']:.0f} | {k['tg'] / l['tg']:.2f} |", flush=True)
+              f"{l['tg']:.0f} | {k['tg'] / l['tg']:.2f} | {moved} |", flush=True)
         if name.startswith("Q4_K_M (llama"):
             q4km = (path, l["tg"])
     if q4km and a.batches:
