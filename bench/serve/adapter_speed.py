@@ -9,10 +9,11 @@ import argparse
 import concurrent.futures
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
+
+from bench_serve import free_port, wait_ready
 
 PROMPTS = ["Write a long story about a dragon.", "Explain how computers work in detail.",
            "Describe the history of Rome."]
@@ -25,10 +26,7 @@ def main():
     ap.add_argument("--kiln", default="target/release/kiln")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     server = subprocess.Popen([a.kiln, "serve", "--model", a.model, "--name", "base", "--adapter",
                                f"lora={a.adapter}", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -49,15 +47,7 @@ def main():
         return sum(r[0] for r in res) / (time.perf_counter() - t0)
 
     try:
-        for _ in range(600):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_ready(port, server, timeout=60)
         run("base", PROMPTS[0])
         run("lora", PROMPTS[0])
         for rnd in range(a.rounds):

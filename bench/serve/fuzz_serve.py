@@ -12,10 +12,11 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
+
+from bench_serve import free_port, wait_ready
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
              "/v1/embeddings", "/v1/models", "/v1/nope", "/metrics"]
@@ -101,23 +102,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     random.seed(a.seed)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     server = subprocess.Popen([a.kiln, "serve", "--model", a.model, "--name", "m", "--port", str(port),
                                "--max-batch", "4", "--max-queue", "8", "--ctx", "512"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_ready(port, server, timeout=60)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         statuses = {}
         t0 = time.time()

@@ -11,10 +11,11 @@ import argparse
 import concurrent.futures
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
+
+from bench_serve import free_port, wait_ready
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Why is the sky blue?",
            "List five fruits.", "How do bees make honey?", "Explain gravity in one sentence."]
@@ -54,23 +55,12 @@ def main():
     ap.add_argument("--max-growth", type=float, default=0.05)
     ap.add_argument("--warm", type=float, default=0.3)
     a = ap.parse_args()
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     server = subprocess.Popen([a.kiln, "serve", "--model", a.model, "--name", "m", "--port", str(port),
                                "--max-batch", str(a.concurrency), "--max-queue", str(4 * a.concurrency),
                                "--ctx", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_ready(port, server, timeout=60)
         warm = max(int(a.requests * a.warm), a.concurrency)
         t0 = time.time()
         with concurrent.futures.ThreadPoolExecutor(a.concurrency) as pool:
