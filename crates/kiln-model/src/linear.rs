@@ -597,8 +597,9 @@ impl LinearWeight {
         Some(LinearWeight::Raw(Arc::new(raw)))
     }
 
-    /// Wraps a GGML tensor `(out, in)`: F32 becomes dense; types with a kiln kernel keep
-    /// their blocks; the rest go through candle.
+    /// Wraps a GGML tensor `(out, in)`: types with a kiln kernel keep their blocks (copied
+    /// out of the tensor); F32, and F16/BF16 rows that are not whole 32-value blocks, become
+    /// dense f32; the rest go through candle.
     pub fn from_qtensor(q: QTensor) -> Result<Self, ModelError> {
         let (n, k) = q.shape().dims2()?;
         if let (Some(kind), false) = (raw_kind(q.dtype()), CANDLE_QMATMUL.load(Ordering::Relaxed)) {
