@@ -1,7 +1,9 @@
-"""Time full PyTorch training steps of the kiln reference model (CPU, fp32).
+"""Time full PyTorch training steps of the kiln reference model (CPU, fp32 or bf16 autocast).
 
 One step = forward + backward + clip_grad_norm_ + AdamW step + zero_grad on
 random tokens. Reports the median step time over the timed steps and tokens/s.
+With --precision bf16 the forward and loss run under torch.autocast("cpu",
+dtype=torch.bfloat16): matmuls in bf16, weights, gradients and AdamW in fp32.
 
 Usage:
   python bench/reference/bench_train.py --preset reference [--threads 2] \
@@ -27,6 +29,9 @@ PRESETS = {
                                  ffn_dim=1024, tie_embeddings=False), seq_len=256, batch=8),
     "tiny": dict(model=dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                             ffn_dim=192, tie_embeddings=False), seq_len=64, batch=4),
+    "smollm2-135m": dict(model=dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                    ffn_dim=1536, tie_embeddings=True, rope_theta=100000.0),
+                         seq_len=256, batch=8),
 }
 
 
@@ -49,6 +54,8 @@ def main():
     ap.add_argument("--attn", choices=["sdpa", "math"], default="sdpa")
     ap.add_argument("--seq-len", type=int, help="context length (default: the preset's)")
     ap.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: torch.autocast('cpu', dtype=torch.bfloat16) around forward and loss")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--flops", action="store_true", help="print training FLOPs/token and exit")
     args = ap.parse_args()
@@ -56,7 +63,7 @@ def main():
     p = PRESETS[args.preset]
     seq_len = args.seq_len or p["seq_len"]
     batch = args.batch_size or p["batch"]
-    cfg = LlamaConfig(**p["model"], max_seq_len=seq_len, rope_theta=10000.0, norm_eps=1e-5)
+    cfg = LlamaConfig(**{"rope_theta": 10000.0, **p["model"]}, max_seq_len=seq_len, norm_eps=1e-5)
     fpt = flops_per_token(cfg, seq_len)
     if args.preset == "reference" and seq_len == 256:
         assert abs(fpt - 82.6e6) < 0.05e6, fpt
@@ -75,7 +82,9 @@ def main():
         x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
         y = torch.randint(0, cfg.vocab_size, (batch, seq_len))
         t0 = time.perf_counter()
-        model.loss(x, y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model.loss(x, y)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,10 +99,11 @@ def main():
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if args.json:
         print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "preset": args.preset,
-                          "threads": args.threads, "step_ms_median": round(step_ms, 2),
+                          "threads": args.threads, "precision": args.precision, "step_ms_median": round(step_ms, 2),
                           "tokens_per_s": round(tok_s, 1), "peak_rss_mb": round(rss_mb, 1)}))
     else:
-        print(f"pytorch {torch.__version__} preset={args.preset} threads={args.threads}: "
+        print(f"pytorch {torch.__version__} preset={args.preset} precision={args.precision} "
+              f"threads={args.threads}: "
               f"median step {step_ms:.1f} ms, {tok_s:.0f} tokens/s, "
               f"{tok_s * fpt / 1e9:.1f} GFLOP/s, peak RSS {rss_mb:.0f} MB")
 

@@ -7,9 +7,10 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 use clap::Subcommand;
+use kiln_model::Precision;
 use kiln_model::{Grads, Llama, ModelConfig, Params, SplitMix64};
 use kiln_train::optim::AdamW;
-use kiln_train::perf::{measure_gemm_peak, peak_rss_mib};
+use kiln_train::perf::{measure_peak, peak_rss_mib};
 use kiln_train::{optimizer_step, OptimConfig};
 
 use crate::commands::device;
@@ -42,6 +43,11 @@ pub enum BenchCommand {
         /// (to measure what the hand-written one saves).
         #[arg(long)]
         autograd: bool,
+        /// The projections' products: f32, or bf16 (inputs rounded to bf16, sums in f32;
+        /// needs AVX512-BF16). With --pytorch and bf16, PyTorch runs twice: fp32 eager and
+        /// under torch.autocast("cpu", dtype=torch.bfloat16).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        precision: String,
     },
     /// Prefill and decode tokens/s of a model (GGUF quantised or dequantised, HF, kiln run).
     Generate(crate::bench_generate::BenchGenerateArgs),
@@ -101,10 +107,24 @@ pub fn run(c: BenchCommand) -> Result<()> {
             json,
             pytorch,
             autograd,
+            precision,
         } => {
-            let kiln = bench_train(&preset, batch_size, seq_len, warmup, steps, json, autograd)?;
+            let precision = match precision.as_str() {
+                "bf16" => Precision::Bf16,
+                _ => Precision::F32,
+            };
+            anyhow::ensure!(
+                !(autograd && precision == Precision::Bf16),
+                "--autograd measures candle's autograd in f32; drop it or --precision bf16"
+            );
+            let kiln = bench_train(
+                &preset, batch_size, seq_len, warmup, steps, json, autograd, precision,
+            )?;
             if pytorch {
-                compare_with_pytorch(&preset, warmup, steps, json, &kiln)?;
+                compare_with_pytorch(&preset, warmup, steps, json, &kiln, "fp32")?;
+                if precision == Precision::Bf16 {
+                    compare_with_pytorch(&preset, warmup, steps, json, &kiln, "bf16")?;
+                }
             }
             Ok(())
         }
@@ -118,8 +138,10 @@ struct TrainBench {
     flops_per_token: f64,
     batch_size: usize,
     seq_len: usize,
+    precision: Precision,
 }
 
+#[allow(clippy::too_many_arguments)] // the command's options, passed through
 fn bench_train(
     preset: &str,
     batch_size: usize,
@@ -128,13 +150,15 @@ fn bench_train(
     steps: usize,
     json: bool,
     autograd: bool,
+    precision: Precision,
 ) -> Result<TrainBench> {
     anyhow::ensure!(steps > 0, "--steps must be positive");
     let dev = device();
     let mut cfg = ModelConfig::preset(preset)?;
     cfg.max_seq_len = cfg.max_seq_len.max(seq_len);
     let params = Params::init(&cfg, 0, &dev, DType::F32)?;
-    let model = Llama::new(&cfg, &params)?;
+    let mut model = Llama::new(&cfg, &params)?;
+    let precision = model.set_precision(precision);
     let mut opt = AdamW::new(&params, &OptimConfig::default())?;
     let mut autograd_ref = if autograd {
         Some(AutogradRef::new(&cfg, &params)?)
@@ -153,7 +177,7 @@ fn bench_train(
             Tensor::from_slice(&targets, n, &dev)?,
         ))
     };
-    let peak = measure_gemm_peak(&dev)?;
+    let peak = measure_peak(&dev, precision)?;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let mb = [batch()?];
@@ -200,7 +224,7 @@ fn bench_train(
         println!(
             "{}",
             serde_json::json!({
-                "impl": if autograd { "kiln-autograd" } else { "kiln" }, "preset": preset, "threads": threads, "batch_size": batch_size, "seq_len": seq_len,
+                "impl": if autograd { "kiln-autograd" } else { "kiln" }, "preset": preset, "precision": precision.name(), "threads": threads, "batch_size": batch_size, "seq_len": seq_len,
                 "step_ms_median": median * 1e3, "tokens_per_s": tokens_per_s, "mfu": mfu,
                 "gemm_peak_gflops": peak / 1e9, "flops_per_token": flops_per_token, "peak_rss_mb": rss,
                 "step_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
@@ -210,10 +234,12 @@ fn bench_train(
         );
     } else {
         println!(
-            "kiln bench train --preset {preset}: {threads} threads, batch {batch_size} x {seq_len}\n  median step {:.1} ms, {tokens_per_s:.0} tokens/s, MFU {:.1}% of the measured {:.1} GFLOP/s fp32 GEMM peak, peak RSS {:.0} MiB",
+            "kiln bench train --preset {preset}: {threads} threads, batch {batch_size} x {seq_len}, {} products\n  median step {:.1} ms, {tokens_per_s:.0} tokens/s, MFU {:.1}% of the measured {:.1} GFLOP/s {} GEMM peak, peak RSS {:.0} MiB",
+            precision.name(),
             median * 1e3,
             mfu * 100.0,
             peak / 1e9,
+            precision.name(),
             rss.unwrap_or(0.0)
         );
         println!(
@@ -229,6 +255,7 @@ fn bench_train(
         flops_per_token,
         batch_size,
         seq_len,
+        precision,
     })
 }
 
@@ -284,13 +311,15 @@ impl AutogradRef {
     }
 }
 
-/// Runs the PyTorch twin on the same preset and prints both results and the ratio.
+/// Runs the PyTorch twin on the same preset (`torch_precision`: "fp32" eager, or "bf16"
+/// under autocast) and prints its result and kiln's ratio to it.
 fn compare_with_pytorch(
     preset: &str,
     warmup: usize,
     steps: usize,
     json: bool,
     kiln: &TrainBench,
+    torch_precision: &str,
 ) -> Result<()> {
     let script = std::path::Path::new("bench/reference/bench_train.py");
     anyhow::ensure!(
@@ -313,6 +342,8 @@ fn compare_with_pytorch(
         &warmup.to_string(),
         "--steps",
         &steps.to_string(),
+        "--precision",
+        torch_precision,
     ]
     .iter()
     .map(Into::into)
@@ -324,15 +355,21 @@ fn compare_with_pytorch(
     if json {
         println!(
             "{}",
-            serde_json::json!({"impl": "pytorch", "preset": preset, "tokens_per_s": torch_tps, "mfu": torch_mfu,
+            serde_json::json!({"impl": "pytorch", "preset": preset, "precision": torch_precision, "tokens_per_s": torch_tps, "mfu": torch_mfu,
                 "step_ms_median": torch["step_ms_median"], "torch": torch["torch"], "peak_rss_mb": torch["peak_rss_mb"],
                 "kiln_over_pytorch": ratio})
         );
     } else {
         println!(
-            "pytorch {} eager, same preset and threads: {torch_tps:.0} tokens/s, MFU {:.1}%\n  kiln / pytorch = {ratio:.2}x",
+            "pytorch {} {}, same preset and threads: {torch_tps:.0} tokens/s, MFU {:.1}%, peak RSS {:.0} MiB\n  kiln ({}) / pytorch ({torch_precision}) = {ratio:.2}x",
             torch["torch"].as_str().unwrap_or("?"),
-            torch_mfu * 100.0
+            match torch_precision {
+                "bf16" => "autocast bf16",
+                _ => "fp32 eager",
+            },
+            torch_mfu * 100.0,
+            torch["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            kiln.precision.name(),
         );
     }
     Ok(())

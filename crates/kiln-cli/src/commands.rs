@@ -150,6 +150,25 @@ pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// Says which arithmetic a run's products use: bf16 mixed precision when asked and the CPU
+/// has AVX512-BF16, and a warning when asked on a CPU without it (the run computes in f32).
+pub fn log_precision(requested: kiln_model::Precision) {
+    use kiln_model::Precision;
+    match (requested, requested.effective()) {
+        (Precision::Bf16, Precision::Bf16) => info!(
+            "train.precision = \"bf16\": matrix products with bf16 inputs and f32 sums \
+             (AVX512-BF16); weights, gradients and AdamW in f32"
+        ),
+        (Precision::Bf16, _) => tracing::warn!(
+            "train.precision = \"bf16\" needs AVX512-BF16 (or the avx512 kernels) and this run \
+             has {} (CPU: {}): the products compute in f32, as fast as kiln's f32 path",
+            kiln_kernels::active_isa().name(),
+            kiln_kernels::cpu_features().join(" ")
+        ),
+        _ => {}
+    }
+}
+
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let mut overrides = a.overrides.clone();
     if let Some(p) = &a.init_from {
@@ -165,6 +184,9 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let mut silent = Silent;
     let obs: &mut dyn Observer = if main { &mut console } else { &mut silent };
     let mut trainer = Trainer::new_with(cfg, &run_dir, a.resume, &device(), obs, group)?;
+    if main {
+        log_precision(trainer.cfg.train.precision);
+    }
     if let (true, Some(m)) = (main, trainer.fsdp_memory()) {
         info!(
             "fsdp: parameters + gradients + optimizer state per rank {} bytes (shards {} + \

@@ -297,6 +297,7 @@ fn run_pairs(
         t.learner.trainable(),
         t.learner.total_params
     ));
+    crate::commands::log_precision(t.cfg.base.train.precision);
     let stop = stop_on_ctrl_c()?;
     let s = t.run(&mut console, &stop)?;
     console.bar.finish_and_clear();
@@ -405,6 +406,7 @@ pub fn online(method: Method, a: OnlineArgs) -> Result<()> {
         a.common.resume,
         &mut console,
     )?;
+    crate::commands::log_precision(t.cfg.base.train.precision);
     let stop = stop_on_ctrl_c()?;
     let sum = t.run(&mut console, &stop)?;
     console.bar.finish_and_clear();

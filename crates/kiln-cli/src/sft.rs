@@ -175,6 +175,9 @@ pub fn run(a: SftArgs) -> Result<()> {
         obs,
         group,
     )?;
+    if main {
+        crate::commands::log_precision(trainer.cfg.train.precision);
+    }
     let stop = stop_on_ctrl_c()?;
     let s = trainer.run(obs, &stop)?;
     drop(trainer);

@@ -22,6 +22,9 @@
 //! with exact arithmetic on the dequantised values, per ISA ([`Isa`]: chosen at run time,
 //! or forced with [`set_isa`]).
 //!
+//! [`bf16_gemm`] is the mixed-precision matrix product (`train.precision = "bf16"`): inputs
+//! rounded to bf16, products summed in f32, with AVX512-BF16's `vdpbf16ps` where the CPU has it.
+//!
 //! [`rows`] holds the same ops on plain `f32` rows for the single-token decode fast path.
 //!
 //! Each differentiable op also has an explicit `*_backward` function, for the model's
@@ -31,6 +34,7 @@
 mod adamw;
 mod attention;
 pub mod bandwidth;
+pub mod bf16_gemm;
 mod cross_entropy;
 mod geglu;
 mod inplace;

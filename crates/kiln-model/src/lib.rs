@@ -26,7 +26,7 @@ pub use decoding::CausalLm;
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
 pub use linear::set_candle_qmatmul;
-pub use linear::{Linear, LinearWeight, Lora};
+pub use linear::{Linear, LinearWeight, Lora, Precision};
 pub use model::{LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
 pub use quantized::QLlama;

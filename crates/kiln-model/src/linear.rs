@@ -184,6 +184,79 @@ pub struct Linear {
     pub served: Vec<Option<ServedLora>>,
     /// Where the weight's gradient goes (the embedding's name for a tied output head).
     weight_grad_name: String,
+    /// Mixed precision (`train.precision = "bf16"`): the dense weight's three training
+    /// products (`x W^T`, `dy W`, `dy^T x`) round their inputs to bf16 and sum in f32.
+    bf16_products: bool,
+}
+
+/// The arithmetic of the projections' matrix products in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 inputs, f32 sums.
+    #[default]
+    F32,
+    /// Inputs rounded to bf16, products summed in f32 (`torch.autocast`'s bf16 matmuls, with
+    /// f32 outputs); weights, gradients and the optimizer stay f32. Needs a CPU with
+    /// AVX512-BF16: elsewhere there is no fast bf16 arithmetic, and the products stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// What this machine computes when asked for `self`: bf16 only where the CPU multiplies
+    /// bf16 natively.
+    pub fn effective(self) -> Precision {
+        match self {
+            Precision::Bf16 if kiln_kernels::bf16_gemm::bf16_products_available() => {
+                Precision::Bf16
+            }
+            _ => Precision::F32,
+        }
+    }
+}
+
+/// `op(a) · op(b)` for 2-D f32 CPU tensors with bf16 products (`op` transposes where asked);
+/// None when the tensors are elsewhere or in another dtype, or the CPU lacks AVX512-BF16,
+/// and the caller computes the f32 product.
+fn bf16_matmul(
+    a: &Tensor,
+    a_transposed: bool,
+    b: &Tensor,
+    b_transposed: bool,
+) -> Result<Option<Tensor>, ModelError> {
+    use kiln_kernels::bf16_gemm::{bf16_products_available, gemm_bf16, MatView};
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(on_cpu_f32(a) && on_cpu_f32(b) && bf16_products_available()) {
+        return Ok(None);
+    }
+    let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
+    fn view(data: &[f32], rows: usize, cols: usize, transposed: bool) -> MatView<'_> {
+        if transposed {
+            MatView::transposed(data, rows, cols)
+        } else {
+            MatView::row_major(data, rows, cols)
+        }
+    }
+    let (m, n) = (
+        if a_transposed { ac } else { ar },
+        if b_transposed { br } else { bc },
+    );
+    let c = kiln_kernels::rows::with_values(a, |av| {
+        kiln_kernels::rows::with_values(b, |bv| {
+            gemm_bf16(
+                &view(av, ar, ac, a_transposed),
+                &view(bv, br, bc, b_transposed),
+            )
+        })
+    })??;
+    Ok(Some(Tensor::from_vec(c, (m, n), a.device())?))
 }
 
 /// What [`Linear::backward`] needs from the forward.
@@ -289,7 +362,23 @@ impl Linear {
             bias: None,
             served: Vec::new(),
             weight_grad_name: format!("{name}.weight"),
+            bf16_products: false,
         }
+    }
+
+    /// Sets the arithmetic of the dense weight's training products (see [`Precision`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.bf16_products = precision == Precision::Bf16;
+    }
+
+    /// `x W^T`: with bf16 products when asked and possible, else the weight's own product.
+    fn weight_product(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        if let (true, LinearWeight::Dense(w)) = (self.bf16_products, &self.weight) {
+            if let Some(y) = bf16_matmul(x, false, w, true)? {
+                return Ok(y);
+            }
+        }
+        self.weight.matmul(x)
     }
 
     /// The same projection with a bias `(out)`.
@@ -331,7 +420,7 @@ impl Linear {
 
     /// Inference forward (no dropout): `x (m, in)` → `(m, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = self.add_bias(self.weight.matmul(x)?)?;
+        let y = self.add_bias(self.weight_product(x)?)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
@@ -349,7 +438,7 @@ impl Linear {
         x: &Tensor,
         dropout_rng: Option<&mut SplitMix64>,
     ) -> Result<(Tensor, LinearCtx), ModelError> {
-        let y = self.add_bias(self.weight.matmul(x)?)?;
+        let y = self.add_bias(self.weight_product(x)?)?;
         let Some(l) = &self.lora else {
             return Ok((
                 y,
@@ -389,8 +478,17 @@ impl Linear {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor, ModelError> {
+        let bf16_dense = self.bf16_products && matches!(self.weight, LinearWeight::Dense(_));
         if self.trainable {
-            grads.accumulate(&self.weight_grad_name, &dy.t()?.matmul(&ctx.x)?)?;
+            let dw = match bf16_dense {
+                true => bf16_matmul(dy, true, &ctx.x, false)?,
+                false => None,
+            };
+            let dw = match dw {
+                Some(dw) => dw,
+                None => dy.t()?.matmul(&ctx.x)?,
+            };
+            grads.accumulate(&self.weight_grad_name, &dw)?;
             if self.bias.is_some() {
                 grads.accumulate(&self.bias_name(), &dy.sum(0)?)?;
             }
@@ -400,7 +498,14 @@ impl Linear {
             // A frozen quantised base (QLoRA): dx needs W, dequantised on the fly.
             other => other.dequantize()?.to_dtype(dy.dtype())?,
         };
-        let dx = dy.matmul(&w)?;
+        let dx = match bf16_dense {
+            true => bf16_matmul(dy, false, &w, false)?,
+            false => None,
+        };
+        let dx = match dx {
+            Some(dx) => dx,
+            None => dy.matmul(&w)?,
+        };
         if let (Some(l), Some((xd, u, mask))) = (&self.lora, ctx.lora) {
             let du = (dy.matmul(&l.b)? * l.scale)?; // (m, r)
             grads.accumulate(&self.lora_b_name(), &(dy.t()?.matmul(&u)? * l.scale)?)?;

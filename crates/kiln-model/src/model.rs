@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use kiln_kernels as k;
 
 use crate::block::{Block, BlockActs, DecodeStep, Heads, Pass, PassRope, RopeAt};
-use crate::linear::{Linear, LinearWeight, Lora};
+use crate::linear::{Linear, LinearWeight, Lora, Precision};
 use crate::rope::ModelRope;
 use crate::{
     AttentionMode, FlatLayout, Grads, KvCache, ModelConfig, ModelError, Params, SplitMix64,
@@ -537,6 +537,18 @@ impl Llama {
     /// block's activations instead of all of them, for about one more forward of compute.
     pub fn set_activation_checkpointing(&mut self, on: bool) {
         self.checkpoint_blocks = on;
+    }
+
+    /// The arithmetic of every projection's matrix products, the LM head's included
+    /// (`train.precision`; see [`Precision`]). Returns what this machine computes: f32 where
+    /// the CPU has no AVX512-BF16, whatever was asked.
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        let effective = precision.effective();
+        for block in &mut self.layers {
+            block.for_each_linear(|l| l.set_precision(effective));
+        }
+        self.output.set_precision(effective);
+        effective
     }
 
     pub(crate) fn heads(&self) -> Heads {
@@ -1152,6 +1164,25 @@ impl Block {
         [&self.wq, &self.wk, &self.wv, &self.w1, &self.w3]
             .iter()
             .any(|l| l.lora.is_some())
+    }
+
+    /// Every projection of the block, the decode-time stacked ones included.
+    pub(crate) fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
+        for l in [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.w1,
+            &mut self.w3,
+            &mut self.w2,
+        ] {
+            f(l);
+        }
+        if let Some((qkv, gate_up)) = &mut self.fused {
+            f(qkv);
+            f(gate_up);
+        }
     }
 
     /// Stacks the base weights of Q|K|V and gate|up even under an attached adapter: the

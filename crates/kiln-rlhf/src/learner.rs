@@ -98,6 +98,7 @@ impl Learner {
             device,
         )?;
         model.set_activation_checkpointing(cfg.base.train.activation_checkpointing);
+        model.set_precision(cfg.base.train.precision);
         let opt = AdamW::for_model(&model, &params, &cfg.base.optim)?;
         let head = head
             .map(|w| TrainedHead::new(&w, &cfg.base.optim))

@@ -278,6 +278,7 @@ impl SftTrainer {
             &device,
         )?;
         model.set_activation_checkpointing(cfg.train.activation_checkpointing);
+        model.set_precision(cfg.train.precision);
         let trainable = model.grad_layout(&params)?.total();
         let replica = match &dist {
             Some(d) if d.cfg.strategy == Strategy::Fsdp => {
@@ -298,6 +299,7 @@ impl SftTrainer {
                     d.comm.clone(),
                 )?;
                 f.set_activation_checkpointing(cfg.train.activation_checkpointing);
+                f.set_precision(cfg.train.precision);
                 Replica::Sharded(Box::new(f))
             }
             _ => {
@@ -349,7 +351,7 @@ impl SftTrainer {
         };
         let peak_flops = match cfg.train.peak_flops {
             Some(p) => p,
-            None => kiln_train::perf::measure_gemm_peak(&device)?,
+            None => kiln_train::perf::measure_peak(&device, cfg.train.precision.effective())?,
         };
         let mut t = Self {
             flops_per_token,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use kiln_data::MlmOptions;
-use kiln_model::{AttentionMode, ModelConfig};
+use kiln_model::{AttentionMode, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -155,6 +155,15 @@ pub struct TrainConfig {
     /// peak of one block's activations instead of all of them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub activation_checkpointing: bool,
+    /// The projections' matrix products: "f32", or "bf16" (inputs rounded to bf16, sums in
+    /// f32; weights, gradients and AdamW stay f32). bf16 needs AVX512-BF16; other CPUs
+    /// compute f32 and the run says so.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 impl TrainConfig {

@@ -170,6 +170,11 @@ impl Fsdp {
         self.model.set_activation_checkpointing(on);
     }
 
+    /// See [`Llama::set_precision`].
+    pub fn set_precision(&mut self, precision: kiln_model::Precision) -> kiln_model::Precision {
+        self.model.set_precision(precision)
+    }
+
     pub fn new(
         cfg: &ModelConfig,
         full: &Params,

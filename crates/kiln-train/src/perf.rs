@@ -1,8 +1,10 @@
-//! Machine measurements for MFU: the fp32 GEMM peak and peak resident memory.
+//! Machine measurements for MFU: the GEMM peak (fp32, or bf16 products) and peak resident
+//! memory.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use kiln_model::Precision;
 
 use crate::TrainError;
 
@@ -24,6 +26,33 @@ pub fn measure_gemm_peak(device: &Device) -> Result<f64, TrainError> {
             let t0 = Instant::now();
             let c = a.matmul(&b)?;
             device.synchronize()?;
+            let rate = 2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64();
+            best_rate = best_rate.max(rate);
+            drop(c);
+            reps += 1;
+        }
+    }
+    Ok(best_rate)
+}
+
+/// The GEMM peak of the products a run computes: [`measure_gemm_peak`] for f32, and for
+/// bf16 the best rate of kiln's bf16-product GEMM on the same square sizes (the CPU must have
+/// AVX512-BF16: pass [`Precision::effective`]).
+pub fn measure_peak(device: &Device, precision: Precision) -> Result<f64, TrainError> {
+    if precision != Precision::Bf16 || !device.is_cpu() {
+        return measure_gemm_peak(device);
+    }
+    use kiln_kernels::bf16_gemm::{gemm_bf16, MatView};
+    let mut best_rate = 0f64;
+    for n in [1024usize, 1536] {
+        let a = vec![1f32; n * n];
+        let (av, bv) = (MatView::row_major(&a, n, n), MatView::transposed(&a, n, n));
+        let _ = gemm_bf16(&av, &bv);
+        let start = Instant::now();
+        let mut reps = 0;
+        while reps < 3 || start.elapsed().as_secs_f64() < 0.15 {
+            let t0 = Instant::now();
+            let c = gemm_bf16(&av, &bv);
             let rate = 2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64();
             best_rate = best_rate.max(rate);
             drop(c);

@@ -243,11 +243,13 @@ impl Trainer {
                     d.comm.clone(),
                 )?;
                 fsdp.set_activation_checkpointing(cfg.train.activation_checkpointing);
+                fsdp.set_precision(cfg.train.precision);
                 Replica::Sharded(Box::new(fsdp))
             }
             _ => {
                 let mut model = Llama::new(&cfg.model, &params)?;
                 model.set_activation_checkpointing(cfg.train.activation_checkpointing);
+                model.set_precision(cfg.train.precision);
                 let mut optimizer = AdamW::for_model(&model, &params, &cfg.optim)?;
                 if let Some(d) = &dist {
                     d.setup(&params, &mut optimizer)?;
@@ -262,7 +264,7 @@ impl Trainer {
         let sampler = WindowSampler::new(cfg.train.seed, cfg.train.batch_size, cfg.train.seq_len);
         let peak_flops = match cfg.train.peak_flops {
             Some(p) => p,
-            None => crate::perf::measure_gemm_peak(device)?,
+            None => crate::perf::measure_peak(device, cfg.train.precision.effective())?,
         };
         let mut trainer = Self {
             flops_per_token: cfg.model.train_flops_per_token(cfg.train.seq_len),

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
-use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64};
+use kiln_model::{Llama, LoraSpec, ModelConfig, Params, Precision, SplitMix64};
 use kiln_train::metrics::read_rows;
 use kiln_train::optim::AdamW;
 use kiln_train::{checkpoint, optimizer_step, OptimConfig, RunConfig, Silent, Trainer};
@@ -495,4 +495,48 @@ fn bad_inputs_give_clear_errors() {
     .unwrap()
     .to_string();
     assert!(err.contains("vocab"), "{err}");
+}
+
+/// `train.precision = "bf16"` (bf16 products, f32 sums, weights and AdamW): the tiny run
+/// follows the f32 run's loss curve. Where the CPU has AVX512-BF16 the curves must differ
+/// (the bf16 path ran) by little; elsewhere the run falls back to f32 and equals it.
+#[test]
+fn bf16_mixed_precision_follows_the_f32_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = [
+        "train.steps=24",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+    ];
+    let f32_cfg = run_config(&dir.path().join("f32"), &steps);
+    let mut bf16_overrides = steps.to_vec();
+    bf16_overrides.push("train.precision=\"bf16\"");
+    let bf16_cfg = run_config(&dir.path().join("bf16"), &bf16_overrides);
+    assert_eq!(bf16_cfg.train.precision, Precision::Bf16);
+    let (f32_dir, bf16_dir) = (f32_cfg.run_dir(None), bf16_cfg.run_dir(None));
+    train(f32_cfg, false).unwrap();
+    train(bf16_cfg, false).unwrap();
+    let (a, b) = (losses(&f32_dir), losses(&bf16_dir));
+    assert_eq!(a.len(), 24);
+    assert_eq!(
+        a.iter().map(|r| r.0).collect::<Vec<_>>(),
+        b.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    let gaps: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x.1 - y.1).abs()).collect();
+    let worst = gaps.iter().cloned().fold(0.0, f64::max);
+    if Precision::Bf16.effective() == Precision::Bf16 {
+        assert!(worst > 0.0, "bf16 products changed nothing");
+        assert!(
+            worst < 0.05 && gaps.iter().sum::<f64>() / (gaps.len() as f64) < 0.02,
+            "bf16 curve strays from f32: {a:?} vs {b:?}"
+        );
+        assert!(a[0].1 - a[23].1 > 0.5, "the run did not learn: {a:?}");
+    } else {
+        assert_eq!(worst, 0.0, "without AVX512-BF16 the run is the f32 run");
+    }
+    // The key is written back into the run's config (and f32, the default, is not).
+    let written = std::fs::read_to_string(bf16_dir.join("config.toml")).unwrap();
+    assert!(written.contains("precision = \"bf16\""), "{written}");
+    let written = std::fs::read_to_string(f32_dir.join("config.toml")).unwrap();
+    assert!(!written.contains("precision"), "{written}");
 }
