@@ -242,10 +242,11 @@ impl OutPtr {
 #[cfg(target_arch = "x86_64")]
 fn packed_gemm(a: &MatView, b: &MatView) -> Vec<f32> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
     }
+    // Not zeroed: the first k block of every tile stores each element of C exactly once.
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let kp = k.div_ceil(2);
     let (pa, pb) = rayon::join(|| pack_a(a, kp), || pack_b(b, kp));
     let row_panels = m.div_ceil(MR);
@@ -273,6 +274,9 @@ fn packed_gemm(a: &MatView, b: &MatView) -> Vec<f32> {
             }
         }
     });
+    // SAFETY: the tiles cover C (row and column panels cover m and n) and each stored its
+    // elements in its first k block (there is one: k >= 1).
+    unsafe { c.set_len(m * n) };
     c
 }
 
@@ -303,24 +307,30 @@ mod x86 {
         p2
     }
 
-    /// `out[i] = pair(lo[i], hi[i])` for the whole blocks of 16; returns how many.
+    /// `out[i] = pair(lo[i], hi[i])` for every `i` of the shortest slice (16 at a time, the
+    /// rest under a mask: an A panel is 8 lines wide); returns how many.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn pack_pairs(lo: &[f32], hi: &[f32], out: &mut [u32]) -> usize {
         let n = out.len().min(lo.len()).min(hi.len());
         let mut i = 0;
-        while i + 16 <= n {
-            let l: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(lo.as_ptr().add(i))));
-            let h: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(hi.as_ptr().add(i))));
+        while i < n {
+            let mask: __mmask16 = if n - i >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << (n - i)) - 1) as __mmask16
+            };
+            let l = _mm512_maskz_loadu_ps(mask, lo.as_ptr().add(i));
+            let h = _mm512_maskz_loadu_ps(mask, hi.as_ptr().add(i));
+            let l: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(l));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(h));
             let v = _mm512_or_si512(
                 _mm512_cvtepu16_epi32(l),
                 _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)),
             );
-            _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), v);
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i).cast(), mask, v);
             i += 16;
         }
-        i
+        n
     }
 
     /// One `rows × cols` (at most MR × NR) tile of C over the k-pairs of `a` and `b`:
