@@ -160,8 +160,9 @@ pub fn log_precision(requested: kiln_model::Precision) {
              (AVX512-BF16); weights, gradients and AdamW in f32"
         ),
         (Precision::Bf16, _) => tracing::warn!(
-            "train.precision = \"bf16\" needs AVX512-BF16 (or the avx512 kernels) and this run \
-             has {} (CPU: {}): the products compute in f32, as fast as kiln's f32 path",
+            "train.precision = \"bf16\" needs the avx512 kernels on a CPU with AVX512-BF16; \
+             this run uses the {} kernels (CPU: {}), so the products compute in f32, at the \
+             speed of kiln's f32 path",
             kiln_kernels::active_isa().name(),
             kiln_kernels::cpu_features().join(" ")
         ),

@@ -359,6 +359,43 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Under `mpirun` (or `srun`) every process is one rank; only `kiln pretrain` and `kiln sft`
+/// split their work over the ranks. Any other command would run the whole job once per rank,
+/// logging everything twice and writing the same run directory at once, so it refuses to start,
+/// naming itself.
+fn refuse_single_process_commands_under_a_launcher(command: &Command) -> Result<()> {
+    if !dist::launched_as_rank() {
+        return Ok(());
+    }
+    let name = match command {
+        Command::Pretrain(_) | Command::Sft(_) => return Ok(()),
+        Command::Lora(_) => "lora",
+        Command::Reward(_) => "reward",
+        Command::Dpo(_) => "dpo",
+        Command::Ppo(_) => "ppo",
+        Command::Grpo(_) => "grpo",
+        Command::Eval(_) => "eval",
+        Command::Generate(_) => "generate",
+        Command::Chat(_) => "chat",
+        Command::Serve(_) => "serve",
+        Command::Tokenize(_) => "tokenize",
+        Command::Export(_) => "export",
+        Command::FillMask(_) => "fill-mask",
+        Command::Embed(_) => "embed",
+        Command::Tokenizer(_) => "tokenizer",
+        Command::Data(_) => "data",
+        Command::Plot(_) => "plot",
+        Command::Bench(_) => "bench",
+        Command::Info(_) => "info",
+        Command::Scaling(_) => "scaling",
+    };
+    anyhow::bail!(
+        "kiln {name} runs in one process: started by a launcher (mpirun, srun) as one of several \
+         ranks, every rank would run the whole job and write the same files. Run it without the \
+         launcher; distributed training is kiln pretrain and kiln sft (dist.strategy)"
+    )
+}
+
 fn main() {
     // candle's element-wise ops run on a spin-waiting thread pool of their own, next to rayon's
     // (which our kernels and candle's GEMM use). On 2 cores the spinning costs more than the
@@ -382,6 +419,7 @@ fn main() {
         .init();
     let result = set_threads(cli.threads)
         .and_then(|_| set_isa(&cli.isa))
+        .and_then(|_| refuse_single_process_commands_under_a_launcher(&cli.command))
         .and_then(|_| match cli.command {
             Command::Pretrain(a) => commands::pretrain(a),
             Command::Sft(a) => sft::run(a),

@@ -325,3 +325,56 @@ fn reward_dpo_grpo_and_ppo_from_the_command_line() {
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Started by a launcher as one of several ranks, a command that runs in one process refuses
+/// to start, naming itself (it would run the whole job once per rank); the launcher's
+/// environment is what `kiln` reads, so setting it here is what `mpirun -np 2` does.
+#[test]
+fn single_process_commands_refuse_to_run_as_one_of_several_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, name) in [
+        (vec!["dpo", "--model", "m", "--data", "d.json"], "kiln dpo"),
+        (
+            vec!["reward", "train", "--model", "m", "--data", "d.json"],
+            "kiln reward",
+        ),
+        (
+            vec![
+                "grpo",
+                "--model",
+                "m",
+                "--prompts",
+                "p.json",
+                "--reward-fn",
+                "len",
+            ],
+            "kiln grpo",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .env("OMPI_COMM_WORLD_RANK", "0")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "{args:?} ran: {err}");
+        assert!(
+            err.contains(name) && err.contains("runs in one process") && err.contains("kiln sft"),
+            "{args:?}: {err}"
+        );
+    }
+    // Alone (a launcher of one rank counts as alone), the same command gets to its own checks.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["dpo", "--model", "m", "--data", "d.json"])
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let (_, err) = text(&out);
+    assert!(
+        !out.status.success() && !err.contains("runs in one process"),
+        "{err}"
+    );
+}
