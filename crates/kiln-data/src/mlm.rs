@@ -22,8 +22,9 @@
 //! one u64 per random replacement, in position order.
 
 use crate::error::{DataError, Result};
-use crate::sampler::{splitmix64, Batch};
+use crate::sampler::Batch;
 use crate::tokenizer::{KilnTokenizer, EOS_TOKEN};
+use kiln_rng::{splitmix64, SplitMix64 as Stream};
 
 /// The mask token added by `kiln tokenizer train --mlm`.
 pub const MASK_TOKEN: &str = "[MASK]";
@@ -130,27 +131,6 @@ impl MlmOptions {
 /// The masking seed of batch `batch_index` of a run seeded with `seed`.
 pub fn mlm_seed(seed: u64, batch_index: u64) -> u64 {
     splitmix64(splitmix64(seed ^ 0x4D4C_4D00) ^ batch_index)
-}
-
-/// splitmix64 as a stream (the same sequence as `kiln_model::SplitMix64`).
-struct Stream(u64);
-
-impl Stream {
-    fn next_u64(&mut self) -> u64 {
-        let r = splitmix64(self.0);
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        r
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in `0..n` (multiply-shift; bias below 2^-40 for any vocabulary).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
 }
 
 /// What masking did to one position.
@@ -327,7 +307,7 @@ impl MlmMasker {
         ctx: usize,
         seed: u64,
     ) -> (Vec<u32>, Vec<i64>, Vec<MaskAction>) {
-        let mut rng = Stream(seed);
+        let mut rng = Stream::new(seed);
         let mut inputs = tokens.to_vec();
         let mut actions = Vec::with_capacity(tokens.len());
         for row in inputs.chunks_mut(ctx.max(1)) {
@@ -370,7 +350,7 @@ mod tests {
 
     /// A big batch with specials sprinkled in: every 17th token is EOS, every 31st PAD.
     fn tokens(n: usize) -> Vec<u32> {
-        let mut s = Stream(99);
+        let mut s = Stream::new(99);
         (0..n)
             .map(|i| match i {
                 i if i % 17 == 0 => 0,
@@ -580,7 +560,7 @@ mod tests {
         };
         let m = MlmMasker::from_parts(V, 1, &[0], edges, opts).unwrap();
         // Words of 1 to 4 tokens: a start (even) and continuations (odd); EOS between some.
-        let mut s = Stream(5);
+        let mut s = Stream::new(5);
         let mut toks = Vec::new();
         let mut n_words = 0;
         while toks.len() < 200_000 {

@@ -14,16 +14,8 @@
 use crate::error::{DataError, Result};
 use crate::shard::TokenShard;
 
-/// Golden-ratio increment used by splitmix64 and to spread row indices.
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The splitmix64 finaliser (Steele, Lea & Flood), all arithmetic wrapping mod 2^64.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(GOLDEN);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use kiln_rng::splitmix64;
+use kiln_rng::GOLDEN;
 
 /// Start of the training window for global row `r` in a shard of `n_tokens` tokens.
 ///

@@ -15,7 +15,6 @@ mod model;
 mod params;
 pub mod quantize;
 mod quantized;
-mod rng;
 mod rope;
 pub mod sentence;
 pub mod sharded;
@@ -25,12 +24,12 @@ pub use config::{Activation, AttentionMode, LayerAttention, LayerRope, ModelConf
 pub use decoding::CausalLm;
 pub use flat::{FlatEntry, FlatLayout, Grads};
 pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
+pub use kiln_rng::SplitMix64;
 pub use linear::set_candle_qmatmul;
 pub use linear::{Linear, LinearWeight, Lora, Precision};
 pub use model::{LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
 pub use quantized::QLlama;
-pub use rng::SplitMix64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

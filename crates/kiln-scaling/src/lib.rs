@@ -71,36 +71,8 @@ pub(crate) fn io_err(path: &std::path::Path, e: impl std::fmt::Display) -> Scali
     ScalingError::Io(format!("{}: {e}", path.display()))
 }
 
-/// A small seeded generator for bootstrap resampling (SplitMix64), so fits are reproducible.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    /// Uniform index in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.next_f64().max(1e-300);
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
+/// The seeded generator of bootstrap resampling, so fits are reproducible.
+pub use kiln_rng::SplitMix64 as Rng;
 
 /// Formats a count or FLOP number compactly: 1.23e+14 -> "1.23e14", 12_345 -> "12.3K".
 pub fn human(x: f64) -> String {

@@ -8,7 +8,6 @@
 //!   `C^0.5` reference line through each.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 
 use plotters::prelude::*;
 
@@ -16,16 +15,7 @@ use crate::data::{Point, RunsTable};
 use crate::fit::{group_budgets, Approach2, Group};
 use crate::{Result, ScalingError};
 
-static FONT: Once = Once::new();
-
-/// Registers the DejaVu Sans that kiln-train embeds, so text renders without system fonts.
-fn register_font() {
-    FONT.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../../kiln-train/assets/DejaVuSans.ttf");
-        // A failure only means text renders blank; the marks are still drawn.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
-    });
-}
+use kiln_train::plot::register_font;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mark {

@@ -24,7 +24,7 @@ fn synthetic_csv(sigma: f64, seed: u64, with_flops: bool) -> String {
         for k in -3..=3 {
             let n = (n_opt * (0.35 * k as f64).exp()).round();
             let d = c / (6.0 * n);
-            let loss = TRUTH.loss(n, d) * (sigma * rng.normal()).exp();
+            let loss = TRUTH.loss(n, d) * (sigma * rng.next_normal()).exp();
             if with_flops {
                 csv.push_str(&format!("{n},{d},{},{loss}\n", 6.0 * n * d));
             } else {

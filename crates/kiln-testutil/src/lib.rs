@@ -101,28 +101,10 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tol: Tol) {
     }
 }
 
-/// A tiny deterministic generator (SplitMix64) so that gradcheck needs no `rand` dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-}
-
 /// Deterministic uniform [-1, 1) f64 values, handy for building test inputs.
 pub fn uniform_vec(seed: u64, n: usize) -> Vec<f64> {
-    let mut rng = SplitMix64(seed);
-    (0..n).map(|_| rng.uniform()).collect()
+    let mut rng = kiln_rng::SplitMix64::new(seed);
+    (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect()
 }
 
 /// Deterministic uniform [-1, 1) tensor of the given shape and dtype on the CPU.

@@ -11,7 +11,9 @@ use crate::TrainError;
 
 static FONT: Once = Once::new();
 
-fn register_font() {
+/// Registers kiln's one embedded font (DejaVu Sans) as plotters' "sans-serif", once per
+/// process; every crate that draws charts calls this, so text renders without system fonts.
+pub fn register_font() {
     FONT.call_once(|| {
         let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
         // A failure only means text renders blank; the curves are still drawn.
