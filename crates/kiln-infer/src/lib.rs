@@ -1,9 +1,11 @@
 //! kiln-infer: token sampling (temperature, top-k, top-p, min-p, repetition penalties), the
 //! generate loop over the model's
 //! KV cache (streaming output, stop tokens and strings), chat templates and the chat turn
-//! policy ([`ChatSession`]: history kept within the context, the reply's token budget).
+//! policy ([`ChatSession`]: history kept within the context, the reply's token budget), and
+//! an MLM encoder's fill-mask ([`fill_mask`]).
 
 pub mod chat;
+pub mod fill_mask;
 mod generate;
 mod sampling;
 
@@ -34,6 +36,8 @@ pub enum InferError {
         max_context: usize,
         reserve: usize,
     },
+    #[error("{0}")]
+    FillMask(String),
     #[error(transparent)]
     Model(#[from] kiln_model::ModelError),
     #[error(transparent)]
