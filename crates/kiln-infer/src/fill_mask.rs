@@ -54,11 +54,12 @@ pub fn fill_mask(
         return refuse("--top-k must be at least 1".into());
     }
     if model.config().attention != AttentionMode::Bidirectional {
-        return refuse(format!(
+        return refuse(
             "fill-mask needs an encoder trained with train.objective = \"mlm\" \
              (model.attention = \"bidirectional\"); this model is a causal decoder, \
              sample from it with `kiln generate` instead"
-        ));
+                .into(),
+        );
     }
     let Some(mask_id) = tokenizer.token_id(MASK_TOKEN) else {
         return refuse(format!(
