@@ -631,6 +631,8 @@ impl SftTrainer {
                 self.train_rows.len()
             )));
         }
+        // The rest of the run's settings, after the data (whose error says more).
+        checkpoint::check_resume_config(dir, &self.config_toml)?;
         let device = self.device();
         // Written by any number of ranks (or one process).
         let moments = checkpoint::load_moments(dir, &device)?;

@@ -195,3 +195,84 @@ pub fn load_state(dir: &Path) -> Result<CheckpointState, TrainError> {
         ))
     })
 }
+
+/// Keys a resumed run may change: how long it runs and how often it logs, evaluates and
+/// saves, where it runs (`dist.*`: checkpoints load on any number of ranks), and the MFU
+/// denominator. Everything else (model, data, optimizer, batch, seed, precision...) defines
+/// the run: continuing it under other values would silently train a different run.
+const RESUMABLE_CHANGES: &[&str] = &[
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.run_dir",
+    "train.peak_flops",
+    "dist.",
+];
+
+/// Refuses to resume from `checkpoint_dir` when `new_toml` (the config the resumed run would
+/// use) changes a key that defines the run, naming each changed key with both values.
+pub fn check_resume_config(checkpoint_dir: &Path, new_toml: &str) -> Result<(), TrainError> {
+    let path = checkpoint_dir.join(CONFIG_FILE);
+    let Ok(saved) = fs::read_to_string(&path) else {
+        return Ok(()); // a checkpoint from before configs were saved with it
+    };
+    let parse = |s: &str, what: &Path| {
+        s.parse::<toml::Table>()
+            .map_err(|e| TrainError::Config(format!("{}: {e}", what.display())))
+    };
+    let (old, new) = (
+        parse(&saved, &path)?,
+        parse(new_toml, Path::new("the new config"))?,
+    );
+    let (mut old_keys, mut new_keys) = (Vec::new(), Vec::new());
+    flatten("", &old, &mut old_keys);
+    flatten("", &new, &mut new_keys);
+    let old_map: std::collections::BTreeMap<_, _> = old_keys.into_iter().collect();
+    let new_map: std::collections::BTreeMap<_, _> = new_keys.into_iter().collect();
+    let keys: std::collections::BTreeSet<&String> = old_map.keys().chain(new_map.keys()).collect();
+    let none = "(unset)".to_string();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| {
+            !RESUMABLE_CHANGES
+                .iter()
+                .any(|r| k.starts_with(r) && (r.ends_with('.') || k.len() == r.len()))
+        })
+        .filter(|k| old_map.get(*k) != new_map.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} → {}",
+                old_map.get(k).unwrap_or(&none),
+                new_map.get(k).unwrap_or(&none)
+            )
+        })
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "--resume would continue {} under a different run: {}. Resume with the run's own \
+         settings (only train.steps and the logging, evaluation and checkpoint schedule may \
+         change), or start a new run (another run_dir, or --overwrite)",
+        checkpoint_dir.display(),
+        changed.join("; ")
+    )))
+}
+
+/// `table` as (dotted key, value as TOML text) pairs, arrays and scalars as leaves.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            other => out.push((key, other.to_string())),
+        }
+    }
+}

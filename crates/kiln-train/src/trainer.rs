@@ -204,6 +204,11 @@ impl Trainer {
         }
         // The run directory is self-contained: config, tokenizer, metrics, checkpoints.
         let config_toml = cfg.to_toml();
+        if resume {
+            if let Some((_, dir)) = checkpoint::list(run_dir)?.last() {
+                checkpoint::check_resume_config(dir, &config_toml)?;
+            }
+        }
         if main {
             write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
         }

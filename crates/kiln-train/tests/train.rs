@@ -540,3 +540,46 @@ fn bf16_mixed_precision_follows_the_f32_curve() {
     let written = std::fs::read_to_string(f32_dir.join("config.toml")).unwrap();
     assert!(!written.contains("precision"), "{written}");
 }
+
+/// `--resume` continues a run under its own settings: more steps (and another logging or
+/// checkpoint schedule) are fine, a changed learning rate, batch or precision is refused,
+/// naming each changed key with both values, and the run's files are left as they were.
+#[test]
+fn resuming_with_changed_settings_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = [
+        "train.steps=4",
+        "train.eval_every=0",
+        "train.checkpoint_every=2",
+    ];
+    let cfg = run_config(dir.path(), &base);
+    let run_dir = cfg.run_dir(None);
+    train(cfg, false).unwrap();
+    let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+
+    let mut changed = base.to_vec();
+    changed.extend(["optim.lr=0.5", "train.batch_size=2"]);
+    let err = match train(run_config(dir.path(), &changed), true) {
+        Ok(_) => panic!("a resume with another lr and batch ran"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("optim.lr: 0.01 → 0.5") && err.contains("train.batch_size: 4 → 2"),
+        "{err}"
+    );
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("config.toml")).unwrap(),
+        saved,
+        "a refused resume rewrote the run's config"
+    );
+
+    let mut longer = base.to_vec();
+    longer.extend([
+        "train.steps=6",
+        "train.log_every=2",
+        "train.checkpoint_every=3",
+    ]);
+    let t = train(run_config(dir.path(), &longer), true).unwrap();
+    assert_eq!(t.step(), 6);
+}
