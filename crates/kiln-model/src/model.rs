@@ -1168,15 +1168,7 @@ impl Block {
 
     /// Every projection of the block, the decode-time stacked ones included.
     pub(crate) fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
-        for l in [
-            &mut self.wq,
-            &mut self.wk,
-            &mut self.wv,
-            &mut self.wo,
-            &mut self.w1,
-            &mut self.w3,
-            &mut self.w2,
-        ] {
+        for l in self.projections_mut() {
             f(l);
         }
         if let Some((qkv, gate_up)) = &mut self.fused {
