@@ -22,18 +22,71 @@ use crate::{
 };
 
 pub fn device() -> Device {
+    CHOSEN_DEVICE.get().cloned().unwrap_or_else(auto_device)
+}
+
+/// The process's one device handle, chosen by `--device` before any command runs.
+static CHOSEN_DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// `--device auto`: one GPU per rank in a CUDA build (the launcher's local rank picks it), the
+/// CPU otherwise; a CUDA build that cannot open its GPU says so before using the CPU.
+fn auto_device() -> Device {
     #[cfg(feature = "cuda")]
     {
-        // One GPU per rank: the launcher's local rank picks it.
         let local_rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"]
             .iter()
             .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
             .unwrap_or(0);
-        if let Ok(d) = Device::cuda_if_available(local_rank) {
-            return d;
+        match Device::new_cuda(local_rank) {
+            Ok(d) => return d,
+            Err(e) => tracing::warn!(
+                "--device auto: GPU {local_rank} does not open ({e}); running on the CPU \
+                 (--device cpu says so explicitly, --device cuda:{local_rank} makes this an error)"
+            ),
         }
     }
     Device::Cpu
+}
+
+/// Parses and opens `--device` (auto, cpu, cuda, cuda:N) once for the whole process. Asking
+/// for a GPU the build or machine lacks is an error naming what is missing.
+pub fn set_device(spec: &str) -> Result<()> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let device = match spec.as_str() {
+        "auto" => auto_device(),
+        "cpu" => Device::Cpu,
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let index = match s.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--device {s}: the GPU index must be a number (cuda:0, cuda:1, ...)"
+                    )
+                })?,
+            };
+            open_cuda(index)?
+        }
+        other => bail!("unknown --device {other:?}: use auto, cpu, cuda or cuda:N"),
+    };
+    let _ = CHOSEN_DEVICE.set(device);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(index: usize) -> Result<Device> {
+    Device::new_cuda(index).with_context(|| {
+        format!(
+            "--device cuda:{index}: this machine's GPU {index} does not open (use --device cpu)"
+        )
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(index: usize) -> Result<Device> {
+    bail!(
+        "--device cuda:{index}: this kiln was built without CUDA; build it with \
+         `cargo build --release --features cuda` (docs/distributed.md, \"GPUs\"), or use --device cpu"
+    )
 }
 
 /// A fine-tuning run's directory: `--out`, else the last `train.run_dir=` of the overrides,

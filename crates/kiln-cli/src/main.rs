@@ -48,6 +48,10 @@ struct Cli {
     /// matmuls are candle's and pick their own).
     #[arg(long, global = true, default_value = "auto")]
     isa: String,
+    /// Device: auto (the launcher's GPU in a CUDA build, else the CPU), cpu, cuda or cuda:N.
+    /// A device this build or machine lacks is an error, never a silent fallback.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -419,6 +423,7 @@ fn main() {
         .init();
     let result = set_threads(cli.threads)
         .and_then(|_| set_isa(&cli.isa))
+        .and_then(|_| commands::set_device(&cli.device))
         .and_then(|_| refuse_single_process_commands_under_a_launcher(&cli.command))
         .and_then(|_| match cli.command {
             Command::Pretrain(a) => commands::pretrain(a),

@@ -353,3 +353,37 @@ fn config_errors_name_the_problem() {
         &["--quantize", "q9_9", "q8_0"],
     );
 }
+
+/// `--device` names what is missing instead of falling back: a GPU on a build without CUDA,
+/// a malformed index, an unknown device; `--device cpu` runs.
+#[test]
+fn a_device_the_build_lacks_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = |device: &str| {
+        kiln(
+            &["--device", device, "info", "--preset", "tiny"],
+            dir.path(),
+        )
+    };
+    let o = info("cpu");
+    assert!(o.status.success(), "{}", text(&o).1);
+    for (device, says) in [
+        ("cuda:x", "the GPU index must be a number"),
+        ("gpu", "use auto, cpu, cuda or cuda:N"),
+    ] {
+        let o = info(device);
+        let err = text(&o).1;
+        assert!(!o.status.success() && err.contains(says), "{device}: {err}");
+    }
+    if !cfg!(feature = "cuda") {
+        let o = info("cuda:1");
+        let err = text(&o).1;
+        assert!(
+            !o.status.success()
+                && err.contains("--device cuda:1")
+                && err.contains("built without CUDA")
+                && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+}
