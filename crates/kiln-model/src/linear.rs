@@ -223,8 +223,8 @@ impl Precision {
 }
 
 /// `op(a) · op(b)` for 2-D f32 CPU tensors with bf16 products (`op` transposes where asked);
-/// None when the tensors are elsewhere or in another dtype, or the CPU lacks AVX512-BF16,
-/// and the caller computes the f32 product.
+/// None when the tensors are elsewhere, in another dtype or not 2-D, or the CPU lacks
+/// AVX512-BF16, and the caller computes the f32 product.
 fn bf16_matmul(
     a: &Tensor,
     a_transposed: bool,
@@ -232,7 +232,7 @@ fn bf16_matmul(
     b_transposed: bool,
 ) -> Result<Option<Tensor>, ModelError> {
     use kiln_kernels::bf16_gemm::{bf16_products_available, gemm_bf16, MatView};
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
     if !(on_cpu_f32(a) && on_cpu_f32(b) && bf16_products_available()) {
         return Ok(None);
     }
