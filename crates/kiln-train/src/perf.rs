@@ -14,25 +14,15 @@ use crate::TrainError;
 /// the machine's measured peak"). (Five 1024^3 products, about 0.1 s in all, were too short:
 /// a moment of load on a shared machine measured the peak low and MFU above 100%.)
 pub fn measure_gemm_peak(device: &Device) -> Result<f64, TrainError> {
-    let mut best_rate = 0f64;
-    for n in [1024usize, 1536] {
+    best_square_rate(|n| {
         let a = Tensor::ones((n, n), DType::F32, device)?;
         let b = Tensor::ones((n, n), DType::F32, device)?;
-        let _ = a.matmul(&b)?; // warm-up: thread pool, page faults
-        device.synchronize()?;
-        let start = Instant::now();
-        let mut reps = 0;
-        while reps < 3 || start.elapsed().as_secs_f64() < 0.15 {
-            let t0 = Instant::now();
-            let c = a.matmul(&b)?;
+        Ok(move || -> Result<(), TrainError> {
+            let _c = a.matmul(&b)?;
             device.synchronize()?;
-            let rate = 2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64();
-            best_rate = best_rate.max(rate);
-            drop(c);
-            reps += 1;
-        }
-    }
-    Ok(best_rate)
+            Ok(())
+        })
+    })
 }
 
 /// The GEMM peak of the products a run computes: [`measure_gemm_peak`] for f32, and for
@@ -43,19 +33,34 @@ pub fn measure_peak(device: &Device, precision: Precision) -> Result<f64, TrainE
         return measure_gemm_peak(device);
     }
     use kiln_kernels::bf16_gemm::{gemm_bf16, MatView};
+    best_square_rate(|n| {
+        let a = vec![1f32; n * n];
+        Ok(move || -> Result<(), TrainError> {
+            let _c = gemm_bf16(
+                &MatView::row_major(&a, n, n),
+                &MatView::transposed(&a, n, n),
+            );
+            Ok(())
+        })
+    })
+}
+
+/// The best FLOP/s of an `n^3` product for n = 1024 and 1536: `setup(n)` builds the operands
+/// and returns one product; it runs once to warm up (thread pool, page faults), then at least
+/// three times and for at least 0.15 s.
+fn best_square_rate<P: FnMut() -> Result<(), TrainError>>(
+    mut setup: impl FnMut(usize) -> Result<P, TrainError>,
+) -> Result<f64, TrainError> {
     let mut best_rate = 0f64;
     for n in [1024usize, 1536] {
-        let a = vec![1f32; n * n];
-        let (av, bv) = (MatView::row_major(&a, n, n), MatView::transposed(&a, n, n));
-        let _ = gemm_bf16(&av, &bv);
+        let mut product = setup(n)?;
+        product()?;
         let start = Instant::now();
         let mut reps = 0;
         while reps < 3 || start.elapsed().as_secs_f64() < 0.15 {
             let t0 = Instant::now();
-            let c = gemm_bf16(&av, &bv);
-            let rate = 2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64();
-            best_rate = best_rate.max(rate);
-            drop(c);
+            product()?;
+            best_rate = best_rate.max(2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64());
             reps += 1;
         }
     }
