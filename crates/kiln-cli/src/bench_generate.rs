@@ -110,14 +110,16 @@ pub fn run(a: BenchGenerateArgs) -> Result<()> {
                 "weight_types": desc, "threads": threads, "prompt_tokens": a.prompt_tokens,
                 "new_tokens": a.new_tokens, "batch": a.batch, "prefill_tokens_per_s": pp, "decode_tokens_per_s": tg,
                 "isa": kiln_kernels::active_isa().name(), "cpu_features": kiln_kernels::cpu_features(),
+                "activations": if kiln_kernels::q8_activations() { "q8" } else { "f32" },
             })
         );
     } else {
         println!(
-            "kiln bench generate {} ({}, {desc}), {threads} threads, {} kernels (CPU: {})\n  prefill pp{}: {pp:.1} tokens/s\n  decode  tg{} x batch {}: {tg:.1} tokens/s (all sequences)",
+            "kiln bench generate {} ({}, {desc}), {threads} threads, {} kernels{} (CPU: {})\n  prefill pp{}: {pp:.1} tokens/s\n  decode  tg{} x batch {}: {tg:.1} tokens/s (all sequences)",
             a.model.display(),
             a.weights,
             kiln_kernels::active_isa().name(),
+            if kiln_kernels::q8_activations() { ", 8-bit activations" } else { "" },
             kiln_kernels::cpu_features().join(" "),
             a.prompt_tokens,
             a.new_tokens,

@@ -1,8 +1,9 @@
 //! `kiln bench quant-accuracy`: how far a quantised model's matmuls move its predictions from
 //! the same weights dequantised to f32, over held-out text. For each position: whether the
-//! top-1 token agrees, and KL(p_f32 || p_quantised) in nats. Measured for kiln's kernels (f32
-//! activations) and for candle's (activations rounded to 8 bits, llama.cpp's approach), so the
-//! choice of arithmetic is a measured one.
+//! top-1 token agrees, and KL(p_f32 || p_quantised) in nats. Measured for kiln's kernels with
+//! f32 activations, for the same kernels with 8-bit activations (`--activations q8`) and for
+//! candle's (also 8-bit activations, llama.cpp's approach), so the choice of arithmetic is a
+//! measured one.
 
 use std::path::PathBuf;
 
@@ -122,6 +123,7 @@ pub fn run(a: BenchQuantAccuracyArgs) -> Result<()> {
     let (kiln_q, desc) = load(&a, Weights::Native, false)?;
     let (candle_q, _) = load(&a, Weights::Native, true)?;
     let mut kiln = Agreement::default();
+    let mut kiln_q8 = Agreement::default();
     let mut candle = Agreement::default();
     let mut left = a.tokens;
     for w in 0..windows {
@@ -134,6 +136,12 @@ pub fn run(a: BenchQuantAccuracyArgs) -> Result<()> {
             |m: &Llama| -> Result<Tensor> { Ok(m.logits(&x)?.squeeze(0)?.narrow(0, 0, keep)?) };
         let r = logits(&reference)?;
         kiln.add(&r, &logits(&kiln_q)?)?;
+        // The same kernels with the activations rounded to 8 bits (`--activations q8`).
+        let was = kiln_kernels::q8_activations();
+        kiln_kernels::set_q8_activations(true);
+        let q8 = logits(&kiln_q);
+        kiln_kernels::set_q8_activations(was);
+        kiln_q8.add(&r, &q8?)?;
         candle.add(&r, &logits(&candle_q)?)?;
     }
     if a.json {
@@ -142,7 +150,8 @@ pub fn run(a: BenchQuantAccuracyArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "model": a.model.display().to_string(), "weights": desc, "text": a.text.display().to_string(),
-                "positions": kiln.positions, "kiln": one(&kiln), "candle_q8_activations": one(&candle),
+                "positions": kiln.positions, "kiln": one(&kiln), "kiln_q8_activations": one(&kiln_q8),
+                "candle_q8_activations": one(&candle),
             })
         );
     } else {
@@ -156,6 +165,7 @@ pub fn run(a: BenchQuantAccuracyArgs) -> Result<()> {
         println!("|---|---:|---:|---:|");
         for (name, g) in [
             ("kiln (f32 activations)", &kiln),
+            ("kiln --activations q8", &kiln_q8),
             ("candle (8-bit activations)", &candle),
         ] {
             println!(

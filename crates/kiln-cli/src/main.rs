@@ -52,8 +52,20 @@ struct Cli {
     /// A device this build or machine lacks is an error, never a silent fallback.
     #[arg(long, global = true, default_value = "auto")]
     device: String,
+    /// Activations of quantised matmuls: f32 (exact: the dequantised model's numbers) or q8
+    /// (rounded to 8 bits per 32 values and multiplied with integer dot products, as llama.cpp
+    /// does: faster decoding on CPUs without AVX-512, at the accuracy `kiln bench
+    /// quant-accuracy` reports).
+    #[arg(long, global = true, value_enum, default_value_t = Activations::F32)]
+    activations: Activations,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Activations {
+    F32,
+    Q8,
 }
 
 #[derive(Subcommand)]
@@ -423,6 +435,13 @@ fn main() {
         .init();
     let result = set_threads(cli.threads)
         .and_then(|_| set_isa(&cli.isa))
+        .map(|_| {
+            let q8 = cli.activations == Activations::Q8;
+            kiln_kernels::set_q8_activations(q8);
+            if q8 {
+                tracing::info!("quantised matmuls: 8-bit activations (--activations q8)");
+            }
+        })
         .and_then(|_| commands::set_device(&cli.device))
         .and_then(|_| refuse_single_process_commands_under_a_launcher(&cli.command))
         .and_then(|_| match cli.command {

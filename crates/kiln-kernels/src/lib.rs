@@ -58,7 +58,7 @@ pub use cross_entropy::{
 pub use geglu::{gelu_tanh, gelu_tanh_gate, gelu_tanh_gate_backward};
 pub use inplace::{add_in_place, index_add_rows, widen_into};
 pub use isa::{active_isa, cpu_features, set_isa, Isa, IsaError};
-pub use qkernels::{RawKind, RawQ};
+pub use qkernels::{q8_activations, set_q8_activations, RawKind, RawQ};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};
 pub use softmax::{masked_softmax, masked_softmax_backward, reference_masked_softmax};

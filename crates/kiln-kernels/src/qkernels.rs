@@ -24,9 +24,26 @@
 //! Work is split over output rows with rayon; AVX-512, AVX2+FMA and portable scalar kernels
 //! are chosen at run time ([`crate::set_isa`] forces one, for tests and comparisons).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
+
+mod q8;
+pub use q8::Q8Rows;
+
+static Q8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
+
+/// Rounds the activations of every later quantised matmul to 8 bits and multiplies them with
+/// integer dot products ([`Q8Rows`]; off by default: exact f32 activations).
+pub fn set_q8_activations(on: bool) {
+    Q8_ACTIVATIONS.store(on, Ordering::Relaxed);
+}
+
+/// Whether quantised matmuls round their activations to 8 bits ([`set_q8_activations`]).
+pub fn q8_activations() -> bool {
+    Q8_ACTIVATIONS.load(Ordering::Relaxed)
+}
 
 /// GGML block types with a kernel here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +276,8 @@ impl RawQ {
 
     /// [`RawQ::matmul`] on the kernels of one level (tests compare every level the CPU runs
     /// without touching the process-wide choice). A level the CPU lacks runs the scalar
-    /// kernels.
+    /// kernels. With [`set_q8_activations`] on, the activations are rounded to 8 bits first
+    /// ([`RawQ::matmul_q8_isa`]).
     pub fn matmul_isa(&self, x: &[f32], m: usize, isa: crate::Isa) -> Vec<f32> {
         assert_eq!(
             x.len(),
@@ -268,8 +286,15 @@ impl RawQ {
             x.len(),
             self.k
         );
+        if q8_activations() {
+            return self.matmul_q8_isa(x, m, isa);
+        }
+        self.matmul_exact(x, m, Level::of(isa))
+    }
+
+    /// The product with exact f32 activations.
+    fn matmul_exact(&self, x: &[f32], m: usize, level: Level) -> Vec<f32> {
         let n = self.n;
-        let level = Level::of(isa);
         #[cfg(target_arch = "x86_64")]
         if m >= PANEL_MIN_ROWS && level != Level::Scalar {
             return self.panel_matmul(x, m, level);
