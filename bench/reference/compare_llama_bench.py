@@ -5,6 +5,7 @@
     python3 bench/reference/compare_llama_bench.py [--threads 2] [--rounds 3] [--batches 1,4,16]
     python3 bench/reference/compare_llama_bench.py --models A.gguf,B.gguf    (any files, as they are)
     python3 bench/reference/compare_llama_bench.py --isa avx2    (after build-llama-cpp.sh avx2)
+    python3 bench/reference/compare_llama_bench.py --activations f32,q8    (kiln exact and 8-bit)
 
 `--isa avx2` compares AVX2 with AVX2 on any x86 machine: kiln runs with `--isa avx2` and
 llama.cpp is the build without AVX-512 (`build-llama-cpp.sh avx2`, into bin-avx2/).
@@ -54,8 +55,9 @@ def llama_bench(path, a):
     return {"pp": pp, "tg": tg}
 
 
-def kiln_bench(path, a, batch=1):
-    r = run_json([KILN, "--threads", str(a.threads), "--isa", a.isa, "bench", "generate", "--model", path, "--json",
+def kiln_bench(path, a, batch=1, activations="f32"):
+    r = run_json([KILN, "--threads", str(a.threads), "--isa", a.isa, "--activations", activations,
+                  "bench", "generate", "--model", path, "--json",
                   "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                   "--batch", str(batch)])
     return {"pp": r["prefill_tokens_per_s"], "tg": r["decode_tokens_per_s"], "weights": r.get("weights"),
@@ -88,6 +90,9 @@ def main():
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--isa", default="auto", choices=["auto", "avx2"],
                     help="avx2: kiln forced to AVX2 against llama.cpp built without AVX-512")
+    ap.add_argument("--activations", default="f32",
+                    help="comma-separated kiln activation modes, one table row each: f32 (exact) and/or q8 "
+                         "(8-bit activations with integer dot products, llama.cpp's arithmetic)")
     ap.add_argument("--only", default="", help="comma-separated substrings of the file names to run")
     ap.add_argument("--models", default="",
                     help="comma-separated GGUF files to compare as they are, instead of the SmolLM2 set")
@@ -109,29 +114,35 @@ def main():
           f"{os.path.relpath(llama_bin(a), ROOT)}\n")
     bandwidth = run_json([KILN, "--threads", str(a.threads), "bench", "memory", "--json"])["read_gb_per_s"]
     print(f"read bandwidth (`kiln bench memory`, {a.threads} threads): {bandwidth:.1f} GB/s\n")
-    print("| file | kiln prefill | llama.cpp prefill | ratio | kiln decode | llama.cpp decode | ratio "
-          "| decode GB/s kiln / llama.cpp (fraction of bandwidth) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    modes = a.activations.split(",")
+    print("| file | kiln activations | kiln prefill | llama.cpp prefill | ratio | kiln decode | llama.cpp decode "
+          "| ratio | decode GB/s kiln / llama.cpp (fraction of bandwidth) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     q4km = None
     for name, path in files.items():
-        best = {"kiln": {"pp": 0, "tg": 0}, "llama.cpp": {"pp": 0, "tg": 0}}
+        best = {side: {"pp": 0, "tg": 0} for side in modes + ["llama.cpp"]}
         for _ in range(a.rounds):
-            for side, r in (("kiln", kiln_bench(path, a)), ("llama.cpp", llama_bench(path, a))):
+            runs = [(m, kiln_bench(path, a, activations=m)) for m in modes]
+            for side, r in runs + [("llama.cpp", llama_bench(path, a))]:
                 best[side] = {k: max(best[side][k], r[k]) for k in ("pp", "tg")}
-        k, l = best["kiln"], best["llama.cpp"]
+        l = best["llama.cpp"]
         gb = os.path.getsize(path) / 1e9
-        moved = f"{k['tg'] * gb:.1f} / {l['tg'] * gb:.1f} ({k['tg'] * gb / bandwidth:.2f} / {l['tg'] * gb / bandwidth:.2f})"
-        print(f"| {name} | {k['pp']:.0f} | {l['pp']:.0f} | {k['pp'] / l['pp']:.2f} | {k['tg']:.0f} | "
-              f"{l['tg']:.0f} | {k['tg'] / l['tg']:.2f} | {moved} |", flush=True)
+        for m in modes:
+            k = best[m]
+            moved = (f"{k['tg'] * gb:.1f} / {l['tg'] * gb:.1f} "
+                     f"({k['tg'] * gb / bandwidth:.2f} / {l['tg'] * gb / bandwidth:.2f})")
+            print(f"| {name} | {m} | {k['pp']:.0f} | {l['pp']:.0f} | {k['pp'] / l['pp']:.2f} | {k['tg']:.0f} | "
+                  f"{l['tg']:.0f} | {k['tg'] / l['tg']:.2f} | {moved} |", flush=True)
         if name.startswith("Q4_K_M (llama"):
             q4km = (path, l["tg"])
     if q4km and a.batches:
-        print("\nkiln batched decoding on Q4_K_M (llama-quantize), aggregate tokens/s:\n")
+        print(f"\nkiln batched decoding on Q4_K_M (llama-quantize), {modes[-1]} activations, "
+              "aggregate tokens/s:\n")
         print("| batch | decode tokens/s | vs batch 1 |")
         print("|---:|---:|---:|")
         base = None
         for b in [int(x) for x in a.batches.split(",")]:
-            tg = max(kiln_bench(q4km[0], a, b)["tg"] for _ in range(a.rounds))
+            tg = max(kiln_bench(q4km[0], a, b, modes[-1])["tg"] for _ in range(a.rounds))
             base = base or tg
             print(f"| {b} | {tg:.0f} | {tg / base:.2f}x |", flush=True)
 

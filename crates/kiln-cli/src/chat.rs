@@ -42,9 +42,8 @@ pub struct ChatArgs {
     /// memory is the quantised model plus one tensor.
     #[arg(long, conflicts_with = "dequantize")]
     pub quantize: Option<String>,
-    /// Apply a PEFT LoRA adapter directory without merging it.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: crate::AdapterArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -53,7 +52,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let m = crate::commands::load_for_inference(
         &a.model,
         crate::commands::weights_choice(a.dequantize, a.quantize.as_deref())?,
-        a.adapter.as_deref(),
+        a.adapter.choice(),
     )?;
     let tok = &m.tokenizer;
     let template = match &a.template {

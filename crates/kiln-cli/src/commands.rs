@@ -310,7 +310,7 @@ pub fn weights_choice(dequantize: bool, quantize: Option<&str>) -> Result<Weight
 pub fn load_for_inference(
     path: &Path,
     weights: Weights,
-    adapter: Option<&Path>,
+    adapter: Option<kiln_load::AdapterChoice>,
 ) -> Result<InferenceModel> {
     let t0 = std::time::Instant::now();
     let m = crate::GLOBAL.without_caching(|| {
@@ -325,7 +325,25 @@ pub fn load_for_inference(
         "loaded {}",
         path.display()
     );
+    for w in &m.warnings {
+        warn!("{w}");
+    }
     Ok(m)
+}
+
+/// Applies an adapter unmerged to `model` (loaded from `path`), refusing one kiln trained on
+/// another base unless forced (then warning).
+pub fn attach_adapter(
+    model: &mut kiln_model::Llama,
+    path: &Path,
+    choice: kiln_load::AdapterChoice,
+) -> Result<()> {
+    let adapter = kiln_load::load_adapter(choice.dir, model.config(), &device())?;
+    if let Some(w) = adapter.check_base(path, &model.norm_fingerprint()?, choice.force)? {
+        warn!("{w}");
+    }
+    model.attach_lora(&adapter.params, &adapter.spec)?;
+    Ok(())
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -333,9 +351,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         return crate::evaluate::run(a);
     }
     let (loaded, mut model, _) = load_model(&a.model)?;
-    if let Some(dir) = &a.adapter {
-        let adapter = kiln_load::load_adapter(dir, &loaded.config, &device())?;
-        model.attach_lora(&adapter.params, &adapter.spec)?;
+    if let Some(choice) = a.adapter.choice() {
+        attach_adapter(&mut model, &a.model, choice)?;
     }
     let run = loaded.run.as_ref();
     let data_dir = match (&a.data, run.and_then(|r| r.dataset.as_ref())) {
@@ -418,7 +435,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let m = load_for_inference(
         &a.model,
         weights_choice(a.dequantize, a.quantize.as_deref())?,
-        a.adapter.as_deref(),
+        a.adapter.choice(),
     )?;
     let (model, tokenizer) = (m.model.as_ref(), &m.tokenizer.tokenizer);
     let s = &a.sampling;

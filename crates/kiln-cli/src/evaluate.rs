@@ -56,9 +56,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "loaded {}",
         a.model.display()
     );
-    if let Some(dir) = &a.adapter {
-        let adapter = kiln_load::load_adapter(dir, &config, &device())?;
-        model.attach_lora(&adapter.params, &adapter.spec)?;
+    if let Some(choice) = a.adapter.choice() {
+        crate::commands::attach_adapter(&mut model, &a.model, choice)?;
     }
     let scorer = Scorer::new(&model, &tokenizer);
     let mut results: Vec<(String, TaskResult)> = Vec::new();
@@ -123,7 +122,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 "tasks": tasks,
                 "model": a.model.display().to_string(),
                 "weights": weights,
-                "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+                "adapter": a.adapter.adapter.as_ref().map(|p| p.display().to_string()),
                 "limit": a.limit,
                 "num_fewshot": a.num_fewshot,
                 "kiln_version": env!("CARGO_PKG_VERSION"),

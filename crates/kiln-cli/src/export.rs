@@ -37,6 +37,9 @@ pub struct ExportArgs {
     /// Merge this PEFT LoRA adapter into the weights first (same as `kiln lora merge`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Merge the adapter even into a base other than the one kiln trained it on.
+    #[arg(long, requires = "adapter")]
+    pub force: bool,
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
@@ -59,10 +62,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
             },
             out: &a.out,
             type_name: a.dtype.as_deref(),
-            adapter: a.adapter.as_deref(),
+            adapter: a.adapter.as_deref().map(|dir| kiln_load::AdapterChoice {
+                dir,
+                force: a.force,
+            }),
         },
         &device(),
     )?;
+    for w in &summary.warnings {
+        tracing::warn!("{w}");
+    }
     if let Some((dir, rank, targets)) = &summary.merged_adapter {
         info!(
             adapter = %dir.display(),

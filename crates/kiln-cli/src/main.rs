@@ -144,6 +144,27 @@ pub struct PretrainArgs {
     pub init_from: Option<PathBuf>,
 }
 
+/// `--adapter DIR [--force]` for the commands that run a model with an adapter unmerged.
+#[derive(Args)]
+pub struct AdapterArgs {
+    /// Apply a PEFT LoRA adapter directory without merging it.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Apply the adapter even to a base other than the one kiln trained it on (same shapes,
+    /// different norm weights: usually the wrong base, e.g. the instruct model for the base).
+    #[arg(long, requires = "adapter")]
+    pub force: bool,
+}
+
+impl AdapterArgs {
+    pub fn choice(&self) -> Option<kiln_load::AdapterChoice<'_>> {
+        self.adapter.as_deref().map(|dir| kiln_load::AdapterChoice {
+            dir,
+            force: self.force,
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct EvalArgs {
     /// A run directory, checkpoint directory, model.safetensors, HF model directory or GGUF file.
@@ -152,9 +173,8 @@ pub struct EvalArgs {
     /// A prepared dataset directory (default: the run's own dataset).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Apply a PEFT LoRA adapter directory without merging it.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Which split to evaluate.
     #[arg(long, default_value = "val")]
     pub split: String,
@@ -280,9 +300,8 @@ pub struct GenerateArgs {
     /// memory is the quantised model plus one tensor.
     #[arg(long, conflicts_with = "dequantize")]
     pub quantize: Option<String>,
-    /// Apply a PEFT LoRA adapter directory without merging it.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     #[arg(long, default_value = "", conflicts_with = "prompt_file")]
     pub prompt: String,
     /// Decode every line of FILE (one prompt per line) as one batch; stdout is JSONL, one

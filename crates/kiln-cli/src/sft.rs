@@ -245,6 +245,9 @@ pub struct MergeArgs {
     /// Weight type (as for kiln export).
     #[arg(long = "type")]
     pub dtype: Option<String>,
+    /// Merge even into a base other than the one kiln trained the adapter on.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn lora(c: LoraCommand) -> Result<()> {
@@ -255,6 +258,7 @@ pub fn lora(c: LoraCommand) -> Result<()> {
             out: m.out,
             dtype: m.dtype,
             adapter: Some(m.adapter),
+            force: m.force,
         }),
     }
 }

@@ -151,6 +151,54 @@ fn lora_sft_adapter_generate_and_merged_exports() {
     ));
     let _ = out;
 
+    // The same adapter on another model with the same shapes (a copy of the base with its
+    // final norm changed) is refused, naming --force; forced, it runs with a warning.
+    let other = dir.path().join("other-base");
+    std::fs::create_dir(&other).unwrap();
+    for e in std::fs::read_dir(hf_tiny()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
+    }
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(other.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shard = other.join(index["weight_map"]["model.norm.weight"].as_str().unwrap());
+    let mut tensors = candle_core::safetensors::load(&shard, &Device::Cpu).unwrap();
+    let norm = tensors["model.norm.weight"].affine(1.5, 0.0).unwrap();
+    tensors.insert("model.norm.weight".into(), norm);
+    candle_core::safetensors::save(&tensors, &shard).unwrap();
+    let on_other = |verb: &[&str], extra: &[&str]| {
+        let mut args = verb.to_vec();
+        args.extend([
+            "--model",
+            other.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ]);
+        args.extend_from_slice(extra);
+        kiln(&args, dir.path())
+    };
+    let short = ["--prompt", "hi", "--max-new-tokens", "2"];
+    let merged_other = dir.path().join("merged-other");
+    let merge_out = ["--out", merged_other.to_str().unwrap()];
+    for (verb, extra) in [
+        (&["generate"][..], &short[..]),
+        (&["lora", "merge"][..], &merge_out[..]),
+    ] {
+        let o = on_other(verb, extra);
+        let (_, err) = text(&o);
+        assert!(
+            !o.status.success()
+                && err.contains("different model with the same shapes")
+                && err.contains("pass --force"),
+            "{verb:?}: {err}"
+        );
+        let forced: Vec<&str> = extra.iter().copied().chain(["--force"]).collect();
+        let (_, err) = ok(&on_other(verb, &forced));
+        assert!(err.contains("applied anyway (--force)"), "{verb:?}: {err}");
+    }
+
     // lora merge: HF f32, GGUF f16 and q8_0, each against the unmerged model. A quantised
     // format's tolerance is what that quantisation costs the merged weights themselves (the
     // merged f32 weights quantised in memory, twice that), so the check is as tight as the

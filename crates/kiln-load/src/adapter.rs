@@ -18,6 +18,37 @@ use crate::LoadError;
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// kiln's record of the base an adapter was trained on (PEFT ignores files it does not know).
+pub const ADAPTER_BASE_FILE: &str = "kiln_base.json";
+
+/// The base an adapter was trained on: its path as given, and its norm fingerprint
+/// (`kiln_model::Llama::norm_fingerprint`), so that applying the adapter to another model with
+/// the same shapes is caught rather than silently producing nonsense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterBase {
+    pub base_model: String,
+    pub norm_fingerprint: Vec<f32>,
+}
+
+impl AdapterBase {
+    /// Whether `fingerprint` (of the base the adapter is about to be applied to) is this base's,
+    /// up to bf16 rounding; otherwise the first value that differs, as (index, base's, ours).
+    pub fn mismatch(&self, fingerprint: &[f32]) -> Option<(usize, f32, f32)> {
+        if fingerprint.len() != self.norm_fingerprint.len() {
+            return Some((
+                fingerprint.len().min(self.norm_fingerprint.len()),
+                f32::NAN,
+                f32::NAN,
+            ));
+        }
+        fingerprint
+            .iter()
+            .zip(&self.norm_fingerprint)
+            .enumerate()
+            .find(|(_, (a, b))| (*a - *b).abs() > 4e-3 * a.abs().max(b.abs()).max(1e-3))
+            .map(|(i, (a, b))| (i, *a, *b))
+    }
+}
 
 /// PEFT's module names for kiln's short projection names, in the same order.
 const HF_TARGETS: [&str; 7] = [
@@ -231,6 +262,41 @@ pub struct LoadedAdapter {
     pub spec: LoraSpec,
     /// `layers.{i}.attention.wq.lora_A.weight` etc., f32 on the requested device.
     pub params: Params,
+    /// The base it was trained on, where kiln trained it (`kiln_base.json`).
+    pub base: Option<AdapterBase>,
+}
+
+impl LoadedAdapter {
+    /// Refuses (unless `force`) to apply this adapter to a base whose norm fingerprint differs
+    /// from the one it was trained on. Returns a warning to show when `force` let a mismatch
+    /// through, or when the adapter records no base (PEFT's own adapters) and nothing could
+    /// be checked beyond the shapes.
+    pub fn check_base(
+        &self,
+        base: &Path,
+        fingerprint: &[f32],
+        force: bool,
+    ) -> Result<Option<String>, LoadError> {
+        let Some(recorded) = &self.base else {
+            return Ok(None);
+        };
+        let Some((i, theirs, ours)) = recorded.mismatch(fingerprint) else {
+            return Ok(None);
+        };
+        let msg = format!(
+            "adapter {} was trained on {}, and {} is a different model with the same shapes (norm fingerprint value {i}: {ours} here, {theirs} in the adapter's base)",
+            self.dir.display(),
+            recorded.base_model,
+            base.display()
+        );
+        if force {
+            Ok(Some(format!("{msg}; applied anyway (--force)")))
+        } else {
+            Err(LoadError::AdapterBase(format!(
+                "{msg}; pass --force to apply it anyway"
+            )))
+        }
+    }
 }
 
 /// Reads a PEFT LoRA adapter directory and checks it against the base model `cfg`: every
@@ -304,11 +370,21 @@ pub fn load_adapter(
             peft_name(missing).unwrap_or_else(|| missing.to_string())
         )));
     }
+    let base_path = dir.join(ADAPTER_BASE_FILE);
+    let base = match std::fs::read_to_string(&base_path) {
+        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| LoadError::Config {
+            path: base_path.clone(),
+            msg: format!("not kiln's record of an adapter's base: {e}"),
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(LoadError::io(&base_path, e)),
+    };
     Ok(LoadedAdapter {
         dir: dir.to_path_buf(),
         config,
         spec,
         params: Params::from_adapter_tensors(tensors)?,
+        base,
     })
 }
 
@@ -368,7 +444,7 @@ pub fn save_adapter(
     dir: &Path,
     adapters: &Params,
     spec: &LoraSpec,
-    base_model: &str,
+    base: &AdapterBase,
 ) -> Result<(), LoadError> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -394,11 +470,14 @@ pub fn save_adapter(
     }
     let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
     candle_core::safetensors::save(&map, &weights)?;
-    let config = AdapterConfig::for_spec(spec, base_model);
+    let config = AdapterConfig::for_spec(spec, &base.base_model);
     let json = serde_json::to_string_pretty(&config).expect("invariant: config serialises");
     let config_path = tmp.join(ADAPTER_CONFIG_FILE);
     std::fs::write(&config_path, json).map_err(|e| LoadError::io(&config_path, e))?;
-    for p in [&weights, &config_path] {
+    let base_path = tmp.join(ADAPTER_BASE_FILE);
+    let json = serde_json::to_string_pretty(base).expect("invariant: base record serialises");
+    std::fs::write(&base_path, json).map_err(|e| LoadError::io(&base_path, e))?;
+    for p in [&weights, &config_path, &base_path] {
         std::fs::File::open(p)
             .and_then(|f| f.sync_all())
             .map_err(|e| LoadError::io(p, e))?;
@@ -413,6 +492,20 @@ pub fn save_adapter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_base_matches_its_fingerprint_up_to_bf16_rounding_only() {
+        let base = AdapterBase {
+            base_model: "base".into(),
+            norm_fingerprint: vec![1.0, 0.5, -2.0, 0.0],
+        };
+        // Rounded to bf16 (nearest, ties up): what a bf16 copy of the base stores.
+        let bf16 = |v: f32| f32::from_bits((v.to_bits() + 0x8000) & 0xFFFF_0000);
+        let same: Vec<f32> = [1.001, 0.5, -2.0, 0.0].map(bf16).to_vec();
+        assert_eq!(base.mismatch(&same), None);
+        assert_eq!(base.mismatch(&[1.0, 0.5, -2.1, 0.0]), Some((2, -2.1, -2.0)));
+        assert!(base.mismatch(&[1.0, 0.5]).is_some(), "another shape");
+    }
 
     #[test]
     fn names_map_both_ways() {

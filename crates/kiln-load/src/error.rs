@@ -40,6 +40,9 @@ pub enum LoadError {
     },
     #[error("train.init_from {}: its model config differs from [model] of this run: {}", .path.display(), .diffs.join("; "))]
     Incompatible { path: PathBuf, diffs: Vec<String> },
+    /// An adapter applied to a base other than the one it was trained on.
+    #[error("{0}")]
+    AdapterBase(String),
     #[error(transparent)]
     Model(#[from] kiln_model::ModelError),
     #[error(transparent)]

@@ -31,7 +31,7 @@ pub struct ExportRequest<'a> {
     pub format: ExportFormat,
     pub out: &'a Path,
     pub type_name: Option<&'a str>,
-    pub adapter: Option<&'a Path>,
+    pub adapter: Option<crate::AdapterChoice<'a>>,
 }
 
 /// What was exported, for the caller's log.
@@ -39,6 +39,8 @@ pub struct ExportSummary {
     pub out: PathBuf,
     /// The merged adapter: its directory, rank and targets.
     pub merged_adapter: Option<(PathBuf, usize, Vec<String>)>,
+    /// Things the caller should tell the user (an adapter forced onto another base).
+    pub warnings: Vec<String>,
 }
 
 /// The weight type of an HF export.
@@ -63,6 +65,7 @@ pub fn export_model(req: &ExportRequest, device: &Device) -> Result<ExportSummar
         let summary = ExportSummary {
             out: req.out.to_path_buf(),
             merged_adapter: None,
+            warnings: Vec::new(),
         };
         match format {
             ModelFormat::HfDir => {
@@ -92,9 +95,14 @@ pub fn export_model(req: &ExportRequest, device: &Device) -> Result<ExportSummar
     }
     let w = load_weights(req.model, device)?;
     check_vocab(&tok, &w.config)?;
-    let mut merged_adapter = None;
-    if let Some(dir) = req.adapter {
+    let (mut merged_adapter, mut warnings) = (None, Vec::new());
+    if let Some(crate::AdapterChoice { dir, force }) = req.adapter {
         let adapter = crate::load_adapter(dir, &w.config, device)?;
+        let fingerprint = kiln_model::norm_fingerprint([
+            &w.params.tensor("norm.weight")?,
+            &w.params.tensor("layers.0.attention_norm.weight")?,
+        ])?;
+        warnings.extend(adapter.check_base(req.model, &fingerprint, force)?);
         crate::merge_adapter(&w.params, &adapter)?;
         merged_adapter = Some((
             dir.to_path_buf(),
@@ -136,6 +144,7 @@ pub fn export_model(req: &ExportRequest, device: &Device) -> Result<ExportSummar
     Ok(ExportSummary {
         out: req.out.to_path_buf(),
         merged_adapter,
+        warnings,
     })
 }
 

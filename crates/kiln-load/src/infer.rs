@@ -54,6 +54,16 @@ pub struct LoadedModel {
     /// The weights it runs on, for logs: `f32`, or the GGML types of the projections with
     /// their counts and whether they are the file's own (`quantised`) or `requantised`.
     pub weights: String,
+    /// Things the caller should tell the user (an adapter forced onto another base).
+    pub warnings: Vec<String>,
+}
+
+/// A PEFT LoRA adapter directory to apply, and whether to apply it even to a base other than
+/// the one it was trained on (`--force`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterChoice<'a> {
+    pub dir: &'a Path,
+    pub force: bool,
 }
 
 /// Builds the inference model behind `path` with the weights asked for.
@@ -66,16 +76,19 @@ pub fn load_model(
 }
 
 /// [`load_model`] with a PEFT LoRA adapter directory applied without merging: the adapter's
-/// low-rank update runs next to the base weights (quantised ones included).
+/// low-rank update runs next to the base weights (quantised ones included). An adapter kiln
+/// trained on another base with the same shapes is refused unless forced.
 pub fn load_model_with_adapter(
     path: &Path,
     weights: Weights,
-    adapter: Option<&Path>,
+    adapter: Option<AdapterChoice>,
     device: &Device,
 ) -> Result<LoadedModel, LoadError> {
     let (mut model, config, format, mut desc) = build_llama(path, weights, device)?;
-    if let Some(dir) = adapter {
+    let mut warnings = Vec::new();
+    if let Some(AdapterChoice { dir, force }) = adapter {
         let a = crate::load_adapter(dir, &config, device)?;
+        warnings.extend(a.check_base(path, &model.norm_fingerprint()?, force)?);
         model.attach_lora(&a.params, &a.spec)?;
         // Inference only: the base's stacked projections stay, the adapter adds to them.
         model.fuse_for_decoding();
@@ -91,6 +104,7 @@ pub fn load_model_with_adapter(
         config,
         format,
         weights: desc,
+        warnings,
     })
 }
 
@@ -213,6 +227,8 @@ pub struct InferenceModel {
     pub weights: String,
     /// The sampling settings the model ships with.
     pub generation: GenerationDefaults,
+    /// See [`LoadedModel::warnings`].
+    pub warnings: Vec<String>,
 }
 
 /// [`load_model`] plus [`load_tokenizer`], checking that every token id has an embedding.
@@ -229,7 +245,7 @@ pub fn load_inference(
 pub fn load_inference_with_adapter(
     path: &Path,
     weights: Weights,
-    adapter: Option<&Path>,
+    adapter: Option<AdapterChoice>,
     device: &Device,
 ) -> Result<InferenceModel, LoadError> {
     let tokenizer = load_tokenizer(path)?;
@@ -242,6 +258,7 @@ pub fn load_inference_with_adapter(
         format: m.format,
         weights: m.weights,
         generation: generation_defaults(path),
+        warnings: m.warnings,
     })
 }
 

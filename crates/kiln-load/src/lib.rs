@@ -26,7 +26,9 @@ mod run_config;
 mod tokenizer;
 mod weights;
 
-pub use adapter::{load_adapter, merge_adapter, save_adapter, AdapterConfig, LoadedAdapter};
+pub use adapter::{
+    load_adapter, merge_adapter, save_adapter, AdapterBase, AdapterConfig, LoadedAdapter,
+};
 pub use checkpoint::{
     file_digest, latest_checkpoint, list_checkpoints, verify_checkpoint, CheckpointManifest,
     FileDigest, CHECKPOINTS_DIR, CHECKPOINT_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, STATE_FILE,
@@ -36,7 +38,8 @@ pub use error::LoadError;
 pub use format::ModelFormat;
 pub use infer::{
     generation_defaults, load_inference, load_inference_with_adapter, load_llama, load_model,
-    load_model_with_adapter, GenerationDefaults, InferenceModel, LoadedModel, Weights,
+    load_model_with_adapter, AdapterChoice, GenerationDefaults, InferenceModel, LoadedModel,
+    Weights,
 };
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};
 pub use run_config::{model_from_toml, read_run_model, RunModel};

@@ -57,6 +57,8 @@ pub trait CausalLm {
         adapters: &crate::Params,
         spec: &crate::LoraSpec,
     ) -> Result<u16, ModelError>;
+    /// See [`Llama::norm_fingerprint`]: what adapters are checked against.
+    fn norm_fingerprint(&self) -> Result<Vec<f32>, ModelError>;
 }
 
 impl CausalLm for Llama {
@@ -106,6 +108,10 @@ impl CausalLm for Llama {
         spec: &crate::LoraSpec,
     ) -> Result<u16, ModelError> {
         Llama::add_served_adapter(self, adapters, spec)
+    }
+
+    fn norm_fingerprint(&self) -> Result<Vec<f32>, ModelError> {
+        Llama::norm_fingerprint(self)
     }
 
     fn pooled_hidden(&self, tokens: &[u32], last: bool) -> Result<Vec<f32>, ModelError> {

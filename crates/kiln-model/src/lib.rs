@@ -27,7 +27,7 @@ pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK
 pub use kiln_rng::SplitMix64;
 pub use linear::set_candle_qmatmul;
 pub use linear::{Linear, LinearWeight, Lora, Precision};
-pub use model::{LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
+pub use model::{norm_fingerprint, LayerHooks, Llama, LoraSpec, TokenBatch, Trunk, LORA_TARGETS};
 pub use params::{flat_group, is_lora_name, Params};
 pub use quantized::QLlama;
 

@@ -164,6 +164,20 @@ pub(crate) fn vec_of(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// [`Llama::norm_fingerprint`] from the norm weights themselves (final norm, then layer 0's
+/// attention norm), for callers holding a model's parameters rather than the model.
+pub fn norm_fingerprint<'a>(
+    norms: impl IntoIterator<Item = &'a Tensor>,
+) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::with_capacity(32);
+    for norm in norms {
+        let v = norm.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let step = v.len().div_ceil(16).max(1);
+        out.extend(v.iter().step_by(step).take(16));
+    }
+    Ok(out)
+}
+
 impl Llama {
     /// Builds the model over the parameter tensors: views into the params' flat buffer, so the
     /// model sees every in-place update and candle's autograd reaches the flat `Var`.
@@ -412,6 +426,16 @@ impl Llama {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// What an adapter records of the base it was trained on: 16 evenly spaced values of the
+    /// final norm's weight, then 16 of layer 0's attention norm. Norm weights are kept in
+    /// f32/bf16 by every format kiln reads (a GGUF stores them F32 whatever its type), so a
+    /// quantised copy of a base gives the same values, while another model with the same
+    /// shapes (a base and its instruction-tuned variant) does not.
+    pub fn norm_fingerprint(&self) -> Result<Vec<f32>, ModelError> {
+        let first = self.layers.first().map(|b| &b.attention_norm);
+        norm_fingerprint(std::iter::once(&self.norm).chain(first))
     }
 
     pub fn device(&self) -> &Device {

@@ -74,8 +74,9 @@ pub struct Learner {
     /// How it trains, for the log.
     pub mode: String,
     pub total_params: usize,
-    /// Where the starting weights came from.
-    pub base: PathBuf,
+    /// Where the starting weights came from, with their fingerprint (written next to every
+    /// adapter).
+    pub base: kiln_load::AdapterBase,
 }
 
 impl Learner {
@@ -99,6 +100,10 @@ impl Learner {
         )?;
         model.set_activation_checkpointing(cfg.base.train.activation_checkpointing);
         model.set_precision(cfg.base.train.precision);
+        let base = kiln_load::AdapterBase {
+            base_model: path.display().to_string(),
+            norm_fingerprint: model.norm_fingerprint()?,
+        };
         let opt = AdamW::for_model(&model, &params, &cfg.base.optim)?;
         let head = head
             .map(|w| TrainedHead::new(&w, &cfg.base.optim))
@@ -111,7 +116,7 @@ impl Learner {
             lora,
             mode,
             total_params,
-            base: path.to_path_buf(),
+            base,
         })
     }
 
@@ -197,7 +202,7 @@ impl Learner {
             dropout_rng: rng.clone(),
             files: Default::default(),
         };
-        let base = self.base.display().to_string();
+        let base = &self.base;
         Ok(checkpoint::save(
             run_dir,
             state,
@@ -210,7 +215,7 @@ impl Learner {
                     h.opt.save(&dir.join(HEAD_OPTIMIZER_FILE))?;
                 }
                 if let Some(spec) = &self.lora {
-                    kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, &base)
+                    kiln_load::save_adapter(&dir.join("adapter"), &self.params, spec, base)
                         .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
                 }
                 let p = dir.join(EXTRA_FILE);

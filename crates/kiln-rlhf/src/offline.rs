@@ -506,7 +506,7 @@ impl PairTrainer {
                 &self.run_dir.join("adapter"),
                 &self.learner.params,
                 spec,
-                &self.learner.base.display().to_string(),
+                &self.learner.base,
             )?;
         }
         let charts: &[Chart] = match self.cfg.method {

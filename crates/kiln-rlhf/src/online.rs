@@ -834,7 +834,7 @@ impl OnlineTrainer {
                 &self.run_dir.join("adapter"),
                 &self.learner.params,
                 spec,
-                &self.learner.base.display().to_string(),
+                &self.learner.base,
             )?;
         }
         log.plot(

@@ -165,6 +165,8 @@ pub(crate) struct Ready {
     pub ctx: usize,
     /// The model's configuration (adapters are checked against it).
     pub config: Option<kiln_model::ModelConfig>,
+    /// The base's norm fingerprint: adapters kiln trained on another base are refused.
+    pub base_fingerprint: Vec<f32>,
     /// Sampling defaults from the model's `generation_config.json`.
     pub generation: kiln_load::GenerationDefaults,
     /// How the chat template has the model write tool calls, if it does.
@@ -343,6 +345,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
             tokenizer: Arc::new(tokenizer),
             template: None,
             ctx,
+            base_fingerprint: Vec::new(),
             config: None,
             generation: Default::default(),
             tool_format: None,
@@ -353,8 +356,16 @@ fn load(state: &AppState) -> Result<(), ServeError> {
     }
     let mut m = kiln_load::load_inference(&cfg.model, cfg.weights, &candle_core::Device::Cpu)
         .map_err(|e| ServeError::Load(e.to_string()))?;
+    let base_fingerprint = m
+        .model
+        .norm_fingerprint()
+        .map_err(|e| ServeError::Load(e.to_string()))?;
     for (name, dir) in &cfg.adapters {
         let a = kiln_load::load_adapter(dir, &m.config, &candle_core::Device::Cpu)
+            .and_then(|a| {
+                a.check_base(&cfg.model, &base_fingerprint, false)
+                    .map(|_| a)
+            })
             .map_err(|e| ServeError::Load(format!("--adapter {name}={}: {e}", dir.display())))?;
         let id = m
             .model
@@ -408,6 +419,7 @@ fn load(state: &AppState) -> Result<(), ServeError> {
         template,
         ctx,
         config: Some(m.config.clone()),
+        base_fingerprint,
         generation: m.generation.clone(),
         token_bytes: OnceLock::new(),
     });

@@ -1287,8 +1287,11 @@ async fn add_adapter_inner(st: &Arc<AppState>, body: &[u8]) -> Result<Response, 
             format!("no adapter `{}` under the server's --adapter-dir", req.name),
         ));
     }
+    let (base, fingerprint) = (st.cfg.model.clone(), r.base_fingerprint.clone());
     let loaded = tokio::task::spawn_blocking(move || {
-        kiln_load::load_adapter(&dir, &config, &candle_core::Device::Cpu)
+        let a = kiln_load::load_adapter(&dir, &config, &candle_core::Device::Cpu)?;
+        a.check_base(&base, &fingerprint, false)?;
+        Ok::<_, kiln_load::LoadError>(a)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?

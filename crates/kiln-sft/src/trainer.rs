@@ -84,11 +84,12 @@ pub struct SftTrainer {
     /// under FSDP, this rank's shards.
     replica: Replica,
     pub lora: Option<LoraSpec>,
+    /// The base the adapters train on, recorded next to every adapter written.
+    adapter_base: kiln_load::AdapterBase,
     pub format: ChatFormat,
     pub train_rows: Vec<Row>,
     pub val_rows: Vec<Row>,
     pub info: SftInfo,
-    source: SftSource,
     model_config: ModelConfig,
     dropout_rng: SplitMix64,
     tokens_seen: u64,
@@ -279,6 +280,10 @@ impl SftTrainer {
         )?;
         model.set_activation_checkpointing(cfg.train.activation_checkpointing);
         model.set_precision(cfg.train.precision);
+        let adapter_base = kiln_load::AdapterBase {
+            base_model: source.model.display().to_string(),
+            norm_fingerprint: model.norm_fingerprint()?,
+        };
         let trainable = model.grad_layout(&params)?.total();
         let replica = match &dist {
             Some(d) if d.cfg.strategy == Strategy::Fsdp => {
@@ -361,11 +366,11 @@ impl SftTrainer {
             run_dir: run_dir.to_path_buf(),
             replica,
             lora,
+            adapter_base,
             format,
             train_rows: train.rows,
             val_rows: val.rows,
             info,
-            source,
             model_config,
             tokens_seen: 0,
             config_toml,
@@ -549,14 +554,14 @@ impl SftTrainer {
             dropout_rng: self.dropout_rng.clone(),
             files: Default::default(),
         };
-        let base = self.source.model.display().to_string();
+        let base = &self.adapter_base;
         // Rank 0's part (the weights and adapter, whole, unless FSDP shards them).
         let write_main = |dir: &Path| -> Result<(), TrainError> {
             match &self.replica {
                 Replica::Full { params, .. } => {
                     params.save(&dir.join(MODEL_FILE))?;
                     if let Some(spec) = &self.lora {
-                        kiln_load::save_adapter(&dir.join("adapter"), params, spec, &base)
+                        kiln_load::save_adapter(&dir.join("adapter"), params, spec, base)
                             .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
                     }
                     Ok(())
@@ -720,7 +725,7 @@ impl SftTrainer {
         }
         if let (Some(spec), Some(params)) = (&self.lora, self.params()) {
             let dir = self.run_dir.join("adapter");
-            kiln_load::save_adapter(&dir, params, spec, &self.source.model.display().to_string())?;
+            kiln_load::save_adapter(&dir, params, spec, &self.adapter_base)?;
             summary.adapter_dir = Some(dir);
         }
         summary.wall_s = t0.elapsed().as_secs_f64();
