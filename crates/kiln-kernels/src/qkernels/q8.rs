@@ -21,6 +21,10 @@ use rayon::prelude::*;
 
 use super::{Level, RawKind, RawQ, SyncPtr, BLOCK, PANEL_MIN_ROWS};
 
+/// Adding and removing 1.5 * 2^23 rounds an f32 to the nearest integer, ties to even (exact
+/// for |v| <= 2^22; vectorises where `round` is a libm call).
+const ROUNDING: f32 = 12_582_912.0;
+
 /// Activation rows rounded to 8 bits: `x[t] ~ scale[t / 32] * q[t]`.
 pub struct Q8Rows {
     k: usize,
@@ -54,10 +58,7 @@ impl Q8Rows {
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (o, v) in qs.iter_mut().zip(xs) {
-                // Round to nearest even by adding and removing 1.5 * 2^23 (exact for
-                // |v * inv| <= 127; vectorises where `round` is a libm call).
-                const MAGIC: f32 = 12_582_912.0;
-                *o = ((v * inv + MAGIC) - MAGIC) as i8;
+                *o = ((v * inv + ROUNDING) - ROUNDING) as i8;
             }
             for h in 0..2 {
                 let sum: i32 = qs[16 * h..16 * (h + 1)].iter().map(|&v| v as i32).sum();
@@ -72,6 +73,27 @@ impl Q8Rows {
             group_sum,
             block_sum,
         }
+    }
+
+    /// `x` on the grid [`Q8Rows::quantize`] rounds to, as f32: `quantize(x).dequantize()`
+    /// without the codes, in parallel (the prefill path's input).
+    pub fn round_trip(x: &[f32]) -> Vec<f32> {
+        assert!(x.len().is_multiple_of(BLOCK), "Q8Rows: {} values", x.len());
+        let mut out = vec![0f32; x.len()];
+        let per_task = BLOCK * 256;
+        out.par_chunks_mut(per_task)
+            .zip(x.par_chunks(per_task))
+            .for_each(|(out, x)| {
+                for (o, xs) in out.chunks_exact_mut(BLOCK).zip(x.chunks_exact(BLOCK)) {
+                    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                    for (o, v) in o.iter_mut().zip(xs) {
+                        *o = d * ((v * inv + ROUNDING) - ROUNDING);
+                    }
+                }
+            });
+        out
     }
 
     /// The values the codes stand for, `scale * q`.
@@ -96,11 +118,11 @@ impl RawQ {
     /// F16/BF16 weights, and levels without integer kernels (scalar, NEON), multiply the
     /// dequantised activations exactly, which is the same arithmetic.
     pub fn matmul_q8_isa(&self, x: &[f32], m: usize, isa: crate::Isa) -> Vec<f32> {
-        let acts = Q8Rows::quantize(x, m, self.k);
         let level = Level::of(isa);
         if !self.kind.has_q8_kernel() || level == Level::Scalar || m >= PANEL_MIN_ROWS {
-            return self.matmul_exact(&acts.dequantize(), m, level);
+            return self.matmul_exact(&Q8Rows::round_trip(x), m, level);
         }
+        let acts = Q8Rows::quantize(x, m, self.k);
         let n = self.n;
         let threads = rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(threads * 4).clamp(16, 256);
@@ -223,39 +245,54 @@ mod x86 {
         let d = acts.scale.as_ptr().add(i0 * blocks);
         let sums = acts.block_sum.as_ptr().add(i0 * blocks);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut offsets = [0f32; R];
         let half = |at: *const u8| {
             let bits = std::ptr::read_unaligned(at as *const u16);
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
         };
-        for b in 0..blocks {
-            let p = row.as_ptr().add(b * bb);
-            let dw = half(p);
-            let offset = match kind {
-                RawKind::Q4_0 => -8.0 * dw,
-                RawKind::Q5_0 => -16.0 * dw,
-                RawKind::Q4_1 | RawKind::Q5_1 => half(p.add(2)),
-                _ => 0.0,
-            };
-            let c = weight_codes(kind, p, 0);
-            // vpmaddubsw multiplies unsigned by signed bytes: Q8_0's signed weights go in as
-            // |w| with their sign moved onto the activation (|w| <= 128, so a pair sums to at
-            // most 2 * 128 * 127 and cannot saturate 16 bits).
-            let cu = if K == 2 { _mm256_sign_epi8(c, c) } else { c };
-            for i in 0..R {
-                let xq = _mm256_loadu_si256(q.add(i * k + b * BLOCK) as *const __m256i);
-                let xq = if K == 2 { _mm256_sign_epi8(xq, c) } else { xq };
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(cu, xq), ones);
-                let scale = _mm256_set1_ps(dw * *d.add(i * blocks + b));
-                acc[i][b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i][b % 2]);
-                if K != 2 {
-                    offsets[i] += offset * *sums.add(i * blocks + b);
+        // Block b into the accumulators `acc` and offset sums `off`. Even and odd blocks go to
+        // separate ones (two independent FMA chains), named rather than indexed by `b % 2`,
+        // which kept them in memory.
+        macro_rules! block {
+            ($b:expr, $acc:ident, $off:ident) => {{
+                let b = $b;
+                let p = row.as_ptr().add(b * bb);
+                let dw = half(p);
+                let offset = match kind {
+                    RawKind::Q4_0 => -8.0 * dw,
+                    RawKind::Q5_0 => -16.0 * dw,
+                    RawKind::Q4_1 | RawKind::Q5_1 => half(p.add(2)),
+                    _ => 0.0,
+                };
+                let c = weight_codes(kind, p, 0);
+                // vpmaddubsw multiplies unsigned by signed bytes: Q8_0's signed weights go in
+                // as |w| with their sign moved onto the activation (|w| <= 128, so a pair sums
+                // to at most 2 * 128 * 127 and cannot saturate 16 bits).
+                let cu = if K == 2 { _mm256_sign_epi8(c, c) } else { c };
+                for i in 0..R {
+                    let xq = _mm256_loadu_si256(q.add(i * k + b * BLOCK) as *const __m256i);
+                    let xq = if K == 2 { _mm256_sign_epi8(xq, c) } else { xq };
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(cu, xq), ones);
+                    let scale = _mm256_set1_ps(dw * *d.add(i * blocks + b));
+                    $acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, $acc[i]);
+                    if K != 2 {
+                        $off[i] += offset * *sums.add(i * blocks + b);
+                    }
                 }
-            }
+            }};
+        }
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let (mut off0, mut off1) = ([0f32; R], [0f32; R]);
+        let mut b = 0;
+        while b + 1 < blocks {
+            block!(b, acc0, off0);
+            block!(b + 1, acc1, off1);
+            b += 2;
+        }
+        if b < blocks {
+            block!(b, acc0, off0);
         }
         for i in 0..R {
-            out[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + offsets[i];
+            out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + off0[i] + off1[i];
         }
     }
 
@@ -276,19 +313,24 @@ mod x86 {
         let d = acts.scale.as_ptr().add(i0 * k / BLOCK);
         let sums = acts.group_sum.as_ptr().add(i0 * k / 16);
         let ones = _mm256_set1_epi16(1);
-        // Two accumulators per row (even and odd chunks), so the FMA latency is not the bound
-        // of a single row's loop; the offset terms are summed apart.
+        // Two accumulators per row (even and odd chunks: the chunk loop unrolls, so they stay
+        // in registers), so the FMA latency is not the bound of a single row's loop; the
+        // offset terms are summed apart, 8 groups per FMA.
+        assert_eq!(groups, 16, "{kind:?} is a K-quant");
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut offsets = [0f32; R];
+        let mut offsets = [_mm256_setzero_ps(); R];
         let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
         for b in 0..k / elems {
             let blk = &row[b * bb..(b + 1) * bb];
             coded_affine(kind, blk, &mut scale, &mut offset);
+            let (o0, o1) = (
+                _mm256_loadu_ps(offset.as_ptr()),
+                _mm256_loadu_ps(offset.as_ptr().add(8)),
+            );
             for (i, o) in offsets.iter_mut().enumerate() {
                 let s = sums.add(i * k / 16 + b * groups);
-                for g in 0..groups {
-                    *o += offset[g] * *s.add(g);
-                }
+                *o = _mm256_fmadd_ps(o0, _mm256_loadu_ps(s), *o);
+                *o = _mm256_fmadd_ps(o1, _mm256_loadu_ps(s.add(8)), *o);
             }
             for s in 0..elems / BLOCK {
                 let c = weight_codes(kind, blk.as_ptr(), s);
@@ -306,7 +348,10 @@ mod x86 {
             }
         }
         for i in 0..R {
-            out[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + offsets[i];
+            out[i] = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[i][0], acc[i][1]),
+                offsets[i],
+            ));
         }
     }
 }
@@ -336,6 +381,7 @@ mod tests {
                 "value {t}: {a} vs {b}"
             );
         }
+        assert_eq!(Q8Rows::round_trip(&x), back);
         let sum0: f32 = back[..16].iter().sum();
         assert!((r.group_sum[0] - sum0).abs() <= 1e-5 * (1.0 + sum0.abs()));
     }
