@@ -223,7 +223,7 @@ impl Learner {
                     .map_err(|e| TrainError::Io(format!("{}: {e}", p.display())))?;
                 Ok(())
             },
-            cfg.base.train.keep_checkpoints,
+            &kiln_train::checkpoint::Retention::of(&cfg.base.train),
         )?)
     }
 

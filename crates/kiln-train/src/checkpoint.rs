@@ -23,6 +23,55 @@ pub const CONFIG_FILE: &str = "config.toml";
 
 pub use kiln_load::FileDigest;
 
+/// Which checkpoints a run keeps: the newest `keep_last`, and the best by a logged metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub keep_last: usize,
+    pub keep_best: Option<BestBy>,
+}
+
+/// A metric of `metrics.jsonl` and which way is better.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestBy {
+    pub key: String,
+    pub higher_is_better: bool,
+}
+
+impl BestBy {
+    /// `min:KEY`, `max:KEY`, or a bare key: minimised when it names a loss, a KL or a
+    /// perplexity, maximised otherwise (a reward, an accuracy). None for an empty key.
+    pub fn parse(spec: &str) -> Option<BestBy> {
+        let (key, higher) = match spec.split_once(':') {
+            Some(("min", key)) => (key, false),
+            Some(("max", key)) => (key, true),
+            _ => {
+                let lower = spec.to_ascii_lowercase();
+                let minimised = ["loss", "kl", "perplexity", "ppl"]
+                    .iter()
+                    .any(|w| lower.contains(w));
+                (spec, !minimised)
+            }
+        };
+        (!key.trim().is_empty()).then(|| BestBy {
+            key: key.trim().to_string(),
+            higher_is_better: higher,
+        })
+    }
+}
+
+impl Retention {
+    /// The policy a run's `[train]` section asks for.
+    pub fn of(train: &crate::config::TrainConfig) -> Retention {
+        Retention {
+            keep_last: train.keep_checkpoints,
+            keep_best: train.keep_best.as_deref().and_then(BestBy::parse),
+        }
+    }
+}
+
+/// The file naming the best checkpoint kept by `train.keep_best`.
+pub const BEST_FILE: &str = "best.json";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointState {
     pub format_version: u32,
@@ -85,14 +134,14 @@ pub fn save(
     state: CheckpointState,
     config_toml: &str,
     write_files: impl FnOnce(&Path) -> Result<(), TrainError>,
-    keep_last: usize,
+    keep: &Retention,
 ) -> Result<PathBuf, TrainError> {
     save_with(
         run_dir,
         state,
         config_toml,
         |dir| write_files(dir).map(|()| BTreeMap::new()),
-        keep_last,
+        keep,
     )
 }
 
@@ -104,7 +153,7 @@ pub fn save_with(
     mut state: CheckpointState,
     config_toml: &str,
     write_files: impl FnOnce(&Path) -> Result<BTreeMap<String, FileDigest>, TrainError>,
-    keep_last: usize,
+    keep: &Retention,
 ) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(run_dir);
     fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
@@ -160,7 +209,7 @@ pub fn save_with(
     }
     fs::rename(&tmp, &final_dir).map_err(|e| io_err(&final_dir, e))?;
     fsync(&root)?;
-    prune(&root, keep_last)?;
+    prune(run_dir, keep)?;
     Ok(final_dir)
 }
 
@@ -169,14 +218,75 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
     Ok(kiln_load::list_checkpoints(run_dir)?)
 }
 
-fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
-    let run_dir = root.parent().unwrap_or(root);
+/// Removes all but the newest `keep.keep_last` checkpoints and, with `keep.keep_best`, the
+/// best one by its metric (recorded in `checkpoints/best.json`).
+fn prune(run_dir: &Path, keep: &Retention) -> Result<(), TrainError> {
     let all = list(run_dir)?;
-    let n_remove = all.len().saturating_sub(keep_last.max(1));
-    for (_, dir) in all.into_iter().take(n_remove) {
+    let best = match &keep.keep_best {
+        Some(by) => best_checkpoint(run_dir, &all, by)?,
+        None => None,
+    };
+    let n_old = all.len().saturating_sub(keep.keep_last.max(1));
+    for (step, dir) in all.into_iter().take(n_old) {
+        if best.as_ref().is_some_and(|(s, _)| *s == step) {
+            continue;
+        }
         fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     }
     Ok(())
+}
+
+/// The checkpoint with the best value of `by.key`, each checkpoint valued by the last row of
+/// `metrics.jsonl` at or before its step that logs the key (checkpoints before the first such
+/// row have no value and are never the best; on a tie the later wins). Records it in
+/// `checkpoints/best.json`.
+fn best_checkpoint(
+    run_dir: &Path,
+    checkpoints: &[(u64, PathBuf)],
+    by: &BestBy,
+) -> Result<Option<(u64, f64)>, TrainError> {
+    let metrics = run_dir.join(crate::metrics::METRICS_FILE);
+    let text = match fs::read_to_string(&metrics) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&metrics, e)),
+    };
+    // (step, value) in file order; a resumed run may log a step again: the last row wins.
+    let mut logged: Vec<(u64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue; // a line cut by a crash; the metrics writer reports those itself
+        };
+        if let (Some(step), Some(v)) = (row["step"].as_u64(), row[&by.key].as_f64()) {
+            logged.retain(|(s, _)| *s < step);
+            logged.push((step, v));
+        }
+    }
+    let mut best: Option<(u64, f64)> = None;
+    for (step, _) in checkpoints {
+        let Some(&(_, v)) = logged.iter().rev().find(|(s, _)| s <= step) else {
+            continue;
+        };
+        let better = match best {
+            None => true,
+            Some((_, b)) if by.higher_is_better => v >= b,
+            Some((_, b)) => v <= b,
+        };
+        if better && v.is_finite() {
+            best = Some((*step, v));
+        }
+    }
+    if let Some((step, value)) = best {
+        let path = checkpoints_dir(run_dir).join(BEST_FILE);
+        let record = serde_json::json!({
+            "key": by.key, "higher_is_better": by.higher_is_better, "step": step, "value": value,
+            "dir": step_dir_name(step),
+        });
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, record.to_string()).map_err(|e| io_err(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    }
+    Ok(best)
 }
 
 /// Reads and verifies a checkpoint's state: every file must exist with the recorded size and
@@ -207,6 +317,7 @@ const RESUMABLE_CHANGES: &[&str] = &[
     "train.eval_batches",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_best",
     "train.run_dir",
     "train.peak_flops",
     "dist.",
@@ -274,5 +385,84 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
             toml::Value::Table(t) => flatten(&key, t, out),
             other => out.push((key, other.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64) -> CheckpointState {
+        CheckpointState {
+            format_version: FORMAT_VERSION,
+            step,
+            tokens_seen: step * 8,
+            sampler: WindowSampler {
+                seed: 1,
+                batch_size: 1,
+                ctx: 8,
+                next_batch: step,
+            },
+            dropout_rng: SplitMix64::new(1),
+            files: BTreeMap::new(),
+        }
+    }
+
+    fn steps_kept(run: &Path) -> Vec<u64> {
+        list(run).unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn the_best_checkpoint_by_a_logged_metric_is_kept_with_the_newest() {
+        assert_eq!(
+            BestBy::parse("val_loss"),
+            Some(BestBy {
+                key: "val_loss".into(),
+                higher_is_better: false
+            })
+        );
+        assert!(BestBy::parse("reward").unwrap().higher_is_better);
+        assert!(!BestBy::parse("min:reward").unwrap().higher_is_better);
+        assert!(BestBy::parse("max:").is_none());
+
+        for (spec, values, best) in [
+            ("val_loss", [3.0, 2.5, 2.8, 2.9], 20),
+            ("reward", [0.1, 0.7, 0.3, 0.2], 20),
+            ("min:reward", [0.1, 0.7, 0.3, 0.2], 10),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let run = dir.path();
+            let key = spec.trim_start_matches("min:");
+            let keep = Retention {
+                keep_last: 1,
+                keep_best: BestBy::parse(spec),
+            };
+            let mut rows = String::new();
+            for (i, v) in values.iter().enumerate() {
+                let step = 10 * (i as u64 + 1);
+                // A training row without the key in between must not reset the value.
+                rows.push_str(&format!("{{\"step\":{step},\"{key}\":{v}}}\n"));
+                rows.push_str(&format!("{{\"step\":{},\"lr\":0.1}}\n", step + 5));
+                fs::write(run.join(crate::metrics::METRICS_FILE), &rows).unwrap();
+                save(run, state(step), "", |_| Ok(()), &keep).unwrap();
+            }
+            assert_eq!(steps_kept(run), vec![best, 40], "{spec}");
+            let record: serde_json::Value = serde_json::from_str(
+                &fs::read_to_string(checkpoints_dir(run).join(BEST_FILE)).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(record["step"], best, "{spec}");
+        }
+
+        // Without keep_best only the newest stay.
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Retention {
+            keep_last: 2,
+            keep_best: None,
+        };
+        for step in [1, 2, 3] {
+            save(dir.path(), state(step), "", |_| Ok(()), &keep).unwrap();
+        }
+        assert_eq!(steps_kept(dir.path()), vec![2, 3]);
     }
 }

@@ -137,6 +137,12 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     #[serde(default = "d_keep")]
     pub keep_checkpoints: usize,
+    /// Also keep the best checkpoint by a logged metric (a key of `metrics.jsonl`, e.g.
+    /// "val_loss" or "reward"): `min:KEY` or `max:KEY`, or the bare key (minimised when it
+    /// names a loss, KL or perplexity, maximised otherwise). Its step is written to
+    /// `checkpoints/best.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<String>,
     /// Where the run writes its config, metrics, checkpoints and plots.
     #[serde(default)]
     pub run_dir: Option<PathBuf>,

@@ -269,7 +269,7 @@ impl DataParallel {
         run_dir: &Path,
         state: CheckpointState,
         config_toml: &str,
-        keep_last: usize,
+        keep: &crate::checkpoint::Retention,
         write_main: impl FnOnce(&Path) -> Result<(), TrainError>,
         write_own: impl FnOnce(&Path) -> Result<(), TrainError>,
     ) -> Result<PathBuf, TrainError> {
@@ -295,7 +295,7 @@ impl DataParallel {
                     sealed.extend(self.collect_seals(dir)?);
                     Ok(sealed)
                 },
-                keep_last,
+                keep,
             )?;
             self.io_barrier()?; // renamed into place
             Ok(dir)

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The file every run writes its logged rows to, in its run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
 use crate::TrainError;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
