@@ -18,6 +18,10 @@ use kiln_data::{KilnTokenizer, ModelTokenizer};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as transformers passes them to a template:
+    /// `[{"type": "function", "function": {"name", "arguments": {...}}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 impl Message {
@@ -25,7 +29,83 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
         }
+    }
+
+    /// An assistant turn that calls tools (`calls` as in [`Message::tool_calls`]).
+    pub fn tool_calls(calls: serde_json::Value) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: String::new(),
+            tool_calls: Some(calls),
+        }
+    }
+}
+
+/// transformers' `tojson` filter: `json.dumps(x, ensure_ascii=False, indent=indent,
+/// sort_keys=sort_keys)`, i.e. Python's separators (`", "` and `": "` on one line, `","` and
+/// `": "` with an indent), keys in their order, nothing HTML-escaped. (minijinja's own
+/// `tojson` is Jinja2's: compact and HTML-escaped, which would render tool definitions and
+/// tool calls differently from transformers.)
+fn python_tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let _ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let mut json = serde_json::to_value(&value).map_err(|e| {
+        minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+    })?;
+    if sort_keys == Some(true) {
+        json.sort_all_objects();
+    }
+    let mut out = String::new();
+    write_python_json(&json, indent, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+/// `json.dumps` layout of `v` (strings and numbers escaped as serde_json does, which matches
+/// Python's with `ensure_ascii=False`).
+fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let comma = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                newline(out, depth + 1);
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -157,6 +237,7 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", python_tojson);
         let (source, has_generation_tags) = rewrite_generation_tags(source);
         env.add_template_owned("chat", source)
             .map_err(|e| template_error("compiling the chat template", e))?;
@@ -180,7 +261,19 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, InferError> {
-        self.render_with(messages, add_generation_prompt, true)
+        self.render_with(messages, None, add_generation_prompt, true)
+    }
+
+    /// [`render`](Self::render) or [`render_marked`](Self::render_marked) with the tool
+    /// definitions (`[{"type": "function", "function": {...}}]`) the template may print.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        marked: bool,
+    ) -> Result<String, InferError> {
+        self.render_with(messages, tools, add_generation_prompt, marked)
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the
@@ -190,7 +283,7 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, InferError> {
-        self.render_with(messages, add_generation_prompt, false)
+        self.render_with(messages, None, add_generation_prompt, false)
     }
 
     /// Renders messages given as JSON values (a server's messages may carry `tool_calls`,
@@ -220,6 +313,7 @@ impl ChatTemplate {
     fn render_with(
         &self,
         messages: &[Message],
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
         marked: bool,
     ) -> Result<String, InferError> {
@@ -234,6 +328,7 @@ impl ChatTemplate {
             .map_err(|e| template_error("chat template", e))?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools.map(minijinja::Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,

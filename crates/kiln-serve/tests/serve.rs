@@ -966,7 +966,11 @@ fn random_adapter(dir: &std::path::Path, seed: u64, rank: usize, targets: &[&str
             a.set(&name, &(b * 0.05).unwrap()).unwrap();
         }
     }
-    kiln_load::save_adapter(dir, &a, &spec, "SmolLM2-135M-Instruct").unwrap();
+    let base = kiln_load::AdapterBase {
+        base_model: "SmolLM2-135M-Instruct".into(),
+        norm_fingerprint: m.model.norm_fingerprint().unwrap(),
+    };
+    kiln_load::save_adapter(dir, &a, &spec, &base).unwrap();
 }
 
 #[test]

@@ -96,7 +96,11 @@ impl ChatFormat {
             origin: convo.origin.clone(),
             msg,
         };
-        let text = self.template.render(&messages, false)?;
+        let tools = convo.tools.as_ref();
+        self.check_tools(convo).map_err(err)?;
+        let text = self
+            .template
+            .render_with_tools(&messages, tools, false, false)?;
         let ids = self.ids(&text)?;
         if ids.len() < 2 {
             return Err(err("renders to fewer than 2 tokens".into()));
@@ -106,10 +110,10 @@ impl ChatFormat {
             l[0] = false;
             l
         } else if self.template.has_generation_tags() {
-            self.labels_from_tags(&messages, &ids)
+            self.labels_from_tags(&messages, tools, &ids)
                 .map_err(|m| err(m.to_string()))?
         } else {
-            self.labels_turn_by_turn(&messages, &text, &ids)
+            self.labels_turn_by_turn(&messages, tools, &text, &ids)
                 .map_err(|m| err(m.to_string()))?
         };
         Ok(Example { ids, labels })
@@ -143,6 +147,7 @@ impl ChatFormat {
         let convo = Conversation {
             system,
             turns,
+            tools: None,
             origin: origin.to_string(),
         };
         let ex = self.encode(&convo, false)?;
@@ -159,14 +164,36 @@ impl ChatFormat {
         Ok((ex.ids[..=last].to_vec(), start))
     }
 
+    /// A conversation with tool definitions or calls needs a template that renders them
+    /// (one that mentions `tools` and `tool_calls`, as transformers' tool-use templates do);
+    /// another would silently drop them from the training text.
+    fn check_tools(&self, convo: &Conversation) -> Result<(), String> {
+        let calls = convo.turns.iter().any(|m| m.tool_calls.is_some());
+        for (used, name) in [(convo.tools.is_some(), "tools"), (calls, "tool_calls")] {
+            if used && !self.source.contains(name) {
+                return Err(format!(
+                    "the record has {name} but the chat template never renders `{name}`: use a model whose template supports tool use (e.g. Qwen2.5) or pass one with --template FILE"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Tokens that close an assistant turn.
     pub fn end_of_turn(&self) -> &[u32] {
         &self.end_of_turn
     }
 
     /// Labels from `{% generation %}` spans: tokens whose byte range starts inside a span.
-    fn labels_from_tags(&self, messages: &[Message], ids: &[u32]) -> Result<Vec<bool>, SftError> {
-        let marked = self.template.render_marked(messages, false)?;
+    fn labels_from_tags(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        ids: &[u32],
+    ) -> Result<Vec<bool>, SftError> {
+        let marked = self
+            .template
+            .render_with_tools(messages, tools, false, true)?;
         let mut clean = String::with_capacity(marked.len());
         let mut spans = Vec::new();
         let mut open = None;
@@ -206,6 +233,7 @@ impl ChatFormat {
     fn labels_turn_by_turn(
         &self,
         messages: &[Message],
+        tools: Option<&serde_json::Value>,
         text: &str,
         ids: &[u32],
     ) -> Result<Vec<bool>, SftError> {
@@ -214,8 +242,12 @@ impl ChatFormat {
             if m.role != "assistant" {
                 continue;
             }
-            let before = self.template.render(&messages[..i], true)?;
-            let through = self.template.render(&messages[..=i], false)?;
+            let before = self
+                .template
+                .render_with_tools(&messages[..i], tools, true, false)?;
+            let through = self
+                .template
+                .render_with_tools(&messages[..=i], tools, false, false)?;
             if !text.starts_with(&through) || !through.starts_with(&before) {
                 return Err(SftError::Template(format!(
                     "the chat template does not render conversations prefix by prefix (turn {i} renders differently inside the whole conversation), so the assistant tokens cannot be found turn by turn; use a template that marks them with {{% generation %}} tags (--template FILE)"

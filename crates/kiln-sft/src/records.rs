@@ -8,6 +8,13 @@
 //! * TRL's prompt-completion: `prompt` and `completion` as strings (a user turn and the
 //!   assistant's reply), or as message lists (the conversational form: the prompt's turns,
 //!   then the completion's).
+//! * Tool calling, in either list format with a top-level `tools` (a list of function
+//!   definitions, or that list as a JSON string): LLaMA-Factory's ShareGPT roles
+//!   `function_call` (the assistant's call, `{"name", "arguments"}` or a list of them, as JSON
+//!   text) and `observation` (the tool's result), or OpenAI's messages (`assistant` with
+//!   `tool_calls`, `tool` with the result). Calls become transformers' `tool_calls` and results
+//!   `tool` turns, rendered by the model's own template (which must know tools); the calls are
+//!   trained on like any assistant turn, the results are not.
 //!
 //! A file is a JSON array of records or JSONL (one record per line; blank lines are allowed).
 //! A bad record is an error naming the file, the record (JSONL: its line) and the field;
@@ -20,11 +27,15 @@ use serde_json::Value;
 
 use crate::SftError;
 
-/// One training conversation: an optional system prompt, then user and assistant turns.
+/// One training conversation: an optional system prompt, then user and assistant turns (and
+/// tool results).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
     pub system: Option<String>,
     pub turns: Vec<Message>,
+    /// Tool definitions as transformers passes them to a template:
+    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    pub tools: Option<Value>,
     /// Where it came from, for messages: `file:record N` / `file:line N`.
     pub origin: String,
 }
@@ -175,6 +186,7 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
             (Value::String(p), Value::String(c)) => Conversation {
                 system: None,
                 turns: vec![Message::new("user", p), Message::new("assistant", c)],
+                tools: None,
                 origin: origin.to_string(),
             },
             (Value::Array(p), Value::Array(c)) => {
@@ -212,6 +224,7 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
                 Message::new("user", &user),
                 Message::new("assistant", &output),
             ],
+            tools: None,
             origin: origin.to_string(),
         }
     } else {
@@ -220,6 +233,12 @@ pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
             "unknown record format (keys {keys:?}); expected Alpaca (instruction, input, output), messages ([{{role, content}}]), ShareGPT (conversations: [{{from, value}}]) or TRL's prompt-completion (prompt, completion)"
         )));
     };
+    convo.tools = parse_tools(obj.get("tools")).map_err(err)?;
+    if convo.turns.iter().any(|m| m.tool_calls.is_some()) && convo.tools.is_none() {
+        return Err(err(
+            "a tool call without tool definitions: give the functions in \"tools\"".into(),
+        ));
+    }
     if let Some(s) = system {
         if convo.system.is_some() {
             return Err(err(
@@ -270,19 +289,38 @@ fn parse_turns(
         let role = string_field(t, role_key)
             .map_err(|m| err(format!("{at}: {m}")))?
             .ok_or_else(|| err(format!("{at}: missing field {role_key:?}")))?;
+        // OpenAI's assistant turn with tool calls may have no content.
+        let openai_calls = t.get("tool_calls").filter(|v| !v.is_null());
         let content = string_field(t, content_key)
             .map_err(|m| err(format!("{at}: {m}")))?
+            .or_else(|| openai_calls.map(|_| String::new()))
             .ok_or_else(|| err(format!("{at}: missing field {content_key:?}")))?;
         let role = match role.as_str() {
             "system" => "system",
             "user" | "human" => "user",
             "assistant" | "gpt" | "model" => "assistant",
+            "function_call" => "function_call",
+            "observation" | "tool" | "function" => "tool",
             other => {
                 return Err(err(format!(
-                    "{at}.{role_key}: unknown role {other:?} (expected system, user/human or assistant/gpt)"
+                    "{at}.{role_key}: unknown role {other:?} (expected system, user/human, assistant/gpt, or for tool calling function_call and observation/tool)"
                 )))
             }
         };
+        let message = match (role, openai_calls) {
+            ("function_call", _) => {
+                let calls: Value = serde_json::from_str(&content).map_err(|e| {
+                    err(format!("{at}.{content_key}: a function call is JSON text ({{\"name\", \"arguments\"}}): {e}"))
+                })?;
+                Message::tool_calls(tool_calls(&calls).map_err(|m| err(format!("{at}: {m}")))?)
+            }
+            ("assistant", Some(calls)) => Message {
+                tool_calls: Some(tool_calls(calls).map_err(|m| err(format!("{at}: {m}")))?),
+                ..Message::new("assistant", &content)
+            },
+            (role, _) => Message::new(role, &content),
+        };
+        let role = message.role.as_str();
         if role == "system" {
             if i != 0 {
                 return Err(err(format!("{at}: a system turn is allowed only first")));
@@ -290,18 +328,99 @@ fn parse_turns(
             system = Some(content);
             continue;
         }
-        if let Some(prev) = turns.last().map(|m: &Message| m.role.as_str()) {
-            if prev == role {
+        let prev = turns.last();
+        match (prev.map(|m: &Message| m.role.as_str()), role) {
+            // Several results may answer several calls.
+            (Some("tool"), "tool") => {}
+            (Some(p), r) if p == r => {
                 return Err(err(format!(
                     "{at}: two {role} turns in a row; turns must alternate user / assistant"
-                )));
+                )))
             }
+            (p, "tool")
+                if p != Some("assistant") || prev.is_some_and(|m| m.tool_calls.is_none()) =>
+            {
+                return Err(err(format!(
+                    "{at}: a tool result must follow the assistant's tool call"
+                )))
+            }
+            _ => {}
         }
-        turns.push(Message::new(role, &content));
+        turns.push(message);
     }
     Ok(Conversation {
         system,
         turns,
+        tools: None,
         origin: origin.to_string(),
     })
+}
+
+/// Tool calls as transformers passes them to a template: `[{"type": "function", "function":
+/// {"name", "arguments"}}]` with the arguments an object (OpenAI sends them as JSON text).
+/// Accepts one call or a list, each `{"name", "arguments"}` or OpenAI's `{"type", "function"}`.
+fn tool_calls(v: &Value) -> Result<Value, String> {
+    let one = |c: &Value| -> Result<Value, String> {
+        let f = c.get("function").unwrap_or(c);
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| "a tool call needs a \"name\" (string)".to_string())?;
+        let arguments = match f.get("arguments") {
+            Some(Value::String(text)) => serde_json::from_str(text)
+                .map_err(|e| format!("the arguments of {name:?} are not JSON: {e}"))?,
+            Some(a) => a.clone(),
+            None => Value::Object(Default::default()),
+        };
+        Ok(
+            serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}}),
+        )
+    };
+    match v {
+        Value::Array(calls) if !calls.is_empty() => calls.iter().map(one).collect(),
+        Value::Object(_) => Ok(Value::Array(vec![one(v)?])),
+        other => Err(format!(
+            "tool calls must be an object or a non-empty list, found {}",
+            json_kind(other)
+        )),
+    }
+}
+
+/// A record's `tools`: a list of function definitions (or that list as JSON text, as
+/// LLaMA-Factory stores it), each `{"name", "description", "parameters"}` or already
+/// `{"type": "function", "function": {...}}`. None when absent or empty.
+fn parse_tools(v: Option<&Value>) -> Result<Option<Value>, String> {
+    let parsed;
+    let list = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => {
+            parsed = serde_json::from_str::<Value>(s)
+                .map_err(|e| format!("field \"tools\" is text but not JSON: {e}"))?;
+            &parsed
+        }
+        Some(v) => v,
+    };
+    let Value::Array(defs) = list else {
+        return Err(format!(
+            "field \"tools\" must be a list of function definitions, found {}",
+            json_kind(list)
+        ));
+    };
+    if defs.is_empty() {
+        return Ok(None);
+    }
+    defs.iter()
+        .map(|d| match d {
+            Value::Object(o) if o.contains_key("function") => Ok(d.clone()),
+            Value::Object(o) if o.contains_key("name") => {
+                Ok(serde_json::json!({"type": "function", "function": d}))
+            }
+            _ => Err(format!(
+                "field \"tools\": each entry is a function definition with a \"name\", found {}",
+                json_kind(d)
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|v| Some(Value::Array(v)))
 }

@@ -39,6 +39,7 @@ fn conversation(case: &Value) -> Conversation {
     Conversation {
         system,
         turns,
+        tools: None,
         origin: case["name"].as_str().unwrap().to_string(),
     }
 }
@@ -166,6 +167,7 @@ fn the_plain_template_ends_assistant_turns_with_eos() {
             Message::new("user", "Again."),
             Message::new("assistant", "Hi."),
         ],
+        tools: None,
         origin: "test".into(),
     };
     let text = format.template.render(&convo.messages(), false).unwrap();
@@ -191,4 +193,57 @@ fn the_plain_template_ends_assistant_turns_with_eos() {
         .render(&convo.messages()[..1], true)
         .unwrap();
     assert!(prompt.ends_with("<|assistant|>\n"), "{prompt:?}");
+}
+
+/// Tool-calling records (LLaMA-Factory's ShareGPT `function_call`/`observation` with `tools` as
+/// JSON text, and OpenAI's `tool_calls`/`tool` messages with parallel calls) render with
+/// Qwen2.5's template exactly as transformers renders the same conversation
+/// (tests/fixtures/sft/make_toolcall_golden.py); the calls are labelled, the tool results not.
+/// A template that cannot render tools is refused rather than dropping them.
+#[test]
+fn tool_calling_records_render_as_transformers_does() {
+    let records = kiln_sft::read_records(&[fixture("toolcall_records.json")], false).unwrap();
+    let golden: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("toolcall_golden.json")).unwrap())
+            .unwrap();
+    assert_eq!(records.conversations.len(), golden.len());
+    let qwen = ModelTokenizer::from_gguf(&kiln_testutil::test_asset(
+        "qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ))
+    .unwrap();
+    let format = ChatFormat::new(qwen, None).unwrap();
+    for (convo, want) in records.conversations.iter().zip(&golden) {
+        let text = format
+            .template
+            .render_with_tools(&convo.messages(), convo.tools.as_ref(), false, false)
+            .unwrap();
+        assert_eq!(&text, want, "{}", convo.origin);
+        let ex = format.encode(convo, false).unwrap();
+        let labelled: Vec<u32> = ex
+            .ids
+            .iter()
+            .zip(&ex.labels)
+            .filter(|(_, &l)| l)
+            .map(|(&id, _)| id)
+            .collect();
+        let labelled = format.tokenizer.tokenizer.decode(&labelled).unwrap();
+        assert!(
+            labelled.contains("<tool_call>") && labelled.contains("\"arguments\""),
+            "the call is trained on: {labelled}"
+        );
+        assert!(
+            !labelled.contains("tool_response") && !labelled.contains("# Tools"),
+            "results and definitions are not: {labelled}"
+        );
+    }
+
+    let smollm2 = ChatFormat::new(smollm2_tokenizer(), None).unwrap();
+    let err = smollm2
+        .encode(&records.conversations[0], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("never renders `tools`") && err.contains("--template"),
+        "{err}"
+    );
 }

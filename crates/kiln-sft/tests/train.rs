@@ -198,7 +198,14 @@ fn kiln_writes_adapters_in_peft_layout_that_read_back_identically() {
     let src = kiln_load::load_adapter(&peft_dir("adapter_rslora"), &cfg, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("adapter");
-    kiln_load::save_adapter(&out, &src.params, &src.spec, "tests/fixtures/hf_tiny/model").unwrap();
+    let base = kiln_load::AdapterBase {
+        base_model: "tests/fixtures/hf_tiny/model".into(),
+        norm_fingerprint: Llama::new(&cfg, &tiny_base().1)
+            .unwrap()
+            .norm_fingerprint()
+            .unwrap(),
+    };
+    kiln_load::save_adapter(&out, &src.params, &src.spec, &base).unwrap();
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -296,6 +303,28 @@ fn bad_records_name_file_record_and_field() {
             "field.json",
             r#"[{"messages": [{"role": "user", "content": 3}]}]"#,
             ["field.json", "messages[0]", "content"],
+        ),
+        // Tool calling: a call that is not JSON, a result without a call before it, a call
+        // without definitions, definitions that are not a list.
+        (
+            "call.json",
+            r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "search(q)"}], "tools": "[{\"name\": \"search\"}]"}]"#,
+            ["call.json", "conversations[1].value", "JSON text"],
+        ),
+        (
+            "result.json",
+            r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "42"}, {"from": "gpt", "value": "a"}]}]"#,
+            ["result.json", "conversations[1]", "must follow the assistant's tool call"],
+        ),
+        (
+            "notools.json",
+            r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{\"name\": \"f\", \"arguments\": {}}"}, {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}]"#,
+            ["notools.json", "record 1", "without tool definitions"],
+        ),
+        (
+            "tools.json",
+            r#"[{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": {"name": "f"}}]"#,
+            ["tools.json", "record 1", "\"tools\" must be a list"],
         ),
     ];
     for (name, text, want) in cases {

@@ -433,7 +433,10 @@ fn corrupt_or_truncated_checkpoints_are_named_and_the_previous_one_survives() {
             std::fs::write(d.join("model.safetensors"), b"partial").unwrap();
             Err(kiln_train::TrainError::Io("disk full (simulated)".into()))
         },
-        2,
+        &checkpoint::Retention {
+            keep_last: 2,
+            keep_best: None,
+        },
     );
     assert!(failed.is_err());
     let after = checkpoint::list(&run_dir).unwrap();
