@@ -16,7 +16,7 @@ pub struct SftArgs {
     /// The model to fine-tune: a GGUF file, an HF directory or a kiln run/checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// Training records: JSON or JSONL in Alpaca, messages or ShareGPT format (repeatable).
+    /// Training records: JSON or JSONL in Alpaca, messages, ShareGPT or TRL prompt-completion format, tool-calling conversations included (repeatable).
     #[arg(long = "data", required = true)]
     pub data: Vec<PathBuf>,
     /// Held-out records for the evaluation loss (default: sft.val_fraction of --data).
