@@ -261,7 +261,33 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, InferError> {
-        self.render_with(messages, None, add_generation_prompt, true)
+        self.render_with_tools(messages, None, add_generation_prompt, true)
+    }
+
+    /// Renders a conversation; with `add_generation_prompt` the text ends where the
+    /// assistant's reply starts.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, InferError> {
+        self.render_with_tools(messages, None, add_generation_prompt, false)
+    }
+
+    /// Renders messages given as JSON values (a server's messages may carry `tool_calls`,
+    /// `tool_call_id` and `name`), with the tool definitions the template may print.
+    pub fn render_values(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, InferError> {
+        self.render_context(
+            minijinja::Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+            ("", ""),
+        )
     }
 
     /// [`render`](Self::render) or [`render_marked`](Self::render_marked) with the tool
@@ -273,55 +299,27 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         marked: bool,
     ) -> Result<String, InferError> {
-        self.render_with(messages, tools, add_generation_prompt, marked)
-    }
-
-    /// Renders a conversation; with `add_generation_prompt` the text ends where the
-    /// assistant's reply starts.
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, InferError> {
-        self.render_with(messages, None, add_generation_prompt, false)
-    }
-
-    /// Renders messages given as JSON values (a server's messages may carry `tool_calls`,
-    /// `tool_call_id` and `name`), with the tool definitions the template may print.
-    pub fn render_values(
-        &self,
-        messages: &serde_json::Value,
-        tools: Option<&serde_json::Value>,
-        add_generation_prompt: bool,
-    ) -> Result<String, InferError> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| template_error("chat template", e))?;
-        tmpl.render(minijinja::context! {
-            messages => minijinja::Value::from_serialize(messages),
-            tools => tools.map(minijinja::Value::from_serialize),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-            __kiln_generation_start => "",
-            __kiln_generation_end => "",
-        })
-        .map_err(|e| template_error("rendering the chat template", e))
-    }
-
-    fn render_with(
-        &self,
-        messages: &[Message],
-        tools: Option<&serde_json::Value>,
-        add_generation_prompt: bool,
-        marked: bool,
-    ) -> Result<String, InferError> {
         let (start, end) = if marked {
             (GENERATION_START.to_string(), GENERATION_END.to_string())
         } else {
             (String::new(), String::new())
         };
+        self.render_context(
+            minijinja::Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+            (&start, &end),
+        )
+    }
+
+    /// The template rendered with transformers' context, and kiln's generation markers.
+    fn render_context(
+        &self,
+        messages: minijinja::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        (start, end): (&str, &str),
+    ) -> Result<String, InferError> {
         let tmpl = self
             .env
             .get_template("chat")

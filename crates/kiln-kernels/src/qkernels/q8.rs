@@ -155,7 +155,8 @@ impl RawQ {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::{coded_affine, x86::codes, RawKind};
+    use super::super::x86::{codes, hsum256 as hsum};
+    use super::super::{coded_affine, RawKind};
     use super::{Q8Rows, BLOCK};
     use std::arch::x86_64::*;
 
@@ -215,15 +216,6 @@ mod x86 {
             8 => by_kind!(8),
             n => unreachable!("{n} rows per tile"),
         }
-    }
-
-    /// The sum of the 8 lanes.
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// [`dots_r`] for the 32-weight types (one scale and offset per block): the weight and
