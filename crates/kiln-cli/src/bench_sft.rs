@@ -87,8 +87,8 @@ pub fn run(a: BenchSftArgs) -> Result<()> {
     // The model and what trains.
     let (_, cfg) = kiln_load::load_model_config(&a.model)?;
     let spec = (a.rank > 0).then(|| LoraSpec::all_projections(a.rank, 2.0 * a.rank as f64));
-    let (model, params, _, _) =
-        kiln_sft::build_model(&a.model, &cfg, spec.as_ref(), a.base_quantized, 0, &dev)?;
+    let kiln_load::Trainable { model, params, .. } =
+        kiln_load::build_trainable(&a.model, &cfg, spec.as_ref(), a.base_quantized, 0, &dev)?;
     let mut opt = AdamW::for_model(&model, &params, &OptimConfig::default())?;
     let peak = measure_gemm_peak(&dev)?;
     let mut times = Vec::new();

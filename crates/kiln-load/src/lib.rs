@@ -24,6 +24,7 @@ mod infer;
 mod resolve;
 mod run_config;
 mod tokenizer;
+mod trainable;
 mod weights;
 
 pub use adapter::{
@@ -44,4 +45,5 @@ pub use infer::{
 pub use resolve::{resolve_kiln, KilnRun, ResolvedModel};
 pub use run_config::{model_from_toml, read_run_model, RunModel};
 pub use tokenizer::{check_vocab, load_tokenizer};
+pub use trainable::{build_trainable, Trainable};
 pub use weights::{check_init_compatible, load_model_config, load_weights, LoadedWeights};

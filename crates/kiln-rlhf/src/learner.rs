@@ -90,7 +90,12 @@ impl Learner {
         device: &Device,
     ) -> Result<Self, RlhfError> {
         let lora = cfg.base.lora_spec()?;
-        let (mut model, params, mode, total_params) = kiln_sft::build_model(
+        let kiln_load::Trainable {
+            mut model,
+            params,
+            mode,
+            total_params,
+        } = kiln_load::build_trainable(
             path,
             model_config,
             lora.as_ref(),

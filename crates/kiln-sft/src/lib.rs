@@ -17,7 +17,7 @@ pub use config::{LoraOptions, SftConfig, SftOptions, Truncation};
 pub use encode::{ChatFormat, Example, PLAIN_TEMPLATE};
 pub use pack::{pack, split_held_out, Packed, Row};
 pub use records::{json_kind, parse_record, read_records, split_records, Conversation, Records};
-pub use trainer::{batch_of, build_model, SftInfo, SftObserver, SftSource, SftSummary, SftTrainer};
+pub use trainer::{batch_of, SftInfo, SftObserver, SftSource, SftSummary, SftTrainer};
 
 use std::path::PathBuf;
 

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kiln_data::WindowSampler;
 use kiln_load::ModelFormat;
-use kiln_model::gguf::GgufFile;
 use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
 use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use kiln_train::fsdp::Fsdp;
@@ -270,7 +269,12 @@ impl SftTrainer {
         cfg.finalize(steps_per_epoch);
 
         // Model: the trainable params and the model over them.
-        let (mut model, params, mode, total_params) = build_model(
+        let kiln_load::Trainable {
+            mut model,
+            params,
+            mode,
+            total_params,
+        } = kiln_load::build_trainable(
             &source.model,
             &model_config,
             lora.as_ref(),
@@ -753,63 +757,6 @@ impl Steps for SftTrainer {
     }
     fn save_checkpoint(&self) -> Result<PathBuf, SftError> {
         SftTrainer::save_checkpoint(self)
-    }
-}
-
-/// The model to fine-tune and the parameters that train: (model, trainable params, a
-/// description, total parameter count). Without `lora` every weight trains (dense f32); with
-/// it, fresh PEFT-initialised adapters train on a frozen base: an HF checkpoint as stored
-/// (bf16/f16 memory-mapped), a GGUF kept in its quantised blocks (`base_quantized`), else
-/// dense f32.
-pub fn build_model(
-    path: &Path,
-    cfg: &ModelConfig,
-    lora: Option<&LoraSpec>,
-    base_quantized: bool,
-    seed: u64,
-    device: &Device,
-) -> Result<(Llama, Params, String, usize), SftError> {
-    let total = cfg.param_counts().0;
-    match lora {
-        None => {
-            let w = kiln_load::load_weights(path, device)?;
-            let model = Llama::new(&w.config, &w.params)?;
-            Ok((model, w.params, "full fine-tuning (f32)".into(), total))
-        }
-        Some(spec) => {
-            let adapters = Params::lora_adapters(cfg, spec, seed, device, DType::F32)?;
-            let (mut model, base) = if base_quantized {
-                let file = GgufFile::open(path)?;
-                let m = Llama::from_gguf(&file, cfg)?;
-                let desc = format!("{:?}", m.weight_types());
-                (m, format!("quantised base kept in its GGUF blocks {desc}"))
-            } else if ModelFormat::detect(path)? == ModelFormat::HfDir {
-                // A frozen HF base stays as stored: bf16/f16 matrices are read from the mapped
-                // shards, forward and backward (which needs only the input gradient here).
-                let hf = kiln_model::hf::HfWeights::open(path, cfg)?;
-                let m = Llama::from_hf_mapped(cfg, &hf)?;
-                let desc = format!("{:?}", m.weight_types());
-                (m, format!("frozen base as stored, memory-mapped {desc}"))
-            } else {
-                let w = kiln_load::load_weights(path, device)?;
-                (Llama::new(&w.config, &w.params)?, "dense f32 base".into())
-            };
-            model.attach_lora(&adapters, spec)?;
-            let mode = format!(
-                "LoRA r={} alpha={} ({}) on {}, {}",
-                spec.rank,
-                spec.alpha,
-                if spec.rslora {
-                    "rsLoRA scale"
-                } else {
-                    "scale alpha/r"
-                },
-                spec.targets.join(","),
-                base
-            );
-            let n = adapters.num_elements();
-            Ok((model, adapters, mode, total + n))
-        }
     }
 }
 
