@@ -14,6 +14,9 @@
 //! ask [`bf16_products_available`] and use their f32 product there. [`reference_gemm_bf16`]
 //! is the portable oracle with the same rounding of the inputs.
 
+// The packed kernel is x86's (AVX512-BF16); elsewhere only the portable product runs.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use rayon::prelude::*;
 
 /// Rows of A per micro-kernel tile.

@@ -221,6 +221,7 @@ impl RawQ {
 
     /// The bytes of rows `r0 .. r0 + rows` as runs that are each contiguous: `(first row,
     /// bytes)`, in order (one run unless the range crosses stacked matrices).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn row_runs(&self, r0: usize, rows: usize) -> Vec<(usize, &[u8])> {
         let rb = self.row_bytes();
         let (mut runs, mut base, end) = (Vec::new(), 0, r0 + rows);

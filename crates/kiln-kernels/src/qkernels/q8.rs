@@ -19,13 +19,16 @@
 
 use rayon::prelude::*;
 
-use super::{Level, RawKind, RawQ, SyncPtr, BLOCK, PANEL_MIN_ROWS};
+#[cfg(target_arch = "x86_64")]
+use super::SyncPtr;
+use super::{Level, RawKind, RawQ, BLOCK, PANEL_MIN_ROWS};
 
 /// Adding and removing 1.5 * 2^23 rounds an f32 to the nearest integer, ties to even (exact
 /// for |v| <= 2^22; vectorises where `round` is a libm call).
 const ROUNDING: f32 = 12_582_912.0;
 
 /// Activation rows rounded to 8 bits: `x[t] ~ scale[t / 32] * q[t]`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Q8Rows {
     k: usize,
     q: Vec<i8>,
@@ -122,6 +125,15 @@ impl RawQ {
         if !self.kind.has_q8_kernel() || level == Level::Scalar || m >= PANEL_MIN_ROWS {
             return self.matmul_exact(&Q8Rows::round_trip(x), m, level);
         }
+        #[cfg(target_arch = "x86_64")]
+        return self.integer_matmul(x, m);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{level:?}: only the x86 levels have integer kernels")
+    }
+
+    /// The integer-dot kernels over every output row (AVX2; AVX-512 machines run them too).
+    #[cfg(target_arch = "x86_64")]
+    fn integer_matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let acts = Q8Rows::quantize(x, m, self.k);
         let n = self.n;
         let threads = rayon::current_num_threads().max(1);
@@ -136,11 +148,9 @@ impl RawQ {
                 let mut i = 0;
                 while i < m {
                     let take = (m - i).min(8);
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `level` is AVX2 or AVX-512 (both have AVX2), detected at run time.
-                    unsafe {
-                        x86::dots(self.kind, row, &acts, i, &mut tile[..take])
-                    };
+                    // SAFETY: only called for the AVX2 or AVX-512 level (both have AVX2),
+                    // detected at run time.
+                    unsafe { x86::dots(self.kind, row, &acts, i, &mut tile[..take]) };
                     for (j, v) in tile.iter().enumerate().take(take) {
                         // SAFETY: (i + j, r) is in bounds and column r belongs to this task.
                         unsafe { *dst.0.add((i + j) * n + r) = *v };
