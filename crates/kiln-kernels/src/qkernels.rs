@@ -1709,7 +1709,8 @@ mod tests {
     use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    const ALL: [(RawKind, GgmlDType); 12] = [
+    /// Every type with its candle counterpart (the q8 tests use the list too).
+    pub(super) const ALL: [(RawKind, GgmlDType); 12] = [
         (RawKind::Q4_0, GgmlDType::Q4_0),
         (RawKind::Q4_1, GgmlDType::Q4_1),
         (RawKind::Q8_0, GgmlDType::Q8_0),

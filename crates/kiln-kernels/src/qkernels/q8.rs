@@ -361,7 +361,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{ggml_file, GgmlDType, QTensor};
+    use candle_core::quantized::{ggml_file, QTensor};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -395,20 +395,8 @@ mod tests {
     fn q8_kernels_equal_the_dequantised_product() {
         let (n, k) = (37, 512);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        let kinds = [
-            (RawKind::Q4_0, GgmlDType::Q4_0),
-            (RawKind::Q4_1, GgmlDType::Q4_1),
-            (RawKind::Q8_0, GgmlDType::Q8_0),
-            (RawKind::Q5_0, GgmlDType::Q5_0),
-            (RawKind::Q5_1, GgmlDType::Q5_1),
-            (RawKind::Q4K, GgmlDType::Q4K),
-            (RawKind::Q5K, GgmlDType::Q5K),
-            (RawKind::Q6K, GgmlDType::Q6K),
-            (RawKind::Q2K, GgmlDType::Q2K),
-            (RawKind::Q3K, GgmlDType::Q3K),
-            (RawKind::F16, GgmlDType::F16),
-        ];
-        for (kind, dt) in kinds {
+        // Every type (BF16 and F16 have no codes: they check the exact fallback).
+        for (kind, dt) in super::super::tests::ALL {
             let qt = QTensor::quantize(&w, dt).unwrap();
             let data = qt.data().unwrap().to_vec();
             let deq: Vec<f32> = ggml_file::qtensor_from_ggml(dt, &data, vec![n, k], &Device::Cpu)
