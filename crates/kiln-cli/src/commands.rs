@@ -261,6 +261,15 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         return Ok(());
     }
     console.finish();
+    if summary.final_loss.is_none() && !summary.stopped_early {
+        info!(
+            "nothing to train: {} is already at step {} of train.steps = {}; raise it to go on (--set train.steps=N --resume)",
+            run_dir.display(),
+            summary.steps,
+            summary.steps
+        );
+        return Ok(());
+    }
     info!(
         steps = summary.steps,
         tokens = summary.tokens,

@@ -151,9 +151,13 @@ fn pretrain_then_generate_eval_and_plot() {
         text(&o).1
     );
 
-    // Resuming a finished run is a no-op that keeps its metrics.
+    // Resuming a finished run is a no-op that keeps its metrics, and says so.
     let o = kiln(&["pretrain", "--config", "run.toml", "--resume"], d);
-    assert!(o.status.success(), "{}", text(&o).1);
+    let err = text(&o).1;
+    assert!(
+        o.status.success() && err.contains("nothing to train") && !err.contains("final_loss=\"\""),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap(),
         metrics
