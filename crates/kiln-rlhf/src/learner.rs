@@ -228,7 +228,7 @@ impl Learner {
                     .map_err(|e| TrainError::Io(format!("{}: {e}", p.display())))?;
                 Ok(())
             },
-            &kiln_train::checkpoint::Retention::of(&cfg.base.train),
+            &kiln_train::checkpoint::Retention::of(&cfg.base.train)?,
         )?)
     }
 

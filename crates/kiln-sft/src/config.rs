@@ -297,6 +297,7 @@ impl SftConfig {
     fn validate(&self) -> Result<(), SftError> {
         self.dist.validate()?;
         let t = &self.train;
+        kiln_train::checkpoint::Retention::of(t)?;
         if t.batch_size == 0 || t.grad_accum == 0 || t.seq_len < 2 {
             return Err(SftError::Config(
                 "train.batch_size and train.grad_accum must be at least 1 and train.seq_len at least 2".into(),

@@ -592,7 +592,7 @@ impl SftTrainer {
                     write_main(dir)?;
                     optimizer.save(&dir.join(OPTIMIZER_FILE))
                 },
-                &kiln_train::checkpoint::Retention::of(&self.cfg.train),
+                &kiln_train::checkpoint::Retention::of(&self.cfg.train)?,
             )?);
         };
         // Distributed: replicated weights are written by rank 0 and each rank writes its shard
@@ -601,7 +601,7 @@ impl SftTrainer {
             &self.run_dir,
             state,
             &self.config_toml,
-            &kiln_train::checkpoint::Retention::of(&self.cfg.train),
+            &kiln_train::checkpoint::Retention::of(&self.cfg.train)?,
             |dir| {
                 write_main(dir)?;
                 if let Replica::Full { optimizer, .. } = &self.replica {

@@ -39,12 +39,19 @@ pub struct BestBy {
 
 impl BestBy {
     /// `min:KEY`, `max:KEY`, or a bare key: minimised when it names a loss, a KL or a
-    /// perplexity, maximised otherwise (a reward, an accuracy). None for an empty key.
-    pub fn parse(spec: &str) -> Option<BestBy> {
+    /// perplexity, maximised otherwise (a reward, an accuracy). An empty key or another
+    /// prefix is an error naming `train.keep_best`.
+    pub fn parse(spec: &str) -> Result<BestBy, TrainError> {
+        let bad = || {
+            TrainError::Config(format!(
+                "train.keep_best = {spec:?}: give a key of metrics.jsonl (e.g. \"val_loss\" or \"reward\"), optionally as \"min:KEY\" or \"max:KEY\""
+            ))
+        };
         let (key, higher) = match spec.split_once(':') {
             Some(("min", key)) => (key, false),
             Some(("max", key)) => (key, true),
-            _ => {
+            Some(_) => return Err(bad()),
+            None => {
                 let lower = spec.to_ascii_lowercase();
                 let minimised = ["loss", "kl", "perplexity", "ppl"]
                     .iter()
@@ -52,7 +59,10 @@ impl BestBy {
                 (spec, !minimised)
             }
         };
-        (!key.trim().is_empty()).then(|| BestBy {
+        if key.trim().is_empty() {
+            return Err(bad());
+        }
+        Ok(BestBy {
             key: key.trim().to_string(),
             higher_is_better: higher,
         })
@@ -60,12 +70,12 @@ impl BestBy {
 }
 
 impl Retention {
-    /// The policy a run's `[train]` section asks for.
-    pub fn of(train: &crate::config::TrainConfig) -> Retention {
-        Retention {
+    /// The policy a run's `[train]` section asks for (configs check it when they load).
+    pub fn of(train: &crate::config::TrainConfig) -> Result<Retention, TrainError> {
+        Ok(Retention {
             keep_last: train.keep_checkpoints,
-            keep_best: train.keep_best.as_deref().and_then(BestBy::parse),
-        }
+            keep_best: train.keep_best.as_deref().map(BestBy::parse).transpose()?,
+        })
     }
 }
 
@@ -415,15 +425,21 @@ mod tests {
     #[test]
     fn the_best_checkpoint_by_a_logged_metric_is_kept_with_the_newest() {
         assert_eq!(
-            BestBy::parse("val_loss"),
-            Some(BestBy {
+            BestBy::parse("val_loss").unwrap(),
+            BestBy {
                 key: "val_loss".into(),
                 higher_is_better: false
-            })
+            }
         );
         assert!(BestBy::parse("reward").unwrap().higher_is_better);
         assert!(!BestBy::parse("min:reward").unwrap().higher_is_better);
-        assert!(BestBy::parse("max:").is_none());
+        for bad in ["max:", "", "best:reward"] {
+            let e = BestBy::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("train.keep_best") && e.contains("min:KEY"),
+                "{e}"
+            );
+        }
 
         for (spec, values, best) in [
             ("val_loss", [3.0, 2.5, 2.8, 2.9], 20),
@@ -435,7 +451,7 @@ mod tests {
             let key = spec.trim_start_matches("min:");
             let keep = Retention {
                 keep_last: 1,
-                keep_best: BestBy::parse(spec),
+                keep_best: Some(BestBy::parse(spec).unwrap()),
             };
             let mut rows = String::new();
             for (i, v) in values.iter().enumerate() {

@@ -433,6 +433,7 @@ impl RunConfig {
         self.model.validate()?;
         self.dist.validate()?;
         let t = &self.train;
+        crate::checkpoint::Retention::of(t)?;
         let bad = |m: String| Err(TrainError::Config(m));
         if t.batch_size == 0 || t.grad_accum == 0 || t.seq_len == 0 || t.steps == 0 {
             return bad("train.steps, train.batch_size, train.grad_accum and train.seq_len must be positive".into());
@@ -577,6 +578,13 @@ seq_len = 32
             .unwrap_err()
             .to_string();
         assert!(err.contains("huge"), "{err}");
+        // A keep_best the checkpoints could not follow is refused when the config loads.
+        let err = RunConfig::from_toml_str(BASE, &["train.keep_best=\"max:\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.keep_best"), "{err}");
+        let ok = RunConfig::from_toml_str(BASE, &["train.keep_best=\"val_loss\"".into()]);
+        assert!(ok.is_ok());
     }
 
     #[test]

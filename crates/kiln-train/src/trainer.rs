@@ -530,7 +530,7 @@ impl Trainer {
                 params.save(&dir.join(MODEL_FILE))?;
                 optimizer.save(&dir.join(OPTIMIZER_FILE))
             },
-            &checkpoint::Retention::of(&self.cfg.train),
+            &checkpoint::Retention::of(&self.cfg.train)?,
         )
     }
 
@@ -541,7 +541,7 @@ impl Trainer {
             &self.run_dir,
             self.checkpoint_state(),
             &self.config_toml,
-            &checkpoint::Retention::of(&self.cfg.train),
+            &checkpoint::Retention::of(&self.cfg.train)?,
             |dir| {
                 let manifest = match &self.replica {
                     Replica::Full { params, .. } => d.manifest(params),
