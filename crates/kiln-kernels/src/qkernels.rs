@@ -1737,7 +1737,8 @@ mod tests {
             .unwrap()
     }
 
-    fn raw(kind: RawKind, d: GgmlDType, w: &Tensor) -> (RawQ, Vec<f32>) {
+    /// `w` quantised to `d` as a [`RawQ`], with candle's dequantisation of it.
+    pub(super) fn raw(kind: RawKind, d: GgmlDType, w: &Tensor) -> (RawQ, Vec<f32>) {
         let q = QTensor::quantize(w, d).unwrap();
         let (n, k) = w.dims2().unwrap();
         let data = q.data().unwrap().to_vec();

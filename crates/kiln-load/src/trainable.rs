@@ -7,15 +7,17 @@ use candle_core::{DType, Device};
 use kiln_model::gguf::GgufFile;
 use kiln_model::{Llama, LoraSpec, ModelConfig, Params};
 
-use crate::{LoadError, ModelFormat};
+use crate::{AdapterBase, LoadError, ModelFormat};
 
-/// A model set up to train: the model, the parameters that train, how it trains (for the log)
-/// and its total parameter count (the base's and the adapters').
+/// A model set up to train: the model, the parameters that train, how it trains (for the log),
+/// its total parameter count (the base's and the adapters') and the base it starts from (what
+/// every adapter it writes records).
 pub struct Trainable {
     pub model: Llama,
     pub params: Params,
     pub mode: String,
     pub total_params: usize,
+    pub base: AdapterBase,
 }
 
 /// The model to fine-tune and the parameters that train (SFT, reward models, preference
@@ -36,6 +38,7 @@ pub fn build_trainable(
             let w = crate::load_weights(path, device)?;
             let model = Llama::new(&w.config, &w.params)?;
             Ok(Trainable {
+                base: base_of(path, &model)?,
                 model,
                 params: w.params,
                 mode: "full fine-tuning (f32)".into(),
@@ -75,6 +78,7 @@ pub fn build_trainable(
             );
             let n = adapters.num_elements();
             Ok(Trainable {
+                base: base_of(path, &model)?,
                 model,
                 params: adapters,
                 mode,
@@ -82,4 +86,11 @@ pub fn build_trainable(
             })
         }
     }
+}
+
+fn base_of(path: &Path, model: &Llama) -> Result<AdapterBase, LoadError> {
+    Ok(AdapterBase {
+        base_model: path.display().to_string(),
+        norm_fingerprint: model.norm_fingerprint()?,
+    })
 }

@@ -95,6 +95,7 @@ impl Learner {
             params,
             mode,
             total_params,
+            base,
         } = kiln_load::build_trainable(
             path,
             model_config,
@@ -105,10 +106,6 @@ impl Learner {
         )?;
         model.set_activation_checkpointing(cfg.base.train.activation_checkpointing);
         model.set_precision(cfg.base.train.precision);
-        let base = kiln_load::AdapterBase {
-            base_model: path.display().to_string(),
-            norm_fingerprint: model.norm_fingerprint()?,
-        };
         let opt = AdamW::for_model(&model, &params, &cfg.base.optim)?;
         let head = head
             .map(|w| TrainedHead::new(&w, &cfg.base.optim))

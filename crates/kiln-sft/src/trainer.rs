@@ -274,6 +274,7 @@ impl SftTrainer {
             params,
             mode,
             total_params,
+            base: adapter_base,
         } = kiln_load::build_trainable(
             &source.model,
             &model_config,
@@ -284,10 +285,6 @@ impl SftTrainer {
         )?;
         model.set_activation_checkpointing(cfg.train.activation_checkpointing);
         model.set_precision(cfg.train.precision);
-        let adapter_base = kiln_load::AdapterBase {
-            base_model: source.model.display().to_string(),
-            norm_fingerprint: model.norm_fingerprint()?,
-        };
         let trainable = model.grad_layout(&params)?.total();
         let replica = match &dist {
             Some(d) if d.cfg.strategy == Strategy::Fsdp => {

@@ -361,7 +361,6 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{ggml_file, QTensor};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -397,17 +396,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         // Every type (BF16 and F16 have no codes: they check the exact fallback).
         for (kind, dt) in super::super::tests::ALL {
-            let qt = QTensor::quantize(&w, dt).unwrap();
-            let data = qt.data().unwrap().to_vec();
-            let deq: Vec<f32> = ggml_file::qtensor_from_ggml(dt, &data, vec![n, k], &Device::Cpu)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let raw = RawQ::new(kind, n, k, data).unwrap();
+            let (raw, deq) = super::super::tests::raw(kind, dt, &w);
             for m in [1, 3, 8, 11, 17] {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0 + (i % 7) as f32 * 0.013)
