@@ -356,6 +356,10 @@ fn config_errors_name_the_problem() {
         &[&gen[..], &["--quantize", "q9_9"]].concat(),
         &["--quantize", "q9_9", "q8_0"],
     );
+    fails_with(
+        &[&["--activations", "q4"][..], &gen].concat(),
+        &["--activations", "q4", "f32", "q8"],
+    );
 }
 
 /// `--device` names what is missing instead of falling back: a GPU on a build without CUDA,
