@@ -14,6 +14,7 @@
 //! | [`swiglu`] | gate, up (any, equal) -> same |
 //! | [`gelu_tanh_gate`] | gate, up (any, equal) -> same (Gemma's GeGLU) |
 //! | [`cross_entropy_sum`] | logits (n, v), targets (n) i64 -> () |
+//! | [`token_logprobs_entropy`] | logits (n, v), targets (n) -> log p (n), entropy (n) |
 //! | [`adamw_step`] | in place on param / m / v (tensors or views of flat buffers) |
 //! | [`add_in_place`] | dst += src, in place (gradient accumulation into a view) |
 //! | [`index_add_rows`] | dst (r, d)[ids[i]] += src (n, d)[i], in place (embedding backward) |
@@ -39,6 +40,7 @@ mod cross_entropy;
 mod geglu;
 mod inplace;
 mod isa;
+mod logprobs;
 pub mod qkernels;
 mod rms_norm;
 mod rope;
@@ -58,6 +60,9 @@ pub use cross_entropy::{
 pub use geglu::{gelu_tanh, gelu_tanh_gate, gelu_tanh_gate_backward};
 pub use inplace::{add_in_place, index_add_rows, widen_into};
 pub use isa::{active_isa, cpu_features, set_isa, Isa, IsaError};
+pub use logprobs::{
+    reference_token_logprobs_entropy, token_logprobs_backward, token_logprobs_entropy,
+};
 pub use qkernels::{q8_activations, set_q8_activations, RawKind, RawQ};
 pub use rms_norm::{reference_rms_norm, rms_norm, rms_norm_backward};
 pub use rope::{reference_rope, rope, rope_backward, rope_tables};

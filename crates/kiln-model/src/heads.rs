@@ -148,16 +148,11 @@ impl Llama {
         let targets = targets.flatten_all()?;
         let output = self.output_detached();
         let (mut lps, mut ents) = (Vec::new(), Vec::new());
-        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
-            let logits =
-                (self.cap_logits(output.forward(&hidden.narrow(0, start, len)?)?)? / temperature)?;
-            let logp_all = log_softmax_rows(&logits)?;
-            let ent = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
-            let idx = targets
-                .narrow(0, start, len)?
-                .to_dtype(DType::U32)?
-                .reshape((len, 1))?;
-            lps.push(logp_all.gather(&idx, 1)?.squeeze(1)?);
+        for (start, len) in logprob_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+            let logits = self.cap_logits(output.forward(&hidden.narrow(0, start, len)?)?)?;
+            let (lp, ent) =
+                k::token_logprobs_entropy(&logits, &targets.narrow(0, start, len)?, temperature)?;
+            lps.push(lp);
             ents.push(ent);
         }
         if lps.is_empty() {
@@ -180,14 +175,10 @@ impl Llama {
         let targets = targets.flatten_all()?;
         let output = self.output_detached();
         let (mut lps, mut best) = (Vec::new(), Vec::new());
-        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+        for (start, len) in logprob_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
             let logits = self.cap_logits(output.forward(&hidden.narrow(0, start, len)?)?)?;
-            let logp_all = log_softmax_rows(&logits)?;
-            let idx = targets
-                .narrow(0, start, len)?
-                .to_dtype(DType::U32)?
-                .reshape((len, 1))?;
-            lps.push(logp_all.gather(&idx, 1)?.squeeze(1)?.to_dtype(DType::F32)?);
+            let (lp, _) = k::token_logprobs_entropy(&logits, &targets.narrow(0, start, len)?, 1.0)?;
+            lps.push(lp.to_dtype(DType::F32)?);
             best.push(logits.argmax(D::Minus1)?);
         }
         if lps.is_empty() {
@@ -203,7 +194,7 @@ impl Llama {
     /// Backward of [`Llama::token_logprobs`] given `d_logp (n)`: adds the head's gradient into
     /// `grads`, returns `d_hidden`. With `z = h W^T`,
     /// `d z_i = g_i (onehot(y_i) - softmax(z_i / T)) / T`. Recomputes the logits (one GEMM per
-    /// chunk) rather than keep `(n, v)`.
+    /// chunk of [`LOGPROB_CHUNK_ELEMENTS`]) rather than keep `(n, v)`.
     pub fn token_logprobs_backward(
         &self,
         hidden: &Tensor,
@@ -218,23 +209,18 @@ impl Llama {
         let targets = targets.flatten_all()?.to_dtype(DType::I64)?;
         let d_logp = d_logp.flatten_all()?;
         let mut d_parts = Vec::new();
-        for (start, len) in logit_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
+        for (start, len) in logprob_chunks(hidden.dim(0)?, self.cfg.vocab_size) {
             let h = hidden.narrow(0, start, len)?;
             let (logits, ctx) = output.forward_saving(&h, None)?;
             let logits = self.cap_logits(logits)?;
-            // logp = -CE(z / T), so d z = -(g / T) (softmax(z / T) - onehot): the fused
-            // cross-entropy backward at z / T, each row scaled by -g / T.
-            let dce = k::cross_entropy_backward(
-                &(&logits / temperature)?,
+            let dlogits = k::token_logprobs_backward(
+                &logits,
                 &targets.narrow(0, start, len)?,
-                1.0,
+                &d_logp.narrow(0, start, len)?,
+                temperature,
             )?;
-            let g = (d_logp
-                .narrow(0, start, len)?
-                .reshape((len, 1))?
-                .to_dtype(dce.dtype())?
-                / -temperature)?;
-            let dlogits = self.cap_logits_backward(&logits, dce.broadcast_mul(&g)?)?;
+            let dlogits = self.cap_logits_backward(&logits, dlogits)?;
+            drop(logits);
             d_parts.push(output.backward(ctx, &dlogits, grads)?);
         }
         if d_parts.len() == 1 {
@@ -260,14 +246,6 @@ fn check_temperature(t: f64) -> Result<(), ModelError> {
             "temperature must be positive, got {t}"
         )))
     }
-}
-
-/// `log softmax` along the last dimension of `(n, v)`.
-fn log_softmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let m = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&m)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 /// `log softmax(logits)[i, targets[i]]`: `(n, v)`, `(n)` → `(n)`.
@@ -391,10 +369,26 @@ pub fn loss_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize), Mo
 /// Most logits one chunk of the LM head holds (64 Mi f32 = 256 MiB).
 pub const LOGITS_CHUNK_ELEMENTS: usize = 64 << 20;
 
+/// Most logits the log-prob heads (DPO, PPO, GRPO) hold at once: 32 MB of f32, 170 rows of
+/// SmolLM2's 49,152-token vocabulary or 55 of Qwen2.5's 151,936. Preference tuning runs two
+/// sequences per pair and a reference pass beside the policy, so its head works in smaller
+/// pieces than pretraining's: the fused kernels keep no other `(rows, v)` buffer, and a
+/// chunk's GEMM stays large enough to run at full speed.
+pub const LOGPROB_CHUNK_ELEMENTS: usize = 8 << 20;
+
 /// `(start, len)` chunks of `n` rows so that `len * vocab` stays within
 /// [`LOGITS_CHUNK_ELEMENTS`] (one chunk when it all fits).
 fn logit_chunks(n: usize, vocab: usize) -> Vec<(usize, usize)> {
-    let per = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+    chunks_within(n, vocab, LOGITS_CHUNK_ELEMENTS)
+}
+
+/// [`logit_chunks`] within [`LOGPROB_CHUNK_ELEMENTS`].
+fn logprob_chunks(n: usize, vocab: usize) -> Vec<(usize, usize)> {
+    chunks_within(n, vocab, LOGPROB_CHUNK_ELEMENTS)
+}
+
+fn chunks_within(n: usize, vocab: usize, elements: usize) -> Vec<(usize, usize)> {
+    let per = (elements / vocab.max(1)).max(1);
     (0..n).step_by(per).map(|s| (s, per.min(n - s))).collect()
 }
 

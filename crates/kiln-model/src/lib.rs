@@ -23,7 +23,10 @@ pub use cache::KvCache;
 pub use config::{Activation, AttentionMode, LayerAttention, LayerRope, ModelConfig, RopeScaling};
 pub use decoding::CausalLm;
 pub use flat::{FlatEntry, FlatLayout, Grads};
-pub use heads::{last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS};
+pub use heads::{
+    last_token_rows, logprobs_of, loss_sum, ScalarHead, LOGITS_CHUNK_ELEMENTS,
+    LOGPROB_CHUNK_ELEMENTS,
+};
 pub use kiln_rng::SplitMix64;
 pub use linear::set_candle_qmatmul;
 pub use linear::{Linear, LinearWeight, Lora, Precision};

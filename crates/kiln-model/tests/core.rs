@@ -613,3 +613,79 @@ fn a_chunked_gathered_lm_head_equals_autograd() {
         );
     }
 }
+
+/// The log-prob head works in chunks of `LOGPROB_CHUNK_ELEMENTS` logits: across chunk
+/// boundaries its values, entropies and gradients equal the whole `(n, v)` composition.
+#[test]
+fn a_chunked_logprob_head_equals_the_whole_composition() {
+    let cfg = ModelConfig {
+        vocab_size: 65_536,
+        dim: 16,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: Some(1),
+        ffn_dim: Some(32),
+        max_seq_len: 400,
+        ..ModelConfig::tiny()
+    };
+    let n = 300; // 8 Mi / 65,536 = 128 rows a chunk: three chunks, the last one short
+    assert!(n * cfg.vocab_size > 2 * kiln_model::LOGPROB_CHUNK_ELEMENTS);
+    let p = params(&cfg, DType::F32);
+    let x = Tensor::from_vec(ids(n, 3, cfg.vocab_size), (1, n), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(ids(n, 5, cfg.vocab_size), n, &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(uniform_vec(4, n), n, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let model = Llama::new(&cfg, &p).unwrap();
+    let (hidden, _) = model
+        .forward_hidden(&TokenBatch::new(x.clone()), None)
+        .unwrap();
+    let hidden = hidden.detach();
+    let t = 0.8;
+    let (lp, entropy) = model.token_logprobs_entropy(&hidden, &targets, t).unwrap();
+
+    // The whole composition, differentiated by candle's autograd.
+    let h_var = candle_core::Var::from_tensor(&hidden).unwrap();
+    let logits = (model.lm_logits(h_var.as_tensor()).unwrap() / t).unwrap();
+    let want = kiln_model::logprobs_of(&logits, &targets).unwrap();
+    assert_close("logprobs", &lp, &want, Tol::OP_F32);
+    let probs = candle_nn_free_softmax(&logits);
+    let want_entropy = (probs.clone() * probs.log().unwrap())
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    assert_close("entropy", &entropy, &want_entropy, Tol::OP_F32);
+
+    let store = (want * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut grads = model.grads(&p).unwrap();
+    let dh = model
+        .token_logprobs_backward(&hidden, &targets, &g, t, &mut grads)
+        .unwrap();
+    assert_close(
+        "d_hidden",
+        &dh,
+        store.get(h_var.as_tensor()).unwrap(),
+        Tol::GRAD_F32,
+    );
+    let reference = p.autograd_grads(&store).unwrap().unwrap();
+    let name = if cfg.tie_embeddings {
+        "tok_embeddings.weight"
+    } else {
+        "output.weight"
+    };
+    assert_close(
+        name,
+        grads.get(name).unwrap(),
+        reference.get(name).unwrap(),
+        Tol::GRAD_F32,
+    );
+}
+
+fn candle_nn_free_softmax(logits: &Tensor) -> Tensor {
+    let m = logits.max_keepdim(1).unwrap();
+    let e = logits.broadcast_sub(&m).unwrap().exp().unwrap();
+    e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap()
+}
