@@ -15,11 +15,12 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
+use kiln_chat::{read_records, ChatFormat};
 use kiln_model::LoraSpec;
-use kiln_sft::{batch_of, pack, read_records, ChatFormat, Row, Truncation};
+use kiln_sft::{batch_of, pack, Row};
 use kiln_train::optim::AdamW;
 use kiln_train::perf::{measure_gemm_peak, peak_rss_mib};
-use kiln_train::{optimizer_step_batches, OptimConfig};
+use kiln_train::{optimizer_step_batches, OptimConfig, Truncation};
 
 use crate::commands::device;
 

@@ -1,10 +1,11 @@
-//! The config of a preference-tuning run: the SFT config (`[train]`, `[optim]`, `[sft]` for
-//! the data options such as `template` and `skip_bad_records`, `[lora]`) with the SFT
-//! defaults, plus the method's own section: `[rm]`, `[dpo]`, `[ppo]` or `[grpo]`.
+//! The config of a preference-tuning run: kiln-train's fine-tuning config (`[train]`,
+//! `[optim]`, `[sft]` for the data options such as `template` and `skip_bad_records`,
+//! `[lora]`) with its defaults, plus the method's own section: `[rm]`, `[dpo]`, `[ppo]` or
+//! `[grpo]`.
 
 use std::path::{Path, PathBuf};
 
-use kiln_sft::SftConfig;
+use kiln_train::TuneConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::DpoLoss;
@@ -137,7 +138,7 @@ pub enum MethodOptions {
 pub struct RlhfConfig {
     pub method: Method,
     /// `[train]`, `[optim]`, `[sft]` (data options) and `[lora]`.
-    pub base: SftConfig,
+    pub base: TuneConfig,
     pub options: MethodOptions,
 }
 
@@ -160,7 +161,7 @@ impl RlhfConfig {
         if !in_file && !overrides.iter().any(|o| o.starts_with("train.log_every=")) {
             overrides.insert(0, "train.log_every=1".into());
         }
-        let (base, mut extra) = SftConfig::load_with(file, &overrides, model_context, &[section])?;
+        let (base, mut extra) = TuneConfig::load_with(file, &overrides, model_context, &[section])?;
         let given = match extra.remove(section) {
             Some(toml::Value::Table(t)) => t,
             Some(_) => return Err(RlhfError::Config(format!("[{section}] must be a table"))),

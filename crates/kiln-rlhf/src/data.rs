@@ -20,7 +20,7 @@ use kiln_infer::Message;
 use serde_json::{Map, Value};
 
 use crate::RlhfError;
-use kiln_sft::json_kind as kind;
+use kiln_chat::json_kind as kind;
 
 /// One preference: a prompt (messages ending with a user turn) and two answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -260,7 +260,7 @@ fn read_all<T>(
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|e| io(f, e))?;
         // JSON array or JSONL, split as SFT splits its records.
-        for (locus, v) in kiln_sft::split_records(f, &text)? {
+        for (locus, v) in kiln_chat::split_records(f, &text)? {
             let origin = format!("{}: {locus}", f.display());
             let parsed = v
                 .map_err(|msg| RlhfError::Record {

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use kiln_chat::ChatFormat;
 use kiln_data::WindowSampler;
 use kiln_model::{Grads, Llama, LoraSpec, ModelConfig, Params, ScalarHead, SplitMix64};
-use kiln_sft::ChatFormat;
 use kiln_train::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use kiln_train::optim::AdamW;
 use kiln_train::plot::{plot_series, Series};

@@ -1,8 +1,8 @@
 //! kiln-rlhf: learning from preferences on kiln's model core. A reward model (the trunk plus a
 //! scalar head read at the last token, Bradley–Terry loss), DPO (completion log-probabilities
 //! against a frozen reference), PPO (KL-penalised reward, value head, GAE, clipped objective)
-//! and GRPO (group-relative advantages). Every trainer reads records as SFT renders them
-//! (kiln-sft's chat template and labels), trains all weights or LoRA adapters, and writes
+//! and GRPO (group-relative advantages). Every trainer reads records as SFT does (kiln-chat's
+//! records, chat template and labels), trains all weights or LoRA adapters, and writes
 //! metrics, plots and checkpoints with exact resume.
 //!
 //! The objectives are plain functions in [`losses`] returning values and gradients with
@@ -47,7 +47,7 @@ pub enum RlhfError {
     #[error("reward: {0}")]
     Reward(String),
     #[error(transparent)]
-    Sft(#[from] kiln_sft::SftError),
+    Chat(#[from] kiln_chat::ChatError),
     #[error(transparent)]
     Train(#[from] kiln_train::TrainError),
     #[error(transparent)]

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Device;
+use kiln_chat::{split_held_out, ChatFormat};
 use kiln_model::{Llama, ModelConfig, SplitMix64};
-use kiln_sft::{split_held_out, ChatFormat};
 
 use crate::learner::{
     init_run_dir, open_model, step_items, Chart, Learner, Metrics, MetricsLog, RlhfObserver,

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Device;
+use kiln_chat::ChatFormat;
 use kiln_data::IncrementalDecoder;
 use kiln_model::{CausalLm, KvCache, Llama, ModelConfig, ScalarHead, SplitMix64};
-use kiln_sft::ChatFormat;
 
 use crate::learner::{
     init_run_dir, open_model, step_items, Learner, Metrics, MetricsLog, RlhfObserver,

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use candle_core::{DType, Device};
+use kiln_chat::ChatFormat;
 use kiln_data::ModelTokenizer;
 use kiln_infer::Message;
 use kiln_model::{hf, Llama, ModelConfig, Params, ScalarHead};
-use kiln_sft::ChatFormat;
 use serde_json::Value;
 
 use crate::learner::HEAD_FILE;

@@ -7,7 +7,8 @@
 //! attention mask) and positions restarting at each segment, packed examples neither attend
 //! to nor predict each other.
 
-use crate::{Example, Truncation};
+use kiln_chat::Example;
+use kiln_train::Truncation;
 
 /// The ignored target (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -125,29 +126,4 @@ pub fn pack(examples: &[Example], seq_len: usize, packing: bool, truncation: Tru
     }
     out.rows = rows;
     out
-}
-
-/// Splits conversations' indices into (train, held-out): every index whose seeded hash falls
-/// under `fraction` is held out (at least one when `fraction > 0` and there are two or more),
-/// so the split does not depend on the order of the other records.
-pub fn split_held_out(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    if fraction <= 0.0 || n < 2 {
-        return ((0..n).collect(), Vec::new());
-    }
-    let score = |i: usize| {
-        let mut rng =
-            kiln_model::SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        rng.next_f64()
-    };
-    let (mut train, mut held): (Vec<usize>, Vec<usize>) =
-        (0..n).partition(|&i| score(i) >= fraction);
-    if held.is_empty() {
-        // Hold out the lowest-scoring record so a small set still gets an evaluation.
-        let i = (0..n)
-            .min_by(|&a, &b| score(a).total_cmp(&score(b)))
-            .expect("n >= 2");
-        train.retain(|&j| j != i);
-        held.push(i);
-    }
-    (train, held)
 }

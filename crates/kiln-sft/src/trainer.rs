@@ -25,7 +25,10 @@ use kiln_train::{
 };
 
 use crate::pack::IGNORE;
-use crate::{pack, read_records, split_held_out, ChatFormat, Row, SftConfig, SftError};
+use kiln_chat::{read_records, split_held_out, ChatFormat};
+use kiln_train::TuneConfig;
+
+use crate::{pack, Row, SftError};
 
 /// Where the model and data come from (the command line).
 #[derive(Debug, Clone)]
@@ -77,7 +80,7 @@ pub trait SftObserver: Observer {
 }
 
 pub struct SftTrainer {
-    pub cfg: SftConfig,
+    pub cfg: TuneConfig,
     pub run_dir: PathBuf,
     /// The model, what trains (all weights, or the adapters alone) and its optimizer; or,
     /// under FSDP, this rank's shards.
@@ -131,7 +134,7 @@ fn write_run_files(
     config_toml: &str,
     format: &ChatFormat,
     model_config: &ModelConfig,
-    val_convs: &[crate::Conversation],
+    val_convs: &[kiln_chat::Conversation],
 ) -> Result<(), SftError> {
     write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
     let mut tok = format.tokenizer.clone();
@@ -199,7 +202,7 @@ impl SftTrainer {
         // The config needs the model's context for its default seq_len: read the shape first.
         let (format, model_config) = kiln_load::load_model_config(&source.model)?;
         kiln_load::check_vocab(&tokenizer, &model_config)?;
-        let mut cfg = SftConfig::load(config_file, overrides, model_config.max_seq_len)?;
+        let mut cfg = TuneConfig::load(config_file, overrides, model_config.max_seq_len)?;
         if cfg.train.seq_len > model_config.max_seq_len {
             return Err(SftError::Config(format!(
                 "train.seq_len {} exceeds the model's context of {}",
@@ -250,10 +253,10 @@ impl SftTrainer {
         if train_convs.is_empty() {
             return Err(SftError::Config("no training conversations".into()));
         }
-        let encode_all = |convs: &[crate::Conversation]| -> Result<Vec<_>, SftError> {
+        let encode_all = |convs: &[kiln_chat::Conversation]| -> Result<Vec<_>, SftError> {
             convs
                 .iter()
-                .map(|c| format.encode(c, cfg.sft.train_on_prompt))
+                .map(|c| Ok(format.encode(c, cfg.sft.train_on_prompt)?))
                 .collect()
         };
         let (seq_len, packing, trunc) = (cfg.train.seq_len, cfg.sft.packing, cfg.sft.truncation);
@@ -760,7 +763,7 @@ impl Steps for SftTrainer {
 /// The run's `config.toml`: the SFT config, the model's resolved `[model]` (so kiln's loaders
 /// read a fully fine-tuned run like a pretraining one) and where model and data came from.
 fn run_config_toml(
-    cfg: &SftConfig,
+    cfg: &TuneConfig,
     model: &ModelConfig,
     source: &SftSource,
     train_rows: usize,

@@ -8,9 +8,11 @@
 
 use std::path::PathBuf;
 
+use kiln_chat::{ChatFormat, Conversation};
 use kiln_data::ModelTokenizer;
 use kiln_infer::Message;
-use kiln_sft::{pack, ChatFormat, Conversation, Truncation};
+use kiln_sft::pack;
+use kiln_train::Truncation;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -202,7 +204,7 @@ fn the_plain_template_ends_assistant_turns_with_eos() {
 /// A template that cannot render tools is refused rather than dropping them.
 #[test]
 fn tool_calling_records_render_as_transformers_does() {
-    let records = kiln_sft::read_records(&[fixture("toolcall_records.json")], false).unwrap();
+    let records = kiln_chat::read_records(&[fixture("toolcall_records.json")], false).unwrap();
     let golden: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(fixture("toolcall_golden.json")).unwrap())
             .unwrap();

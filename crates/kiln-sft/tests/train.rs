@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
+use kiln_chat::{read_records, Example};
 use kiln_model::{Llama, LoraSpec, ModelConfig, Params, SplitMix64, TokenBatch};
-use kiln_sft::{pack, read_records, Example, SftSource, SftTrainer, Truncation};
+use kiln_sft::{pack, SftSource, SftTrainer};
 use kiln_testutil::{assert_close, repo_root, Tol};
+use kiln_train::Truncation;
 use kiln_train::{optim::AdamW, OptimConfig};
 
 fn hf_tiny() -> PathBuf {

@@ -13,6 +13,7 @@ pub mod plot;
 pub mod resolve;
 pub mod run_loop;
 mod trainer;
+mod tune;
 
 pub use config::{
     apply_override, DataConfig, DistConfig, Objective, OptimConfig, ParamDtype, RunConfig,
@@ -24,6 +25,7 @@ pub use trainer::{
     evaluate_loss, evaluate_mlm, optimizer_step, optimizer_step_batches, write_atomic, EvalResult,
     Observer, Replica, RunInfo, RunSummary, Silent, StepResult, Trainer,
 };
+pub use tune::{LoraOptions, SftOptions, Truncation, TuneConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use kiln_infer::Message;
 use serde_json::Value;
 
-use crate::SftError;
+use crate::ChatError;
 
 /// One training conversation: an optional system prompt, then user and assistant turns (and
 /// tool results).
@@ -63,17 +63,17 @@ pub struct Records {
 }
 
 /// Reads every file (JSON array or JSONL) into conversations, in order.
-pub fn read_records(files: &[PathBuf], skip_bad: bool) -> Result<Records, SftError> {
+pub fn read_records(files: &[PathBuf], skip_bad: bool) -> Result<Records, ChatError> {
     let mut out = Records::default();
     for file in files {
-        let text = std::fs::read_to_string(file).map_err(|e| SftError::Io {
+        let text = std::fs::read_to_string(file).map_err(|e| ChatError::Io {
             path: file.clone(),
             source: e,
         })?;
         for (locus, parsed) in split_records(file, &text)? {
             let origin = format!("{}: {locus}", file.display());
             let result = parsed
-                .map_err(|msg| SftError::Record {
+                .map_err(|msg| ChatError::Record {
                     origin: origin.clone(),
                     msg,
                 })
@@ -99,10 +99,10 @@ pub fn read_records(files: &[PathBuf], skip_bad: bool) -> Result<Records, SftErr
 pub fn split_records(
     file: &Path,
     text: &str,
-) -> Result<Vec<(String, Result<Value, String>)>, SftError> {
+) -> Result<Vec<(String, Result<Value, String>)>, ChatError> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(text).map_err(|e| SftError::Record {
+        let v: Value = serde_json::from_str(text).map_err(|e| ChatError::Record {
             origin: file.display().to_string(),
             msg: format!("not valid JSON: {e}"),
         })?;
@@ -119,7 +119,7 @@ pub fn split_records(
     {
         // A single object spanning the whole file: one record (unless it is one JSONL line).
         if text.trim().lines().count() > 1 {
-            return Err(SftError::Record {
+            return Err(ChatError::Record {
                 origin: file.display().to_string(),
                 msg: "a single JSON object; expected a JSON array of records or JSONL (one record per line)".into(),
             });
@@ -165,8 +165,8 @@ pub fn json_kind(v: &Value) -> &'static str {
 }
 
 /// One record → a conversation, or why not (naming the field).
-pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, SftError> {
-    let err = |msg: String| SftError::Record {
+pub fn parse_record(v: &Value, origin: &str) -> Result<Conversation, ChatError> {
+    let err = |msg: String| ChatError::Record {
         origin: origin.to_string(),
         msg,
     };
@@ -268,8 +268,8 @@ fn parse_turns(
     role_key: &str,
     content_key: &str,
     origin: &str,
-) -> Result<Conversation, SftError> {
-    let err = |msg: String| SftError::Record {
+) -> Result<Conversation, ChatError> {
+    let err = |msg: String| ChatError::Record {
         origin: origin.to_string(),
         msg,
     };

@@ -18,7 +18,7 @@
 use kiln_data::ModelTokenizer;
 use kiln_infer::{ChatTemplate, Message, GENERATION_END, GENERATION_START};
 
-use crate::{Conversation, SftError};
+use crate::{ChatError, Conversation};
 
 /// kiln's plain template for models without one (see `templates/plain.jinja`).
 pub const PLAIN_TEMPLATE: &str = include_str!("../templates/plain.jinja");
@@ -53,7 +53,7 @@ pub struct ChatFormat {
 impl ChatFormat {
     /// `template`: a Jinja source overriding the model's own; without either, kiln's plain
     /// template.
-    pub fn new(tokenizer: ModelTokenizer, template: Option<String>) -> Result<Self, SftError> {
+    pub fn new(tokenizer: ModelTokenizer, template: Option<String>) -> Result<Self, ChatError> {
         let source = template
             .or_else(|| tokenizer.chat_template.clone())
             .unwrap_or_else(|| PLAIN_TEMPLATE.to_string());
@@ -78,7 +78,7 @@ impl ChatFormat {
         })
     }
 
-    fn ids(&self, text: &str) -> Result<Vec<u32>, SftError> {
+    fn ids(&self, text: &str) -> Result<Vec<u32>, ChatError> {
         let mut ids = self.tokenizer.tokenizer.encode(text)?;
         if let Some(b) = self.bos {
             if ids.first() != Some(&b) {
@@ -90,9 +90,13 @@ impl ChatFormat {
 
     /// Token ids and labels of a conversation; `train_on_prompt` labels every token but the
     /// first.
-    pub fn encode(&self, convo: &Conversation, train_on_prompt: bool) -> Result<Example, SftError> {
+    pub fn encode(
+        &self,
+        convo: &Conversation,
+        train_on_prompt: bool,
+    ) -> Result<Example, ChatError> {
         let messages = convo.messages();
-        let err = |msg: String| SftError::Record {
+        let err = |msg: String| ChatError::Record {
             origin: convo.origin.clone(),
             msg,
         };
@@ -121,7 +125,7 @@ impl ChatFormat {
 
     /// The prompt as the model sees it before answering: `messages` (ending with a user
     /// turn) rendered with the generation prompt.
-    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, SftError> {
+    pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, ChatError> {
         self.ids(&self.template.render(messages, true)?)
     }
 
@@ -133,8 +137,8 @@ impl ChatFormat {
         prompt: &[Message],
         response: &str,
         origin: &str,
-    ) -> Result<(Vec<u32>, usize), SftError> {
-        let err = |msg: String| SftError::Record {
+    ) -> Result<(Vec<u32>, usize), ChatError> {
+        let err = |msg: String| ChatError::Record {
             origin: origin.to_string(),
             msg,
         };
@@ -190,7 +194,7 @@ impl ChatFormat {
         messages: &[Message],
         tools: Option<&serde_json::Value>,
         ids: &[u32],
-    ) -> Result<Vec<bool>, SftError> {
+    ) -> Result<Vec<bool>, ChatError> {
         let marked = self
             .template
             .render_with_tools(messages, tools, false, true)?;
@@ -213,10 +217,10 @@ impl ChatFormat {
             .tokenizer
             .inner()
             .encode(clean.as_str(), false)
-            .map_err(|e| SftError::Template(format!("tokenizing the conversation: {e}")))?;
+            .map_err(|e| ChatError::Template(format!("tokenizing the conversation: {e}")))?;
         let offset = ids.len() - enc.get_ids().len(); // a BOS kiln put first
         if enc.get_ids() != &ids[offset..] {
-            return Err(SftError::Template(
+            return Err(ChatError::Template(
                 "the template renders differently with generation markers".into(),
             ));
         }
@@ -236,7 +240,7 @@ impl ChatFormat {
         tools: Option<&serde_json::Value>,
         text: &str,
         ids: &[u32],
-    ) -> Result<Vec<bool>, SftError> {
+    ) -> Result<Vec<bool>, ChatError> {
         let mut labels = vec![false; ids.len()];
         for (i, m) in messages.iter().enumerate() {
             if m.role != "assistant" {
@@ -249,7 +253,7 @@ impl ChatFormat {
                 .template
                 .render_with_tools(&messages[..=i], tools, false, false)?;
             if !text.starts_with(&through) || !through.starts_with(&before) {
-                return Err(SftError::Template(format!(
+                return Err(ChatError::Template(format!(
                     "the chat template does not render conversations prefix by prefix (turn {i} renders differently inside the whole conversation), so the assistant tokens cannot be found turn by turn; use a template that marks them with {{% generation %}} tags (--template FILE)"
                 )));
             }

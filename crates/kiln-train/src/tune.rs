@@ -1,15 +1,16 @@
-//! The SFT config: the pretraining `[train]` and `[optim]` sections with SFT defaults, plus
-//! `[sft]` and `[lora]`. The model and data come from the command line, so there is no
-//! `[model]` or `[data]`. `--set key=value` overrides are applied to the TOML tree before typed
-//! deserialisation, so an error names the key.
+//! The config of tuning a pretrained model (instruction tuning, and preference tuning, which
+//! adds its method's own section): the pretraining `[train]` and `[optim]` sections with
+//! fine-tuning defaults, `[sft]` (the chat-data options), `[lora]` and `[dist]`. The model and
+//! data come from the command line, so there is no `[model]` or `[data]`. `--set key=value`
+//! overrides are applied to the TOML tree before typed deserialisation, so an error names the
+//! key.
 
 use std::path::{Path, PathBuf};
 
 use kiln_model::LoraSpec;
-use kiln_train::{OptimConfig, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::SftError;
+use crate::{DistConfig, OptimConfig, TrainConfig, TrainError};
 
 /// Which end of an over-long example to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -93,7 +94,7 @@ fn all_targets() -> Vec<String> {
 }
 
 impl LoraOptions {
-    pub fn spec(&self) -> Result<LoraSpec, SftError> {
+    pub fn spec(&self) -> Result<LoraSpec, TrainError> {
         let targets = self
             .targets
             .iter()
@@ -107,7 +108,7 @@ impl LoraOptions {
                     "up" | "w3" => "w3",
                     "down" | "w2" => "w2",
                     other => {
-                        return Err(SftError::Config(format!(
+                        return Err(TrainError::Config(format!(
                             "lora.targets: unknown projection {other:?} (expected q, k, v, o, gate, up, down)"
                         )))
                     }
@@ -123,15 +124,15 @@ impl LoraOptions {
             rslora: self.rslora,
         };
         spec.validate()
-            .map_err(|e| SftError::Config(format!("[lora] {e}")))?;
+            .map_err(|e| TrainError::Config(format!("[lora] {e}")))?;
         Ok(spec)
     }
 }
 
-/// A whole SFT config.
+/// A whole fine-tuning config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SftConfig {
+pub struct TuneConfig {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     #[serde(default = "SftOptions::default")]
@@ -141,7 +142,7 @@ pub struct SftConfig {
     /// Distributed training (`mpirun -np N kiln sft ...`): `ddp`, `zero1` or `fsdp` (full
     /// fine-tuning only).
     #[serde(default)]
-    pub dist: kiln_train::DistConfig,
+    pub dist: DistConfig,
     /// Whether `optim.warmup_steps` was given (else it is 10% of the steps).
     #[serde(skip)]
     warmup_given: bool,
@@ -151,7 +152,7 @@ pub struct SftConfig {
     log_every_given: bool,
 }
 
-impl SftConfig {
+impl TuneConfig {
     /// Reads the optional config file, applies `--set` overrides and fills SFT defaults that
     /// fit a laptop: `train.seq_len = min(1024, model_context)`, `train.batch_size = 4`, lr
     /// 2e-4 with LoRA and 2e-5 without, no weight decay, cosine to 0, one epoch.
@@ -159,32 +160,30 @@ impl SftConfig {
         file: Option<&Path>,
         overrides: &[String],
         model_context: usize,
-    ) -> Result<Self, SftError> {
+    ) -> Result<Self, TrainError> {
         Ok(Self::load_with(file, overrides, model_context, &[])?.0)
     }
 
-    /// [`SftConfig::load`] for a trainer with sections of its own (`extra`, e.g. `dpo`):
+    /// [`TuneConfig::load`] for a trainer with sections of its own (`extra`, e.g. `dpo`):
     /// returns them untyped, by name, for the caller to deserialise.
     pub fn load_with(
         file: Option<&Path>,
         overrides: &[String],
         model_context: usize,
         extra: &[&str],
-    ) -> Result<(Self, toml::Table), SftError> {
+    ) -> Result<(Self, toml::Table), TrainError> {
         let mut root: toml::Table = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| SftError::Io {
-                    path: p.to_path_buf(),
-                    source: e,
-                })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| TrainError::Io(format!("{}: {e}", p.display())))?;
                 text.parse().map_err(|e: toml::de::Error| {
-                    SftError::Config(format!("{}: invalid TOML: {}", p.display(), e.message()))
+                    TrainError::Config(format!("{}: invalid TOML: {}", p.display(), e.message()))
                 })?
             }
             None => toml::Table::new(),
         };
         for o in overrides {
-            kiln_train::apply_override(&mut root, o)?;
+            crate::apply_override(&mut root, o)?;
         }
         let at = file
             .map(|p| format!("{}: ", p.display()))
@@ -194,14 +193,14 @@ impl SftConfig {
                 "train" | "optim" | "sft" | "lora" | "dist" => {}
                 k if extra.contains(&k) => {}
                 "model" | "data" => {
-                    return Err(SftError::Config(format!(
-                        "{at}an SFT config has no [{key}] section: the model comes from --model and the data from --data"
+                    return Err(TrainError::Config(format!(
+                        "{at}a fine-tuning config has no [{key}] section: the model comes from --model and the data from --data"
                     )))
                 }
                 other => {
                     let mut expected = vec!["train", "optim", "sft", "lora", "dist"];
                     expected.extend(extra);
-                    return Err(SftError::Config(format!(
+                    return Err(TrainError::Config(format!(
                         "{at}unknown section [{other}] (expected {})",
                         expected.join(", ")
                     )));
@@ -243,32 +242,34 @@ impl SftConfig {
             toml::Value::Table(train)
                 .try_into()
                 .map_err(|e: toml::de::Error| {
-                    SftError::Config(format!("{at}[train] {}", e.message()))
+                    TrainError::Config(format!("{at}[train] {}", e.message()))
                 })?;
         let optim: OptimConfig =
             toml::Value::Table(optim)
                 .try_into()
                 .map_err(|e: toml::de::Error| {
-                    SftError::Config(format!("{at}[optim] {}", e.message()))
+                    TrainError::Config(format!("{at}[optim] {}", e.message()))
                 })?;
         let sft: SftOptions = toml::Value::Table(section(&mut root, "sft"))
             .try_into()
-            .map_err(|e: toml::de::Error| SftError::Config(format!("{at}[sft] {}", e.message())))?;
+            .map_err(|e: toml::de::Error| {
+                TrainError::Config(format!("{at}[sft] {}", e.message()))
+            })?;
         let lora: Option<LoraOptions> = if lora {
             Some(
                 toml::Value::Table(section(&mut root, "lora"))
                     .try_into()
                     .map_err(|e: toml::de::Error| {
-                        SftError::Config(format!("{at}[lora] {}", e.message()))
+                        TrainError::Config(format!("{at}[lora] {}", e.message()))
                     })?,
             )
         } else {
             None
         };
-        let dist: kiln_train::DistConfig = toml::Value::Table(section(&mut root, "dist"))
+        let dist: DistConfig = toml::Value::Table(section(&mut root, "dist"))
             .try_into()
             .map_err(|e: toml::de::Error| {
-                SftError::Config(format!("{at}[dist] {}", e.message()))
+                TrainError::Config(format!("{at}[dist] {}", e.message()))
             })?;
         let cfg = Self {
             train,
@@ -294,26 +295,26 @@ impl SftConfig {
         toml::to_string(&root).expect("invariant: serialises")
     }
 
-    fn validate(&self) -> Result<(), SftError> {
+    fn validate(&self) -> Result<(), TrainError> {
         self.dist.validate()?;
         let t = &self.train;
-        kiln_train::checkpoint::Retention::of(t)?;
+        crate::checkpoint::Retention::of(t)?;
         if t.batch_size == 0 || t.grad_accum == 0 || t.seq_len < 2 {
-            return Err(SftError::Config(
+            return Err(TrainError::Config(
                 "train.batch_size and train.grad_accum must be at least 1 and train.seq_len at least 2".into(),
             ));
         }
         if self.sft.epochs == 0 {
-            return Err(SftError::Config("sft.epochs must be at least 1".into()));
+            return Err(TrainError::Config("sft.epochs must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&self.sft.val_fraction) {
-            return Err(SftError::Config(format!(
+            return Err(TrainError::Config(format!(
                 "sft.val_fraction must be in [0, 1), got {}",
                 self.sft.val_fraction
             )));
         }
         if self.sft.base_quantized && self.lora.is_none() {
-            return Err(SftError::Config(
+            return Err(TrainError::Config(
                 "sft.base_quantized (--base-quantized) trains LoRA adapters on a frozen quantised base: also give --lora-rank".into(),
             ));
         }
@@ -337,7 +338,7 @@ impl SftConfig {
         }
     }
 
-    pub fn lora_spec(&self) -> Result<Option<LoraSpec>, SftError> {
+    pub fn lora_spec(&self) -> Result<Option<LoraSpec>, TrainError> {
         self.lora.as_ref().map(LoraOptions::spec).transpose()
     }
 
@@ -352,33 +353,33 @@ mod tests {
 
     #[test]
     fn defaults_overrides_and_named_errors() {
-        let c = SftConfig::load(None, &[], 8192).unwrap();
+        let c = TuneConfig::load(None, &[], 8192).unwrap();
         assert_eq!((c.train.batch_size, c.train.seq_len), (4, 1024));
         assert_eq!(c.optim.lr, 2e-5);
         assert!(c.lora.is_none());
-        let c = SftConfig::load(None, &["lora.rank=8".into()], 512).unwrap();
+        let c = TuneConfig::load(None, &["lora.rank=8".into()], 512).unwrap();
         assert_eq!(c.train.seq_len, 512);
         assert_eq!(c.optim.lr, 2e-4);
         let spec = c.lora_spec().unwrap().unwrap();
         assert_eq!((spec.rank, spec.alpha, spec.targets.len()), (8, 16.0, 7));
-        let mut c = SftConfig::load(None, &["train.seq_len=64".into()], 512).unwrap();
+        let mut c = TuneConfig::load(None, &["train.seq_len=64".into()], 512).unwrap();
         c.finalize(25);
         assert_eq!((c.train.steps, c.optim.warmup_steps), (25, 2));
-        let e = SftConfig::load(None, &["sft.epoch=2".into()], 512).unwrap_err();
+        let e = TuneConfig::load(None, &["sft.epoch=2".into()], 512).unwrap_err();
         assert!(
             e.to_string().contains("[sft]") && e.to_string().contains("epoch"),
             "{e}"
         );
-        let e = SftConfig::load(None, &["model.dim=3".into()], 512).unwrap_err();
+        let e = TuneConfig::load(None, &["model.dim=3".into()], 512).unwrap_err();
         assert!(e.to_string().contains("--model"), "{e}");
-        let e = SftConfig::load(
+        let e = TuneConfig::load(
             None,
             &["lora.rank=4".into(), "lora.targets=[\"q\",\"x\"]".into()],
             512,
         )
         .unwrap_err();
         assert!(e.to_string().contains("\"x\""), "{e}");
-        let e = SftConfig::load(None, &["sft.base_quantized=true".into()], 512).unwrap_err();
+        let e = TuneConfig::load(None, &["sft.base_quantized=true".into()], 512).unwrap_err();
         assert!(e.to_string().contains("--lora-rank"), "{e}");
     }
 }
