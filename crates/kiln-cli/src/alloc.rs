@@ -258,7 +258,10 @@ mod tests {
         assert_eq!(size_class(MIN_CACHED + 1), MIN_CACHED + MIN_CACHED / 8);
         for size in [300_001, 1 << 20, (1 << 20) + 1, 5_000_000, 123_456_789] {
             let class = size_class(size);
-            assert!(class >= size && class % PAGE == 0, "{size} -> {class}");
+            assert!(
+                class >= size && class.is_multiple_of(PAGE),
+                "{size} -> {class}"
+            );
             assert!(
                 class - size <= size / 8,
                 "{size} -> {class}: more than 12.5%"

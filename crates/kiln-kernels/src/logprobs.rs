@@ -63,7 +63,7 @@ pub fn token_logprobs_backward(
         )
     } else {
         let g = autograd_vjp(
-            |x| Ok(reference_token_logprobs_entropy(&x[0], &targets, temperature)?.i((.., 0))?),
+            |x| reference_token_logprobs_entropy(&x[0], &targets, temperature)?.i((.., 0)),
             &[logits],
             &d_logp,
         )?;
