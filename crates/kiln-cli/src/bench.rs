@@ -53,6 +53,12 @@ pub enum BenchCommand {
     Generate(crate::bench_generate::BenchGenerateArgs),
     /// LoRA / QLoRA / full fine-tuning steps on real instruction data (vs PyTorch + PEFT).
     Sft(crate::bench_sft::BenchSftArgs),
+    /// DPO steps (LoRA) on real preference pairs; with --pytorch the same pairs, in the same
+    /// order, through TRL's DPOTrainer right after.
+    Dpo(crate::bench_pref::BenchDpoArgs),
+    /// GRPO steps (rollouts + update, LoRA) on real prompts; with --pytorch the same prompts
+    /// through TRL's GRPOTrainer right after.
+    Grpo(crate::bench_pref::BenchGrpoArgs),
     /// Benchmark scoring (documents/s) on real task documents (vs transformers).
     Eval(crate::bench_eval::BenchEvalArgs),
     /// Top-1 agreement and KL of a quantised GGUF's predictions against the same weights
@@ -77,6 +83,8 @@ pub fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Generate(a) => crate::bench_generate::run(a),
         BenchCommand::Sft(a) => crate::bench_sft::run(a),
+        BenchCommand::Dpo(a) => crate::bench_pref::run_dpo(a),
+        BenchCommand::Grpo(a) => crate::bench_pref::run_grpo(a),
         BenchCommand::Eval(a) => crate::bench_eval::run(a),
         BenchCommand::QuantAccuracy(a) => crate::bench_quant::run(a),
         BenchCommand::Memory { mib, runs, json } => {

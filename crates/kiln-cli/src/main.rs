@@ -12,6 +12,7 @@ mod alloc;
 mod bench;
 mod bench_eval;
 mod bench_generate;
+mod bench_pref;
 mod bench_quant;
 mod bench_sft;
 mod chat;

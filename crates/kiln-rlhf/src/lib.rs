@@ -22,7 +22,9 @@ pub use config::{DpoOptions, Method, MethodOptions, OnlineOptions, RewardOptions
 pub use data::{
     parse_preference, parse_prompt, read_preferences, read_prompts, PreferencePair, PromptRecord,
 };
-pub use learner::{Learner, Metrics, MetricsLog, Quiet, RlhfObserver, TrainedHead, HEAD_FILE};
+pub use learner::{
+    step_items, Learner, Metrics, MetricsLog, Quiet, RlhfObserver, TrainedHead, HEAD_FILE,
+};
 pub use offline::{encode_pairs, EncodedPair, PairSource, PairSummary, PairTrainer};
 pub use online::{
     sample_responses, OnlineSource, OnlineSummary, OnlineTrainer, RewardSpec, Sample,
