@@ -10,7 +10,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use mimalloc::MiMalloc;
@@ -52,6 +52,9 @@ pub struct CachingAlloc {
     /// Off for a server: its buffers come in many sizes (one per batch size), which a
     /// size-keyed cache would keep one of each, so memory would creep up to the cache's limit.
     caching: AtomicBool,
+    /// Bytes of big blocks handed out and not yet freed, and the most there ever were.
+    live: AtomicUsize,
+    peak_live: AtomicUsize,
 }
 
 impl CachingAlloc {
@@ -64,6 +67,8 @@ impl CachingAlloc {
                 stamp: 0,
             }),
             caching: AtomicBool::new(true),
+            live: AtomicUsize::new(0),
+            peak_live: AtomicUsize::new(0),
         }
     }
 
@@ -118,69 +123,105 @@ impl CachingAlloc {
         Layout::from_size_align(size_class(layout.size()), PAGE).ok()
     }
 
+    /// A cached block of `size`, or null. On a miss, the oldest cached blocks are released
+    /// first while the new block would take cached plus live past the high-water mark, so a
+    /// new size is served from memory the cache gives back rather than on top of it.
     fn take(&self, size: usize) -> *mut u8 {
         if !self.caching.load(Ordering::Relaxed) {
             return null_mut();
         }
-        let Ok(mut c) = self.cache.lock() else {
-            return null_mut();
-        };
-        if let Some(slot) = c.slots.iter_mut().find(|s| s.0 == size) {
-            let ptr = slot.1 as *mut u8;
-            *slot = (0, 0, 0);
-            c.bytes -= size;
-            return ptr;
+        loop {
+            let Ok(mut c) = self.cache.lock() else {
+                return null_mut();
+            };
+            if let Some(slot) = c.slots.iter_mut().find(|s| s.0 == size) {
+                let ptr = slot.1 as *mut u8;
+                *slot = (0, 0, 0);
+                c.bytes -= size;
+                return ptr;
+            }
+            let live = self.live.load(Ordering::Relaxed);
+            if c.bytes == 0 || c.bytes + live + size <= self.peak_live.load(Ordering::Relaxed) {
+                return null_mut();
+            }
+            let old = Self::evict_oldest(&mut c);
+            drop(c);
+            self.release(old);
         }
-        null_mut()
     }
 
-    /// Keeps a freed block; returns a block the caller must release (the evicted oldest one,
-    /// or the block itself when it cannot be kept).
-    fn put(&self, size: usize, ptr: *mut u8) -> Option<(usize, *mut u8)> {
-        if !self.caching.load(Ordering::Relaxed) {
-            return Some((size, ptr));
-        }
-        let Ok(mut c) = self.cache.lock() else {
-            return Some((size, ptr));
+    /// Removes the oldest cached block (the cache must hold one).
+    fn evict_oldest(c: &mut Cache) -> (usize, usize) {
+        let (i, _) = c
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.0 != 0)
+            .min_by_key(|(_, s)| s.2)
+            .expect("invariant: the cache holds a block");
+        let old = c.slots[i];
+        c.slots[i] = (0, 0, 0);
+        c.bytes -= old.0;
+        (old.0, old.1)
+    }
+
+    fn release(&self, (size, ptr): (usize, usize)) {
+        unsafe {
+            self.inner.dealloc(
+                ptr as *mut u8,
+                Layout::from_size_align_unchecked(size, PAGE),
+            )
         };
-        if size > MAX_CACHED_BYTES {
+    }
+
+    /// Keeps a freed block (already counted out of `live`), within the cache's limits: at most
+    /// [`MAX_CACHED_BYTES`], and never so much that cached plus live big blocks exceed the
+    /// most that was ever live. The cache then only fills the room the process already
+    /// needed: a run whose shapes repeat (pretraining) gets its whole step's blocks back, and
+    /// one whose shapes drift (preference pairs of varying length) does not grow past its own
+    /// high-water mark with blocks nobody asks for again. Returns the block when it cannot be
+    /// kept; evicts the oldest blocks to make room.
+    fn put(&self, size: usize, ptr: *mut u8) -> Option<(usize, *mut u8)> {
+        if !self.caching.load(Ordering::Relaxed) || size > MAX_CACHED_BYTES {
             return Some((size, ptr));
         }
-        let mut evicted = None;
-        if c.bytes + size > MAX_CACHED_BYTES || c.slots.iter().all(|s| s.0 != 0) {
-            let (i, _) = c
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.0 != 0)
-                .min_by_key(|(_, s)| s.2)
-                .expect("invariant: a full cache has an occupied slot");
-            let old = c.slots[i];
-            c.slots[i] = (0, 0, 0);
-            c.bytes -= old.0;
-            evicted = Some((old.0, old.1 as *mut u8));
-            if c.bytes + size > MAX_CACHED_BYTES {
-                // Still too big after one eviction: release the new block instead of thrashing.
-                drop(c);
-                if let Some((s, p)) = evicted {
-                    unsafe {
-                        self.inner
-                            .dealloc(p, Layout::from_size_align_unchecked(s, PAGE))
-                    };
-                }
+        loop {
+            let Ok(mut c) = self.cache.lock() else {
+                return Some((size, ptr));
+            };
+            let live = self.live.load(Ordering::Relaxed);
+            let room = self
+                .peak_live
+                .load(Ordering::Relaxed)
+                .saturating_sub(live)
+                .min(MAX_CACHED_BYTES);
+            let full = c.slots.iter().all(|s| s.0 != 0);
+            if c.bytes + size <= room && !full {
+                c.stamp += 1;
+                let stamp = c.stamp;
+                let slot = c
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.0 == 0)
+                    .expect("invariant: a free slot");
+                *slot = (size, ptr as usize, stamp);
+                c.bytes += size;
+                return None;
+            }
+            if size > room {
+                // Not even an empty cache could keep it.
                 return Some((size, ptr));
             }
+            let old = Self::evict_oldest(&mut c);
+            drop(c);
+            self.release(old);
         }
-        c.stamp += 1;
-        let stamp = c.stamp;
-        let slot = c
-            .slots
-            .iter_mut()
-            .find(|s| s.0 == 0)
-            .expect("invariant: a slot was freed");
-        *slot = (size, ptr as usize, stamp);
-        c.bytes += size;
-        evicted
+    }
+
+    /// Counts a big block handed out.
+    fn count_in(&self, size: usize) {
+        let live = self.live.fetch_add(size, Ordering::Relaxed) + size;
+        self.peak_live.fetch_max(live, Ordering::Relaxed);
     }
 }
 
@@ -188,12 +229,14 @@ unsafe impl GlobalAlloc for CachingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match Self::big_layout(layout) {
             Some(big) => {
-                let p = self.take(big.size());
+                let mut p = self.take(big.size());
                 if p.is_null() {
-                    self.inner.alloc(big)
-                } else {
-                    p
+                    p = self.inner.alloc(big);
                 }
+                if !p.is_null() {
+                    self.count_in(big.size());
+                }
+                p
             }
             None => self.inner.alloc(layout),
         }
@@ -202,13 +245,16 @@ unsafe impl GlobalAlloc for CachingAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         match Self::big_layout(layout) {
             Some(big) => {
-                let p = self.take(big.size());
+                let mut p = self.take(big.size());
                 if p.is_null() {
-                    self.inner.alloc_zeroed(big)
+                    p = self.inner.alloc_zeroed(big);
                 } else {
                     std::ptr::write_bytes(p, 0, layout.size());
-                    p
                 }
+                if !p.is_null() {
+                    self.count_in(big.size());
+                }
+                p
             }
             None => self.inner.alloc_zeroed(layout),
         }
@@ -217,6 +263,7 @@ unsafe impl GlobalAlloc for CachingAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match Self::big_layout(layout) {
             Some(big) => {
+                self.live.fetch_sub(big.size(), Ordering::Relaxed);
                 if let Some((size, p)) = self.put(big.size(), ptr) {
                     self.inner
                         .dealloc(p, Layout::from_size_align_unchecked(size, PAGE));
@@ -267,7 +314,7 @@ mod tests {
                 "{size} -> {class}: more than 12.5%"
             );
         }
-        // A request a little smaller than a freed block reuses it; one past its class does not.
+        // A request a little smaller than a freed block reuses it.
         let a = CachingAlloc::new();
         unsafe {
             let freed = Layout::from_size_align(1_000_000, 8).unwrap();
@@ -277,10 +324,39 @@ mod tests {
             let q = a.alloc(near);
             assert_eq!(p, q, "same class: reused");
             a.dealloc(q, near);
-            let past = Layout::from_size_align(size_class(1_000_000) + 1, 8).unwrap();
-            let r = a.alloc(past);
-            assert_ne!(p, r, "the next class gets a block of its own");
-            a.dealloc(r, past);
+            assert_eq!(
+                size_class(size_class(1_000_000) + 1),
+                size_class(1_000_000) + (1 << 20) / 8,
+                "a byte more is the next class"
+            );
+        }
+    }
+
+    #[test]
+    fn cached_and_live_blocks_stay_within_the_live_high_water_mark() {
+        let a = CachingAlloc::new();
+        let mib = |n: usize| Layout::from_size_align(n << 20, 8).unwrap();
+        unsafe {
+            let p = a.alloc(mib(1));
+            a.dealloc(p, mib(1));
+            assert_eq!(
+                a.cache.lock().unwrap().bytes,
+                1 << 20,
+                "kept below the mark"
+            );
+            // A new size does not stack on the cached block: that block goes back first.
+            let q = a.alloc(mib(2));
+            assert_eq!(a.cache.lock().unwrap().bytes, 0);
+            let r = a.alloc(mib(1));
+            a.dealloc(q, mib(2));
+            // Live 1 MiB, mark 3 MiB: the 2 MiB block fits under it and is kept...
+            assert_eq!(a.cache.lock().unwrap().bytes, 2 << 20);
+            a.dealloc(r, mib(1));
+            assert_eq!(a.cache.lock().unwrap().bytes, 3 << 20);
+            // ...and reused by the next request of its size.
+            let s = a.alloc(mib(2));
+            assert_eq!(s, q);
+            a.dealloc(s, mib(2));
         }
     }
 

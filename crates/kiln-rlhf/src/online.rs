@@ -30,8 +30,33 @@ use crate::reward::{RewardItem, RewardSource};
 use crate::seqs::{forward_backward, OutputGrads, Padding, Seq, SeqBatch, Wanted};
 use crate::{read_prompts, Method, PromptRecord, RlhfConfig, RlhfError};
 
-/// Sequences per forward/backward within a minibatch (bounds activation memory).
+/// Most sequences per forward/backward within a minibatch.
 const MICRO: usize = 8;
+/// Most padded tokens per forward/backward: the trunk keeps about 30 KB of activations per
+/// token per layer for the backward, so long prompts go through a few at a time (16 samples
+/// of 1,000-token prompts in chunks of 8 peaked at 11 GB on SmolLM2-135M).
+const MICRO_TOKENS: usize = 4096;
+
+/// Consecutive chunks of `items` of at most [`MICRO`] sequences and [`MICRO_TOKENS`] padded
+/// tokens (count x longest; a single longer sequence goes alone).
+fn micro_chunks<T>(items: &[T], len: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let l = len(item).max(longest);
+        let count = i - start + 1;
+        if count > 1 && (count > MICRO || count * l > MICRO_TOKENS) {
+            chunks.push(&items[start..i]);
+            (start, longest) = (i, len(item));
+        } else {
+            longest = l;
+        }
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
 
 /// Where the reward comes from, as given on the command line.
 #[derive(Debug, Clone)]
@@ -367,7 +392,7 @@ impl OnlineTrainer {
     ) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>), RlhfError> {
         let t = self.cfg.online().temperature;
         let (mut lps, mut vals) = (Vec::new(), Vec::new());
-        for chunk in samples.chunks(MICRO) {
+        for chunk in micro_chunks(samples, |s| s.seq.ids.len()) {
             let seqs: Vec<&Seq> = chunk.iter().map(|s| &s.seq).collect();
             let b = SeqBatch::new(&seqs, Padding::Right, model.device())?;
             let hidden = model.hidden_states(&b.batch, None)?;
@@ -664,7 +689,7 @@ impl OnlineTrainer {
             self.learner
                 .optimizer_step(lr, clip, |model, head, grads, mut hg| {
                     let mut parts = Vec::new();
-                    for chunk in mb.chunks(MICRO) {
+                    for chunk in micro_chunks(mb, |&i| r.samples[i].seq.ids.len()) {
                         let seqs: Vec<&Seq> = chunk.iter().map(|&i| &r.samples[i].seq).collect();
                         let b = SeqBatch::new(&seqs, Padding::Right, &device)?;
                         let wanted = Wanted {
@@ -865,5 +890,31 @@ impl OnlineTrainer {
         summary.steps = self.step;
         summary.wall_s = t0.elapsed().as_secs_f64();
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_chunks_bound_sequences_and_padded_tokens() {
+        let lens = [
+            100usize, 100, 3000, 500, 5000, 10, 10, 10, 10, 10, 10, 10, 10, 10,
+        ];
+        let chunks = micro_chunks(&lens, |&l| l);
+        let sizes: Vec<Vec<usize>> = chunks.iter().map(|c| c.to_vec()).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                vec![100, 100],
+                vec![3000],
+                vec![500],
+                vec![5000],
+                vec![10; 8],
+                vec![10; 1],
+            ]
+        );
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), lens.len());
     }
 }
