@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -245,6 +246,7 @@ def main():
         checker = CheckingCollator(trainer.data_collator, pairs, args.batch_size)
         trainer.data_collator = checker
         trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)  # save_strategy="no": nothing to keep
 
     n = len(timer.step_s)
     assert n == args.steps, f"{n} steps timed, expected {args.steps}"

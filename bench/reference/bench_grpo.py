@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -187,8 +188,9 @@ def main():
         r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
+    out_dir = tempfile.mkdtemp(prefix="bench_grpo_")
     config = trl.GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_grpo_"),
+        output_dir=out_dir,
         # one optimizer step = one generation round of P prompts x G samples = one update
         per_device_train_batch_size=P * G,  # completions, not prompts
         gradient_accumulation_steps=1,
@@ -252,6 +254,7 @@ def main():
             expected_rows=lambda k: [r for r in range(k * P, (k + 1) * P) for _ in range(G)],
         )
         trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)  # save_strategy="no": nothing to keep
 
     n = len(timer.step_s)
     assert n == args.steps == len(trainer.rollouts), (n, args.steps, len(trainer.rollouts))
