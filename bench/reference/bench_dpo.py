@@ -59,6 +59,42 @@ import transformers  # noqa: E402
 import trl  # noqa: E402
 
 
+def shared_training_args(args):
+    """The trainer settings bench_dpo.py and bench_grpo.py share: fp32 on the CPU, activation
+    checkpointing as --gradient-checkpointing says, kiln's AdamW defaults at a constant --lr,
+    no evaluation or saving, a log row every step."""
+    return dict(
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        # transformers 5 renamed it activation_checkpointing (the old name is an alias that TRL
+        # defaults to True); setting the new name makes the old one follow.
+        activation_checkpointing=args.gradient_checkpointing,
+        optim="adamw_torch",
+        learning_rate=args.lr,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def lora_config(args):
+    """PEFT LoRA of --rank / --alpha on all seven LLaMA projections, no dropout (kiln's)."""
+    return peft.LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
 def load_gguf_f32(path):
     """The GGUF's model dequantised to float32 parameters, and its tokenizer.
 
@@ -184,10 +220,7 @@ def main():
     dataset = datasets.Dataset.from_list(pairs)
 
     model, tokenizer = load_gguf_f32(args.gguf)
-    lora = peft.LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    lora = lora_config(args)
 
     out_dir = tempfile.mkdtemp(prefix="bench_dpo_")
     config = trl.DPOConfig(
@@ -206,29 +239,7 @@ def main():
         max_steps=args.steps,
         seed=0,
         data_seed=0,
-        # precision and memory
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        # transformers 5 renamed it activation_checkpointing (the old name is an alias that TRL
-        # defaults to True); setting the new name makes the old one follow.
-        activation_checkpointing=args.gradient_checkpointing,
-        # optimizer
-        optim="adamw_torch",
-        learning_rate=args.lr,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        weight_decay=0.1,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        # no eval, no saving, log every step, nowhere else
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
+        **shared_training_args(args),
     )
 
     timer = StepTimer()

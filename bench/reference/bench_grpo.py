@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 
-from bench_dpo import load_gguf_f32  # same directory; also sets the offline / no-telemetry env
+from bench_dpo import load_gguf_f32, lora_config, shared_training_args  # same directory; also sets the offline / no-telemetry env
 
 import datasets
 import peft
@@ -184,10 +184,7 @@ def main():
         trainer._last_rewards = rewards
         return rewards
 
-    lora = peft.LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    lora = lora_config(args)
     out_dir = tempfile.mkdtemp(prefix="bench_grpo_")
     config = trl.GRPOConfig(
         output_dir=out_dir,
@@ -216,29 +213,8 @@ def main():
         loss_type="grpo",
         scale_rewards="group",
         mask_truncated_completions=False,
-        # precision and memory
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        # transformers 5's name for gradient_checkpointing (TRL defaults the old alias to True)
-        activation_checkpointing=args.gradient_checkpointing,
-        # optimizer
-        optim="adamw_torch",
-        learning_rate=args.lr,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        weight_decay=0.1,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        # no eval, no saving, log every step, nowhere else
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
         log_completions=False,
-        report_to="none",
-        disable_tqdm=True,
+        **shared_training_args(args),
     )
 
     timer = StepTimer()

@@ -199,30 +199,17 @@ pub fn run_dpo(a: BenchDpoArgs) -> Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("pairs.json");
         std::fs::write(&file, serde_json::to_string(&pairs_json)?)?;
-        let args: Vec<std::ffi::OsString> = vec![
-            "--gguf".into(),
-            c.model.clone().into(),
-            "--pairs".into(),
-            file.into(),
-            "--batch-size".into(),
-            a.batch_size.to_string().into(),
-            "--seq-len".into(),
-            a.seq_len.to_string().into(),
-            "--rank".into(),
-            c.rank.to_string().into(),
-            "--alpha".into(),
-            (2 * c.rank).to_string().into(),
-            "--steps".into(),
-            total.to_string().into(),
-            "--warmup".into(),
-            c.warmup.to_string().into(),
-            "--lr".into(),
-            lr.to_string().into(),
-            "--beta".into(),
-            trainer.cfg.dpo().beta.to_string().into(),
-            "--threads".into(),
-            candle_core::utils::get_num_threads().to_string().into(),
-        ];
+        let args = trl_args(
+            c,
+            total,
+            lr,
+            &[
+                ("--pairs", file.display().to_string()),
+                ("--batch-size", a.batch_size.to_string()),
+                ("--seq-len", a.seq_len.to_string()),
+                ("--beta", trainer.cfg.dpo().beta.to_string()),
+            ],
+        );
         compare(
             c,
             Path::new("bench/reference/bench_dpo.py"),
@@ -326,34 +313,19 @@ pub fn run_grpo(a: BenchGrpoArgs) -> Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("prompts.json");
         std::fs::write(&file, serde_json::to_string(&prompts_json)?)?;
-        let args: Vec<std::ffi::OsString> = vec![
-            "--gguf".into(),
-            c.model.clone().into(),
-            "--prompts".into(),
-            file.into(),
-            "--prompts-per-step".into(),
-            a.prompts_per_step.to_string().into(),
-            "--group-size".into(),
-            a.group_size.to_string().into(),
-            "--max-new-tokens".into(),
-            a.max_new_tokens.to_string().into(),
-            "--temperature".into(),
-            "1.0".into(),
-            "--rank".into(),
-            c.rank.to_string().into(),
-            "--alpha".into(),
-            (2 * c.rank).to_string().into(),
-            "--steps".into(),
-            total.to_string().into(),
-            "--warmup".into(),
-            c.warmup.to_string().into(),
-            "--lr".into(),
-            lr.to_string().into(),
-            "--reward-contains".into(),
-            a.reward_contains.clone().into(),
-            "--threads".into(),
-            candle_core::utils::get_num_threads().to_string().into(),
-        ];
+        let args = trl_args(
+            c,
+            total,
+            lr,
+            &[
+                ("--prompts", file.display().to_string()),
+                ("--prompts-per-step", a.prompts_per_step.to_string()),
+                ("--group-size", a.group_size.to_string()),
+                ("--max-new-tokens", a.max_new_tokens.to_string()),
+                ("--temperature", "1.0".into()),
+                ("--reward-contains", a.reward_contains.clone()),
+            ],
+        );
         compare(
             c,
             Path::new("bench/reference/bench_grpo.py"),
@@ -365,6 +337,33 @@ pub fn run_grpo(a: BenchGrpoArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The TRL script's arguments: the model, LoRA, schedule and threads both scripts take, then
+/// the method's own.
+fn trl_args(
+    c: &PrefBenchArgs,
+    total_steps: usize,
+    lr: f64,
+    own: &[(&str, String)],
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--gguf".into(), c.model.clone().into()];
+    let shared = [
+        ("--rank", c.rank.to_string()),
+        ("--alpha", (2 * c.rank).to_string()),
+        ("--steps", total_steps.to_string()),
+        ("--warmup", c.warmup.to_string()),
+        ("--lr", lr.to_string()),
+        (
+            "--threads",
+            candle_core::utils::get_num_threads().to_string(),
+        ),
+    ];
+    for (flag, value) in shared.iter().chain(own) {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args
 }
 
 /// kiln's line (or JSON object): median step, tokens/s, peak RSS, extra figures and one value
