@@ -241,6 +241,8 @@ pub fn run_grpo(a: BenchGrpoArgs) -> Result<()> {
         "grpo.temperature=1.0".into(),
         "grpo.penalize_missing_eos=false".into(),
         "grpo.kl_coef=0.0".into(),
+        // TRL computes no KL at β = 0; kiln then skips its reference pass too.
+        "grpo.measure_kl=false".into(),
         "grpo.sample_every=0".into(),
     ]);
     let run_dir = tempfile::tempdir()?;

@@ -470,7 +470,16 @@ impl OnlineTrainer {
             let head = self.learner.head.as_ref().map(|h| &h.head);
             self.outputs_of(&self.learner.model, head, &samples)?
         };
-        let ref_logp = self.outputs_of(&self.reference, None, &samples)?.0;
+        let measure_kl = !grpo || o.kl_coef > 0.0 || o.measure_kl;
+        let ref_logp = if measure_kl {
+            self.outputs_of(&self.reference, None, &samples)?.0
+        } else {
+            // Unused: no KL term and no KL metric; only the lengths are read.
+            samples
+                .iter()
+                .map(|s| vec![f64::NAN; s.seq.completion().len()])
+                .collect()
+        };
         // KL(rollout policy || reference) per sequence, k1: sum_t log π - log π_ref. Without
         // old log-probabilities the single update measures it (before it changes anything).
         let kl_seq: Option<Vec<f64>> = (!old_logp.is_empty()).then(|| {
@@ -587,7 +596,9 @@ impl OnlineTrainer {
         m.insert("reward".into(), mean(&raw));
         m.insert("score".into(), mean(&scores));
         m.remove("kl_now");
-        m.insert("kl".into(), kl);
+        if measure_kl {
+            m.insert("kl".into(), kl);
+        }
         m.insert("response_len".into(), mean(&lens));
         m.insert(
             "eos_fraction".into(),
@@ -729,7 +740,9 @@ impl OnlineTrainer {
                                         } else {
                                             r.old_logp[i][j]
                                         };
-                                        kl_now += (lp - r.ref_logp[i][j]) / n_seqs as f64;
+                                        if r.ref_logp[i][j].is_finite() {
+                                            kl_now += (lp - r.ref_logp[i][j]) / n_seqs as f64;
+                                        }
                                         let (l, g, c) = clipped_surrogate(
                                             lp,
                                             old,

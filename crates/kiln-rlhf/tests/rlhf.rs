@@ -578,3 +578,39 @@ fn bad_input_gets_clear_errors() {
         .to_string();
     assert!(e.contains("contains:WORD"), "{e}");
 }
+
+/// GRPO at β = 0 with `grpo.measure_kl = false` skips the reference pass: the same rollouts and
+/// the same update (loss, gradient norm), and no `kl` in the metrics.
+#[test]
+fn grpo_without_the_kl_measurement_takes_the_same_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.steps=2",
+        "train.batch_size=2",
+        "grpo.group_size=3",
+        "grpo.max_new_tokens=5",
+        "optim.lr=1e-3",
+    ];
+    let reward = || RewardSpec::Fn("contains:e".into());
+    let mut with = online(Method::Grpo, dir.path(), "with", reward(), &sets, false);
+    let mut sets_without = sets.to_vec();
+    sets_without.push("grpo.measure_kl=false");
+    let mut without = online(
+        Method::Grpo,
+        dir.path(),
+        "without",
+        reward(),
+        &sets_without,
+        false,
+    );
+    for _ in 0..2 {
+        let (a, b) = (
+            with.train_step(&mut Quiet).unwrap(),
+            without.train_step(&mut Quiet).unwrap(),
+        );
+        assert!(a.contains_key("kl") && !b.contains_key("kl"), "{a:?} {b:?}");
+        for key in ["loss", "reward", "grad_norm", "response_len", "entropy"] {
+            assert_eq!(a[key], b[key], "{key}: {a:?} vs {b:?}");
+        }
+    }
+}
