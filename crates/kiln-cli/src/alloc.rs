@@ -5,8 +5,9 @@
 //! training step page-faults its working set back in and the kernel zeroes each page: a
 //! `perf` profile of the reference step showed 23% of the time in `clear_page_erms`. Training
 //! repeats the same shapes every step, so this allocator keeps freed large blocks in a small
-//! cache keyed by size and hands them back on the next request of that size. Small blocks go
-//! straight to mimalloc.
+//! cache keyed by size class and hands them back on the next request of that class. Cached
+//! plus live large blocks never exceed the most that was ever live, so the cache costs no
+//! memory beyond the process's own high-water mark. Small blocks go straight to mimalloc.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::null_mut;
