@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 
-from bench_dpo import load_gguf_f32, lora_config, shared_training_args  # same directory; also sets the offline / no-telemetry env
+from bench_dpo import StepTimer, load_gguf_f32, lora_config, shared_training_args  # same directory; also sets the offline / no-telemetry env
 
 import datasets
 import peft
@@ -122,23 +122,6 @@ class PreTokenizedGRPOTrainer(trl.GRPOTrainer):
         out = super()._generate_single_turn(*a, **kw)
         self._gen_s += time.perf_counter() - t0
         return out
-
-
-class StepTimer(transformers.TrainerCallback):
-    """Seconds from on_step_begin to on_step_end of each optimizer step, and the logged losses."""
-
-    def __init__(self):
-        self.step_s, self.losses, self._t0 = [], [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_s.append(time.perf_counter() - self._t0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
 
 
 def main():
