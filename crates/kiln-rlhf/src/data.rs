@@ -11,8 +11,9 @@
 //! per-pair margin).
 //!
 //! Prompt records (PPO, GRPO): `{prompt}` (string or messages), `messages` or `conversations`
-//! lists ending with the user. A file is a JSON array or JSONL; errors name the file, the
-//! record (JSONL: its line) and the field.
+//! lists ending with the user, or Alpaca's `instruction` (with an optional `input` appended
+//! after a newline, as SFT reads it; `output` is ignored). A file is a JSON array or JSONL;
+//! errors name the file, the record (JSONL: its line) and the field.
 
 use std::path::{Path, PathBuf};
 
@@ -219,19 +220,38 @@ pub fn parse_prompt(v: &Value, origin: &str) -> Result<PromptRecord, RlhfError> 
     let Value::Object(obj) = v else {
         return Err(err(format!("expected a JSON object, found {}", kind(v))));
     };
-    let field = ["prompt", "messages", "conversations"]
+    let field = ["prompt", "messages", "conversations", "instruction"]
         .into_iter()
         .find(|k| obj.contains_key(*k))
         .ok_or_else(|| {
-            err("missing field \"prompt\" (a string or messages), \"messages\" or \"conversations\"".into())
+            err("missing field \"prompt\" (a string or messages), \"messages\", \"conversations\" or \"instruction\"".into())
         })?;
-    let prompt = prompt_messages(&obj[field], field).map_err(err)?;
+    let prompt = if field == "instruction" {
+        vec![alpaca_prompt(obj).map_err(err)?]
+    } else {
+        prompt_messages(&obj[field], field).map_err(err)?
+    };
     let prompt = with_system(obj, prompt).map_err(err)?;
     Ok(PromptRecord {
         prompt,
         record: v.clone(),
         origin: origin.to_string(),
     })
+}
+
+/// An Alpaca record's user turn: `instruction`, then `input` after a newline when present.
+fn alpaca_prompt(obj: &Map<String, Value>) -> Result<Message, String> {
+    let text = |k: &str| match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) => Ok(Some(t.clone())),
+        Some(v) => Err(format!("\"{k}\" must be a string, found {}", kind(v))),
+    };
+    let instruction = text("instruction")?.unwrap_or_default();
+    let content = match text("input")? {
+        Some(input) if !input.is_empty() => format!("{instruction}\n{input}"),
+        _ => instruction,
+    };
+    Ok(Message::new("user", &content))
 }
 
 /// Every preference pair of `files`, in order. With `skip_bad`, bad records are skipped and
@@ -319,6 +339,15 @@ mod tests {
         assert_eq!(p.prompt[0].role, "system");
         let q = parse_prompt(&json!({"prompt": "Count to 3"}), "x").unwrap();
         assert_eq!(q.user_text(), "Count to 3");
+        let q = parse_prompt(
+            &json!({"instruction": "Translate", "input": "Bonjour", "output": "Hello", "system": "Be brief."}),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(q.prompt.len(), 2);
+        assert_eq!(q.user_text(), "Translate\nBonjour");
+        let q = parse_prompt(&json!({"instruction": "Count to 3", "input": ""}), "x").unwrap();
+        assert_eq!(q.user_text(), "Count to 3");
     }
 
     #[test]
@@ -344,5 +373,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("must end with a user message"), "{e}");
+        let e = parse_prompt(&json!({"instruction": 3}), "r")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"instruction\" must be a string"), "{e}");
     }
 }
