@@ -740,9 +740,8 @@ impl OnlineTrainer {
                                         } else {
                                             r.old_logp[i][j]
                                         };
-                                        if r.ref_logp[i][j].is_finite() {
-                                            kl_now += (lp - r.ref_logp[i][j]) / n_seqs as f64;
-                                        }
+                                        // NaN without a reference pass; then not logged.
+                                        kl_now += (lp - r.ref_logp[i][j]) / n_seqs as f64;
                                         let (l, g, c) = clipped_surrogate(
                                             lp,
                                             old,
